@@ -1,0 +1,124 @@
+// Exact accounting of the bytes that tensors hold, and an optional hard cap.
+//
+// On CPU, remat installs a counting allocator in front of LibTorch's own
+// (one idempotent call, `memory::install()`); every tensor storage allocated
+// after that is counted to the byte. On CUDA builds the same figures come from
+// the caching allocator's device statistics.
+//
+// Example:
+//   remat::memory::install();
+//   remat::memory::reset_peak();
+//   auto before = remat::memory::current_bytes();
+//   auto loss = model->forward(x).sum();
+//   loss.backward();
+//   std::cout << remat::memory::peak_bytes() - before << " bytes at peak\n";
+//
+// A limit turns "would not fit a device of that size" into a clean error:
+//   remat::memory::set_limit(200 << 20);   // bytes
+//   try { step(); } catch (const remat::OutOfMemoryError& e) { ... }
+#pragma once
+
+#include <c10/core/Device.h>
+#include <c10/util/Exception.h>
+
+#include <cstdint>
+#include <string>
+
+namespace torch {
+namespace nn {
+class Module;
+}
+namespace optim {
+class Optimizer;
+}
+} // namespace torch
+
+namespace remat {
+
+/// Thrown when an allocation would take the counted bytes past the limit set
+/// with `memory::set_limit`. Distinct from LibTorch's own errors so that a
+/// caller can tell "does not fit" from "is broken".
+class OutOfMemoryError : public c10::Error {
+ public:
+  OutOfMemoryError(int64_t requested, int64_t held, int64_t limit);
+
+  int64_t requested_bytes() const { return requested_; } ///< bytes
+  int64_t held_bytes() const { return held_; }           ///< bytes
+  int64_t limit_bytes() const { return limit_; }         ///< bytes
+
+ private:
+  int64_t requested_;
+  int64_t held_;
+  int64_t limit_;
+};
+
+namespace memory {
+
+/// Installs the counting CPU allocator. Idempotent and thread-safe; storages
+/// allocated before the call are not counted (their frees are not either).
+void install();
+
+/// True once `install()` has run.
+bool installed();
+
+/// Bytes held now by tensor storages on `device` (counted since `install()`).
+int64_t current_bytes(c10::Device device = c10::kCPU);
+
+/// Highest `current_bytes` since install or the last `reset_peak` (bytes).
+int64_t peak_bytes(c10::Device device = c10::kCPU);
+
+/// Sets the peak to the current figure.
+void reset_peak(c10::Device device = c10::kCPU);
+
+/// Number of allocations since install (a count, not bytes).
+int64_t allocation_count(c10::Device device = c10::kCPU);
+
+/// Caps the counted CPU bytes: an allocation that would take `current_bytes`
+/// past `limit_bytes` throws `OutOfMemoryError`. 0 removes the cap. Returns
+/// the previous limit (bytes, 0 for none). Installs the allocator if needed.
+int64_t set_limit(int64_t limit_bytes);
+
+/// The current CPU limit in bytes (0: none).
+int64_t limit();
+
+/// Sets a limit for the lifetime of the guard, then restores the previous one.
+class LimitGuard {
+ public:
+  explicit LimitGuard(int64_t limit_bytes) : previous_(set_limit(limit_bytes)) {}
+  ~LimitGuard() { set_limit(previous_); }
+  LimitGuard(const LimitGuard&) = delete;
+  LimitGuard& operator=(const LimitGuard&) = delete;
+
+ private:
+  int64_t previous_;
+};
+
+/// Where the held bytes go, in the four categories of training memory.
+/// Every field is in bytes. Storages shared between tensors count once.
+struct Breakdown {
+  int64_t weights = 0;          ///< parameters and buffers of the module
+  int64_t gradients = 0;        ///< `.grad()` of the parameters
+  int64_t optimizer_state = 0;  ///< moments and buffers the optimizer keeps
+  int64_t activations = 0;      ///< everything else held: saved activations,
+                                ///< inputs, temporaries (current - the above)
+  int64_t total = 0;            ///< `current_bytes(device)`
+};
+
+/// Splits `current_bytes(device)` into the four categories for `module`
+/// trained by `optimizer` (may be null). Knows the state of LibTorch's Adam,
+/// AdamW, SGD, RMSprop and Adagrad.
+Breakdown breakdown(
+    const torch::nn::Module& module,
+    const torch::optim::Optimizer* optimizer = nullptr,
+    c10::Device device = c10::kCPU);
+
+/// Parses a size such as "512MiB", "80GiB", "2GB", "1.5GiB" or "4096" (bytes)
+/// into bytes. Binary (KiB, MiB, GiB, TiB) and decimal (KB, MB, GB, TB) units;
+/// a bare number is bytes. Throws c10::Error naming the text when it cannot.
+int64_t parse_size(const std::string& text);
+
+/// Formats bytes for people: "1.50 GiB", "12.0 MiB", "512 B".
+std::string format_size(int64_t bytes);
+
+} // namespace memory
+} // namespace remat

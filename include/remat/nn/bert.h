@@ -1,0 +1,204 @@
+// A BERT encoder with the architecture and parameter names of Hugging Face's
+// BertModel: word, position and token-type embeddings, post-LayerNorm layers,
+// exact (erf) GELU, an attention mask, dropout, a pooler.
+//
+// Example:
+//   remat::nn::Bert bert(remat::nn::BertOptions().num_layers(12).hidden_size(256)
+//                            .num_heads(4));
+//   bert->gradient_checkpointing_enable(remat::CheckpointPolicy::every_layer());
+//   auto out = bert->forward(input_ids, attention_mask);   // [B, S] each
+//   auto loss = out.last_hidden_state.pow(2).mean();
+//   loss.backward();
+#pragma once
+
+#include "remat/nn/attention.h"
+#include "remat/policy.h"
+
+#include <torch/nn/cloneable.h>
+#include <torch/nn/modules/container/modulelist.h>
+#include <torch/nn/modules/dropout.h>
+#include <torch/nn/modules/embedding.h>
+#include <torch/nn/modules/linear.h>
+#include <torch/nn/modules/normalization.h>
+#include <torch/nn/pimpl.h>
+
+namespace remat {
+namespace nn {
+
+/// Sizes and settings of a BERT encoder. Defaults are bert-base's.
+struct BertOptions {
+  TORCH_ARG(int64_t, vocab_size) = 30522;
+  TORCH_ARG(int64_t, hidden_size) = 768;
+  TORCH_ARG(int64_t, num_layers) = 12;
+  TORCH_ARG(int64_t, num_heads) = 12;
+  /// Width of the MLP; 0 means 4 * hidden_size.
+  TORCH_ARG(int64_t, intermediate_size) = 0;
+  TORCH_ARG(int64_t, max_position_embeddings) = 512;
+  TORCH_ARG(int64_t, type_vocab_size) = 2;
+  TORCH_ARG(double, hidden_dropout) = 0.1;
+  TORCH_ARG(double, attention_dropout) = 0.1;
+  TORCH_ARG(double, layer_norm_eps) = 1e-12;
+  TORCH_ARG(AttentionKind, attention) = AttentionKind::kEager;
+
+ public:
+  int64_t mlp_size() const {
+    return intermediate_size_ > 0 ? intermediate_size_ : 4 * hidden_size_;
+  }
+  /// Throws c10::Error naming the field when a size is invalid.
+  void validate() const;
+};
+
+/// Embeddings: word + position + token type, then LayerNorm and dropout.
+class BertEmbeddingsImpl : public torch::nn::Cloneable<BertEmbeddingsImpl> {
+ public:
+  explicit BertEmbeddingsImpl(BertOptions options);
+  void reset() override;
+  /// input_ids, token_type_ids: [B, S] int64 -> [B, S, H]
+  torch::Tensor forward(const torch::Tensor& input_ids, const torch::Tensor& token_type_ids);
+
+  BertOptions options;
+  torch::nn::Embedding word_embeddings{nullptr};
+  torch::nn::Embedding position_embeddings{nullptr};
+  torch::nn::Embedding token_type_embeddings{nullptr};
+  torch::nn::LayerNorm LayerNorm{nullptr};
+  torch::nn::Dropout dropout{nullptr};
+};
+TORCH_MODULE(BertEmbeddings);
+
+/// The query/key/value projections ("attention.self" in Hugging Face).
+class BertSelfAttentionImpl : public torch::nn::Cloneable<BertSelfAttentionImpl> {
+ public:
+  explicit BertSelfAttentionImpl(BertOptions options);
+  void reset() override;
+  /// hidden: [B, S, H]; mask: additive [B, 1, 1, S] or undefined.
+  /// With `recompute_core`, the attention core is checkpointed.
+  torch::Tensor forward(const torch::Tensor& hidden, const torch::Tensor& mask,
+                        bool recompute_core = false);
+
+  BertOptions options;
+  torch::nn::Linear query{nullptr}, key{nullptr}, value{nullptr};
+};
+TORCH_MODULE(BertSelfAttention);
+
+/// Dense + dropout + residual + LayerNorm, after attention or the MLP.
+class BertSelfOutputImpl : public torch::nn::Cloneable<BertSelfOutputImpl> {
+ public:
+  BertSelfOutputImpl(BertOptions options, int64_t in_features);
+  void reset() override;
+  torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& residual);
+
+  BertOptions options;
+  int64_t in_features;
+  torch::nn::Linear dense{nullptr};
+  torch::nn::LayerNorm LayerNorm{nullptr};
+  torch::nn::Dropout dropout{nullptr};
+};
+TORCH_MODULE(BertSelfOutput);
+
+class BertAttentionImpl : public torch::nn::Cloneable<BertAttentionImpl> {
+ public:
+  explicit BertAttentionImpl(BertOptions options);
+  void reset() override;
+  torch::Tensor forward(const torch::Tensor& hidden, const torch::Tensor& mask,
+                        bool recompute_core = false);
+
+  BertOptions options;
+  BertSelfAttention self{nullptr};
+  BertSelfOutput output{nullptr};
+};
+TORCH_MODULE(BertAttention);
+
+/// The MLP's first half ("intermediate"): dense + GELU.
+class BertIntermediateImpl : public torch::nn::Cloneable<BertIntermediateImpl> {
+ public:
+  explicit BertIntermediateImpl(BertOptions options);
+  void reset() override;
+  torch::Tensor forward(const torch::Tensor& x);
+
+  BertOptions options;
+  torch::nn::Linear dense{nullptr};
+};
+TORCH_MODULE(BertIntermediate);
+
+/// One encoder layer: attention, then the MLP, each post-LayerNorm.
+class BertLayerImpl : public torch::nn::Cloneable<BertLayerImpl> {
+ public:
+  explicit BertLayerImpl(BertOptions options);
+  void reset() override;
+  /// `mode` kRecomputeAttention / kRecomputeMlp checkpoints that part only.
+  torch::Tensor forward(const torch::Tensor& hidden, const torch::Tensor& mask,
+                        SegmentMode mode = SegmentMode::kStore);
+
+  BertOptions options;
+  BertAttention attention{nullptr};
+  BertIntermediate intermediate{nullptr};
+  BertSelfOutput output{nullptr};
+};
+TORCH_MODULE(BertLayer);
+
+/// The stack of layers ("encoder"; its list is "encoder.layer.N").
+class BertEncoderImpl : public torch::nn::Cloneable<BertEncoderImpl> {
+ public:
+  explicit BertEncoderImpl(BertOptions options);
+  void reset() override;
+  /// Runs every layer under `schedule` (see remat/policy.h).
+  torch::Tensor forward(const torch::Tensor& hidden, const torch::Tensor& mask,
+                        const Schedule& schedule);
+
+  BertOptions options;
+  torch::nn::ModuleList layer{nullptr};
+  std::vector<BertLayer> layers; ///< the same modules as `layer`, typed
+};
+TORCH_MODULE(BertEncoder);
+
+/// tanh(dense(hidden of the first token)) ("pooler").
+class BertPoolerImpl : public torch::nn::Cloneable<BertPoolerImpl> {
+ public:
+  explicit BertPoolerImpl(BertOptions options);
+  void reset() override;
+  torch::Tensor forward(const torch::Tensor& hidden);
+
+  BertOptions options;
+  torch::nn::Linear dense{nullptr};
+};
+TORCH_MODULE(BertPooler);
+
+/// What a BertModel returns.
+struct BertOutput {
+  torch::Tensor last_hidden_state; ///< [B, S, H]
+  torch::Tensor pooler_output;     ///< [B, H]: tanh(dense(first token))
+};
+
+/// The encoder stack with embeddings and pooler ("BertModel").
+class BertImpl : public torch::nn::Cloneable<BertImpl> {
+ public:
+  explicit BertImpl(BertOptions options = {});
+  void reset() override;
+  void pretty_print(std::ostream& stream) const override;
+
+  /// input_ids: [B, S] int64. attention_mask: [B, S], 1 keeps a token, 0
+  /// masks it (undefined: keep all). token_type_ids: [B, S] (undefined: 0).
+  BertOutput forward(
+      const torch::Tensor& input_ids,
+      const torch::Tensor& attention_mask = {},
+      const torch::Tensor& token_type_ids = {});
+
+  /// Checkpoint the layers as `policy` says; `none` turns it off.
+  void gradient_checkpointing_enable(
+      const CheckpointPolicy& policy = CheckpointPolicy::every_layer());
+  void gradient_checkpointing_disable();
+  const CheckpointPolicy& checkpoint_policy() const { return policy_; }
+
+  BertOptions options;
+  BertEmbeddings embeddings{nullptr};
+  BertEncoder encoder{nullptr};
+  BertPooler pooler{nullptr};
+
+ private:
+  CheckpointPolicy policy_;
+  Schedule schedule_;
+};
+TORCH_MODULE(Bert);
+
+} // namespace nn
+} // namespace remat

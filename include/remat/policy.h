@@ -1,0 +1,107 @@
+// Checkpoint policies: which layers of a stack keep their activations and
+// which recompute them. One type for every model, `remat bench --policy` and
+// training.
+//
+// A policy turns into a Schedule for a stack of L layers: contiguous segments
+// covering [0, L), each with a mode.
+//
+// Example:
+//   auto policy = remat::CheckpointPolicy::parse("every-2");
+//   for (const auto& seg : policy.schedule(12).segments) {
+//     // seg.begin, seg.end, seg.mode
+//   }
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace remat {
+
+/// What a segment of layers keeps for backward.
+enum class SegmentMode {
+  kStore,              ///< no checkpointing: keep every activation
+  kRecompute,          ///< keep only the segment's input; recompute it all
+  kRecomputeAttention, ///< per layer, recompute only the attention core
+                       ///< (scores, softmax, dropout, weighted sum)
+  kRecomputeMlp,       ///< per layer, recompute only the MLP
+};
+
+const char* to_string(SegmentMode mode);
+
+/// Layers [begin, end) and what they keep.
+struct ScheduleSegment {
+  int64_t begin = 0;
+  int64_t end = 0;
+  SegmentMode mode = SegmentMode::kStore;
+
+  bool operator==(const ScheduleSegment& o) const {
+    return begin == o.begin && end == o.end && mode == o.mode;
+  }
+};
+
+/// A complete assignment of modes to the layers of a stack.
+struct Schedule {
+  std::vector<ScheduleSegment> segments;
+
+  /// Throws unless the segments cover [0, num_layers) in order.
+  void validate(int64_t num_layers) const;
+  /// "store[0,4) recompute[4,8)"
+  std::string str() const;
+};
+
+/// A named policy.
+class CheckpointPolicy {
+ public:
+  enum class Kind {
+    kNone,               ///< "none"
+    kEvery,              ///< "every-layer" (K=1) or "every-K": segments of K
+                         ///< consecutive layers, each checkpointed as one
+    kSqrt,               ///< "sqrt": about sqrt(L) segments (Chen et al. 2016)
+    kFull,               ///< "full": the whole stack as one segment
+    kSelectiveAttention, ///< "selective-attention"
+    kSelectiveMlp,       ///< "selective-mlp"
+    kBudget,             ///< "budget:2GiB": planned to a memory budget
+    kCustom,             ///< an explicit Schedule (from a planner)
+  };
+
+  CheckpointPolicy() = default;
+
+  static CheckpointPolicy none();
+  static CheckpointPolicy every(int64_t k);
+  static CheckpointPolicy every_layer() { return every(1); }
+  static CheckpointPolicy sqrt();
+  static CheckpointPolicy full();
+  static CheckpointPolicy selective_attention();
+  static CheckpointPolicy selective_mlp();
+  /// A policy that a planner turns into a schedule; `bytes` > 0.
+  static CheckpointPolicy budget(int64_t bytes);
+  /// A fixed schedule, as a planner makes.
+  static CheckpointPolicy custom(Schedule schedule, std::string name = "custom");
+
+  /// Parses one of the names above. Throws c10::Error naming the text and the
+  /// accepted names when it cannot.
+  static CheckpointPolicy parse(const std::string& text);
+
+  /// The accepted names, for help texts.
+  static std::string names();
+
+  Kind kind() const { return kind_; }
+  int64_t every_k() const { return k_; }            ///< layers per segment
+  int64_t budget_bytes() const { return budget_; }  ///< bytes, for kBudget
+  const std::string& name() const { return name_; }
+  bool enabled() const { return kind_ != Kind::kNone; }
+
+  /// The schedule for a stack of `num_layers` layers. Throws for kBudget,
+  /// which needs a planner (remat::plan) and a cost profile.
+  Schedule schedule(int64_t num_layers) const;
+
+ private:
+  Kind kind_ = Kind::kNone;
+  int64_t k_ = 0;
+  int64_t budget_ = 0;
+  std::string name_ = "none";
+  Schedule custom_;
+};
+
+} // namespace remat

@@ -1,0 +1,203 @@
+#include "remat/policy.h"
+
+#include "remat/memory.h"
+
+#include <c10/util/Exception.h>
+
+#include <algorithm>
+#include <cmath>
+#include <sstream>
+
+namespace remat {
+
+const char* to_string(SegmentMode mode) {
+  switch (mode) {
+    case SegmentMode::kStore:
+      return "store";
+    case SegmentMode::kRecompute:
+      return "recompute";
+    case SegmentMode::kRecomputeAttention:
+      return "recompute-attention";
+    case SegmentMode::kRecomputeMlp:
+      return "recompute-mlp";
+  }
+  return "?";
+}
+
+void Schedule::validate(int64_t num_layers) const {
+  int64_t next = 0;
+  for (const auto& s : segments) {
+    TORCH_CHECK(
+        s.begin == next && s.end > s.begin,
+        "remat: expected schedule segments to cover the layers in order, but "
+        "segment [", s.begin, ", ", s.end, ") follows layer ", next);
+    next = s.end;
+  }
+  TORCH_CHECK(
+      next == num_layers,
+      "remat: expected a schedule for ", num_layers, " layers, but it covers ",
+      next);
+}
+
+std::string Schedule::str() const {
+  std::ostringstream out;
+  for (size_t i = 0; i < segments.size(); ++i) {
+    const auto& s = segments[i];
+    out << (i ? " " : "") << to_string(s.mode) << "[" << s.begin << "," << s.end
+        << ")";
+  }
+  return out.str();
+}
+
+CheckpointPolicy CheckpointPolicy::none() {
+  CheckpointPolicy p;
+  return p;
+}
+
+CheckpointPolicy CheckpointPolicy::every(int64_t k) {
+  TORCH_CHECK(k >= 1, "remat: expected every-K with K >= 1, but got ", k);
+  CheckpointPolicy p;
+  p.kind_ = Kind::kEvery;
+  p.k_ = k;
+  p.name_ = k == 1 ? "every-layer" : "every-" + std::to_string(k);
+  return p;
+}
+
+CheckpointPolicy CheckpointPolicy::sqrt() {
+  CheckpointPolicy p;
+  p.kind_ = Kind::kSqrt;
+  p.name_ = "sqrt";
+  return p;
+}
+
+CheckpointPolicy CheckpointPolicy::full() {
+  CheckpointPolicy p;
+  p.kind_ = Kind::kFull;
+  p.name_ = "full";
+  return p;
+}
+
+CheckpointPolicy CheckpointPolicy::selective_attention() {
+  CheckpointPolicy p;
+  p.kind_ = Kind::kSelectiveAttention;
+  p.name_ = "selective-attention";
+  return p;
+}
+
+CheckpointPolicy CheckpointPolicy::selective_mlp() {
+  CheckpointPolicy p;
+  p.kind_ = Kind::kSelectiveMlp;
+  p.name_ = "selective-mlp";
+  return p;
+}
+
+CheckpointPolicy CheckpointPolicy::budget(int64_t bytes) {
+  TORCH_CHECK(bytes > 0, "remat: expected a budget > 0 bytes, but got ", bytes);
+  CheckpointPolicy p;
+  p.kind_ = Kind::kBudget;
+  p.budget_ = bytes;
+  p.name_ = "budget:" + memory::format_size(bytes);
+  // format_size has a space ("2.00 GiB"); names are single words.
+  p.name_.erase(std::remove(p.name_.begin(), p.name_.end(), ' '), p.name_.end());
+  return p;
+}
+
+CheckpointPolicy CheckpointPolicy::custom(Schedule schedule, std::string name) {
+  CheckpointPolicy p;
+  p.kind_ = Kind::kCustom;
+  p.custom_ = std::move(schedule);
+  p.name_ = std::move(name);
+  return p;
+}
+
+std::string CheckpointPolicy::names() {
+  return "none, every-layer, every-K (K >= 1), sqrt, full, selective-attention, "
+         "selective-mlp, budget:SIZE";
+}
+
+CheckpointPolicy CheckpointPolicy::parse(const std::string& text) {
+  if (text == "none") {
+    return none();
+  }
+  if (text == "every-layer") {
+    return every_layer();
+  }
+  if (text == "sqrt") {
+    return sqrt();
+  }
+  if (text == "full") {
+    return full();
+  }
+  if (text == "selective-attention") {
+    return selective_attention();
+  }
+  if (text == "selective-mlp") {
+    return selective_mlp();
+  }
+  const std::string every_prefix = "every-";
+  if (text.rfind(every_prefix, 0) == 0) {
+    const std::string k = text.substr(every_prefix.size());
+    bool digits = !k.empty() && k.size() < 10 &&
+        k.find_first_not_of("0123456789") == std::string::npos;
+    TORCH_CHECK(
+        digits && std::stoll(k) >= 1,
+        "expected every-K with an integer K >= 1, but got '", text, "'");
+    return every(std::stoll(k));
+  }
+  const std::string budget_prefix = "budget:";
+  if (text.rfind(budget_prefix, 0) == 0) {
+    int64_t bytes = memory::parse_size(text.substr(budget_prefix.size()));
+    TORCH_CHECK(bytes > 0, "expected a budget above 0 bytes, but got '", text, "'");
+    auto p = budget(bytes);
+    p.name_ = text;
+    return p;
+  }
+  TORCH_CHECK(
+      false, "expected a checkpoint policy (", names(), "), but got '", text, "'");
+}
+
+Schedule CheckpointPolicy::schedule(int64_t num_layers) const {
+  TORCH_CHECK(
+      num_layers >= 1, "remat: expected at least one layer, but got ", num_layers);
+  Schedule s;
+  auto uniform = [&](int64_t per_segment, SegmentMode mode) {
+    for (int64_t b = 0; b < num_layers; b += per_segment) {
+      s.segments.push_back({b, std::min(num_layers, b + per_segment), mode});
+    }
+  };
+  switch (kind_) {
+    case Kind::kNone:
+      s.segments.push_back({0, num_layers, SegmentMode::kStore});
+      break;
+    case Kind::kEvery:
+      uniform(k_, SegmentMode::kRecompute);
+      break;
+    case Kind::kSqrt: {
+      // ceil(sqrt(L)) layers per segment gives about sqrt(L) segments.
+      const auto per = static_cast<int64_t>(
+          std::ceil(std::sqrt(static_cast<double>(num_layers))));
+      uniform(per, SegmentMode::kRecompute);
+      break;
+    }
+    case Kind::kFull:
+      s.segments.push_back({0, num_layers, SegmentMode::kRecompute});
+      break;
+    case Kind::kSelectiveAttention:
+      s.segments.push_back({0, num_layers, SegmentMode::kRecomputeAttention});
+      break;
+    case Kind::kSelectiveMlp:
+      s.segments.push_back({0, num_layers, SegmentMode::kRecomputeMlp});
+      break;
+    case Kind::kBudget:
+      TORCH_CHECK(
+          false, "remat: policy '", name_, "' needs a planner and a cost "
+          "profile to become a schedule; call remat::plan first");
+    case Kind::kCustom:
+      s = custom_;
+      break;
+  }
+  s.validate(num_layers);
+  return s;
+}
+
+} // namespace remat

@@ -1,0 +1,365 @@
+#include "remat/memory.h"
+
+#include <c10/core/Allocator.h>
+#include <c10/core/CPUAllocator.h>
+#include <c10/core/impl/alloc_cpu.h>
+#include <torch/nn/module.h>
+#include <torch/optim.h>
+#include <torch/version.h>
+
+#ifdef REMAT_WITH_CUDA
+#include <c10/cuda/CUDACachingAllocator.h>
+#endif
+
+#include <algorithm>
+#include <atomic>
+#include <cctype>
+#include <cmath>
+#include <cstdio>
+#include <mutex>
+#include <unordered_set>
+
+namespace remat {
+
+namespace {
+
+std::string oom_message(int64_t requested, int64_t held, int64_t limit) {
+  return "remat: out of memory: requested " + std::to_string(requested) +
+      " bytes (" + memory::format_size(requested) + ") with " +
+      std::to_string(held) + " bytes held, over the limit of " +
+      std::to_string(limit) + " bytes (" + memory::format_size(limit) + ")";
+}
+
+} // namespace
+
+OutOfMemoryError::OutOfMemoryError(int64_t requested, int64_t held, int64_t limit)
+    : c10::Error(
+          c10::SourceLocation{__func__, __FILE__, static_cast<uint32_t>(__LINE__)},
+          oom_message(requested, held, limit)),
+      requested_(requested),
+      held_(held),
+      limit_(limit) {}
+
+namespace memory {
+namespace {
+
+// Each block carries its size in a header, so the deleter needs no lookup
+// table. The header is one alignment unit, so the payload keeps
+// alloc_cpu's 64-byte alignment.
+constexpr size_t kHeader = 64;
+
+struct Counters {
+  std::atomic<int64_t> current{0};
+  std::atomic<int64_t> peak{0};
+  std::atomic<int64_t> count{0};
+  std::atomic<int64_t> limit{0};
+};
+
+Counters& counters() {
+  static Counters c;
+  return c;
+}
+
+void raise_peak(Counters& c, int64_t now) {
+  int64_t seen = c.peak.load(std::memory_order_relaxed);
+  while (now > seen &&
+         !c.peak.compare_exchange_weak(seen, now, std::memory_order_relaxed)) {
+  }
+}
+
+void counted_free(void* payload) {
+  if (payload == nullptr) {
+    return;
+  }
+  char* block = static_cast<char*>(payload) - kHeader;
+  int64_t size = *reinterpret_cast<int64_t*>(block);
+  counters().current.fetch_sub(size, std::memory_order_relaxed);
+  c10::free_cpu(block);
+}
+
+class CountingAllocator final : public c10::Allocator {
+ public:
+  c10::DataPtr allocate(size_t nbytes) const override {
+    auto& c = counters();
+    const auto n = static_cast<int64_t>(nbytes);
+    const int64_t now = c.current.fetch_add(n, std::memory_order_relaxed) + n;
+    const int64_t limit = c.limit.load(std::memory_order_relaxed);
+    if (limit > 0 && now > limit) {
+      c.current.fetch_sub(n, std::memory_order_relaxed);
+      throw OutOfMemoryError(n, now - n, limit);
+    }
+    void* block = nullptr;
+    try {
+      block = c10::alloc_cpu(nbytes + kHeader);
+    } catch (...) {
+      c.current.fetch_sub(n, std::memory_order_relaxed);
+      throw;
+    }
+    *reinterpret_cast<int64_t*>(block) = n;
+    void* payload = static_cast<char*>(block) + kHeader;
+    raise_peak(c, now);
+    c.count.fetch_add(1, std::memory_order_relaxed);
+    return {payload, payload, &counted_free, c10::Device(c10::kCPU)};
+  }
+
+  c10::DeleterFnPtr raw_deleter() const override {
+    return &counted_free;
+  }
+
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 3)
+  void copy_data(void* dest, const void* src, std::size_t count) const override {
+    default_copy_data(dest, src, count);
+  }
+#endif
+};
+
+CountingAllocator& counting_allocator() {
+  static CountingAllocator allocator;
+  return allocator;
+}
+
+std::once_flag install_once;
+std::atomic<bool> is_installed{false};
+
+#ifdef REMAT_WITH_CUDA
+const c10::cuda::CUDACachingAllocator::Stat& cuda_allocated(
+    const c10::cuda::CUDACachingAllocator::DeviceStats& stats) {
+  return stats.allocated_bytes[static_cast<size_t>(
+      c10::cuda::CUDACachingAllocator::StatType::AGGREGATE)];
+}
+#endif
+
+bool is_cuda(c10::Device device) {
+#ifdef REMAT_WITH_CUDA
+  return device.is_cuda();
+#else
+  TORCH_CHECK(
+      device.is_cpu(),
+      "remat::memory: expected a CPU device (this build has no CUDA), but got ",
+      device);
+  return false;
+#endif
+}
+
+} // namespace
+
+void install() {
+  std::call_once(install_once, [] {
+    // Highest priority, so a later default registration cannot displace it.
+    c10::SetCPUAllocator(&counting_allocator(), /*priority=*/UINT8_MAX);
+    is_installed.store(true);
+  });
+}
+
+bool installed() {
+  return is_installed.load();
+}
+
+int64_t current_bytes(c10::Device device) {
+  if (is_cuda(device)) {
+#ifdef REMAT_WITH_CUDA
+    return cuda_allocated(c10::cuda::CUDACachingAllocator::getDeviceStats(
+                              device.index() < 0 ? 0 : device.index()))
+        .current;
+#endif
+  }
+  return counters().current.load();
+}
+
+int64_t peak_bytes(c10::Device device) {
+  if (is_cuda(device)) {
+#ifdef REMAT_WITH_CUDA
+    return cuda_allocated(c10::cuda::CUDACachingAllocator::getDeviceStats(
+                              device.index() < 0 ? 0 : device.index()))
+        .peak;
+#endif
+  }
+  return counters().peak.load();
+}
+
+void reset_peak(c10::Device device) {
+  if (is_cuda(device)) {
+#ifdef REMAT_WITH_CUDA
+    c10::cuda::CUDACachingAllocator::resetPeakStats(
+        device.index() < 0 ? 0 : device.index());
+    return;
+#endif
+  }
+  auto& c = counters();
+  c.peak.store(c.current.load());
+}
+
+int64_t allocation_count(c10::Device device) {
+  if (is_cuda(device)) {
+#ifdef REMAT_WITH_CUDA
+    auto stats = c10::cuda::CUDACachingAllocator::getDeviceStats(
+        device.index() < 0 ? 0 : device.index());
+    return stats.allocation[static_cast<size_t>(
+                                c10::cuda::CUDACachingAllocator::StatType::AGGREGATE)]
+        .allocated;
+#endif
+  }
+  return counters().count.load();
+}
+
+int64_t set_limit(int64_t limit_bytes) {
+  TORCH_CHECK(
+      limit_bytes >= 0,
+      "remat::memory::set_limit: expected a limit >= 0 bytes (0 for none), but got ",
+      limit_bytes);
+  install();
+  return counters().limit.exchange(limit_bytes);
+}
+
+int64_t limit() {
+  return counters().limit.load();
+}
+
+namespace {
+
+// Adds a tensor's storage once, however many tensors share it.
+struct StorageSet {
+  std::unordered_set<const void*> seen;
+  c10::Device device;
+  int64_t add(const at::Tensor& t) {
+    if (!t.defined() || t.device().type() != device.type() ||
+        !t.has_storage()) {
+      return 0;
+    }
+    const auto& storage = t.storage();
+    const void* key = storage.unsafeGetStorageImpl();
+    if (!seen.insert(key).second) {
+      return 0;
+    }
+    return static_cast<int64_t>(storage.nbytes());
+  }
+};
+
+template <typename State>
+bool add_state(
+    const torch::optim::OptimizerParamState& state,
+    StorageSet& set,
+    int64_t& total) {
+  // Each supported state type lists its tensors here.
+  auto* s = dynamic_cast<const State*>(&state);
+  if (s == nullptr) {
+    return false;
+  }
+  if constexpr (std::is_same_v<State, torch::optim::AdamParamState> ||
+                std::is_same_v<State, torch::optim::AdamWParamState>) {
+    total += set.add(s->exp_avg()) + set.add(s->exp_avg_sq()) +
+        set.add(s->max_exp_avg_sq());
+  } else if constexpr (std::is_same_v<State, torch::optim::SGDParamState>) {
+    total += set.add(s->momentum_buffer());
+  } else if constexpr (std::is_same_v<State, torch::optim::RMSpropParamState>) {
+    total += set.add(s->square_avg()) + set.add(s->momentum_buffer()) +
+        set.add(s->grad_avg());
+  } else if constexpr (std::is_same_v<State, torch::optim::AdagradParamState>) {
+    total += set.add(s->sum());
+  }
+  return true;
+}
+
+} // namespace
+
+Breakdown breakdown(
+    const torch::nn::Module& module,
+    const torch::optim::Optimizer* optimizer,
+    c10::Device device) {
+  Breakdown b;
+  StorageSet set{{}, device};
+  for (const auto& p : module.parameters()) {
+    b.weights += set.add(p);
+  }
+  for (const auto& buffer : module.buffers()) {
+    b.weights += set.add(buffer);
+  }
+  for (const auto& p : module.parameters()) {
+    b.gradients += set.add(p.grad());
+  }
+  if (optimizer != nullptr) {
+    for (const auto& entry : optimizer->state()) {
+      const auto& state = *entry.second;
+      add_state<torch::optim::AdamWParamState>(state, set, b.optimizer_state) ||
+          add_state<torch::optim::AdamParamState>(state, set, b.optimizer_state) ||
+          add_state<torch::optim::SGDParamState>(state, set, b.optimizer_state) ||
+          add_state<torch::optim::RMSpropParamState>(
+              state, set, b.optimizer_state) ||
+          add_state<torch::optim::AdagradParamState>(
+              state, set, b.optimizer_state);
+    }
+  }
+  b.total = current_bytes(device);
+  b.activations =
+      std::max<int64_t>(0, b.total - b.weights - b.gradients - b.optimizer_state);
+  return b;
+}
+
+int64_t parse_size(const std::string& text) {
+  size_t i = 0;
+  while (i < text.size() && std::isspace(static_cast<unsigned char>(text[i]))) {
+    ++i;
+  }
+  const size_t number_start = i;
+  while (i < text.size() &&
+         (std::isdigit(static_cast<unsigned char>(text[i])) || text[i] == '.')) {
+    ++i;
+  }
+  const std::string number = text.substr(number_start, i - number_start);
+  std::string unit;
+  for (; i < text.size(); ++i) {
+    if (!std::isspace(static_cast<unsigned char>(text[i]))) {
+      unit += static_cast<char>(std::tolower(static_cast<unsigned char>(text[i])));
+    }
+  }
+  double value = 0;
+  size_t used = 0;
+  bool ok = !number.empty() && number.find('.') == number.rfind('.');
+  if (ok) {
+    try {
+      value = std::stod(number, &used);
+    } catch (const std::exception&) {
+      ok = false;
+    }
+  }
+  double scale = -1;
+  const std::pair<const char*, double> units[] = {
+      {"", 1},           {"b", 1},
+      {"k", 1e3},        {"kb", 1e3},        {"kib", 1024.0},
+      {"m", 1e6},        {"mb", 1e6},        {"mib", 1048576.0},
+      {"g", 1e9},        {"gb", 1e9},        {"gib", 1073741824.0},
+      {"t", 1e12},       {"tb", 1e12},       {"tib", 1099511627776.0}};
+  for (const auto& u : units) {
+    if (unit == u.first) {
+      scale = u.second;
+    }
+  }
+  ok = ok && used == number.size() && scale > 0;
+  const double bytes = value * scale;
+  TORCH_CHECK(
+      ok && bytes >= 0 && bytes < 9.0e18,
+      "expected a size such as 512MiB, 80GiB or 4096 (bytes), but got '",
+      text,
+      "'");
+  return static_cast<int64_t>(std::llround(bytes));
+}
+
+std::string format_size(int64_t bytes) {
+  const char* units[] = {"B", "KiB", "MiB", "GiB", "TiB"};
+  double value = static_cast<double>(bytes);
+  int u = 0;
+  while (std::abs(value) >= 1024.0 && u < 4) {
+    value /= 1024.0;
+    ++u;
+  }
+  char buf[32];
+  if (u == 0) {
+    std::snprintf(buf, sizeof(buf), "%lld B", static_cast<long long>(bytes));
+  } else {
+    std::snprintf(buf, sizeof(buf), value < 10 ? "%.2f %s" : "%.1f %s", value, units[u]);
+  }
+  return buf;
+}
+
+} // namespace memory
+} // namespace remat
