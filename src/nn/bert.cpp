@@ -37,7 +37,7 @@ namespace {
 // LayerNorm weight 1 and bias 0.
 void init_bert_weights(torch::nn::Module& module) {
   torch::NoGradGuard no_grad;
-  for (auto& m : module.modules(/*include_self=*/true)) {
+  for (auto& m : module.modules(/*include_self=*/false)) {
     if (auto* linear = m->as<torch::nn::Linear>()) {
       linear->weight.normal_(0.0, 0.02);
       if (linear->bias.defined()) {
