@@ -26,6 +26,7 @@
 
 #include <torch/arg.h>
 #include <torch/nn/module.h>
+#include <torch/nn/pimpl.h>
 #include <torch/types.h>
 
 #include <functional>
@@ -62,13 +63,34 @@ struct CheckpointOptions {
   TORCH_ARG(std::vector<torch::Tensor>, parameters) = {};
 };
 
-/// Runs `fn(inputs)` as a checkpointed segment and returns its outputs.
-/// Under NoGradGuard, or when neither inputs nor parameters require grad, it
-/// just calls `fn` (nothing would be saved anyway).
-std::vector<torch::Tensor> checkpoint(
+namespace detail {
+std::vector<torch::Tensor> checkpoint_segment(
     const SegmentFn& fn,
     const std::vector<torch::Tensor>& inputs,
-    const CheckpointOptions& options = {});
+    const CheckpointOptions& options);
+} // namespace detail
+
+/// Runs `fn(inputs)` as a checkpointed segment and returns its outputs.
+/// `fn` is anything callable as a SegmentFn (a lambda, a std::function); it is
+/// kept, as a copy, until backward, so what it captures by reference must
+/// live that long. Under NoGradGuard, or when neither inputs nor parameters
+/// require grad, it just calls `fn` (nothing would be saved anyway).
+//
+// A template rather than a `const SegmentFn&` parameter: with the latter,
+// overload resolution for `checkpoint(module, ...)` would try to convert the
+// module holder to std::function, and ModuleHolder::operator()'s return type
+// is not SFINAE-friendly, so every call of the module overload failed to
+// compile.
+template <
+    typename Fn,
+    typename = std::enable_if_t<!torch::detail::is_module_holder<Fn>::value>>
+std::vector<torch::Tensor> checkpoint(
+    Fn&& fn,
+    const std::vector<torch::Tensor>& inputs,
+    const CheckpointOptions& options = {}) {
+  return detail::checkpoint_segment(
+      SegmentFn(std::forward<Fn>(fn)), inputs, options);
+}
 
 /// How many checkpointed segments have been recomputed in this process
 /// (a count; tests and benchmarks use it to see that recompute happened).
@@ -120,8 +142,9 @@ constexpr size_t forward_arity() {
 
 /// Checkpoints `module->forward(inputs[0], ..., inputs[N-1])`, where N is the
 /// number of tensors `forward` takes (1 to 8). The module's parameters are
-/// passed to autograd explicitly. Returns what `forward` returns if that is a
-/// Tensor, else a std::vector<Tensor> of its outputs.
+/// passed to autograd explicitly, and the segment keeps a copy of the holder
+/// until backward. Returns what `forward` returns if that is a Tensor, else a
+/// std::vector<Tensor> of its outputs.
 template <
     typename ModuleHolder,
     typename = decltype(std::declval<ModuleHolder&>()->parameters())>
@@ -138,13 +161,15 @@ auto checkpoint(
   auto& extra = options.parameters();
   params.insert(params.end(), extra.begin(), extra.end());
   options.parameters(std::move(params));
-  auto fn = [&module](const std::vector<torch::Tensor>& in) {
+  // A copy of the holder (a shared pointer), not a reference: the recompute
+  // runs in backward, when the caller's holder may be gone.
+  auto fn = [module](const std::vector<torch::Tensor>& in) mutable {
     return detail::as_tensors(
         detail::call_forward(module, in, std::make_index_sequence<n>{}));
   };
   using Result = decltype(detail::call_forward(
       module, inputs, std::make_index_sequence<n>{}));
-  auto out = checkpoint(fn, inputs, options);
+  auto out = detail::checkpoint_segment(fn, inputs, options);
   if constexpr (std::is_same_v<std::decay_t<Result>, torch::Tensor>) {
     return out.at(0);
   } else {

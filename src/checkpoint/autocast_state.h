@@ -63,4 +63,26 @@ class AutocastScope {
   AutocastState previous_;
 };
 
+/// Turns off autocast's cache of weight casts for its lifetime. LibTorch
+/// caches the lower-precision cast of a leaf weight until clear_cache(); a
+/// segment must cast its weights afresh in forward and in the recompute, or
+/// the recompute reuses a cast made in the forward (which runs with grad off,
+/// so the cast has no grad_fn and the weight gets no gradient) or one made
+/// outside the segment (history the recompute may not reach into).
+class AutocastCacheDisabled {
+ public:
+  AutocastCacheDisabled()
+      : previous_(at::autocast::is_autocast_cache_enabled()) {
+    at::autocast::set_autocast_cache_enabled(false);
+  }
+  ~AutocastCacheDisabled() {
+    at::autocast::set_autocast_cache_enabled(previous_);
+  }
+  AutocastCacheDisabled(const AutocastCacheDisabled&) = delete;
+  AutocastCacheDisabled& operator=(const AutocastCacheDisabled&) = delete;
+
+ private:
+  bool previous_;
+};
+
 } // namespace remat

@@ -13,6 +13,7 @@
 #endif
 
 #include <atomic>
+#include <set>
 #include <sstream>
 #include <unordered_set>
 
@@ -24,18 +25,30 @@ using torch::autograd::variable_list;
 
 std::atomic<int64_t> recomputes{0};
 
+// Shape, dtype and device of an output, or "undefined": a segment may return
+// an undefined tensor (an optional output nobody asked for).
 struct TensorMeta {
+  bool defined = false;
   std::vector<int64_t> sizes;
-  c10::ScalarType dtype;
-  c10::Device device;
+  c10::ScalarType dtype = c10::ScalarType::Undefined;
+  c10::Device device = c10::kCPU;
 
-  explicit TensorMeta(const torch::Tensor& t)
-      : sizes(t.sizes().vec()), dtype(t.scalar_type()), device(t.device()) {}
+  explicit TensorMeta(const torch::Tensor& t) : defined(t.defined()) {
+    if (defined) {
+      sizes = t.sizes().vec();
+      dtype = t.scalar_type();
+      device = t.device();
+    }
+  }
 
   bool operator==(const TensorMeta& o) const {
-    return sizes == o.sizes && dtype == o.dtype && device == o.device;
+    return defined == o.defined && sizes == o.sizes && dtype == o.dtype &&
+        device == o.device;
   }
   std::string str() const {
+    if (!defined) {
+      return "an undefined tensor";
+    }
     std::ostringstream s;
     s << c10::IntArrayRef(sizes) << " " << dtype << " on " << device;
     return s.str();
@@ -58,6 +71,7 @@ struct Segment : torch::CustomClassHolder {
 #endif
 };
 
+#ifdef REMAT_WITH_CUDA
 // The CUDA device of the first CUDA input, if any: its generator is the one
 // the segment draws from.
 c10::optional<c10::Device> cuda_device_of(const std::vector<torch::Tensor>& ts) {
@@ -68,6 +82,7 @@ c10::optional<c10::Device> cuda_device_of(const std::vector<torch::Tensor>& ts) 
   }
   return c10::nullopt;
 }
+#endif
 
 void save_rng(Segment& seg, const std::vector<torch::Tensor>& inputs) {
   auto gen = at::detail::getDefaultCPUGenerator();
@@ -140,6 +155,26 @@ bool differentiable(const torch::Tensor& t) {
   return t.defined() && (t.is_floating_point() || t.is_complex());
 }
 
+// The tensors the recompute differentiates for. Inputs are detached leaves;
+// parameters are usually leaves, but one made before the segment (a
+// transposed tied weight, a merged LoRA weight) has history, and the walk
+// below stops at its gradient edge, as the gradient does.
+struct Declared {
+  std::unordered_set<const c10::TensorImpl*> leaves;
+  std::set<std::pair<const torch::autograd::Node*, uint32_t>> edges;
+
+  void add(const torch::Tensor& t) {
+    if (t.grad_fn()) {
+      edges.emplace(t.grad_fn().get(), t.output_nr());
+    } else {
+      leaves.insert(t.unsafeGetTensorImpl());
+    }
+  }
+  bool stops_at(const torch::autograd::Edge& e) const {
+    return edges.count({e.function.get(), e.input_nr}) > 0;
+  }
+};
+
 // The recomputed graph must reach only the tensors we differentiate for: a
 // leaf that requires grad but was not declared, or a captured tensor with
 // history outside the segment, would silently get no gradient. Nodes made by
@@ -147,12 +182,13 @@ bool differentiable(const torch::Tensor& t) {
 void check_closed(
     const Segment& seg,
     const std::vector<torch::Tensor>& outputs,
-    const std::unordered_set<const c10::TensorImpl*>& declared,
+    const Declared& declared,
     uint64_t first_seq) {
   std::vector<torch::autograd::Node*> stack;
   std::unordered_set<torch::autograd::Node*> seen;
   for (const auto& o : outputs) {
-    if (o.defined() && o.grad_fn()) {
+    if (o.defined() && o.grad_fn() &&
+        !declared.stops_at(torch::autograd::impl::gradient_edge(o))) {
       stack.push_back(o.grad_fn().get());
     }
   }
@@ -164,7 +200,7 @@ void check_closed(
     }
     if (auto* acc = dynamic_cast<torch::autograd::AccumulateGrad*>(node)) {
       TORCH_CHECK(
-          declared.count(acc->variable.unsafeGetTensorImpl()) > 0,
+          declared.leaves.count(acc->variable.unsafeGetTensorImpl()) > 0,
           "remat::checkpoint: segment '", seg.options.name(),
           "' reads a tensor that requires grad (shape ", acc->variable.sizes(),
           ") but is neither an input nor in CheckpointOptions::parameters; "
@@ -175,9 +211,10 @@ void check_closed(
         node->sequence_nr() >= first_seq,
         "remat::checkpoint: segment '", seg.options.name(),
         "' reads a tensor with autograd history from outside the segment (",
-        node->name(), "); expected it to be passed as an input");
+        node->name(), "); expected it to be passed as an input or in "
+        "CheckpointOptions::parameters");
     for (const auto& edge : node->next_edges()) {
-      if (edge.function) {
+      if (edge.function && !declared.stops_at(edge)) {
         stack.push_back(edge.function.get());
       }
     }
@@ -201,10 +238,21 @@ struct CheckpointFunction : torch::autograd::Function<CheckpointFunction> {
     seg->autocast = AutocastState::capture();
 
     // Function::apply runs forward with grad mode off: nothing is saved.
-    auto outputs = seg->fn(inputs);
+    std::vector<torch::Tensor> outputs;
+    {
+      AutocastCacheDisabled no_cast_cache;
+      outputs = seg->fn(inputs);
+    }
 
-    for (const auto& o : outputs) {
-      seg->output_meta.emplace_back(o);
+    // LibTorch 1.13's Function::apply calls std::terminate on an undefined
+    // output, so refuse one here with an error the caller can act on.
+    for (size_t i = 0; i < outputs.size(); ++i) {
+      TORCH_CHECK(
+          outputs[i].defined(),
+          "remat::checkpoint: expected the function to return defined tensors, "
+          "but output ", i, " of segment '", seg->options.name(),
+          "' is undefined; leave it out of the returned vector");
+      seg->output_meta.emplace_back(outputs[i]);
     }
     variable_list non_diff;
     for (const auto& o : outputs) {
@@ -242,6 +290,7 @@ struct CheckpointFunction : torch::autograd::Function<CheckpointFunction> {
     {
       RngScope rng(*seg);
       AutocastScope autocast(seg->autocast);
+      AutocastCacheDisabled no_cast_cache;
       torch::AutoGradMode grad_on(true);
       outputs = seg->fn(inputs);
     }
@@ -272,13 +321,13 @@ struct CheckpointFunction : torch::autograd::Function<CheckpointFunction> {
     // Differentiate only what autograd asks for.
     std::vector<torch::Tensor> targets;
     std::vector<size_t> target_index;
-    std::unordered_set<const c10::TensorImpl*> declared;
+    Declared declared;
     for (size_t i = 0; i < saved.size(); ++i) {
       const auto& t = i < n_in ? inputs[i] : saved[i];
       if (!t.defined() || !t.requires_grad()) {
         continue;
       }
-      declared.insert(t.unsafeGetTensorImpl());
+      declared.add(t);
       if (ctx->needs_input_grad(i)) {
         targets.push_back(t);
         target_index.push_back(i);
@@ -296,8 +345,8 @@ struct CheckpointFunction : torch::autograd::Function<CheckpointFunction> {
     }
     check_closed(*seg, outs, declared, first_seq);
 
-    // One slot per argument of forward: the segment (no gradient), then
-    // the inputs and parameters.
+    // One gradient per argument of forward: slot 0 is the Segment, which
+    // gets none; slot 1 + i is inputs_and_params[i].
     variable_list result(1 + saved.size());
     if (outs.empty() || targets.empty()) {
       return result;
@@ -316,7 +365,7 @@ struct CheckpointFunction : torch::autograd::Function<CheckpointFunction> {
 
 } // namespace
 
-std::vector<torch::Tensor> checkpoint(
+std::vector<torch::Tensor> detail::checkpoint_segment(
     const SegmentFn& fn,
     const std::vector<torch::Tensor>& inputs,
     const CheckpointOptions& options) {
