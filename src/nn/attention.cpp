@@ -1,5 +1,7 @@
 #include "remat/nn/attention.h"
 
+#include "remat/nn/dropout.h"
+
 #include <torch/torch.h>
 
 #include <cmath>
@@ -45,7 +47,7 @@ torch::Tensor eager(
   }
   auto probs = torch::softmax(scores, -1);
   if (o.training() && o.dropout() > 0) {
-    probs = torch::dropout(probs, o.dropout(), /*train=*/true);
+    probs = remat::nn::dropout(probs, o.dropout(), /*training=*/true);
   }
   return torch::matmul(probs, v);
 }

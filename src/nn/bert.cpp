@@ -1,6 +1,7 @@
 #include "remat/nn/bert.h"
 
 #include "remat/checkpoint.h"
+#include "remat/nn/dropout.h"
 #include "nn/stack.h"
 
 #include <torch/torch.h>
@@ -86,7 +87,7 @@ torch::Tensor BertEmbeddingsImpl::forward(
   auto x = word_embeddings->forward(input_ids) +
       position_embeddings->forward(positions).unsqueeze(0) +
       token_type_embeddings->forward(token_type_ids);
-  return dropout->forward(LayerNorm->forward(x));
+  return remat::nn::dropout(LayerNorm->forward(x), options.hidden_dropout(), is_training());
 }
 
 BertSelfAttentionImpl::BertSelfAttentionImpl(BertOptions options_)
@@ -149,7 +150,8 @@ void BertSelfOutputImpl::reset() {
 }
 
 torch::Tensor BertSelfOutputImpl::forward(const torch::Tensor& x, const torch::Tensor& residual) {
-  return LayerNorm->forward(dropout->forward(dense->forward(x)) + residual);
+  return LayerNorm->forward(
+      remat::nn::dropout(dense->forward(x), options.hidden_dropout(), is_training()) + residual);
 }
 
 BertAttentionImpl::BertAttentionImpl(BertOptions options_) : options(std::move(options_)) {
@@ -207,7 +209,8 @@ torch::Tensor BertLayerImpl::forward(
   auto mlp = checkpoint(
       [inter, out](const std::vector<torch::Tensor>& t) mutable {
         return std::vector<torch::Tensor>{
-            out->dropout->forward(out->dense->forward(inter->forward(t[0])))};
+            remat::nn::dropout(out->dense->forward(inter->forward(t[0])),
+                               out->options.hidden_dropout(), out->is_training())};
       },
       {a}, CheckpointOptions().parameters(std::move(params)).name("mlp"))[0];
   return output->LayerNorm->forward(mlp + a);
