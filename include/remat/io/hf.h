@@ -60,8 +60,10 @@ struct LoadStateReport {
 /// Copies `tensors` into `module`'s parameters and buffers by name, checking
 /// every shape and dtype first, so that a refused load changes nothing.
 /// Throws c10::Error naming the tensor: a shape or dtype mismatch (with both
-/// shapes), a missing tensor, an unexpected one (see LoadStateOptions), two
-/// file names that map to the same module name.
+/// shapes), a missing parameter, an unexpected tensor (see LoadStateOptions),
+/// two file names that map to the same module name. A missing buffer is only
+/// reported: Hugging Face files leave out derived buffers (RoPE tables,
+/// position ids) that a module recomputes.
 LoadStateReport load_state(
     torch::nn::Module& module,
     const std::map<std::string, torch::Tensor>& tensors,
