@@ -1,0 +1,55 @@
+// Whole-file reading and crash-safe writing, shared by everything that saves
+// state (weights, configs, data sets, training checkpoints).
+//
+// Example:
+//   remat::io::AtomicFile out("run/state.json");  // writes
+//   run/state.json.tmp.<pid> out.write(text); out.commit();   // flush, fsync,
+//   rename over run/state.json, fsync the folder
+//   // Destroyed without commit(), it removes the temporary file instead.
+#pragma once
+
+#include <cstddef>
+#include <string>
+
+namespace remat {
+namespace io {
+
+/// A file written under a temporary name and renamed into place on commit(),
+/// so that a reader (or a crash) sees the old content or the new, never part.
+class AtomicFile {
+ public:
+  /// Creates `path + ".tmp.<pid>"`. Throws c10::Error naming it on failure.
+  explicit AtomicFile(std::string path);
+  ~AtomicFile();
+  AtomicFile(const AtomicFile&) = delete;
+  AtomicFile& operator=(const AtomicFile&) = delete;
+
+  void write(const void* data, size_t size_bytes);
+  void write(const std::string& bytes) {
+    write(bytes.data(), bytes.size());
+  }
+  /// fsync, close, rename over the target, fsync its folder. Throws on error.
+  void commit();
+
+  const std::string& path() const {
+    return path_;
+  }
+  const std::string& temp_path() const {
+    return temp_path_;
+  }
+
+ private:
+  std::string path_;
+  std::string temp_path_;
+  int fd_ = -1;
+  bool committed_ = false;
+};
+
+/// Writes `bytes` to `path` through an AtomicFile.
+void write_file_atomic(const std::string& path, const std::string& bytes);
+
+/// The whole content of `path`. Throws c10::Error naming the path on failure.
+std::string read_file(const std::string& path);
+
+} // namespace io
+} // namespace remat

@@ -1,0 +1,107 @@
+#include "remat/io/file.h"
+
+#include <c10/util/Exception.h>
+
+#include <cerrno>
+#include <cstring>
+#include <fstream>
+#include <sstream>
+
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+namespace remat {
+namespace io {
+
+namespace {
+
+std::string errno_text() {
+  return std::strerror(errno);
+}
+
+// After a rename, the new directory entry is durable only once the folder
+// itself is synced. Failure here cannot undo the rename, so it is ignored.
+void fsync_parent(const std::string& path) {
+  auto slash = path.find_last_of('/');
+  std::string dir = slash == std::string::npos ? "." : path.substr(0, slash);
+  if (dir.empty()) {
+    dir = "/";
+  }
+  int fd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (fd >= 0) {
+    (void)::fsync(fd);
+    ::close(fd);
+  }
+}
+
+} // namespace
+
+AtomicFile::AtomicFile(std::string path)
+    : path_(std::move(path)),
+      temp_path_(path_ + ".tmp." + std::to_string(::getpid())) {
+  TORCH_CHECK(
+      !path_.empty(),
+      "AtomicFile: expected a file path, but got an empty string");
+  fd_ = ::open(
+      temp_path_.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0666);
+  TORCH_CHECK(fd_ >= 0, "could not create '", temp_path_, "': ", errno_text());
+}
+
+AtomicFile::~AtomicFile() {
+  if (fd_ >= 0) {
+    ::close(fd_);
+  }
+  if (!committed_) {
+    ::unlink(temp_path_.c_str());
+  }
+}
+
+void AtomicFile::write(const void* data, size_t size_bytes) {
+  TORCH_CHECK(
+      fd_ >= 0 && !committed_, "AtomicFile: write to '", path_,
+      "' after commit()");
+  const char* p = static_cast<const char*>(data);
+  while (size_bytes > 0) {
+    ssize_t n = ::write(fd_, p, size_bytes);
+    if (n < 0 && errno == EINTR) {
+      continue;
+    }
+    TORCH_CHECK(n > 0, "could not write to '", temp_path_, "': ", errno_text());
+    p += n;
+    size_bytes -= static_cast<size_t>(n);
+  }
+}
+
+void AtomicFile::commit() {
+  TORCH_CHECK(
+      fd_ >= 0 && !committed_, "AtomicFile: commit() of '", path_, "' twice");
+  TORCH_CHECK(
+      ::fsync(fd_) == 0, "could not fsync '", temp_path_, "': ", errno_text());
+  int rc = ::close(fd_);
+  fd_ = -1;
+  TORCH_CHECK(rc == 0, "could not close '", temp_path_, "': ", errno_text());
+  TORCH_CHECK(
+      ::rename(temp_path_.c_str(), path_.c_str()) == 0, "could not rename '",
+      temp_path_, "' to '", path_, "': ", errno_text());
+  committed_ = true;
+  fsync_parent(path_);
+}
+
+void write_file_atomic(const std::string& path, const std::string& bytes) {
+  AtomicFile file(path);
+  file.write(bytes);
+  file.commit();
+}
+
+std::string read_file(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  TORCH_CHECK(in, "could not open '", path, "': ", errno_text());
+  std::ostringstream buffer;
+  buffer << in.rdbuf();
+  TORCH_CHECK(!in.bad(), "could not read '", path, "'");
+  return buffer.str();
+}
+
+} // namespace io
+} // namespace remat

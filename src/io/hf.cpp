@@ -1,0 +1,567 @@
+#include "remat/io/hf.h"
+
+#include "io/json_text.h"
+#include "remat/io/file.h"
+#include "remat/io/safetensors.h"
+
+#include <c10/util/Exception.h>
+#include <nlohmann/json.hpp>
+#include <torch/torch.h>
+
+#include <filesystem>
+#include <set>
+#include <sstream>
+
+namespace remat {
+namespace io {
+
+namespace {
+
+bool ends_with(const std::string& s, const std::string& suffix) {
+  return s.size() >= suffix.size() &&
+      s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
+}
+
+bool starts_with(const std::string& s, const std::string& prefix) {
+  return s.compare(0, prefix.size(), prefix) == 0;
+}
+
+std::string shape_text(const torch::Tensor& t) {
+  std::ostringstream out;
+  out << t.sizes();
+  return out.str();
+}
+
+// The module name that file name `key` stands for. `found` is false when the
+// module has no such tensor; `name` is then the name after prefix stripping.
+struct Mapped {
+  std::string name;
+  bool found = false;
+};
+
+Mapped map_name(
+    const std::string& key,
+    const std::map<std::string, torch::Tensor>& targets,
+    const LoadStateOptions& options) {
+  std::string stripped = key;
+  for (const auto& prefix : options.strip_prefixes()) {
+    if (!prefix.empty() && starts_with(key, prefix)) {
+      stripped = key.substr(prefix.size());
+      break;
+    }
+  }
+  std::vector<std::string> candidates{key};
+  if (stripped != key) {
+    candidates.push_back(stripped);
+  }
+  if (options.rename_legacy_layer_norm()) {
+    const size_t n = candidates.size();
+    for (size_t i = 0; i < n; ++i) {
+      const auto c = candidates[i];
+      if (ends_with(c, "LayerNorm.gamma")) {
+        candidates.push_back(c.substr(0, c.size() - 5) + "weight");
+      } else if (ends_with(c, "LayerNorm.beta")) {
+        candidates.push_back(c.substr(0, c.size() - 4) + "bias");
+      }
+    }
+  }
+  for (const auto& c : candidates) {
+    if (targets.count(c)) {
+      return {c, true};
+    }
+  }
+  return {stripped, false};
+}
+
+bool is_floating(torch::Dtype d) {
+  return c10::isFloatingType(d);
+}
+
+// One line listing the problems, at most a few named.
+std::string join_problems(const std::vector<std::string>& problems) {
+  std::string out;
+  const size_t shown = std::min<size_t>(problems.size(), 4);
+  for (size_t i = 0; i < shown; ++i) {
+    out += (i ? "; " : "") + problems[i];
+  }
+  if (problems.size() > shown) {
+    out += "; and " + std::to_string(problems.size() - shown) + " more";
+  }
+  return out;
+}
+
+// --- JSON config fields
+
+const nlohmann::json* field(const nlohmann::json& j, const char* key) {
+  auto it = j.find(key);
+  return it == j.end() || it->is_null() ? nullptr : &*it;
+}
+
+int64_t get_int(const nlohmann::json& j, const char* key, int64_t fallback) {
+  const auto* v = field(j, key);
+  if (!v) {
+    return fallback;
+  }
+  TORCH_CHECK(
+      v->is_number_integer(), "config field \"", key,
+      "\": expected an integer, but got ", describe_json(*v));
+  return v->get<int64_t>();
+}
+
+double get_double(const nlohmann::json& j, const char* key, double fallback) {
+  const auto* v = field(j, key);
+  if (!v) {
+    return fallback;
+  }
+  TORCH_CHECK(
+      v->is_number(), "config field \"", key, "\": expected a number, but got ",
+      describe_json(*v));
+  return v->get<double>();
+}
+
+bool get_bool(const nlohmann::json& j, const char* key, bool fallback) {
+  const auto* v = field(j, key);
+  if (!v) {
+    return fallback;
+  }
+  TORCH_CHECK(
+      v->is_boolean(), "config field \"", key,
+      "\": expected true or false, but got ", describe_json(*v));
+  return v->get<bool>();
+}
+
+std::string get_string(
+    const nlohmann::json& j,
+    const char* key,
+    const std::string& fallback) {
+  const auto* v = field(j, key);
+  if (!v) {
+    return fallback;
+  }
+  TORCH_CHECK(
+      v->is_string(), "config field \"", key, "\": expected a string, but got ",
+      describe_json(*v));
+  return v->get<std::string>();
+}
+
+nlohmann::json read_json_file(const std::string& path) {
+  auto text = read_file(path);
+  try {
+    auto j = nlohmann::json::parse(text);
+    TORCH_CHECK(
+        j.is_object(), "config file '", path, "': expected a JSON object");
+    return j;
+  } catch (const nlohmann::json::exception& e) {
+    TORCH_CHECK(false, "config file '", path, "': invalid JSON: ", e.what());
+  }
+}
+
+void write_json_file(const std::string& path, const nlohmann::json& j) {
+  write_file_atomic(path, j.dump(2) + "\n");
+}
+
+// Runs `parse` and prefixes any error with the file it came from.
+template <typename F>
+auto with_file(const std::string& path, F&& parse) -> decltype(parse()) {
+  try {
+    return parse();
+  } catch (const c10::Error& e) {
+    TORCH_CHECK(
+        false, "config file '", path, "': ", e.what_without_backtrace());
+  }
+}
+
+} // namespace
+
+LoadStateReport load_state(
+    torch::nn::Module& module,
+    const std::map<std::string, torch::Tensor>& tensors,
+    const LoadStateOptions& options) {
+  std::map<std::string, torch::Tensor> targets;
+  std::vector<std::string> order;
+  std::set<std::string> buffers;
+  for (const auto& kv : module.named_parameters(/*recurse=*/true)) {
+    targets.emplace(kv.key(), kv.value());
+    order.push_back(kv.key());
+  }
+  for (const auto& kv : module.named_buffers(/*recurse=*/true)) {
+    if (targets.emplace(kv.key(), kv.value()).second) {
+      order.push_back(kv.key());
+      buffers.insert(kv.key());
+    }
+  }
+
+  LoadStateReport report;
+  std::vector<std::string> problems;
+  std::map<std::string, std::pair<std::string, torch::Tensor>>
+      sources; // module name -> (file name, tensor)
+  for (const auto& kv : tensors) {
+    auto mapped = map_name(kv.first, targets, options);
+    const auto& name = mapped.name;
+    if (!mapped.found) {
+      report.unexpected.push_back(name);
+      continue;
+    }
+    auto inserted = sources.emplace(name, std::make_pair(kv.first, kv.second));
+    if (!inserted.second) {
+      problems.push_back(
+          "'" + name + "' comes from both '" + inserted.first->second.first +
+          "' and '" + kv.first + "'");
+    }
+  }
+  if (!options.ignore_unexpected()) {
+    for (const auto& name : report.unexpected) {
+      problems.push_back("'" + name + "' is in the file but not in the module");
+    }
+  }
+
+  std::vector<std::string> missing;
+  for (const auto& name : order) {
+    const auto& target = targets.at(name);
+    auto it = sources.find(name);
+    if (it == sources.end()) {
+      missing.push_back(name);
+      continue;
+    }
+    const auto& src = it->second.second;
+    if (!src.defined()) {
+      problems.push_back("'" + name + "' is undefined in the file");
+    } else if (src.sizes() != target.sizes()) {
+      problems.push_back(
+          "'" + name + "' has shape " + shape_text(src) + " in the file but " +
+          shape_text(target) + " in the module");
+    } else if (
+        src.scalar_type() != target.scalar_type() &&
+        !(options.cast_dtype() && is_floating(src.scalar_type()) &&
+          is_floating(target.scalar_type()))) {
+      std::ostringstream msg;
+      msg << "'" << name << "' has dtype " << src.scalar_type()
+          << " in the file but " << target.scalar_type() << " in the module";
+      if (is_floating(src.scalar_type()) && is_floating(target.scalar_type())) {
+        msg << " (cast_dtype(true) converts it)";
+      }
+      problems.push_back(msg.str());
+    }
+  }
+
+  // A tensor registered twice (tied embeddings) is loaded through the other
+  // name.
+  auto loaded_impl = [&](const torch::Tensor& t) {
+    for (const auto& kv : sources) {
+      auto target = targets.find(kv.first);
+      if (target != targets.end() && target->second.is_same(t)) {
+        return true;
+      }
+    }
+    return false;
+  };
+  for (const auto& name : missing) {
+    if (loaded_impl(targets.at(name))) {
+      report.tied.push_back(name);
+      continue;
+    }
+    report.missing.push_back(name);
+    const bool optional = options.ignore_missing() || buffers.count(name);
+    if (!optional) {
+      problems.push_back(
+          "'" + name + "' with shape " + shape_text(targets.at(name)) +
+          " is missing from the file");
+    }
+  }
+
+  TORCH_CHECK(
+      problems.empty(),
+      "load_state: expected the file's tensors to match the module's, but ",
+      join_problems(problems),
+      report.unexpected.empty() || options.ignore_unexpected()
+          ? ""
+          : " (ignore_unexpected(true) skips extra tensors; strip_prefixes removes a prefix)");
+
+  torch::NoGradGuard no_grad;
+  for (const auto& name : order) {
+    auto it = sources.find(name);
+    if (it != sources.end()) {
+      targets.at(name).copy_(it->second.second);
+      report.loaded.push_back(name);
+    }
+  }
+  return report;
+}
+
+LoadStateReport load_state(
+    torch::nn::Module& module,
+    const std::string& path,
+    const LoadStateOptions& options) {
+  auto tensors = load_safetensors(path);
+  try {
+    return load_state(module, tensors, options);
+  } catch (const c10::Error& e) {
+    TORCH_CHECK(false, "'", path, "': ", e.what_without_backtrace());
+  }
+}
+
+void save_state(
+    const torch::nn::Module& module,
+    const std::string& path,
+    const std::map<std::string, std::string>& metadata) {
+  std::map<std::string, torch::Tensor> out;
+  std::vector<torch::Tensor> written;
+  for (const auto& kv : module.named_parameters(/*recurse=*/true)) {
+    bool shared = false;
+    for (const auto& w : written) {
+      shared = shared || w.is_same(kv.value());
+    }
+    if (!shared) {
+      out.emplace(kv.key(), kv.value().detach());
+      written.push_back(kv.value());
+    }
+  }
+  save_safetensors(path, out, metadata);
+}
+
+std::map<std::string, torch::Tensor> read_hf_weights(const std::string& dir) {
+  namespace fs = std::filesystem;
+  if (fs::is_regular_file(dir)) {
+    return load_safetensors(dir);
+  }
+  const fs::path root(dir);
+  TORCH_CHECK(
+      fs::is_directory(root), "read_hf_weights: expected a model folder, but '",
+      dir, "' is not one");
+  if (fs::is_regular_file(root / "model.safetensors")) {
+    return load_safetensors((root / "model.safetensors").string());
+  }
+  const auto index_path = root / "model.safetensors.index.json";
+  if (!fs::is_regular_file(index_path)) {
+    TORCH_CHECK(
+        false,
+        "read_hf_weights: expected model.safetensors or model.safetensors.index.json in '",
+        dir, "', but found neither",
+        fs::exists(root / "pytorch_model.bin")
+            ? " (pytorch_model.bin is a pickle, which remat does not read: convert it "
+              "with safetensors.torch.save_file first)"
+            : "");
+  }
+  const auto index = read_json_file(index_path.string());
+  auto map_it = index.find("weight_map");
+  TORCH_CHECK(
+      map_it != index.end() && map_it->is_object(), "'", index_path.string(),
+      "': expected an object field \"weight_map\" {tensor name: shard file}");
+  std::map<std::string, std::set<std::string>> by_shard;
+  for (auto it = map_it->begin(); it != map_it->end(); ++it) {
+    TORCH_CHECK(
+        it.value().is_string(), "'", index_path.string(),
+        "': expected the shard of '", it.key(), "' to be a file name, but got ",
+        describe_json(it.value()));
+    const auto shard = it.value().get<std::string>();
+    TORCH_CHECK(
+        shard.find('/') == std::string::npos && shard != ".." && !shard.empty(),
+        "'", index_path.string(),
+        "': expected shard names inside the folder, but got '", shard, "'");
+    by_shard[shard].insert(it.key());
+  }
+  std::map<std::string, torch::Tensor> out;
+  for (const auto& kv : by_shard) {
+    const auto shard_path = (root / kv.first).string();
+    auto tensors = load_safetensors(shard_path);
+    for (const auto& name : kv.second) {
+      auto t = tensors.find(name);
+      TORCH_CHECK(
+          t != tensors.end(), "'", index_path.string(), "' places tensor '",
+          name, "' in '", kv.first, "', but that shard does not hold it");
+      out.emplace(name, std::move(t->second));
+    }
+  }
+  return out;
+}
+
+// ---------------------------------------------------------------- BERT
+
+nn::BertOptions bert_options_from_json(const nlohmann::json& j) {
+  TORCH_CHECK(
+      j.is_object(), "BERT config: expected a JSON object, but got ",
+      j.type_name());
+  const auto model_type = get_string(j, "model_type", "bert");
+  TORCH_CHECK(
+      model_type == "bert",
+      "config field \"model_type\": expected \"bert\", but got \"", model_type,
+      "\"");
+  const auto act = get_string(j, "hidden_act", "gelu");
+  TORCH_CHECK(
+      act == "gelu",
+      "config field \"hidden_act\": expected \"gelu\" (the exact erf GELU "
+      "that remat's BERT computes), but got \"",
+      act, "\"");
+  const auto position = get_string(j, "position_embedding_type", "absolute");
+  TORCH_CHECK(
+      position == "absolute",
+      "config field \"position_embedding_type\": expected "
+      "\"absolute\", but got \"",
+      position, "\"");
+  auto options =
+      nn::BertOptions()
+          .vocab_size(get_int(j, "vocab_size", 30522))
+          .hidden_size(get_int(j, "hidden_size", 768))
+          .num_layers(get_int(j, "num_hidden_layers", 12))
+          .num_heads(get_int(j, "num_attention_heads", 12))
+          .intermediate_size(get_int(j, "intermediate_size", 3072))
+          .max_position_embeddings(get_int(j, "max_position_embeddings", 512))
+          .type_vocab_size(get_int(j, "type_vocab_size", 2))
+          .hidden_dropout(get_double(j, "hidden_dropout_prob", 0.1))
+          .attention_dropout(get_double(j, "attention_probs_dropout_prob", 0.1))
+          .layer_norm_eps(get_double(j, "layer_norm_eps", 1e-12));
+  options.validate();
+  return options;
+}
+
+nn::BertOptions read_bert_config(const std::string& path) {
+  auto j = read_json_file(path);
+  return with_file(path, [&] { return bert_options_from_json(j); });
+}
+
+nlohmann::json bert_config_to_json(const nn::BertOptions& o) {
+  return {
+      {"architectures", {"BertModel"}},
+      {"model_type", "bert"},
+      {"vocab_size", o.vocab_size()},
+      {"hidden_size", o.hidden_size()},
+      {"num_hidden_layers", o.num_layers()},
+      {"num_attention_heads", o.num_heads()},
+      {"intermediate_size", o.mlp_size()},
+      {"hidden_act", "gelu"},
+      {"hidden_dropout_prob", o.hidden_dropout()},
+      {"attention_probs_dropout_prob", o.attention_dropout()},
+      {"max_position_embeddings", o.max_position_embeddings()},
+      {"type_vocab_size", o.type_vocab_size()},
+      {"initializer_range", 0.02},
+      {"layer_norm_eps", o.layer_norm_eps()},
+      {"pad_token_id", 0},
+      {"position_embedding_type", "absolute"},
+      {"torch_dtype", "float32"},
+  };
+}
+
+void write_bert_config(
+    const std::string& path,
+    const nn::BertOptions& options) {
+  write_json_file(path, bert_config_to_json(options));
+}
+
+// ---------------------------------------------------------------- Llama
+
+void LlamaConfig::validate() const {
+  TORCH_CHECK(vocab_size > 0, "expected vocab_size > 0, but got ", vocab_size);
+  TORCH_CHECK(
+      hidden_size > 0, "expected hidden_size > 0, but got ", hidden_size);
+  TORCH_CHECK(
+      intermediate_size > 0, "expected intermediate_size > 0, but got ",
+      intermediate_size);
+  TORCH_CHECK(
+      num_hidden_layers > 0, "expected num_hidden_layers > 0, but got ",
+      num_hidden_layers);
+  TORCH_CHECK(
+      num_attention_heads > 0, "expected num_attention_heads > 0, but got ",
+      num_attention_heads);
+  TORCH_CHECK(
+      hidden_size % num_attention_heads == 0,
+      "expected hidden_size divisible by "
+      "num_attention_heads, but got hidden_size ",
+      hidden_size, " and num_attention_heads ", num_attention_heads);
+  TORCH_CHECK(
+      num_key_value_heads > 0 && num_attention_heads % num_key_value_heads == 0,
+      "expected num_key_value_heads > 0 dividing num_attention_heads ",
+      num_attention_heads, ", but got ", num_key_value_heads);
+  TORCH_CHECK(
+      max_position_embeddings > 0,
+      "expected max_position_embeddings > 0, but got ",
+      max_position_embeddings);
+  TORCH_CHECK(rope_theta > 0, "expected rope_theta > 0, but got ", rope_theta);
+  TORCH_CHECK(
+      rms_norm_eps > 0, "expected rms_norm_eps > 0, but got ", rms_norm_eps);
+}
+
+LlamaConfig llama_config_from_json(const nlohmann::json& j) {
+  TORCH_CHECK(
+      j.is_object(), "Llama config: expected a JSON object, but got ",
+      j.type_name());
+  const auto model_type = get_string(j, "model_type", "llama");
+  TORCH_CHECK(
+      model_type == "llama",
+      "config field \"model_type\": expected \"llama\", but got \"", model_type,
+      "\"");
+  const auto act = get_string(j, "hidden_act", "silu");
+  TORCH_CHECK(
+      act == "silu",
+      "config field \"hidden_act\": expected \"silu\", but got \"", act, "\"");
+  const auto* scaling = field(j, "rope_scaling");
+  TORCH_CHECK(
+      scaling == nullptr,
+      "config field \"rope_scaling\": expected null (remat's Llama has "
+      "plain RoPE), but got ",
+      scaling ? describe_json(*scaling) : "");
+  TORCH_CHECK(
+      !get_bool(j, "attention_bias", false),
+      "config field \"attention_bias\": expected "
+      "false (remat's Llama has no projection biases), but got true");
+  TORCH_CHECK(
+      !get_bool(j, "mlp_bias", false),
+      "config field \"mlp_bias\": expected false, but got true");
+  LlamaConfig c;
+  c.vocab_size = get_int(j, "vocab_size", c.vocab_size);
+  c.hidden_size = get_int(j, "hidden_size", c.hidden_size);
+  c.intermediate_size = get_int(j, "intermediate_size", c.intermediate_size);
+  c.num_hidden_layers = get_int(j, "num_hidden_layers", c.num_hidden_layers);
+  c.num_attention_heads =
+      get_int(j, "num_attention_heads", c.num_attention_heads);
+  c.num_key_value_heads =
+      get_int(j, "num_key_value_heads", c.num_attention_heads);
+  c.max_position_embeddings =
+      get_int(j, "max_position_embeddings", c.max_position_embeddings);
+  c.rope_theta = get_double(j, "rope_theta", c.rope_theta);
+  c.rms_norm_eps = get_double(j, "rms_norm_eps", c.rms_norm_eps);
+  c.tie_word_embeddings =
+      get_bool(j, "tie_word_embeddings", c.tie_word_embeddings);
+  c.validate();
+  const auto head_dim =
+      get_int(j, "head_dim", c.hidden_size / c.num_attention_heads);
+  TORCH_CHECK(
+      head_dim == c.hidden_size / c.num_attention_heads,
+      "config field \"head_dim\": expected "
+      "hidden_size / num_attention_heads = ",
+      c.hidden_size / c.num_attention_heads, ", but got ", head_dim);
+  return c;
+}
+
+LlamaConfig read_llama_config(const std::string& path) {
+  auto j = read_json_file(path);
+  return with_file(path, [&] { return llama_config_from_json(j); });
+}
+
+nlohmann::json llama_config_to_json(const LlamaConfig& c) {
+  return {
+      {"architectures", {"LlamaForCausalLM"}},
+      {"model_type", "llama"},
+      {"vocab_size", c.vocab_size},
+      {"hidden_size", c.hidden_size},
+      {"intermediate_size", c.intermediate_size},
+      {"num_hidden_layers", c.num_hidden_layers},
+      {"num_attention_heads", c.num_attention_heads},
+      {"num_key_value_heads", c.num_key_value_heads},
+      {"max_position_embeddings", c.max_position_embeddings},
+      {"rope_theta", c.rope_theta},
+      {"rope_scaling", nullptr},
+      {"rms_norm_eps", c.rms_norm_eps},
+      {"tie_word_embeddings", c.tie_word_embeddings},
+      {"hidden_act", "silu"},
+      {"attention_bias", false},
+      {"initializer_range", 0.02},
+      {"torch_dtype", "float32"},
+  };
+}
+
+void write_llama_config(const std::string& path, const LlamaConfig& config) {
+  write_json_file(path, llama_config_to_json(config));
+}
+
+} // namespace io
+} // namespace remat
