@@ -51,11 +51,13 @@ double softmax_scale(const torch::Tensor& q) {
   return 1.0 / std::sqrt(static_cast<double>(q.size(-1)));
 }
 
+#if TORCH_VERSION_MAJOR >= 2
 // Additive bias with -inf where key j is after query i + (sk - sq).
 torch::Tensor causal_bias(int64_t sq, int64_t sk, const torch::TensorOptions& o) {
   auto hide = torch::ones({sq, sk}, o.dtype(torch::kBool)).triu(sk - sq + 1);
   return torch::zeros({sq, sk}, o).masked_fill_(hide, -kInf);
 }
+#endif
 
 torch::Tensor eager(
     const torch::Tensor& q,
