@@ -1,1 +1,57 @@
-int main(){return 0;}
+// remat: activation checkpointing for LibTorch, from the command line.
+#include "command.h"
+
+#include "remat/memory.h"
+
+#include <c10/util/Exception.h>
+
+#include <iostream>
+#include <map>
+
+namespace {
+
+// c10::Error messages can span lines (and carry a backtrace); a command line
+// user gets the first line of the message only.
+std::string first_line(const std::string& text) {
+  return text.substr(0, text.find('\n'));
+}
+
+} // namespace
+
+int main(int argc, char** argv) {
+  CLI::App app{"remat: activation checkpointing for LibTorch"};
+  app.require_subcommand(1);
+  app.set_version_flag("--version", "remat 0.1.0");
+  std::map<std::string, remat::cli::Run> commands;
+  commands["bench"] = remat::cli::add_bench(app);
+
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::CallForHelp& e) {
+    return app.exit(e);
+  } catch (const CLI::CallForAllHelp& e) {
+    return app.exit(e);
+  } catch (const CLI::CallForVersion& e) {
+    return app.exit(e);
+  } catch (const CLI::ParseError& e) {
+    std::cerr << "remat: error: " << first_line(e.what()) << "\n";
+    return 2;
+  }
+
+  remat::memory::install();
+  try {
+    for (auto* sub : app.get_subcommands()) {
+      return commands.at(sub->get_name())();
+    }
+  } catch (const remat::cli::UsageError& e) {
+    std::cerr << "remat: error: " << first_line(e.what()) << "\n";
+    return 2;
+  } catch (const c10::Error& e) {
+    std::cerr << "remat: error: " << first_line(e.what_without_backtrace()) << "\n";
+    return 1;
+  } catch (const std::exception& e) {
+    std::cerr << "remat: error: " << first_line(e.what()) << "\n";
+    return 1;
+  }
+  return 1;
+}

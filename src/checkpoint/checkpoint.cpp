@@ -296,7 +296,9 @@ struct CheckpointFunction : torch::autograd::Function<CheckpointFunction> {
     }
     check_closed(*seg, outs, declared, first_seq);
 
-    variable_list result(saved.size());
+    // One slot per argument of forward: the segment (no gradient), then
+    // the inputs and parameters.
+    variable_list result(1 + saved.size());
     if (outs.empty() || targets.empty()) {
       return result;
     }
@@ -306,7 +308,7 @@ struct CheckpointFunction : torch::autograd::Function<CheckpointFunction> {
         /*create_graph=*/create_graph,
         /*allow_unused=*/true);
     for (size_t k = 0; k < targets.size(); ++k) {
-      result[target_index[k]] = grads[k];
+      result[1 + target_index[k]] = grads[k];
     }
     return result;
   }

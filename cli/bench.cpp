@@ -1,0 +1,428 @@
+// `remat bench`: the same training step under each checkpoint policy, on the
+// same weights and inputs, with exact byte counts and side-by-side timings.
+#include "command.h"
+
+#include "remat/memory.h"
+#include "remat/nn/bert.h"
+#include "remat/policy.h"
+
+#include <nlohmann/json.hpp>
+#include <torch/torch.h>
+
+#include <unistd.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <fstream>
+#include <iostream>
+#include <sstream>
+#include <thread>
+
+namespace remat {
+namespace cli {
+namespace {
+
+struct BenchConfig {
+  std::string preset;
+  int64_t layers = 12;
+  int64_t hidden = 256;
+  int64_t heads = 4;
+  int64_t seq = 256;
+  int64_t batch = 8;
+  int64_t vocab = 30522;
+  double dropout = 0.1;
+  std::string policies = "none,every-layer";
+  int64_t steps = 3;
+  int64_t warmup = 1;
+  int64_t threads = 0;
+  std::string memory_limit;
+  std::string json_path;
+  uint64_t seed = 0;
+};
+
+struct RunResult {
+  std::string policy;
+  bool ok = true;
+  std::string error;
+  int64_t held_before_forward = 0;
+  int64_t held_before_backward = 0;
+  int64_t held_after_backward = 0;
+  int64_t peak = 0;
+  double step_seconds = 0;
+  double forward_seconds = 0;  ///< median forward + loss
+  double max_abs_grad_diff = -1; ///< -1: no reference to compare with
+};
+
+// Gradients of a reference run, kept outside remat's allocator so that they
+// do not count against the bytes or the limit of the runs compared with them.
+using GradCopy = std::vector<std::vector<float>>;
+
+GradCopy copy_grads(const std::vector<torch::Tensor>& params) {
+  GradCopy out;
+  for (const auto& p : params) {
+    out.emplace_back();
+    if (!p.grad().defined()) {
+      continue;
+    }
+    auto g = p.grad().to(torch::kFloat).contiguous();
+    out.back().assign(g.data_ptr<float>(), g.data_ptr<float>() + g.numel());
+  }
+  return out;
+}
+
+double max_abs_diff(const GradCopy& a, const GradCopy& b) {
+  double worst = 0;
+  for (size_t i = 0; i < a.size() && i < b.size(); ++i) {
+    if (a[i].size() != b[i].size()) {
+      return std::numeric_limits<double>::infinity();
+    }
+    for (size_t j = 0; j < a[i].size(); ++j) {
+      worst = std::max(worst, static_cast<double>(std::abs(a[i][j] - b[i][j])));
+    }
+  }
+  return worst;
+}
+
+double median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  const size_t n = v.size();
+  return n == 0 ? 0 : (n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]));
+}
+
+int64_t physical_memory_bytes() {
+  return static_cast<int64_t>(sysconf(_SC_PHYS_PAGES)) * sysconf(_SC_PAGE_SIZE);
+}
+
+std::vector<CheckpointPolicy> parse_policies(const std::string& list) {
+  std::vector<CheckpointPolicy> out;
+  std::stringstream in(list);
+  std::string item;
+  while (std::getline(in, item, ',')) {
+    try {
+      out.push_back(CheckpointPolicy::parse(item));
+    } catch (const c10::Error& e) {
+      throw UsageError("--policy: " + std::string(e.what_without_backtrace()));
+    }
+  }
+  require(!out.empty(), "--policy", "expected at least one policy, but got '" + list + "'");
+  return out;
+}
+
+int64_t parse_limit(const std::string& text) {
+  if (text.empty()) {
+    return 0;
+  }
+  try {
+    int64_t bytes = memory::parse_size(text);
+    require(bytes > 0, "--memory-limit", "expected a size above 0, but got '" + text + "'");
+    return bytes;
+  } catch (const c10::Error& e) {
+    throw UsageError("--memory-limit: " + std::string(e.what_without_backtrace()));
+  }
+}
+
+void validate(const BenchConfig& c) {
+  auto positive = [](int64_t v, const char* flag) {
+    require(v > 0, flag, "expected a value above 0, but got " + std::to_string(v));
+  };
+  positive(c.layers, "--layers");
+  positive(c.hidden, "--hidden");
+  positive(c.heads, "--heads");
+  positive(c.seq, "--seq");
+  positive(c.batch, "--batch");
+  positive(c.vocab, "--vocab");
+  positive(c.steps, "--steps");
+  require(c.warmup >= 0, "--warmup", "expected a value >= 0, but got " + std::to_string(c.warmup));
+  require(c.threads >= 0, "--threads", "expected a value >= 0 (0: all cores), but got " +
+          std::to_string(c.threads));
+  require(c.hidden % c.heads == 0, "--hidden",
+          "expected a multiple of --heads (" + std::to_string(c.heads) + "), but got " +
+              std::to_string(c.hidden));
+  require(c.dropout >= 0 && c.dropout < 1, "--dropout",
+          "expected a probability in [0, 1), but got " + std::to_string(c.dropout));
+}
+
+struct Workload {
+  nn::Bert model{nullptr};
+  torch::Tensor input_ids, attention_mask, target;
+  std::vector<torch::Tensor> params;
+
+  explicit Workload(const BenchConfig& c) {
+    torch::manual_seed(c.seed);
+    model = nn::Bert(nn::BertOptions()
+                         .vocab_size(c.vocab)
+                         .hidden_size(c.hidden)
+                         .num_layers(c.layers)
+                         .num_heads(c.heads)
+                         .max_position_embeddings(std::max<int64_t>(512, c.seq))
+                         .hidden_dropout(c.dropout)
+                         .attention_dropout(c.dropout));
+    model->train();
+    input_ids = torch::randint(c.vocab, {c.batch, c.seq}, torch::kLong);
+    attention_mask = torch::ones({c.batch, c.seq}, torch::kLong);
+    // A regression target for the last hidden state. A loss such as the
+    // mean of the hidden state would give (near) zero gradients through the
+    // final LayerNorm, which makes a gradient comparison meaningless.
+    target = torch::randn({c.batch, c.seq, c.hidden});
+    params = model->parameters();
+  }
+
+  torch::Tensor loss() {
+    auto out = model->forward(input_ids, attention_mask);
+    return torch::mse_loss(out.last_hidden_state, target);
+  }
+};
+
+RunResult run_policy(
+    Workload& w,
+    const CheckpointPolicy& policy,
+    const BenchConfig& c,
+    int64_t limit,
+    const GradCopy* reference,
+    GradCopy* grads_out) {
+  RunResult r;
+  r.policy = policy.name();
+  w.model->gradient_checkpointing_enable(policy);
+  std::vector<double> times, forward_times;
+  for (int64_t step = 0; step < c.warmup + c.steps; ++step) {
+    w.model->zero_grad(/*set_to_none=*/true);
+    // Every policy draws the same dropout masks, so gradients are comparable.
+    torch::manual_seed(c.seed + 1);
+    const bool measured = step == c.warmup;
+    const int64_t before_forward = memory::current_bytes();
+    memory::reset_peak();
+    try {
+      memory::LimitGuard guard(limit);
+      const auto t0 = std::chrono::steady_clock::now();
+      auto loss = w.loss();
+      const auto t_mid = std::chrono::steady_clock::now();
+      const int64_t before_backward = memory::current_bytes();
+      loss.backward();
+      const auto t1 = std::chrono::steady_clock::now();
+      if (step >= c.warmup) {
+        times.push_back(std::chrono::duration<double>(t1 - t0).count());
+        forward_times.push_back(std::chrono::duration<double>(t_mid - t0).count());
+      }
+      if (measured) {
+        r.held_before_forward = before_forward;
+        r.held_before_backward = before_backward;
+      }
+    } catch (const c10::Error& e) {
+      std::string what = e.what_without_backtrace();
+      r.ok = false;
+      r.error = what.substr(0, what.find('\n'));
+      r.held_before_forward = before_forward;
+      r.peak = memory::peak_bytes();
+      w.model->zero_grad(true);
+      return r;
+    }
+    if (measured) {
+      r.held_after_backward = memory::current_bytes();
+      r.peak = memory::peak_bytes();
+      auto grads = copy_grads(w.params);
+      if (reference != nullptr) {
+        r.max_abs_grad_diff = max_abs_diff(*reference, grads);
+      }
+      if (grads_out != nullptr) {
+        *grads_out = std::move(grads);
+      }
+    }
+  }
+  w.model->zero_grad(true);
+  r.step_seconds = median(times);
+  r.forward_seconds = median(forward_times);
+  return r;
+}
+
+std::string mib(int64_t bytes) {
+  char buf[32];
+  std::snprintf(buf, sizeof(buf), "%.1f", static_cast<double>(bytes) / (1 << 20));
+  return buf;
+}
+
+void print_table(const std::vector<RunResult>& runs, std::ostream& out) {
+  const RunResult* none = nullptr;
+  for (const auto& r : runs) {
+    if (r.policy == "none" && r.ok) {
+      none = &r;
+    }
+  }
+  char line[512];
+  std::snprintf(line, sizeof(line), "%-22s %13s %13s %11s %13s %9s %9s %8s %11s\n",
+                "policy", "before-bwd", "after-bwd", "peak", "activations",
+                "fwd(s)", "step(s)", "vs none", "max|dgrad|");
+  out << line;
+  std::snprintf(line, sizeof(line), "%-22s %13s %13s %11s %13s %9s %9s %8s %11s\n", "",
+                "(MiB)", "(MiB)", "(MiB)", "(MiB)", "", "", "", "");
+  out << line;
+  for (const auto& r : runs) {
+    if (!r.ok) {
+      std::snprintf(line, sizeof(line), "%-22s %13s %13s %11s %13s   %s\n",
+                    r.policy.c_str(), "-", "-", mib(r.peak).c_str(), "-",
+                    "OUT OF MEMORY");
+      out << line;
+      continue;
+    }
+    std::string ratio = none && none->step_seconds > 0
+        ? [&] {
+            char b[16];
+            std::snprintf(b, sizeof(b), "%.2fx", r.step_seconds / none->step_seconds);
+            return std::string(b);
+          }()
+        : "-";
+    std::string diff = "-";
+    if (r.max_abs_grad_diff >= 0) {
+      char b[24];
+      std::snprintf(b, sizeof(b), "%.3g", r.max_abs_grad_diff);
+      diff = b;
+    }
+    std::snprintf(line, sizeof(line), "%-22s %13s %13s %11s %13s %9.3f %9.3f %8s %11s\n",
+                  r.policy.c_str(), mib(r.held_before_backward).c_str(),
+                  mib(r.held_after_backward).c_str(), mib(r.peak).c_str(),
+                  mib(r.held_before_backward - r.held_before_forward).c_str(),
+                  r.forward_seconds, r.step_seconds, ratio.c_str(), diff.c_str());
+    out << line;
+  }
+  for (const auto& r : runs) {
+    if (!r.ok) {
+      out << r.policy << ": " << r.error << "\n";
+    }
+  }
+}
+
+nlohmann::json to_json(const RunResult& r) {
+  nlohmann::json j{{"policy", r.policy}, {"ok", r.ok}};
+  if (!r.ok) {
+    j["error"] = r.error;
+    j["held_before_forward_bytes"] = r.held_before_forward;
+    j["peak_bytes"] = r.peak;
+    return j;
+  }
+  j["held_before_forward_bytes"] = r.held_before_forward;
+  j["held_before_backward_bytes"] = r.held_before_backward;
+  j["held_after_backward_bytes"] = r.held_after_backward;
+  j["peak_bytes"] = r.peak;
+  j["activation_bytes"] = r.held_before_backward - r.held_before_forward;
+  j["step_seconds"] = r.step_seconds;
+  j["forward_seconds"] = r.forward_seconds;
+  j["backward_seconds"] = r.step_seconds - r.forward_seconds;
+  j["max_abs_grad_diff"] =
+      r.max_abs_grad_diff >= 0 ? nlohmann::json(r.max_abs_grad_diff) : nlohmann::json();
+  return j;
+}
+
+// Writes to a temporary file and renames it, so a failed run never leaves a
+// half-written report where a previous one was.
+void write_json(const std::string& path, const nlohmann::json& j) {
+  const std::string tmp = path + ".tmp";
+  {
+    std::ofstream f(tmp);
+    require(static_cast<bool>(f), "--json", "cannot open '" + path + "' for writing");
+    f << j.dump(2) << "\n";
+    f.flush();
+    require(static_cast<bool>(f), "--json", "cannot write '" + path + "'");
+  }
+  require(std::rename(tmp.c_str(), path.c_str()) == 0, "--json",
+          "cannot rename the report into '" + path + "'");
+}
+
+int run_bench(BenchConfig c) {
+  if (c.preset == "seed-bert") {
+    // The experiment of the seed document: BERT-large-sized, batch 64.
+    c.layers = 24;
+    c.hidden = 1024;
+    c.heads = 16;
+    c.seq = 512;
+    c.batch = 64;
+  } else {
+    require(c.preset.empty(), "--preset", "expected seed-bert, but got '" + c.preset + "'");
+  }
+  validate(c);
+  auto policies = parse_policies(c.policies);
+  int64_t limit = parse_limit(c.memory_limit);
+  const bool default_limit = limit == 0;
+  if (default_limit) {
+    // Without a limit, a policy that does not fit would meet the kernel's
+    // OOM killer; stop it at 90% of physical memory with a clean error.
+    limit = physical_memory_bytes() / 10 * 9;
+  }
+  // OpenMP's default here can be a single thread; 0 means every core.
+  torch::set_num_threads(static_cast<int>(
+      c.threads > 0 ? c.threads : std::max(1u, std::thread::hardware_concurrency())));
+
+  Workload w(c);
+  const int64_t weights = memory::breakdown(*w.model).weights;
+  std::cout << "remat bench: bert, " << c.layers << " layers, hidden " << c.hidden
+            << ", " << c.heads << " heads, seq " << c.seq << ", batch " << c.batch
+            << ", vocab " << c.vocab << ", dropout " << c.dropout << "\n"
+            << "weights " << memory::format_size(weights) << ", threads "
+            << torch::get_num_threads() << ", limit " << memory::format_size(limit)
+            << (default_limit ? " (90% of RAM)" : "") << ", steps " << c.steps
+            << " after " << c.warmup << " warm-up\n\n";
+
+  std::vector<RunResult> runs;
+  GradCopy reference;
+  bool have_reference = false;
+  // Run `none` first when present: it is the reference for gradients.
+  std::stable_partition(policies.begin(), policies.end(),
+                        [](const CheckpointPolicy& p) { return !p.enabled(); });
+  for (const auto& policy : policies) {
+    const bool is_reference = !policy.enabled() && !have_reference;
+    auto r = run_policy(w, policy, c, limit, have_reference ? &reference : nullptr,
+                        is_reference ? &reference : nullptr);
+    have_reference = have_reference || (is_reference && r.ok);
+    if (is_reference && r.ok) {
+      r.max_abs_grad_diff = 0;
+    }
+    runs.push_back(r);
+  }
+  print_table(runs, std::cout);
+
+  if (!c.json_path.empty()) {
+    nlohmann::json config{
+        {"model", "bert"},     {"layers", c.layers},   {"hidden", c.hidden},
+        {"heads", c.heads},    {"seq", c.seq},         {"batch", c.batch},
+        {"vocab", c.vocab},    {"dropout", c.dropout}, {"steps", c.steps},
+        {"warmup", c.warmup},  {"threads", torch::get_num_threads()},
+        {"memory_limit_bytes", limit}, {"weight_bytes", weights},
+        {"seed", c.seed},      {"preset", c.preset}};
+    nlohmann::json runs_json = nlohmann::json::array();
+    for (const auto& r : runs) {
+      runs_json.push_back(to_json(r));
+    }
+    write_json(c.json_path, {{"config", config}, {"runs", runs_json}});
+  }
+  return 0;
+}
+
+} // namespace
+
+Run add_bench(CLI::App& root) {
+  auto c = std::make_shared<BenchConfig>();
+  auto* app = root.add_subcommand(
+      "bench", "Run training steps under each checkpoint policy and compare memory and time");
+  app->add_option("--preset", c->preset, "seed-bert: the seed's 24-layer, hidden-1024, batch-64 BERT");
+  app->add_option("--layers", c->layers, "encoder layers")->capture_default_str();
+  app->add_option("--hidden", c->hidden, "hidden size")->capture_default_str();
+  app->add_option("--heads", c->heads, "attention heads")->capture_default_str();
+  app->add_option("--seq", c->seq, "sequence length (tokens)")->capture_default_str();
+  app->add_option("--batch", c->batch, "batch size (sequences)")->capture_default_str();
+  app->add_option("--vocab", c->vocab, "vocabulary size")->capture_default_str();
+  app->add_option("--dropout", c->dropout, "hidden and attention dropout")->capture_default_str();
+  app->add_option("--policy", c->policies,
+                  "comma-separated policies: " + CheckpointPolicy::names())
+      ->capture_default_str();
+  app->add_option("--steps", c->steps, "measured steps per policy")->capture_default_str();
+  app->add_option("--warmup", c->warmup, "warm-up steps per policy")->capture_default_str();
+  app->add_option("--threads", c->threads, "intra-op threads (0: all cores)")->capture_default_str();
+  app->add_option("--memory-limit", c->memory_limit,
+                  "fail a policy cleanly past this many bytes, e.g. 512MiB, 80GiB "
+                  "(default: 90% of RAM)");
+  app->add_option("--json", c->json_path, "also write the results as JSON to FILE");
+  app->add_option("--seed", c->seed, "seed for weights, inputs and dropout")->capture_default_str();
+  return [c] { return run_bench(*c); };
+}
+
+} // namespace cli
+} // namespace remat

@@ -1,0 +1,88 @@
+// The `remat bench` program as a user runs it: exit codes, one-line errors,
+// and the JSON report.
+#include "cli_runner.h"
+
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+#include <nlohmann/json.hpp>
+
+#include <fstream>
+
+namespace {
+
+using remat::test::run_cli;
+using ::testing::HasSubstr;
+using ::testing::StartsWith;
+
+const std::string kSmall =
+    "bench --layers 2 --hidden 32 --heads 4 --seq 16 --batch 2 --vocab 50 "
+    "--steps 1 --warmup 0 --threads 1";
+
+TEST(BenchCli, BadInputGetsOneLineNamingTheFlagAndExitCode2) {
+  struct Case {
+    std::string args;
+    std::string flag;
+  };
+  for (const auto& c : std::vector<Case>{
+           {"bench --hidden 250 --heads 4", "--hidden"},
+           {"bench --layers 0", "--layers"},
+           {"bench --seq -3", "--seq"},
+           {"bench --batch 0", "--batch"},
+           {"bench --policy none,bogus", "--policy"},
+           {"bench --policy every-0", "--policy"},
+           {"bench --memory-limit 12XB", "--memory-limit"},
+           {"bench --memory-limit 0", "--memory-limit"},
+           {"bench --no-such-flag", "--no-such-flag"},
+           {"bench --layers abc", "--layers"},
+           {"bench --preset gpt5", "--preset"},
+       }) {
+    auto r = run_cli(c.args);
+    EXPECT_EQ(r.exit_code, 2) << c.args << "\n" << r.err;
+    EXPECT_THAT(r.err, StartsWith("remat: error: ")) << c.args;
+    EXPECT_THAT(r.err, HasSubstr(c.flag)) << c.args << "\n" << r.err;
+    EXPECT_EQ(std::count(r.err.begin(), r.err.end(), '\n'), 1) << c.args << "\n" << r.err;
+  }
+}
+
+TEST(BenchCli, WritesTheDocumentedJsonFields) {
+  const std::string path = ::testing::TempDir() + "/bench.json";
+  auto r = run_cli(kSmall + " --policy none,every-layer,selective-attention --json " + path);
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_THAT(r.out, HasSubstr("every-layer"));
+  std::ifstream f(path);
+  auto j = nlohmann::json::parse(f);
+  EXPECT_EQ(j["config"]["layers"], 2);
+  EXPECT_EQ(j["config"]["hidden"], 32);
+  ASSERT_EQ(j["runs"].size(), 3u);
+  for (const auto& run : j["runs"]) {
+    for (const char* key :
+         {"policy", "ok", "held_before_backward_bytes", "held_after_backward_bytes",
+          "peak_bytes", "activation_bytes", "step_seconds", "max_abs_grad_diff"}) {
+      EXPECT_TRUE(run.contains(key)) << key;
+    }
+    EXPECT_TRUE(run["ok"].get<bool>());
+    EXPECT_EQ(run["max_abs_grad_diff"].get<double>(), 0.0) << run["policy"];
+  }
+  EXPECT_LT(j["runs"][1]["activation_bytes"].get<int64_t>(),
+            j["runs"][0]["activation_bytes"].get<int64_t>());
+}
+
+TEST(BenchCli, MemoryLimitFailsNoneCleanlyAndEveryLayerStillRuns) {
+  const std::string path = ::testing::TempDir() + "/bench_limit.json";
+  // Measured: none peaks at 13.1 MiB, every-layer at 4.9 MiB (weights and
+  // gradients included).
+  auto r = run_cli(
+      "bench --layers 6 --hidden 64 --heads 4 --seq 64 --batch 4 --vocab 50 "
+      "--steps 1 --warmup 0 --threads 1 --policy none,every-layer "
+      "--memory-limit 8MiB --json " + path);
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_THAT(r.out, HasSubstr("OUT OF MEMORY"));
+  std::ifstream f(path);
+  auto j = nlohmann::json::parse(f);
+  EXPECT_FALSE(j["runs"][0]["ok"].get<bool>());
+  EXPECT_THAT(j["runs"][0]["error"].get<std::string>(), HasSubstr("out of memory"));
+  EXPECT_TRUE(j["runs"][1]["ok"].get<bool>());
+  EXPECT_LE(j["runs"][1]["peak_bytes"].get<int64_t>(), 8 << 20);
+}
+
+} // namespace
