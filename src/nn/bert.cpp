@@ -39,10 +39,10 @@ namespace {
 void init_bert_weights(torch::nn::Module& module) {
   torch::NoGradGuard no_grad;
   for (auto& m : module.modules(/*include_self=*/false)) {
-    if (auto* linear = m->as<torch::nn::Linear>()) {
-      linear->weight.normal_(0.0, 0.02);
-      if (linear->bias.defined()) {
-        linear->bias.zero_();
+    if (auto* proj = m->as<Projection>()) {
+      proj->weight.normal_(0.0, 0.02);
+      if (proj->bias.defined()) {
+        proj->bias.zero_();
       }
     } else if (auto* emb = m->as<torch::nn::Embedding>()) {
       emb->weight.normal_(0.0, 0.02);
@@ -97,9 +97,9 @@ BertSelfAttentionImpl::BertSelfAttentionImpl(BertOptions options_)
 
 void BertSelfAttentionImpl::reset() {
   const auto h = options.hidden_size();
-  query = register_module("query", torch::nn::Linear(h, h));
-  key = register_module("key", torch::nn::Linear(h, h));
-  value = register_module("value", torch::nn::Linear(h, h));
+  query = register_module("query", Projection(h, h));
+  key = register_module("key", Projection(h, h));
+  value = register_module("value", Projection(h, h));
 }
 
 torch::Tensor BertSelfAttentionImpl::forward(
@@ -144,7 +144,7 @@ BertSelfOutputImpl::BertSelfOutputImpl(BertOptions options_, int64_t in_features
 }
 
 void BertSelfOutputImpl::reset() {
-  dense = register_module("dense", torch::nn::Linear(in_features, options.hidden_size()));
+  dense = register_module("dense", Projection(in_features, options.hidden_size()));
   LayerNorm = register_module("LayerNorm", layer_norm(options));
   dropout = register_module("dropout", torch::nn::Dropout(options.hidden_dropout()));
 }
@@ -175,7 +175,7 @@ BertIntermediateImpl::BertIntermediateImpl(BertOptions options_) : options(std::
 }
 
 void BertIntermediateImpl::reset() {
-  dense = register_module("dense", torch::nn::Linear(options.hidden_size(), options.mlp_size()));
+  dense = register_module("dense", Projection(options.hidden_size(), options.mlp_size()));
 }
 
 torch::Tensor BertIntermediateImpl::forward(const torch::Tensor& x) {
@@ -204,8 +204,9 @@ torch::Tensor BertLayerImpl::forward(
   auto inter = intermediate;
   auto out = output;
   std::vector<torch::Tensor> params = inter->parameters();
-  params.push_back(out->dense->weight);
-  params.push_back(out->dense->bias);
+  for (const auto& p : out->dense->parameters()) { // LoRA adapters included
+    params.push_back(p);
+  }
   auto mlp = checkpoint(
       [inter, out](const std::vector<torch::Tensor>& t) mutable {
         return std::vector<torch::Tensor>{
@@ -250,7 +251,7 @@ BertPoolerImpl::BertPoolerImpl(BertOptions options_) : options(std::move(options
 }
 
 void BertPoolerImpl::reset() {
-  dense = register_module("dense", torch::nn::Linear(options.hidden_size(), options.hidden_size()));
+  dense = register_module("dense", Projection(options.hidden_size(), options.hidden_size()));
 }
 
 torch::Tensor BertPoolerImpl::forward(const torch::Tensor& hidden) {

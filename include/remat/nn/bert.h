@@ -1,6 +1,8 @@
 // A BERT encoder with the architecture and parameter names of Hugging Face's
 // BertModel: word, position and token-type embeddings, post-LayerNorm layers,
-// exact (erf) GELU, an attention mask, dropout, a pooler.
+// exact (erf) GELU, an attention mask, dropout, a pooler. Its linear layers
+// are remat Projections, so LoRA adapters can be added (remat/nn/lora.h);
+// their names are Hugging Face's ("query", "key", "value", "dense").
 //
 // Example:
 //   remat::nn::Bert bert(remat::nn::BertOptions().num_layers(12).hidden_size(256)
@@ -12,13 +14,13 @@
 #pragma once
 
 #include "remat/nn/attention.h"
+#include "remat/nn/lora.h"
 #include "remat/policy.h"
 
 #include <torch/nn/cloneable.h>
 #include <torch/nn/modules/container/modulelist.h>
 #include <torch/nn/modules/dropout.h>
 #include <torch/nn/modules/embedding.h>
-#include <torch/nn/modules/linear.h>
 #include <torch/nn/modules/normalization.h>
 #include <torch/nn/pimpl.h>
 
@@ -76,7 +78,7 @@ class BertSelfAttentionImpl : public torch::nn::Cloneable<BertSelfAttentionImpl>
                         bool recompute_core = false);
 
   BertOptions options;
-  torch::nn::Linear query{nullptr}, key{nullptr}, value{nullptr};
+  Projection query{nullptr}, key{nullptr}, value{nullptr};
 };
 TORCH_MODULE(BertSelfAttention);
 
@@ -89,7 +91,7 @@ class BertSelfOutputImpl : public torch::nn::Cloneable<BertSelfOutputImpl> {
 
   BertOptions options;
   int64_t in_features;
-  torch::nn::Linear dense{nullptr};
+  Projection dense{nullptr};
   torch::nn::LayerNorm LayerNorm{nullptr};
   torch::nn::Dropout dropout{nullptr};
 };
@@ -116,7 +118,7 @@ class BertIntermediateImpl : public torch::nn::Cloneable<BertIntermediateImpl> {
   torch::Tensor forward(const torch::Tensor& x);
 
   BertOptions options;
-  torch::nn::Linear dense{nullptr};
+  Projection dense{nullptr};
 };
 TORCH_MODULE(BertIntermediate);
 
@@ -159,7 +161,7 @@ class BertPoolerImpl : public torch::nn::Cloneable<BertPoolerImpl> {
   torch::Tensor forward(const torch::Tensor& hidden);
 
   BertOptions options;
-  torch::nn::Linear dense{nullptr};
+  Projection dense{nullptr};
 };
 TORCH_MODULE(BertPooler);
 

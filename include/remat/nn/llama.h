@@ -1,0 +1,267 @@
+// A Llama-style decoder with the architecture and parameter names of Hugging
+// Face's LlamaForCausalLM: RMSNorm before attention and MLP, rotary position
+// embeddings (HF's rotate_half layout), grouped-query attention, a SwiGLU MLP,
+// no biases, and a language-model head (optionally tied to the embeddings).
+//
+// Parameter names: model.embed_tokens.weight,
+// model.layers.N.self_attn.{q,k,v,o}_proj.weight,
+// model.layers.N.mlp.{gate,up,down}_proj.weight,
+// model.layers.N.{input,post_attention}_layernorm.weight, model.norm.weight,
+// lm_head.weight (absent when tied: the embedding matrix serves, as in HF's
+// named_parameters()).
+//
+// Training and generation are two modes:
+//   - training: forward(input_ids, attention_mask) under grad, with
+//     gradient_checkpointing_enable(policy) deciding what is recomputed;
+//   - generation: forward(..., &cache) under torch::NoGradGuard, appending
+//     each layer's keys and values to a KvCache; generate() does this.
+// A forward that gets a cache while grad mode is on is refused. This is the
+// "use_cache during training" pitfall: a cache kept under autograd holds every
+// layer's keys and values (and their graph) alive, which is what
+// checkpointing is there to avoid, and a recompute would append to the cache
+// a second time.
+//
+// Example:
+//   remat::nn::Llama model(remat::nn::LlamaOptions().vocab_size(32000)
+//       .hidden_size(512).intermediate_size(1376).num_layers(8)
+//       .num_heads(8).num_kv_heads(2));
+//   model->gradient_checkpointing_enable(remat::CheckpointPolicy::every_layer());
+//   auto logits = model->forward(input_ids);        // [B, S] -> [B, S, vocab]
+//   auto loss = model->loss(logits, input_ids);     // next-token loss
+//   loss.backward();
+//   model->eval();
+//   auto tokens = model->generate(prompt, 20);      // [B, S + 20]
+#pragma once
+
+#include "remat/nn/attention.h"
+#include "remat/nn/lora.h"
+#include "remat/policy.h"
+
+#include <torch/nn/cloneable.h>
+#include <torch/nn/modules/container/modulelist.h>
+#include <torch/nn/modules/embedding.h>
+#include <torch/nn/pimpl.h>
+
+#include <vector>
+
+namespace remat {
+namespace nn {
+
+/// Sizes and settings of a Llama decoder. Defaults are Llama-2-7B's.
+///
+/// Example:
+///   remat::nn::LlamaOptions().hidden_size(64).intermediate_size(172)
+///       .num_layers(2).num_heads(4).num_kv_heads(2).vocab_size(100)
+struct LlamaOptions {
+  TORCH_ARG(int64_t, vocab_size) = 32000;
+  TORCH_ARG(int64_t, hidden_size) = 4096;
+  /// Width of the SwiGLU MLP.
+  TORCH_ARG(int64_t, intermediate_size) = 11008;
+  TORCH_ARG(int64_t, num_layers) = 32;
+  TORCH_ARG(int64_t, num_heads) = 32;
+  /// Key/value heads for grouped-query attention; 0 means num_heads.
+  TORCH_ARG(int64_t, num_kv_heads) = 0;
+  /// Longest sequence (prompt plus generated tokens), in tokens.
+  TORCH_ARG(int64_t, max_position_embeddings) = 4096;
+  TORCH_ARG(double, rope_theta) = 10000.0;
+  TORCH_ARG(double, rms_norm_eps) = 1e-6;
+  /// lm_head reuses the embedding matrix.
+  TORCH_ARG(bool, tie_word_embeddings) = false;
+  TORCH_ARG(AttentionKind, attention) = AttentionKind::kEager;
+  /// Dropout on the attention probabilities (training only).
+  TORCH_ARG(double, attention_dropout) = 0.0;
+  /// Standard deviation of the normal initialisation of weights.
+  TORCH_ARG(double, initializer_range) = 0.02;
+
+ public:
+  int64_t head_dim() const {
+    return hidden_size_ / num_heads_;
+  }
+  int64_t kv_heads() const {
+    return num_kv_heads_ > 0 ? num_kv_heads_ : num_heads_;
+  }
+  /// Throws c10::Error naming the field when a size is invalid.
+  void validate() const;
+};
+
+/// Keys and values of the tokens seen so far, one entry per layer, before
+/// the key/value heads are repeated for grouped-query attention.
+struct KvCache {
+  std::vector<torch::Tensor> keys;   ///< per layer [B, kv_heads, T, head_dim]
+  std::vector<torch::Tensor> values; ///< per layer [B, kv_heads, T, head_dim]
+
+  /// Tokens cached (T); 0 when empty.
+  int64_t length() const {
+    return keys.empty() || !keys[0].defined() ? 0 : keys[0].size(2);
+  }
+  void clear() {
+    keys.clear();
+    values.clear();
+  }
+};
+
+/// x * rsqrt(mean(x^2) + eps) * weight, computed in float32 ("LlamaRMSNorm").
+class RMSNormImpl : public torch::nn::Cloneable<RMSNormImpl> {
+ public:
+  RMSNormImpl(int64_t hidden_size, double eps);
+  void reset() override;
+  torch::Tensor forward(const torch::Tensor& x);
+
+  int64_t hidden_size;
+  double eps;
+  torch::Tensor weight; ///< [hidden_size], initialised to 1
+};
+TORCH_MODULE(RMSNorm);
+
+/// Rotary tables for positions [offset, offset + seq): cos and sin, each
+/// [seq, head_dim], in float32 then cast to `dtype`.
+std::pair<torch::Tensor, torch::Tensor> rotary_tables(
+    int64_t head_dim,
+    double theta,
+    int64_t offset,
+    int64_t seq,
+    const torch::TensorOptions& options);
+
+/// x * cos + rotate_half(x) * sin for x [B, heads, S, head_dim], cos/sin
+/// [S, head_dim]; rotate_half(x) = cat(-x2, x1) of the two halves.
+torch::Tensor apply_rotary(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin);
+
+/// Causal self-attention with rotary embeddings and grouped-query heads.
+class LlamaAttentionImpl : public torch::nn::Cloneable<LlamaAttentionImpl> {
+ public:
+  explicit LlamaAttentionImpl(LlamaOptions options);
+  void reset() override;
+  /// hidden [B, S, H]; cos/sin [S, head_dim]; mask additive [B, 1, 1, T] or
+  /// undefined, T = cached + S. `cache_keys`/`cache_values` (both or none)
+  /// are this layer's cache entries: read, then replaced with the longer
+  /// ones. With `recompute_core` the attention core is checkpointed.
+  torch::Tensor forward(
+      const torch::Tensor& hidden,
+      const torch::Tensor& cos,
+      const torch::Tensor& sin,
+      const torch::Tensor& mask,
+      torch::Tensor* cache_keys = nullptr,
+      torch::Tensor* cache_values = nullptr,
+      bool recompute_core = false);
+
+  LlamaOptions options;
+  Projection q_proj{nullptr}, k_proj{nullptr}, v_proj{nullptr}, o_proj{nullptr};
+};
+TORCH_MODULE(LlamaAttention);
+
+/// down_proj(silu(gate_proj(x)) * up_proj(x)).
+class LlamaMLPImpl : public torch::nn::Cloneable<LlamaMLPImpl> {
+ public:
+  explicit LlamaMLPImpl(LlamaOptions options);
+  void reset() override;
+  torch::Tensor forward(const torch::Tensor& x);
+
+  LlamaOptions options;
+  Projection gate_proj{nullptr}, up_proj{nullptr}, down_proj{nullptr};
+};
+TORCH_MODULE(LlamaMLP);
+
+/// One decoder layer: h + attn(norm(h)), then h + mlp(norm(h)).
+class LlamaDecoderLayerImpl : public torch::nn::Cloneable<LlamaDecoderLayerImpl> {
+ public:
+  explicit LlamaDecoderLayerImpl(LlamaOptions options);
+  void reset() override;
+  /// `mode` kRecomputeAttention checkpoints the attention core only (scores,
+  /// softmax, dropout, weighted sum; projections kept); kRecomputeMlp
+  /// checkpoints post_attention_layernorm + MLP.
+  torch::Tensor forward(
+      const torch::Tensor& hidden,
+      const torch::Tensor& cos,
+      const torch::Tensor& sin,
+      const torch::Tensor& mask,
+      SegmentMode mode = SegmentMode::kStore,
+      torch::Tensor* cache_keys = nullptr,
+      torch::Tensor* cache_values = nullptr);
+
+  LlamaOptions options;
+  LlamaAttention self_attn{nullptr};
+  LlamaMLP mlp{nullptr};
+  RMSNorm input_layernorm{nullptr};
+  RMSNorm post_attention_layernorm{nullptr};
+};
+TORCH_MODULE(LlamaDecoderLayer);
+
+/// Embeddings, the layers and the final norm ("model" in HF).
+class LlamaModelImpl : public torch::nn::Cloneable<LlamaModelImpl> {
+ public:
+  explicit LlamaModelImpl(LlamaOptions options);
+  void reset() override;
+  /// input_ids [B, S] -> last hidden state [B, S, H]. See LlamaImpl::forward.
+  torch::Tensor forward(
+      const torch::Tensor& input_ids,
+      const torch::Tensor& attention_mask,
+      const Schedule& schedule,
+      KvCache* cache = nullptr);
+
+  LlamaOptions options;
+  torch::nn::Embedding embed_tokens{nullptr};
+  torch::nn::ModuleList layers{nullptr};
+  std::vector<LlamaDecoderLayer> decoder_layers; ///< `layers`, typed
+  RMSNorm norm{nullptr};
+};
+TORCH_MODULE(LlamaModel);
+
+/// A causal language model ("LlamaForCausalLM").
+class LlamaImpl : public torch::nn::Cloneable<LlamaImpl> {
+ public:
+  explicit LlamaImpl(LlamaOptions options = {});
+  void reset() override;
+  void pretty_print(std::ostream& stream) const override;
+
+  /// input_ids: [B, S] int64 -> logits [B, S, vocab].
+  /// attention_mask: [B, T] of 1 (keep) / 0 (padding) over the cached and new
+  /// tokens, T = cache length + S; undefined keeps all. Positions continue
+  /// from the cache: token s of this call is at position cache length + s.
+  /// cache: appends this call's keys and values; needs grad mode off
+  /// (torch::NoGradGuard), otherwise the call is refused.
+  torch::Tensor forward(
+      const torch::Tensor& input_ids,
+      const torch::Tensor& attention_mask = {},
+      KvCache* cache = nullptr);
+
+  /// Next-token cross-entropy: logits [B, S, vocab] at position s predict
+  /// labels [B, S] at s + 1; labels of -100 are ignored. Mean over the
+  /// predicted tokens.
+  torch::Tensor loss(const torch::Tensor& logits, const torch::Tensor& labels) const;
+
+  /// Greedy decoding of `max_new_tokens` tokens after input_ids [B, S] (no
+  /// padding). Runs under NoGradGuard; with `use_cache` each step feeds one
+  /// token and reuses the KvCache, without it each step recomputes the whole
+  /// sequence. Returns [B, S + max_new_tokens]. Call eval() first when
+  /// attention_dropout > 0.
+  torch::Tensor generate(
+      const torch::Tensor& input_ids,
+      int64_t max_new_tokens,
+      bool use_cache = true);
+
+  /// Checkpoint the layers as `policy` says; `none` turns it off.
+  void gradient_checkpointing_enable(
+      const CheckpointPolicy& policy = CheckpointPolicy::every_layer());
+  void gradient_checkpointing_disable();
+  const CheckpointPolicy& checkpoint_policy() const {
+    return policy_;
+  }
+
+  /// The [vocab, hidden] output matrix: lm_head's, or the embeddings' when tied.
+  torch::Tensor lm_head_weight() const;
+
+  LlamaOptions options;
+  LlamaModel model{nullptr};
+  Projection lm_head{nullptr}; ///< null when tie_word_embeddings
+
+ private:
+  CheckpointPolicy policy_;
+  Schedule schedule_;
+};
+TORCH_MODULE(Llama);
+
+/// The loss of LlamaImpl::loss, for any causal LM's logits.
+torch::Tensor causal_lm_loss(const torch::Tensor& logits, const torch::Tensor& labels);
+
+} // namespace nn
+} // namespace remat

@@ -1,0 +1,415 @@
+#include "remat/nn/llama.h"
+
+#include "remat/checkpoint.h"
+#include "nn/stack.h"
+
+#include <torch/torch.h>
+
+#include <limits>
+
+namespace remat {
+namespace nn {
+
+void LlamaOptions::validate() const {
+  TORCH_CHECK(vocab_size_ > 0, "expected vocab_size > 0, but got ", vocab_size_);
+  TORCH_CHECK(hidden_size_ > 0, "expected hidden_size > 0, but got ", hidden_size_);
+  TORCH_CHECK(
+      intermediate_size_ > 0, "expected intermediate_size > 0, but got ", intermediate_size_);
+  TORCH_CHECK(num_layers_ > 0, "expected num_layers > 0, but got ", num_layers_);
+  TORCH_CHECK(num_heads_ > 0, "expected num_heads > 0, but got ", num_heads_);
+  TORCH_CHECK(
+      hidden_size_ % num_heads_ == 0,
+      "expected hidden_size divisible by num_heads, but got hidden_size ",
+      hidden_size_, " and num_heads ", num_heads_);
+  TORCH_CHECK(
+      head_dim() % 2 == 0,
+      "expected an even head_dim (hidden_size / num_heads) for rotary "
+      "embeddings, but got ", head_dim());
+  TORCH_CHECK(
+      num_kv_heads_ >= 0 && num_heads_ % kv_heads() == 0,
+      "expected num_kv_heads dividing num_heads (0: num_heads), but got "
+      "num_kv_heads ", num_kv_heads_, " and num_heads ", num_heads_);
+  TORCH_CHECK(
+      max_position_embeddings_ > 0,
+      "expected max_position_embeddings > 0, but got ", max_position_embeddings_);
+  TORCH_CHECK(rope_theta_ > 0, "expected rope_theta > 0, but got ", rope_theta_);
+  TORCH_CHECK(rms_norm_eps_ > 0, "expected rms_norm_eps > 0, but got ", rms_norm_eps_);
+  TORCH_CHECK(
+      attention_dropout_ >= 0 && attention_dropout_ < 1,
+      "expected attention_dropout in [0, 1), but got ", attention_dropout_);
+}
+
+namespace {
+
+Projection projection(int64_t in, int64_t out) {
+  return Projection(ProjectionOptions(in, out).bias(false));
+}
+
+// [B, kv_heads, S, D] -> [B, kv_heads * groups, S, D]; head h reads kv head
+// h / groups, as HF's repeat_kv.
+torch::Tensor repeat_kv(const torch::Tensor& x, int64_t groups) {
+  if (groups == 1) {
+    return x;
+  }
+  const auto s = x.sizes();
+  return x.unsqueeze(2)
+      .expand({s[0], s[1], groups, s[2], s[3]})
+      .reshape({s[0], s[1] * groups, s[2], s[3]});
+}
+
+} // namespace
+
+RMSNormImpl::RMSNormImpl(int64_t hidden_size_, double eps_)
+    : hidden_size(hidden_size_), eps(eps_) {
+  reset();
+}
+
+void RMSNormImpl::reset() {
+  weight = register_parameter("weight", torch::ones({hidden_size}));
+}
+
+torch::Tensor RMSNormImpl::forward(const torch::Tensor& x) {
+  auto h = x.to(torch::kFloat);
+  h = h * torch::rsqrt(h.pow(2).mean(-1, /*keepdim=*/true) + eps);
+  return weight * h.to(x.scalar_type());
+}
+
+std::pair<torch::Tensor, torch::Tensor> rotary_tables(
+    int64_t head_dim,
+    double theta,
+    int64_t offset,
+    int64_t seq,
+    const torch::TensorOptions& options) {
+  auto f32 = options.dtype(torch::kFloat);
+  auto inv_freq = 1.0 /
+      torch::pow(theta, torch::arange(0, head_dim, 2, f32) / static_cast<double>(head_dim));
+  auto pos = torch::arange(offset, offset + seq, f32);
+  auto freqs = torch::outer(pos, inv_freq);
+  auto emb = torch::cat({freqs, freqs}, -1);
+  return {emb.cos().to(options.dtype()), emb.sin().to(options.dtype())};
+}
+
+torch::Tensor apply_rotary(
+    const torch::Tensor& x,
+    const torch::Tensor& cos,
+    const torch::Tensor& sin) {
+  const auto half = x.size(-1) / 2;
+  auto rotated = torch::cat({-x.narrow(-1, half, half), x.narrow(-1, 0, half)}, -1);
+  return x * cos + rotated * sin;
+}
+
+LlamaAttentionImpl::LlamaAttentionImpl(LlamaOptions options_) : options(std::move(options_)) {
+  reset();
+}
+
+void LlamaAttentionImpl::reset() {
+  const auto h = options.hidden_size();
+  const auto kv = options.kv_heads() * options.head_dim();
+  q_proj = register_module("q_proj", projection(h, options.num_heads() * options.head_dim()));
+  k_proj = register_module("k_proj", projection(h, kv));
+  v_proj = register_module("v_proj", projection(h, kv));
+  o_proj = register_module("o_proj", projection(options.num_heads() * options.head_dim(), h));
+}
+
+torch::Tensor LlamaAttentionImpl::forward(
+    const torch::Tensor& hidden,
+    const torch::Tensor& cos,
+    const torch::Tensor& sin,
+    const torch::Tensor& mask,
+    torch::Tensor* cache_keys,
+    torch::Tensor* cache_values,
+    bool recompute_core) {
+  const auto b = hidden.size(0);
+  const auto s = hidden.size(1);
+  const auto heads = options.num_heads();
+  const auto kv_heads = options.kv_heads();
+  const auto d = options.head_dim();
+  auto q = q_proj->forward(hidden).view({b, s, heads, d}).transpose(1, 2);
+  auto k = k_proj->forward(hidden).view({b, s, kv_heads, d}).transpose(1, 2);
+  auto v = v_proj->forward(hidden).view({b, s, kv_heads, d}).transpose(1, 2);
+  q = apply_rotary(q, cos, sin);
+  k = apply_rotary(k, cos, sin);
+  TORCH_INTERNAL_ASSERT((cache_keys == nullptr) == (cache_values == nullptr));
+  if (cache_keys != nullptr) {
+    if (cache_keys->defined()) {
+      k = torch::cat({*cache_keys, k}, 2);
+      v = torch::cat({*cache_values, v}, 2);
+    }
+    *cache_keys = k;
+    *cache_values = v;
+  }
+  const auto groups = heads / kv_heads;
+  const auto attn = AttentionOptions()
+                        .kind(options.attention())
+                        .dropout(options.attention_dropout())
+                        .training(is_training())
+                        .causal(true);
+  // The core: repeat kv heads, scores, softmax, dropout, weighted sum.
+  auto core = [attn, groups](const std::vector<torch::Tensor>& t) {
+    return std::vector<torch::Tensor>{attention(
+        t[0], repeat_kv(t[1], groups), repeat_kv(t[2], groups),
+        t.size() > 3 ? t[3] : torch::Tensor(), attn)};
+  };
+  std::vector<torch::Tensor> in{q, k, v};
+  if (mask.defined()) {
+    in.push_back(mask);
+  }
+  auto ctx = recompute_core ? checkpoint(core, in, CheckpointOptions().name("attention"))[0]
+                            : core(in)[0];
+  return o_proj->forward(ctx.transpose(1, 2).reshape({b, s, heads * d}));
+}
+
+LlamaMLPImpl::LlamaMLPImpl(LlamaOptions options_) : options(std::move(options_)) {
+  reset();
+}
+
+void LlamaMLPImpl::reset() {
+  const auto h = options.hidden_size();
+  const auto m = options.intermediate_size();
+  gate_proj = register_module("gate_proj", projection(h, m));
+  up_proj = register_module("up_proj", projection(h, m));
+  down_proj = register_module("down_proj", projection(m, h));
+}
+
+torch::Tensor LlamaMLPImpl::forward(const torch::Tensor& x) {
+  return down_proj->forward(torch::silu(gate_proj->forward(x)) * up_proj->forward(x));
+}
+
+LlamaDecoderLayerImpl::LlamaDecoderLayerImpl(LlamaOptions options_)
+    : options(std::move(options_)) {
+  reset();
+}
+
+void LlamaDecoderLayerImpl::reset() {
+  self_attn = register_module("self_attn", LlamaAttention(options));
+  mlp = register_module("mlp", LlamaMLP(options));
+  input_layernorm = register_module(
+      "input_layernorm", RMSNorm(options.hidden_size(), options.rms_norm_eps()));
+  post_attention_layernorm = register_module(
+      "post_attention_layernorm", RMSNorm(options.hidden_size(), options.rms_norm_eps()));
+}
+
+torch::Tensor LlamaDecoderLayerImpl::forward(
+    const torch::Tensor& hidden,
+    const torch::Tensor& cos,
+    const torch::Tensor& sin,
+    const torch::Tensor& mask,
+    SegmentMode mode,
+    torch::Tensor* cache_keys,
+    torch::Tensor* cache_values) {
+  auto h = hidden +
+      self_attn->forward(
+          input_layernorm->forward(hidden), cos, sin, mask, cache_keys, cache_values,
+          mode == SegmentMode::kRecomputeAttention);
+  if (mode != SegmentMode::kRecomputeMlp) {
+    return h + mlp->forward(post_attention_layernorm->forward(h));
+  }
+  // Recompute norm -> gate/up -> SiLU -> down; keep only its input `h`, which
+  // the residual keeps anyway.
+  auto norm = post_attention_layernorm;
+  auto block = mlp;
+  auto params = norm->parameters();
+  for (const auto& p : block->parameters()) { // LoRA adapters included
+    params.push_back(p);
+  }
+  auto out = checkpoint(
+      [norm, block](const std::vector<torch::Tensor>& t) mutable {
+        return std::vector<torch::Tensor>{block->forward(norm->forward(t[0]))};
+      },
+      {h}, CheckpointOptions().parameters(std::move(params)).name("mlp"))[0];
+  return h + out;
+}
+
+LlamaModelImpl::LlamaModelImpl(LlamaOptions options_) : options(std::move(options_)) {
+  reset();
+}
+
+void LlamaModelImpl::reset() {
+  embed_tokens = register_module(
+      "embed_tokens", torch::nn::Embedding(options.vocab_size(), options.hidden_size()));
+  layers = register_module("layers", torch::nn::ModuleList());
+  decoder_layers.clear();
+  for (int64_t i = 0; i < options.num_layers(); ++i) {
+    decoder_layers.emplace_back(options);
+    layers->push_back(decoder_layers.back());
+  }
+  norm = register_module("norm", RMSNorm(options.hidden_size(), options.rms_norm_eps()));
+}
+
+torch::Tensor LlamaModelImpl::forward(
+    const torch::Tensor& input_ids,
+    const torch::Tensor& attention_mask,
+    const Schedule& schedule,
+    KvCache* cache) {
+  TORCH_CHECK(
+      cache == nullptr || !torch::GradMode::is_enabled(),
+      "remat::nn::Llama: expected grad mode off when a KV cache is passed "
+      "(use_cache is for generation), but grad mode is on. Under autograd a "
+      "cache keeps every layer's keys, values and graph alive, and a "
+      "checkpoint's recompute would append to it twice: wrap generation in "
+      "torch::NoGradGuard, and pass no cache when training");
+  TORCH_CHECK(
+      input_ids.dim() == 2 && input_ids.scalar_type() == torch::kLong,
+      "remat::nn::Llama: expected input_ids of shape [batch, seq] and dtype int64, "
+      "but got shape ", input_ids.sizes(), " and dtype ", input_ids.scalar_type());
+  const auto batch = input_ids.size(0);
+  const auto seq = input_ids.size(1);
+  const auto past = cache != nullptr ? cache->length() : 0;
+  TORCH_CHECK(
+      past + seq <= options.max_position_embeddings(),
+      "remat::nn::Llama: expected at most max_position_embeddings = ",
+      options.max_position_embeddings(), " tokens, but got ", past + seq,
+      " (", past, " cached + ", seq, " new)");
+  auto hidden = embed_tokens->forward(input_ids);
+  auto tables = rotary_tables(
+      options.head_dim(), options.rope_theta(), past, seq, hidden.options());
+  torch::Tensor mask;
+  if (attention_mask.defined()) {
+    TORCH_CHECK(
+        attention_mask.dim() == 2 && attention_mask.size(0) == batch &&
+            attention_mask.size(1) == past + seq,
+        "remat::nn::Llama: expected attention_mask of shape [", batch, ", ",
+        past + seq, "] (cached + new tokens), but got ", attention_mask.sizes());
+    // [B, T] of 1/0 -> additive [B, 1, 1, T] of 0 / most negative value.
+    auto keep = attention_mask.to(hidden.scalar_type()).view({batch, 1, 1, past + seq});
+    mask = (1.0 - keep) * std::numeric_limits<float>::lowest();
+  }
+  if (cache != nullptr) {
+    // Generation: no grad, so nothing to checkpoint; each layer extends its
+    // cache entries.
+    const auto n = static_cast<size_t>(options.num_layers());
+    if (cache->keys.empty()) {
+      cache->keys.resize(n);
+      cache->values.resize(n);
+    }
+    TORCH_CHECK(
+        cache->keys.size() == n && cache->values.size() == n,
+        "remat::nn::Llama: expected a KvCache for ", n, " layers, but got one for ",
+        cache->keys.size());
+    for (size_t i = 0; i < n; ++i) {
+      hidden = decoder_layers[i]->forward(
+          hidden, tables.first, tables.second, mask, SegmentMode::kStore,
+          &cache->keys[i], &cache->values[i]);
+    }
+  } else {
+    std::vector<torch::Tensor> side{tables.first, tables.second};
+    if (mask.defined()) {
+      side.push_back(mask);
+    }
+    hidden = detail::run_stack(
+        decoder_layers, hidden, side, schedule,
+        [](LlamaDecoderLayer layer, const torch::Tensor& h,
+           const std::vector<torch::Tensor>& side, SegmentMode mode) {
+          return layer->forward(
+              h, side[0], side[1], side.size() > 2 ? side[2] : torch::Tensor(), mode);
+        });
+  }
+  return norm->forward(hidden);
+}
+
+namespace {
+
+// Hugging Face's Llama initialisation: normal(0, initializer_range) for
+// linear and embedding weights; RMSNorm weights stay 1.
+void init_llama_weights(torch::nn::Module& module, double std) {
+  torch::NoGradGuard no_grad;
+  for (auto& m : module.modules(/*include_self=*/false)) {
+    if (auto* proj = m->as<Projection>()) {
+      proj->weight.normal_(0.0, std);
+    } else if (auto* emb = m->as<torch::nn::Embedding>()) {
+      emb->weight.normal_(0.0, std);
+    }
+  }
+}
+
+} // namespace
+
+LlamaImpl::LlamaImpl(LlamaOptions options_) : options(std::move(options_)) {
+  options.validate();
+  reset();
+}
+
+void LlamaImpl::reset() {
+  model = register_module("model", LlamaModel(options));
+  if (options.tie_word_embeddings()) {
+    lm_head = nullptr;
+  } else {
+    lm_head = register_module("lm_head", projection(options.hidden_size(), options.vocab_size()));
+  }
+  init_llama_weights(*this, options.initializer_range());
+  schedule_ = policy_.schedule(options.num_layers());
+}
+
+void LlamaImpl::pretty_print(std::ostream& stream) const {
+  stream << "remat::nn::Llama(layers=" << options.num_layers()
+         << ", hidden=" << options.hidden_size() << ", heads=" << options.num_heads()
+         << ", kv_heads=" << options.kv_heads()
+         << ", intermediate=" << options.intermediate_size()
+         << ", vocab=" << options.vocab_size()
+         << ", tied=" << (options.tie_word_embeddings() ? "true" : "false")
+         << ", attention=" << to_string(options.attention())
+         << ", checkpoint=" << policy_.name() << ")";
+}
+
+torch::Tensor LlamaImpl::lm_head_weight() const {
+  return lm_head ? lm_head->weight : model->embed_tokens->weight;
+}
+
+torch::Tensor LlamaImpl::forward(
+    const torch::Tensor& input_ids,
+    const torch::Tensor& attention_mask,
+    KvCache* cache) {
+  auto hidden = model->forward(input_ids, attention_mask, schedule_, cache);
+  return lm_head ? lm_head->forward(hidden)
+                 : torch::nn::functional::linear(hidden, model->embed_tokens->weight);
+}
+
+torch::Tensor causal_lm_loss(const torch::Tensor& logits, const torch::Tensor& labels) {
+  TORCH_CHECK(
+      logits.dim() == 3 && labels.dim() == 2 && logits.size(0) == labels.size(0) &&
+          logits.size(1) == labels.size(1),
+      "remat::nn::causal_lm_loss: expected logits [batch, seq, vocab] and labels "
+      "[batch, seq], but got ", logits.sizes(), " and ", labels.sizes());
+  const auto seq = logits.size(1);
+  auto shifted_logits = logits.narrow(1, 0, seq - 1).reshape({-1, logits.size(2)});
+  auto shifted_labels = labels.narrow(1, 1, seq - 1).reshape({-1});
+  return torch::nn::functional::cross_entropy(
+      shifted_logits.to(torch::kFloat), shifted_labels,
+      torch::nn::functional::CrossEntropyFuncOptions().ignore_index(-100));
+}
+
+torch::Tensor LlamaImpl::loss(const torch::Tensor& logits, const torch::Tensor& labels) const {
+  return causal_lm_loss(logits, labels);
+}
+
+torch::Tensor LlamaImpl::generate(
+    const torch::Tensor& input_ids,
+    int64_t max_new_tokens,
+    bool use_cache) {
+  TORCH_CHECK(
+      max_new_tokens >= 0, "remat::nn::Llama::generate: expected max_new_tokens >= 0, but got ",
+      max_new_tokens);
+  torch::NoGradGuard no_grad;
+  KvCache cache;
+  auto tokens = input_ids;
+  auto next_input = input_ids;
+  for (int64_t i = 0; i < max_new_tokens; ++i) {
+    auto logits = use_cache ? forward(next_input, {}, &cache) : forward(tokens);
+    auto next = logits.select(1, -1).argmax(-1, /*keepdim=*/true);
+    tokens = torch::cat({tokens, next}, 1);
+    next_input = next;
+  }
+  return tokens;
+}
+
+void LlamaImpl::gradient_checkpointing_enable(const CheckpointPolicy& policy) {
+  schedule_ = policy.schedule(options.num_layers());
+  policy_ = policy;
+}
+
+void LlamaImpl::gradient_checkpointing_disable() {
+  gradient_checkpointing_enable(CheckpointPolicy::none());
+}
+
+} // namespace nn
+} // namespace remat
