@@ -57,11 +57,16 @@ void Chain::validate() const {
         s.backward_seconds(), " s");
     TORCH_CHECK(
         s.output_bytes() >= 0 && s.forward_transient_bytes() >= 0 &&
-            s.backward_transient_bytes() >= 0,
+            s.nograd_transient_bytes() >= 0 && s.backward_transient_bytes() >= 0,
         "remat::plan: expected non-negative sizes, but stage ", i, " ('", s.name(),
         "') has output ", s.output_bytes(), ", forward transient ",
-        s.forward_transient_bytes(), " and backward transient ",
+        s.forward_transient_bytes(), ", no-grad transient ",
+        s.nograd_transient_bytes(), " and backward transient ",
         s.backward_transient_bytes(), " bytes");
+    TORCH_CHECK(
+        s.parameter_gradient_bytes() >= 0,
+        "remat::plan: expected parameter_gradient_bytes >= 0, but stage ", i, " ('",
+        s.name(), "') has ", s.parameter_gradient_bytes());
     TORCH_CHECK(
         s.stored_bytes() >= s.output_bytes(),
         "remat::plan: expected stored_bytes >= output_bytes (the output is kept "
@@ -76,6 +81,11 @@ void Chain::validate() const {
           p == 1, "remat::plan: expected selective costs only on layers, but ",
           to_string(s.kind()), " stage ", i, " ('", s.name(), "') has ",
           remat::to_string(mode));
+      TORCH_CHECK(
+          sel->forward_transient_bytes() >= 0 && sel->backward_transient_bytes() >= 0,
+          "remat::plan: expected non-negative transients for ", remat::to_string(mode),
+          " of stage ", i, " ('", s.name(), "'), but got ", sel->forward_transient_bytes(),
+          " and ", sel->backward_transient_bytes(), " bytes");
       TORCH_CHECK(
           sel->stored_bytes() >= s.output_bytes() && sel->recompute_seconds() >= 0,
           "remat::plan: expected ", remat::to_string(mode), " of stage ", i, " ('",
@@ -112,11 +122,12 @@ std::string Chain::str() const {
     std::snprintf(
         line, sizeof(line),
         "%-14s %-9s fwd %9.4f s  bwd %9.4f s  out %10s  stored %10s  "
-        "tmp %10s / %10s",
+        "tmp %10s / %10s / %10s",
         s.name().c_str(), to_string(s.kind()), s.forward_seconds(),
         s.backward_seconds(), memory::format_size(s.output_bytes()).c_str(),
         memory::format_size(s.stored_bytes()).c_str(),
         memory::format_size(s.forward_transient_bytes()).c_str(),
+        memory::format_size(s.nograd_transient_bytes()).c_str(),
         memory::format_size(s.backward_transient_bytes()).c_str());
     out << line;
     if (s.recompute_attention()) {

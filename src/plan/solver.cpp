@@ -25,25 +25,26 @@ bool is_group(const Unit& u) {
   return u.mode == SegmentMode::kRecompute;
 }
 
-int64_t stored_in_mode(const Chain& chain, int64_t i, SegmentMode mode) {
+// A stage's figures in one of its per-layer modes.
+struct ModeCost {
+  int64_t stored = 0;
+  int64_t forward_transient = 0;
+  int64_t backward_transient = 0;
+  double seconds = 0;
+};
+
+ModeCost mode_cost(const Chain& chain, int64_t i, SegmentMode mode) {
   const auto& s = chain.stages[i];
+  const double t = s.forward_seconds() + s.backward_seconds();
   if (mode == SegmentMode::kStore) {
-    return s.stored_bytes();
+    return {s.stored_bytes(), s.forward_transient_bytes(), s.backward_transient_bytes(), t};
   }
   auto sel = s.selective(mode);
   TORCH_CHECK(
       sel.has_value(), "remat::plan: expected stage ", i, " ('", s.name(),
       "') to offer ", to_string(mode), ", but the chain has no cost for it");
-  return sel->stored_bytes();
-}
-
-double seconds_in_mode(const Chain& chain, int64_t i, SegmentMode mode) {
-  const auto& s = chain.stages[i];
-  double t = s.forward_seconds() + s.backward_seconds();
-  if (mode != SegmentMode::kStore) {
-    t += s.selective(mode)->recompute_seconds();
-  }
-  return t;
+  return {sel->stored_bytes(), sel->forward_transient_bytes(),
+          sel->backward_transient_bytes(), t + sel->recompute_seconds()};
 }
 
 // Bytes of the gradient that stage i's backward produces for its input; the
@@ -66,7 +67,7 @@ std::vector<Unit> units_of(const Chain& chain, const Schedule& schedule) {
       continue;
     }
     for (int64_t l = seg.begin; l < seg.end; ++l) {
-      stored_in_mode(chain, first + l, seg.mode); // checks the mode is offered
+      mode_cost(chain, first + l, seg.mode); // checks the mode is offered
       units.push_back({first + l, first + l + 1, seg.mode});
     }
   }
@@ -126,14 +127,15 @@ Evaluation simulate(const Chain& chain, const std::vector<Unit>& units) {
   for (const auto& u : units) {
     if (!is_group(u)) {
       const int64_t i = u.begin;
-      bump(held + st[i].stored_bytes() + st[i].forward_transient_bytes(), "forward of", i, nullptr);
-      held += stored_in_mode(chain, i, u.mode);
-      seconds += seconds_in_mode(chain, i, u.mode);
+      const auto m = mode_cost(chain, i, u.mode);
+      bump(held + m.stored + m.forward_transient, "forward of", i, nullptr);
+      held += m.stored;
+      seconds += m.seconds;
       continue;
     }
     for (int64_t i = u.begin; i < u.end; ++i) {
       const int64_t in = i > u.begin ? st[i - 1].output_bytes() : 0;
-      bump(held + in + st[i].output_bytes() + st[i].forward_transient_bytes(),
+      bump(held + in + st[i].output_bytes() + st[i].nograd_transient_bytes(),
            "forward of", i, &u);
       seconds += 2 * st[i].forward_seconds() + st[i].backward_seconds();
     }
@@ -146,11 +148,9 @@ Evaluation simulate(const Chain& chain, const std::vector<Unit>& units) {
     const auto& u = *it;
     if (!is_group(u)) {
       const int64_t i = u.begin;
-      const int64_t kept = stored_in_mode(chain, i, u.mode);
-      bump(held + (st[i].stored_bytes() - kept) + input_grad(chain, i) +
-               st[i].backward_transient_bytes(),
-           "backward of", i, nullptr);
-      held += input_grad(chain, i) - kept - st[i].output_bytes();
+      const auto m = mode_cost(chain, i, u.mode);
+      bump(held + input_grad(chain, i) + m.backward_transient, "backward of", i, nullptr);
+      held += input_grad(chain, i) - m.stored - st[i].output_bytes();
       continue;
     }
     const int64_t last_out = st[u.end - 1].output_bytes();
@@ -162,14 +162,20 @@ Evaluation simulate(const Chain& chain, const std::vector<Unit>& units) {
       acc += st[i].stored_bytes();
     }
     held += acc;
+    int64_t param_grads = 0;
     for (int64_t i = u.end - 1; i >= u.begin; --i) {
       // Below the last layer: that layer's gradient, and the recomputed output
-      // that remat's checkpoint holds until it returns.
+      // that remat's checkpoint holds until it returns; and the parameter
+      // gradients of the layers done so far, returned all at once.
+      param_grads += st[i].parameter_gradient_bytes();
       const int64_t inner = i < u.end - 1 ? st[i].output_bytes() + last_out : 0;
-      bump(held + inner + input_grad(chain, i) + st[i].backward_transient_bytes(),
+      bump(held + inner + param_grads + input_grad(chain, i) +
+               st[i].backward_transient_bytes(),
            "backward of", i, &u);
       held -= st[i].stored_bytes();
     }
+    bump(held + last_out + param_grads + input_grad(chain, u.begin),
+         "end of backward of", u.begin, &u);
     held += input_grad(chain, u.begin) - last_out;
   }
   TORCH_INTERNAL_ASSERT(
@@ -193,14 +199,14 @@ struct UnitCost {
 };
 
 UnitCost stage_unit(const Chain& chain, int64_t i, SegmentMode mode) {
-  const auto& s = chain.stages[i];
+  const auto m = mode_cost(chain, i, mode);
   UnitCost c;
-  c.held = stored_in_mode(chain, i, mode);
-  c.need = s.stored_bytes() +
+  c.held = m.stored;
+  c.need = m.stored +
       std::max(
-          s.forward_transient_bytes(),
-          s.output_bytes() + input_grad(chain, i) + s.backward_transient_bytes());
-  c.seconds = seconds_in_mode(chain, i, mode);
+          m.forward_transient,
+          chain.stages[i].output_bytes() + input_grad(chain, i) + m.backward_transient);
+  c.seconds = m.seconds;
   return c;
 }
 
@@ -212,19 +218,23 @@ UnitCost group_unit(const Chain& chain, int64_t a, int64_t b) {
   int64_t acc = 0;
   for (int64_t i = a; i < b; ++i) {
     const int64_t in = i > a ? st[i - 1].output_bytes() : 0;
-    c.need = std::max(c.need, in + st[i].output_bytes() + st[i].forward_transient_bytes());
+    c.need = std::max(c.need, in + st[i].output_bytes() + st[i].nograd_transient_bytes());
     // Recompute: the incoming gradient, the layers recomputed so far.
     c.need = std::max(c.need, last_out + acc + st[i].stored_bytes() + st[i].forward_transient_bytes());
     acc += st[i].stored_bytes();
     c.seconds += 2 * st[i].forward_seconds() + st[i].backward_seconds();
   }
+  int64_t param_grads = 0;
   for (int64_t i = b - 1; i >= a; --i) {
+    param_grads += st[i].parameter_gradient_bytes();
     const int64_t inner = i < b - 1 ? st[i].output_bytes() + last_out : 0;
     c.need = std::max(
         c.need,
-        last_out + acc + inner + input_grad(chain, i) + st[i].backward_transient_bytes());
+        last_out + acc + inner + param_grads + input_grad(chain, i) +
+            st[i].backward_transient_bytes());
     acc -= st[i].stored_bytes();
   }
+  c.need = std::max(c.need, 2 * last_out + param_grads + input_grad(chain, a));
   return c;
 }
 

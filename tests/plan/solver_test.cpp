@@ -31,6 +31,7 @@ Chain toy_chain() {
                            .forward_seconds(2).backward_seconds(4)
                            .output_bytes(10).stored_bytes(100)
                            .forward_transient_bytes(5)
+                           .nograd_transient_bytes(5)
                            .backward_transient_bytes(20));
   }
   c.stages.push_back(StageCost("head", StageKind::kHead)
@@ -107,15 +108,21 @@ Chain random_chain(std::mt19937& rng, int layers, bool emb, bool head) {
                  .output_bytes(out)
                  .stored_bytes(out + big(rng))
                  .forward_transient_bytes(tmp(rng))
+                 .nograd_transient_bytes(tmp(rng))
                  .backward_transient_bytes(tmp(rng));
     if (kind == StageKind::kLayer) {
       std::uniform_int_distribution<int64_t> kept(out, s.stored_bytes());
       if (coin(rng)) {
-        s.recompute_attention(SelectiveCost(kept(rng), 0.1 * secs(rng)));
+        s.recompute_attention(SelectiveCost(kept(rng), 0.1 * secs(rng))
+                                  .forward_transient_bytes(tmp(rng))
+                                  .backward_transient_bytes(tmp(rng) + 50));
       }
       if (coin(rng)) {
-        s.recompute_mlp(SelectiveCost(kept(rng), 0.3 * secs(rng)));
+        s.recompute_mlp(SelectiveCost(kept(rng), 0.3 * secs(rng))
+                            .forward_transient_bytes(tmp(rng))
+                            .backward_transient_bytes(tmp(rng) + 50));
       }
+      s.parameter_gradient_bytes(small(rng) / 2);
     }
     return s;
   };

@@ -55,11 +55,13 @@ enum class StageKind {
 const char* to_string(StageKind kind);
 
 /// The cost of running one layer with a selective mode (kRecomputeAttention or
-/// kRecomputeMlp): it keeps less, and recomputes a sub-block in backward.
+/// kRecomputeMlp): it keeps less, and recomputes a sub-block in backward. The
+/// fields mean what StageCost's do, measured with the layer in that mode.
 ///
 /// Example:
 ///   remat::plan::SelectiveCost(/*stored_bytes=*/40 << 20,
 ///                              /*recompute_seconds=*/0.002)
+///       .backward_transient_bytes(90 << 20)
 struct SelectiveCost {
   SelectiveCost(int64_t stored_bytes, double recompute_seconds)
       : stored_bytes_(stored_bytes), recompute_seconds_(recompute_seconds) {}
@@ -68,6 +70,13 @@ struct SelectiveCost {
   TORCH_ARG(int64_t, stored_bytes);
   /// Seconds of the sub-block's forward, run again in backward.
   TORCH_ARG(double, recompute_seconds);
+  /// Bytes above stored_bytes at the worst moment of the layer's forward.
+  TORCH_ARG(int64_t, forward_transient_bytes) = 0;
+  /// Bytes above stored_bytes and the output's and input's gradients at the
+  /// worst moment of the layer's backward: this is where the recomputed
+  /// sub-block's tensors live (and its parameters' gradients, which its
+  /// checkpoint holds until it returns), so it is rarely small.
+  TORCH_ARG(int64_t, backward_transient_bytes) = 0;
 };
 
 /// The cost of one stage.
@@ -77,11 +86,14 @@ struct SelectiveCost {
 ///   stored_bytes            = held after forward - held before (the output
 ///                             still referenced);
 ///   forward_transient_bytes = peak during forward - held after forward;
+///   nograd_transient_bytes  = peak during a forward under NoGradGuard -
+///                             held after it (the output referenced);
 ///   backward_transient_bytes= peak during backward - (held before backward
 ///                             + size of the output's gradient + size of the
 ///                             input's gradient);
-///   selective stored_bytes  = stored_bytes measured with the layer in that
-///                             mode.
+///   parameter_gradient_bytes= sum of the stage's trainable parameters'
+///                             gradient sizes;
+///   SelectiveCost fields    = the same, measured with the layer in that mode.
 ///
 /// Example:
 ///   remat::plan::StageCost("layer.3").forward_seconds(0.01)
@@ -105,13 +117,22 @@ struct StageCost {
   /// Bytes the stage keeps for backward when run normally (kStore): every
   /// saved tensor it creates, plus its output; not its input. >= output_bytes.
   TORCH_ARG(int64_t, stored_bytes) = 0;
-  /// Bytes of temporaries alive at the worst moment of the forward, on top of
-  /// what the stage has produced by then (stored_bytes with grad on,
-  /// output_bytes with grad off).
+  /// Bytes above stored_bytes at the worst moment of the forward with grad
+  /// on (run normally, or recomputed in backward): temporaries alive then.
+  /// Often 0: most of a layer's temporaries die before it has saved all.
   TORCH_ARG(int64_t, forward_transient_bytes) = 0;
+  /// Bytes above output_bytes at the worst moment of the forward with grad
+  /// off (a checkpointed group's first pass): what is alive then besides
+  /// the output.
+  TORCH_ARG(int64_t, nograd_transient_bytes) = 0;
   /// Bytes of temporaries alive at the worst moment of the backward, on top of
   /// the stored bytes and the output's and the input's gradients.
   TORCH_ARG(int64_t, backward_transient_bytes) = 0;
+  /// Bytes of the gradients of the stage's trainable parameters. Run
+  /// normally, each is added into `.grad` (held in Chain::base_bytes) as soon
+  /// as it is computed; in a checkpointed group, remat's checkpoint returns
+  /// them all at once, so the group holds its layers' until its backward ends.
+  TORCH_ARG(int64_t, parameter_gradient_bytes) = 0;
   /// Costs of kRecomputeAttention / kRecomputeMlp; unset: mode not offered.
   TORCH_ARG(c10::optional<SelectiveCost>, recompute_attention) = c10::nullopt;
   TORCH_ARG(c10::optional<SelectiveCost>, recompute_mlp) = c10::nullopt;

@@ -10,28 +10,32 @@
 //     backward recomputes all its layers, then backpropagates through them.
 // Embedding and head stages always run normally.
 //
-// Memory model (x = output_bytes, s = stored_bytes, s_m = stored bytes of a
-// layer in selective mode m, f/b = forward/backward transient bytes; all in
-// bytes). `held` starts at chain.base_bytes. The peak is the largest `held +
-// extra` over these events:
-//   forward, stage i run normally (any mode):   extra s_i + f_i;  held += s_m
-//     (selective modes are charged the full s_i + f_i while their forward
-//     runs; their sub-block is freed only at its end);
+// Memory model. Per stage i: x = output_bytes, s = stored_bytes, f / g / b
+// = forward / no-grad / backward transient bytes, p = parameter gradient
+// bytes; for a layer in selective mode m, s_m, f_m, b_m from its
+// SelectiveCost (for kStore, s_m = s, f_m = f, b_m = b). All in bytes.
+// `held` starts at chain.base_bytes; the peak is the largest `held + extra`
+// over these events:
+//   forward, stage i run normally in mode m: extra s_m + f_m; held += s_m;
 //   forward, checkpointed group [a, b), grad off, for each i in it:
-//     extra (i > a ? x_{i-1} : 0) + x_i + f_i;  then held += x_{b-1};
+//     extra (i > a ? x_{i-1} : 0) + x_i + g_i;  then held += x_{b-1};
 //   backward starts holding the loss gradient: held += x_last;
 //   backward of a stage i run normally (held includes s_m and grad x_i):
-//     extra (s_i - s_m) + x_{i-1} + b_i (the selective sub-block is
-//     recomputed, so the layer briefly holds all of s_i); then held -= s_m +
-//     x_i, held += x_{i-1};
+//     extra x_{i-1} + b_m; then held -= s_m + x_i, held += x_{i-1};
 //   backward of a group [a, b) (held includes x_{b-1} and its gradient):
 //     the old output is released: held -= x_{b-1};
 //     recompute, grad on, i = a..b-1: extra acc + s_i + f_i, acc += s_i;
-//     then layers i = b-1..a: extra x_{i-1} + b_i, plus for i < b-1 the
-//     gradient of x_i and the recomputed output x_{b-1}, which remat's
-//     checkpoint keeps until the group's backward returns; held -= s_i;
-//     at return the group's incoming gradient is freed and x_{a-1}'s is held.
-// The gradient of the first stage's input (token ids) is 0 bytes.
+//     then layers i = b-1..a: extra x_{i-1} + b_i + (p_i + ... + p_{b-1})
+//     (parameter gradients, which remat's checkpoint returns all at once),
+//     plus for i < b-1 the gradient of x_i and the recomputed x_{b-1} (the
+//     checkpoint holds it until it returns); held -= s_i;
+//     at return: extra x_{b-1} + x_{a-1} + (p_a + ... + p_{b-1}); then the
+//     group's incoming gradient is freed and x_{a-1}'s is held.
+// The gradient of the first stage's input (token ids) is 0 bytes. Every
+// transient sits on top of everything the stage holds, which overstates
+// peaks a little (a stage's temporaries mostly die before it has stored
+// all); conversely, memory the allocator reserves but does not use is not
+// modelled.
 //
 // Time model (seconds): a stage run normally costs forward + backward
 // seconds, plus the selective recompute_seconds in a selective mode; a layer
