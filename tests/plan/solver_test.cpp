@@ -72,6 +72,43 @@ TEST(PlanEvaluate, ToyChainByHand) {
   EXPECT_DOUBLE_EQ(remat::plan::time(chain, CheckpointPolicy::full().schedule(3)), 32);
 }
 
+TEST(PlanEvaluate, ParameterGradientsAndSelectiveModesByHand) {
+  auto chain = toy_chain();
+  for (int i = 1; i <= 3; ++i) {
+    chain.stages[i].parameter_gradient_bytes(7);
+  }
+  // Run normally, a layer's parameter gradients go straight into .grad
+  // (part of the base): none is unchanged.
+  EXPECT_EQ(remat::plan::peak(chain, CheckpointPolicy::none().schedule(3)), 1411);
+  // A checkpointed group holds its layers' until it returns: every-layer's
+  // peak (1170 above) grows by one layer's, full's by all three at layer 0
+  // but peaks at layer 2: 1350 + 7.
+  EXPECT_EQ(remat::plan::peak(chain, CheckpointPolicy::every_layer().schedule(3)), 1177);
+  EXPECT_EQ(remat::plan::peak(chain, CheckpointPolicy::full().schedule(3)), 1357);
+
+  // Layer 1 recomputes its attention: keeps 40 instead of 100, costs 0.5 s,
+  // and its backward needs 80 above what it keeps and the two gradients.
+  chain.stages[2].recompute_attention(
+      SelectiveCost(40, 0.5).forward_transient_bytes(5).backward_transient_bytes(80));
+  Schedule s;
+  s.segments = {{0, 1, SegmentMode::kStore},
+                {1, 2, SegmentMode::kRecomputeAttention},
+                {2, 3, SegmentMode::kStore}};
+  auto ev = remat::plan::evaluate(chain, s);
+  // Forward holds 1000 + 10 + 100 + 40 + 100 + 50 = 1300; the head's
+  // backward: 1301 + 10 + 40 = 1351. Layer 1's backward: 1160 (held, with
+  // its 40 and its output's gradient) + 10 + 80 = 1250.
+  EXPECT_EQ(ev.activation_bytes, 300);
+  EXPECT_EQ(ev.peak_bytes, 1351);
+  EXPECT_DOUBLE_EQ(ev.step_seconds, 26.5);
+  // With a recompute needing 200, layer 1's backward is the peak.
+  chain.stages[2].recompute_attention(
+      SelectiveCost(40, 0.5).forward_transient_bytes(5).backward_transient_bytes(200));
+  ev = remat::plan::evaluate(chain, s);
+  EXPECT_EQ(ev.peak_bytes, 1160 + 10 + 200);
+  EXPECT_EQ(ev.peak_event, "backward of layer.1");
+}
+
 TEST(PlanEvaluate, RejectsModesTheChainDoesNotOffer) {
   const auto chain = toy_chain();
   try {

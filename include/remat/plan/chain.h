@@ -16,7 +16,7 @@
 //
 // Example:
 //   remat::plan::Chain chain;
-//   chain.base_bytes = 2 << 30;  // weights, gradients, optimizer state
+//   chain.base_bytes = int64_t(2) << 30;  // weights, gradients, optimizer
 //   chain.stages.push_back(remat::plan::StageCost("embeddings",
 //       remat::plan::StageKind::kEmbedding).forward_seconds(0.001)
 //       .backward_seconds(0.001).output_bytes(8 << 20).stored_bytes(8 << 20));
