@@ -1,0 +1,201 @@
+// The cost description of a model as a chain of stages, which is what the
+// planner (remat/plan/solver.h) optimises over: the embeddings, each
+// transformer layer, and the head with its loss.
+//
+// Every figure is per training step (one forward and one backward of one
+// micro-batch). Sizes are bytes, times are seconds. A chain comes either from
+// measuring a model (`profile`, below) or from the analytic estimator
+// (remat/plan/estimate.h).
+//
+// Conventions (the planner's memory model relies on them; see solver.h):
+//   x_i  = output_bytes of stage i, the tensor a checkpoint keeps;
+//   s_i  = stored_bytes, everything stage i keeps for its backward when run
+//          normally, INCLUDING its output x_i and EXCLUDING its input (the
+//          input is the previous stage's output and is counted there);
+//   the gradient of x_i has the size of x_i.
+//
+// Example:
+//   remat::plan::Chain chain;
+//   chain.base_bytes = int64_t(2) << 30;  // weights, gradients, optimizer
+//   chain.stages.push_back(remat::plan::StageCost("embeddings",
+//       remat::plan::StageKind::kEmbedding).forward_seconds(0.001)
+//       .backward_seconds(0.001).output_bytes(8 << 20).stored_bytes(8 << 20));
+//   for (int i = 0; i < 12; ++i) {
+//     chain.stages.push_back(remat::plan::StageCost("layer." +
+//         std::to_string(i)).forward_seconds(0.01).backward_seconds(0.02)
+//         .output_bytes(8 << 20).stored_bytes(120 << 20)
+//         .recompute_attention(remat::plan::SelectiveCost(40 << 20, 0.002)));
+//   }
+//   chain.validate();
+#pragma once
+
+#include "remat/policy.h"
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Optional.h>
+#include <torch/arg.h>
+
+#include <cstdint>
+#include <functional>
+#include <string>
+#include <vector>
+
+namespace remat {
+namespace plan {
+
+/// Where a stage sits in the chain. Only layers can be checkpointed (a
+/// remat::Schedule covers the layers); embeddings come first, heads last, and
+/// both always run normally.
+enum class StageKind {
+  kEmbedding, ///< before the layers (token, position embeddings)
+  kLayer,     ///< one transformer layer: what a Schedule segment covers
+  kHead,      ///< after the layers (final norm, head, loss)
+};
+
+const char* to_string(StageKind kind);
+
+/// The cost of running one layer with a selective mode (kRecomputeAttention or
+/// kRecomputeMlp): it keeps less, and recomputes a sub-block in backward. The
+/// fields mean what StageCost's do, measured with the layer in that mode.
+///
+/// Example:
+///   remat::plan::SelectiveCost(/*stored_bytes=*/40 << 20,
+///                              /*recompute_seconds=*/0.002)
+///       .backward_transient_bytes(90 << 20)
+struct SelectiveCost {
+  SelectiveCost(int64_t stored_bytes, double recompute_seconds)
+      : stored_bytes_(stored_bytes), recompute_seconds_(recompute_seconds) {}
+  /// Bytes the layer keeps for backward in this mode: its output, the inputs
+  /// of the recomputed sub-block, and what the rest of the layer saves.
+  TORCH_ARG(int64_t, stored_bytes);
+  /// Seconds of the sub-block's forward, run again in backward.
+  TORCH_ARG(double, recompute_seconds);
+  /// Bytes above stored_bytes at the worst moment of the layer's forward.
+  TORCH_ARG(int64_t, forward_transient_bytes) = 0;
+  /// Bytes above stored_bytes and the output's and input's gradients at the
+  /// worst moment of the layer's backward: this is where the recomputed
+  /// sub-block's tensors live (and its parameters' gradients, which its
+  /// checkpoint holds until it returns), so it is rarely small.
+  TORCH_ARG(int64_t, backward_transient_bytes) = 0;
+};
+
+/// The cost of one stage.
+///
+/// How a profiler measures each field, with remat::memory counters and the
+/// stage run alone on its real input (input held by the caller, grad on):
+///   stored_bytes            = held after forward - held before (the output
+///                             still referenced);
+///   forward_transient_bytes = peak during forward - held after forward;
+///   nograd_transient_bytes  = peak during a forward under NoGradGuard -
+///                             held after it (the output referenced);
+///   backward_transient_bytes= peak during backward - (held before backward
+///                             + size of the output's gradient + size of the
+///                             input's gradient);
+///   parameter_gradient_bytes= sum of the stage's trainable parameters'
+///                             gradient sizes;
+///   SelectiveCost fields    = the same, measured with the layer in that mode.
+///
+/// Example:
+///   remat::plan::StageCost("layer.3").forward_seconds(0.01)
+///       .backward_seconds(0.02).output_bytes(8 << 20)
+///       .stored_bytes(120 << 20).backward_transient_bytes(32 << 20)
+struct StageCost {
+  explicit StageCost(std::string name = "", StageKind kind = StageKind::kLayer)
+      : name_(std::move(name)), kind_(kind) {}
+
+  /// The selective cost for `mode` (kRecomputeAttention or kRecomputeMlp), or
+  /// nullopt when the stage does not offer it.
+  c10::optional<SelectiveCost> selective(SegmentMode mode) const;
+
+  TORCH_ARG(std::string, name);
+  TORCH_ARG(StageKind, kind);
+  TORCH_ARG(double, forward_seconds) = 0;  ///< seconds, forward with grad on
+  TORCH_ARG(double, backward_seconds) = 0; ///< seconds, its backward
+  /// Bytes of the stage's output x_i: what a checkpoint boundary keeps, and
+  /// the size of the gradient that flows into the stage in backward.
+  TORCH_ARG(int64_t, output_bytes) = 0;
+  /// Bytes the stage keeps for backward when run normally (kStore): every
+  /// saved tensor it creates, plus its output; not its input. >= output_bytes.
+  TORCH_ARG(int64_t, stored_bytes) = 0;
+  /// Bytes above stored_bytes at the worst moment of the forward with grad
+  /// on (run normally, or recomputed in backward): temporaries alive then.
+  /// Often 0: most of a layer's temporaries die before it has saved all.
+  TORCH_ARG(int64_t, forward_transient_bytes) = 0;
+  /// Bytes above output_bytes at the worst moment of the forward with grad
+  /// off (a checkpointed group's first pass): what is alive then besides
+  /// the output.
+  TORCH_ARG(int64_t, nograd_transient_bytes) = 0;
+  /// Bytes of temporaries alive at the worst moment of the backward, on top of
+  /// the stored bytes and the output's and the input's gradients.
+  TORCH_ARG(int64_t, backward_transient_bytes) = 0;
+  /// Bytes of the gradients of the stage's trainable parameters. Run
+  /// normally, each is added into `.grad` (held in Chain::base_bytes) as soon
+  /// as it is computed; in a checkpointed group, remat's checkpoint returns
+  /// them all at once, so the group holds its layers' until its backward ends.
+  TORCH_ARG(int64_t, parameter_gradient_bytes) = 0;
+  /// Costs of kRecomputeAttention / kRecomputeMlp; unset: mode not offered.
+  TORCH_ARG(c10::optional<SelectiveCost>, recompute_attention) = c10::nullopt;
+  TORCH_ARG(c10::optional<SelectiveCost>, recompute_mlp) = c10::nullopt;
+
+};
+
+/// A model as a chain of stages, and the memory held regardless of schedule.
+///
+/// Example: see the top of this file.
+struct Chain {
+  /// Embeddings first, then at least one layer, then heads.
+  std::vector<StageCost> stages;
+  /// Bytes held for the whole step whatever the schedule: weights, gradients,
+  /// optimizer state, the input batch.
+  int64_t base_bytes = 0;
+
+  /// Throws c10::Error naming the first stage that breaks the conventions
+  /// above (order of kinds, negative figures, stored < output).
+  void validate() const;
+  int64_t num_layers() const;  ///< count of kLayer stages
+  int64_t first_layer() const; ///< index in `stages` of the first layer
+  /// A table of the stages, one line each, sizes for people.
+  std::string str() const;
+};
+
+// ---------------------------------------------------------------------------
+// Profiling a real model (signature only: the profiler is to be written; the
+// models fill a `StageRunner` per stage).
+
+/// One stage of a real model, as a profiler needs it.
+///
+/// Example:
+///   remat::plan::StageRunner layer;
+///   layer.name = "layer.0";
+///   layer.forward = [&](const at::Tensor& h, remat::SegmentMode mode) {
+///     return model->encoder->layers[0]->forward(h, mask, mode);
+///   };
+///   layer.modes = {remat::SegmentMode::kRecomputeAttention};
+struct StageRunner {
+  std::string name;
+  StageKind kind = StageKind::kLayer;
+  /// Runs the stage on the previous stage's output (for an embedding, the
+  /// model input); `mode` is kStore or one of `modes`. A head returns the loss.
+  std::function<at::Tensor(const at::Tensor& input, SegmentMode mode)> forward;
+  /// The selective modes the stage supports (kRecomputeAttention,
+  /// kRecomputeMlp).
+  std::vector<SegmentMode> modes;
+};
+
+/// Options of `profile`.
+struct ProfileOptions {
+  TORCH_ARG(int64_t, warmup) = 1;  ///< runs discarded before timing
+  TORCH_ARG(int64_t, repeats) = 3; ///< timed runs, averaged
+};
+
+/// Measures each stage on `input` and returns its Chain (fields as documented
+/// on StageCost; base_bytes = bytes held before the first stage runs).
+/// Declared here for the models to target; implemented by the profiler
+/// (src/plan/profile.cpp), which is not written yet.
+Chain profile(
+    const std::vector<StageRunner>& stages,
+    const at::Tensor& input,
+    const ProfileOptions& options = {});
+
+} // namespace plan
+} // namespace remat

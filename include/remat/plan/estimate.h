@@ -1,0 +1,246 @@
+// An analytic estimate of training memory for BERT-family and Llama-family
+// transformers of any size, including ones that cannot run here (7B, 13B,
+// 70B): weights, gradients, optimizer state, activations, and the peak under
+// each checkpoint policy; and the largest batch or sequence that fits a
+// device.
+//
+// Activations are derived from the op sequence of one layer as PyTorch eager
+// autograd runs it, tensor by tensor (which tensors each op saves for
+// backward, and when temporaries die); `layer_activations` lists them by name
+// so that measured bytes can be compared per tensor. The peak comes from the
+// same memory model the planner uses (remat/plan/solver.h), on the Chain that
+// `estimate_chain` builds.
+//
+// Assumptions (per tensor details in src/plan/model_trace.cpp):
+//   - ops run in the activation dtype (fp32, or bf16 under both bf16
+//     precisions); norms and softmax are not upcast, as remat's models
+//     compute them; the LM loss casts bf16 logits to fp32 first;
+//   - autograd saves an input only when the gradient that needs it is
+//     required (PyTorch's generated code does this), so a frozen Linear does
+//     not keep its input, and LoRA's A keeps it instead;
+//   - dropout: on CPU LibTorch (1.13 and 2.x) saves a noise tensor of the
+//     input's dtype and size; on CUDA a 1-byte mask;
+//   - eager attention keeps B*heads*S*S probabilities (and dropout's noise
+//     and output where dropout is on); blockwise attention keeps q, k, v, the
+//     output and a B*heads*S float log-sum-exp; GQA keys and values are
+//     repeated inside the attention core for eager attention and not at all
+//     for blockwise;
+//   - gradients of all trainable parameters are held for the whole step.
+//
+// Example:
+//   auto spec = remat::plan::ModelSpec::llama2_7b().seq(4096).batch(1)
+//                   .precision(remat::plan::Precision::kBf16Mixed);
+//   auto e = remat::plan::estimate(spec, remat::CheckpointPolicy::every_layer());
+//   std::cout << e.str() << "\n";
+//   int64_t b = remat::plan::fit_batch(spec,
+//       remat::CheckpointPolicy::every_layer(), 80LL << 30);  // 80 GiB device
+#pragma once
+
+#include "remat/plan/chain.h"
+#include "remat/policy.h"
+
+#include <torch/arg.h>
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace remat {
+namespace plan {
+
+/// Model family: BERT (post-LN encoder, GELU MLP, learned positions) or Llama
+/// (pre-RMSNorm decoder, SwiGLU MLP, grouped-query attention, rotary).
+enum class Family { kBert, kLlama };
+/// Number formats of weights, activations, gradients and optimizer state.
+enum class Precision {
+  kFp32,      ///< everything fp32: 4 + 4 + 8 bytes per trainable parameter
+  kBf16Mixed, ///< bf16 weights, activations and gradients; AdamW keeps an fp32
+              ///< master copy and fp32 moments: 2 + 2 + 12 bytes per trainable
+  kBf16,      ///< pure bf16, optimizer state too: 2 + 2 + 4 bytes per trainable
+};
+/// How attention is computed.
+enum class AttentionImpl {
+  kEager,     ///< matmul, softmax, matmul: keeps B*heads*S*S probabilities
+  kBlockwise, ///< memory-efficient / flash: keeps O(B*heads*S)
+};
+enum class Optimizer {
+  kAdamW, ///< two moments per trainable parameter
+  kSgd,   ///< plain SGD, no state
+};
+/// What follows the last layer.
+enum class Head {
+  kNone,          ///< the loss reads the last hidden state (a mean): ~0 bytes
+  kLanguageModel, ///< vocabulary logits and cross-entropy over every token
+                  ///< (BERT: the MLM transform and tied decoder)
+  kClassifier,    ///< BERT: pooler + linear; Llama: linear on every token,
+                  ///< the last token's logits taken (Hugging Face style)
+};
+/// Where the model runs; decides how dropout saves its mask.
+enum class Backend { kCpu, kCuda };
+
+const char* to_string(Family f);
+const char* to_string(Precision p);
+const char* to_string(AttentionImpl a);
+const char* to_string(Head h);
+/// Parse "bert" / "llama", "fp32" / "bf16-mixed" / "bf16", "eager" /
+/// "blockwise", "none" / "lm" / "classifier". Throw c10::Error naming the
+/// text and the accepted names.
+Family parse_family(const std::string& text);
+Precision parse_precision(const std::string& text);
+AttentionImpl parse_attention_impl(const std::string& text);
+Head parse_head(const std::string& text);
+
+/// The shape and training setup of a model to estimate.
+///
+/// Example:
+///   remat::plan::ModelSpec(remat::plan::Family::kLlama, /*layers=*/32,
+///       /*hidden=*/4096, /*heads=*/32, /*vocab=*/32000)
+///       .intermediate(11008).seq(4096).batch(2)
+///       .precision(remat::plan::Precision::kBf16Mixed)
+///       .lora_rank(16).lora_targets({"q", "v"})
+struct ModelSpec {
+  ModelSpec(Family family, int64_t layers, int64_t hidden, int64_t heads, int64_t vocab);
+
+  TORCH_ARG(Family, family);
+  TORCH_ARG(int64_t, layers);
+  TORCH_ARG(int64_t, hidden);
+  TORCH_ARG(int64_t, heads);
+  TORCH_ARG(int64_t, vocab);
+  /// Key/value heads (GQA); 0: as many as `heads`.
+  TORCH_ARG(int64_t, kv_heads) = 0;
+  /// MLP width; 0: 4 * hidden for BERT, 8/3 * hidden rounded up to a
+  /// multiple of 256 for Llama (11008 for hidden 4096).
+  TORCH_ARG(int64_t, intermediate) = 0;
+  TORCH_ARG(int64_t, seq) = 512;            ///< tokens per sequence
+  TORCH_ARG(int64_t, batch) = 1;            ///< sequences per micro-batch
+  TORCH_ARG(int64_t, max_positions) = 512;  ///< BERT position table rows
+  TORCH_ARG(int64_t, type_vocab) = 2;       ///< BERT token types
+  TORCH_ARG(bool, pooler) = true;           ///< BERT pooler (kept for kNone)
+  TORCH_ARG(bool, tie_embeddings) = false;  ///< Llama LM head shares the
+                                            ///< embedding matrix
+  TORCH_ARG(Head, head) = Head::kNone;
+  TORCH_ARG(int64_t, num_labels) = 2;       ///< for kClassifier
+  TORCH_ARG(Precision, precision) = Precision::kFp32;
+  TORCH_ARG(Optimizer, optimizer) = Optimizer::kAdamW;
+  TORCH_ARG(AttentionImpl, attention) = AttentionImpl::kEager;
+  /// Dropout active in training (BERT: hidden and attention dropout). The
+  /// constructor sets it for BERT and clears it for Llama.
+  TORCH_ARG(bool, dropout) = false;
+  TORCH_ARG(Backend, backend) = Backend::kCpu;
+  /// LoRA rank; 0: full fine-tuning. With LoRA every base weight is frozen;
+  /// the adapters (and a classifier head) train.
+  TORCH_ARG(int64_t, lora_rank) = 0;
+  /// Projections with adapters: "q", "k", "v", "o", "gate", "up", "down"
+  /// (BERT's intermediate and output dense are "up" and "down").
+  TORCH_ARG(std::vector<std::string>, lora_targets) =
+      std::vector<std::string>{"q", "k", "v", "o"};
+  /// Dropout on the adapters' input (PEFT lora_dropout > 0): each adapter
+  /// then keeps its own dropped copy of the input and a mask.
+  TORCH_ARG(bool, lora_dropout) = false;
+
+ public: // TORCH_ARG leaves the access private
+  /// Throws c10::Error naming the first invalid field.
+  void validate() const;
+  int64_t kv_heads_or_heads() const { return kv_heads_ > 0 ? kv_heads_ : heads_; }
+  int64_t mlp_size() const;                ///< intermediate or its default
+  int64_t activation_bytes_per_element() const; ///< 4 (fp32) or 2 (bf16)
+
+  /// bert-base-uncased (12 layers, hidden 768, 12 heads, vocab 30522).
+  static ModelSpec bert_base();
+  /// Llama-2-7B (32 layers, hidden 4096, 32 heads, intermediate 11008,
+  /// vocab 32000, untied LM head), seq 4096.
+  static ModelSpec llama2_7b();
+  /// The seeds' Harbor Analytics fine-tune, as remat reads it: a 13B
+  /// "Mistral-class" model treated as Llama-family with Llama-2-13B's shape
+  /// (40 layers, hidden 5120, 40 heads, 40 KV heads, intermediate 13824,
+  /// vocab 32000), seq 8192, batch 2, LoRA rank 64 on q, k, v, o, bf16
+  /// weights with fp32 AdamW state for the adapters, blockwise attention, a
+  /// 4-label classifier head (multi-label document routing), on CUDA.
+  static ModelSpec harbor_13b();
+  /// One of "bert-base", "llama2-7b", "harbor-13b"; throws naming the text.
+  static ModelSpec preset(const std::string& name);
+};
+
+/// Parameter counts (numbers, not bytes).
+struct ParameterCount {
+  int64_t total = 0;     ///< base model plus adapters and head
+  int64_t trainable = 0; ///< what the optimizer updates
+};
+ParameterCount count_parameters(const ModelSpec& spec);
+
+/// One tensor a layer keeps for backward.
+struct SavedTensor {
+  std::string name;     ///< "attention.probs"
+  std::string saved_by; ///< the op(s) that save it: "softmax"
+  std::string shape;    ///< "[2, 12, 512, 512] x 4 B"
+  int64_t bytes = 0;    ///< bytes
+};
+
+/// The tensors one layer (the second, whose input requires grad; the first
+/// keeps a little less under LoRA) keeps from its forward to its backward in
+/// `mode` (kStore, kRecomputeAttention or kRecomputeMlp), including its
+/// output and excluding its input, in forward order. Their sum is the layer's
+/// stored_bytes in estimate_chain.
+std::vector<SavedTensor> layer_activations(
+    const ModelSpec& spec,
+    SegmentMode mode = SegmentMode::kStore);
+
+/// The spec as a planner Chain: an embedding stage, one stage per layer and
+/// a head stage (final norm, head, loss); base_bytes = weights + gradients +
+/// optimizer state + input batch. Times are FLOPs / `flops_per_second`
+/// (matrix products only), good for relative comparisons.
+Chain estimate_chain(const ModelSpec& spec, double flops_per_second = 1e12);
+
+/// Predicted memory of a training step. All sizes in bytes.
+struct Estimate {
+  ParameterCount parameters;
+  int64_t weight_bytes = 0;
+  int64_t gradient_bytes = 0;
+  int64_t optimizer_bytes = 0;
+  int64_t input_bytes = 0;            ///< token ids and labels
+  int64_t activation_bytes = 0;       ///< held at the end of forward
+  int64_t peak_activation_bytes = 0;  ///< peak minus the four above
+  int64_t peak_bytes = 0;             ///< total at the peak
+  double step_seconds = 0;            ///< at the chain's FLOP rate
+  std::string peak_event;             ///< where the peak happens
+  Schedule schedule;                  ///< what the policy became
+  /// A few lines, sizes for people.
+  std::string str() const;
+};
+
+/// The estimate under `policy`. A kBudget policy is planned with
+/// remat::plan::solve on estimate_chain(spec); it throws if nothing fits.
+Estimate estimate(const ModelSpec& spec, const CheckpointPolicy& policy);
+
+/// The largest batch whose estimated peak under `policy` is at most
+/// `device_bytes` (0 when even batch 1 does not fit). For a kBudget policy, a
+/// batch fits when some schedule fits the device.
+int64_t fit_batch(
+    const ModelSpec& spec,
+    const CheckpointPolicy& policy,
+    int64_t device_bytes);
+
+/// The largest sequence length, a multiple of `multiple`, that fits as in
+/// fit_batch (0 when even `multiple` does not). For BERT the position table
+/// grows with it.
+int64_t fit_seq(
+    const ModelSpec& spec,
+    const CheckpointPolicy& policy,
+    int64_t device_bytes,
+    int64_t multiple = 1);
+
+/// The seeds' Harbor 13B figures next to remat's estimates for the same run.
+struct HarborRow {
+  std::string quantity; ///< "activations at peak, none"
+  std::string unit;     ///< "GiB", "%" or "billion"
+  double seed = -1;     ///< the seed's figure in `unit`; < 0: it gives none
+  double remat = 0;     ///< remat's estimate in `unit`
+};
+/// Rows for the preset, and for variants that show which assumptions move
+/// the figures (LM head instead of a classifier, eager attention).
+std::vector<HarborRow> harbor_comparison();
+/// The rows as a Markdown table.
+std::string harbor_comparison_table();
+
+} // namespace plan
+} // namespace remat

@@ -1,0 +1,468 @@
+#include "remat/plan/estimate.h"
+
+#include "plan/model_trace.h"
+#include "remat/memory.h"
+#include "remat/plan/solver.h"
+
+#include <c10/util/Exception.h>
+
+#include <algorithm>
+#include <sstream>
+
+namespace remat {
+namespace plan {
+
+const char* to_string(Family f) {
+  return f == Family::kBert ? "bert" : "llama";
+}
+
+const char* to_string(Precision p) {
+  switch (p) {
+    case Precision::kFp32:
+      return "fp32";
+    case Precision::kBf16Mixed:
+      return "bf16-mixed";
+    case Precision::kBf16:
+      return "bf16";
+  }
+  return "?";
+}
+
+const char* to_string(AttentionImpl a) {
+  return a == AttentionImpl::kEager ? "eager" : "blockwise";
+}
+
+const char* to_string(Head h) {
+  switch (h) {
+    case Head::kNone:
+      return "none";
+    case Head::kLanguageModel:
+      return "lm";
+    case Head::kClassifier:
+      return "classifier";
+  }
+  return "?";
+}
+
+Family parse_family(const std::string& text) {
+  if (text == "bert") {
+    return Family::kBert;
+  }
+  TORCH_CHECK(text == "llama", "expected a model family (bert, llama), but got '", text, "'");
+  return Family::kLlama;
+}
+
+Precision parse_precision(const std::string& text) {
+  for (auto p : {Precision::kFp32, Precision::kBf16Mixed, Precision::kBf16}) {
+    if (text == to_string(p)) {
+      return p;
+    }
+  }
+  TORCH_CHECK(false, "expected a precision (fp32, bf16-mixed, bf16), but got '", text, "'");
+}
+
+AttentionImpl parse_attention_impl(const std::string& text) {
+  if (text == "eager") {
+    return AttentionImpl::kEager;
+  }
+  TORCH_CHECK(
+      text == "blockwise", "expected an attention kind (eager, blockwise), but got '",
+      text, "'");
+  return AttentionImpl::kBlockwise;
+}
+
+Head parse_head(const std::string& text) {
+  for (auto h : {Head::kNone, Head::kLanguageModel, Head::kClassifier}) {
+    if (text == to_string(h)) {
+      return h;
+    }
+  }
+  TORCH_CHECK(false, "expected a head (none, lm, classifier), but got '", text, "'");
+}
+
+ModelSpec::ModelSpec(Family family, int64_t layers, int64_t hidden, int64_t heads, int64_t vocab)
+    : family_(family),
+      layers_(layers),
+      hidden_(hidden),
+      heads_(heads),
+      vocab_(vocab),
+      dropout_(family == Family::kBert) {}
+
+int64_t ModelSpec::mlp_size() const {
+  if (intermediate_ > 0) {
+    return intermediate_;
+  }
+  if (family_ == Family::kBert) {
+    return 4 * hidden_;
+  }
+  // Llama: 2/3 of 4h, rounded up to a multiple of 256 (11008 for h = 4096).
+  const int64_t raw = 8 * hidden_ / 3;
+  return (raw + 255) / 256 * 256;
+}
+
+int64_t ModelSpec::activation_bytes_per_element() const {
+  return precision_ == Precision::kFp32 ? 4 : 2;
+}
+
+void ModelSpec::validate() const {
+  TORCH_CHECK(layers_ >= 1, "remat::plan: expected layers >= 1, but got ", layers_);
+  TORCH_CHECK(hidden_ >= 1, "remat::plan: expected hidden >= 1, but got ", hidden_);
+  TORCH_CHECK(
+      heads_ >= 1 && hidden_ % heads_ == 0,
+      "remat::plan: expected heads >= 1 dividing hidden ", hidden_, ", but got ", heads_);
+  const int64_t kv = kv_heads_or_heads();
+  TORCH_CHECK(
+      kv >= 1 && heads_ % kv == 0,
+      "remat::plan: expected kv_heads dividing heads ", heads_, ", but got ", kv_heads_);
+  TORCH_CHECK(
+      family_ == Family::kLlama || kv == heads_,
+      "remat::plan: expected kv_heads == heads for BERT, but got ", kv_heads_);
+  TORCH_CHECK(vocab_ >= 1, "remat::plan: expected vocab >= 1, but got ", vocab_);
+  TORCH_CHECK(intermediate_ >= 0, "remat::plan: expected intermediate >= 0, but got ", intermediate_);
+  TORCH_CHECK(seq_ >= 1, "remat::plan: expected seq >= 1, but got ", seq_);
+  TORCH_CHECK(batch_ >= 1, "remat::plan: expected batch >= 1, but got ", batch_);
+  TORCH_CHECK(
+      family_ == Family::kLlama || seq_ <= max_positions_,
+      "remat::plan: expected seq <= max_positions (", max_positions_,
+      ") for BERT, but got ", seq_);
+  TORCH_CHECK(num_labels_ >= 1, "remat::plan: expected num_labels >= 1, but got ", num_labels_);
+  TORCH_CHECK(lora_rank_ >= 0, "remat::plan: expected lora_rank >= 0, but got ", lora_rank_);
+  for (const auto& t : lora_targets_) {
+    const bool known = t == "q" || t == "k" || t == "v" || t == "o" || t == "up" ||
+        t == "down" || (t == "gate" && family_ == Family::kLlama);
+    TORCH_CHECK(
+        known, "remat::plan: expected LoRA targets among q, k, v, o, up, down",
+        family_ == Family::kLlama ? ", gate" : "", ", but got '", t, "'");
+  }
+}
+
+ModelSpec ModelSpec::bert_base() {
+  return ModelSpec(Family::kBert, 12, 768, 12, 30522).seq(512).max_positions(512);
+}
+
+ModelSpec ModelSpec::llama2_7b() {
+  return ModelSpec(Family::kLlama, 32, 4096, 32, 32000)
+      .intermediate(11008)
+      .seq(4096)
+      .head(Head::kLanguageModel);
+}
+
+ModelSpec ModelSpec::harbor_13b() {
+  return ModelSpec(Family::kLlama, 40, 5120, 40, 32000)
+      .kv_heads(40)
+      .intermediate(13824)
+      .seq(8192)
+      .batch(2)
+      .head(Head::kClassifier)
+      .num_labels(4)
+      .precision(Precision::kBf16Mixed)
+      .attention(AttentionImpl::kBlockwise)
+      .backend(Backend::kCuda)
+      .lora_rank(64)
+      .lora_targets({"q", "k", "v", "o"});
+}
+
+ModelSpec ModelSpec::preset(const std::string& name) {
+  if (name == "bert-base") {
+    return bert_base();
+  }
+  if (name == "llama2-7b") {
+    return llama2_7b();
+  }
+  TORCH_CHECK(
+      name == "harbor-13b",
+      "expected a preset (bert-base, llama2-7b, harbor-13b), but got '", name, "'");
+  return harbor_13b();
+}
+
+namespace {
+
+// Parameters of one layer's adapters.
+int64_t lora_parameters(const ModelSpec& s) {
+  if (s.lora_rank() == 0) {
+    return 0;
+  }
+  const int64_t H = s.hidden();
+  const int64_t kv = s.kv_heads_or_heads() * (H / s.heads());
+  const int64_t I = s.mlp_size();
+  int64_t n = 0;
+  for (const auto& t : s.lora_targets()) {
+    int64_t in = H;
+    int64_t out = H;
+    if (t == "k" || t == "v") {
+      out = kv;
+    } else if (t == "gate" || t == "up") {
+      out = I;
+    } else if (t == "down") {
+      in = I;
+    }
+    n += s.lora_rank() * (in + out);
+  }
+  return n;
+}
+
+int64_t head_parameters(const ModelSpec& s) {
+  const int64_t H = s.hidden();
+  const bool bert = s.family() == Family::kBert;
+  switch (s.head()) {
+    case Head::kNone:
+      return 0;
+    case Head::kClassifier:
+      return H * s.num_labels() + (bert ? s.num_labels() : 0);
+    case Head::kLanguageModel:
+      if (bert) {
+        // Transform dense + LayerNorm, decoder bias; the decoder weight is
+        // the word embeddings.
+        return H * H + H + 2 * H + s.vocab();
+      }
+      return s.tie_embeddings() ? 0 : s.vocab() * H;
+  }
+  return 0;
+}
+
+int64_t input_bytes(const ModelSpec& s) {
+  const int64_t tokens = s.batch() * s.seq();
+  // Token ids (and for BERT token types and the attention mask), int64.
+  int64_t n = tokens * 8 * (s.family() == Family::kBert ? 3 : 1);
+  if (s.head() == Head::kLanguageModel) {
+    n += tokens * 8;
+  } else if (s.head() == Head::kClassifier) {
+    n += s.batch() * s.num_labels() * 4;
+  }
+  return n;
+}
+
+struct Fixed {
+  ParameterCount params;
+  int64_t weights = 0, gradients = 0, optimizer = 0, inputs = 0;
+  int64_t total() const { return weights + gradients + optimizer + inputs; }
+};
+
+Fixed fixed_bytes(const ModelSpec& s) {
+  Fixed f;
+  f.params = count_parameters(s);
+  const bool fp32 = s.precision() == Precision::kFp32;
+  f.weights = f.params.total * (fp32 ? 4 : 2);
+  f.gradients = f.params.trainable * (fp32 ? 4 : 2);
+  int64_t per = 0;
+  if (s.optimizer() == Optimizer::kAdamW) {
+    per = s.precision() == Precision::kBf16 ? 4 : 8;
+  }
+  if (s.precision() == Precision::kBf16Mixed) {
+    per += 4; // fp32 master copy
+  }
+  f.optimizer = f.params.trainable * per;
+  f.inputs = input_bytes(s);
+  return f;
+}
+
+bool is_layer_mode(SegmentMode m) {
+  return m == SegmentMode::kStore || m == SegmentMode::kRecomputeAttention ||
+      m == SegmentMode::kRecomputeMlp;
+}
+
+} // namespace
+
+ParameterCount count_parameters(const ModelSpec& s) {
+  s.validate();
+  const int64_t H = s.hidden();
+  const int64_t I = s.mlp_size();
+  const int64_t L = s.layers();
+  ParameterCount c;
+  int64_t classifier = 0;
+  if (s.family() == Family::kBert) {
+    const int64_t emb = (s.vocab() + s.max_positions() + s.type_vocab()) * H + 2 * H;
+    const int64_t layer = 4 * (H * H + H) + 2 * H + (H * I + I) + (I * H + H) + 2 * H;
+    const bool pooler = s.pooler() || s.head() == Head::kClassifier;
+    c.total = emb + L * layer + (pooler ? H * H + H : 0);
+  } else {
+    const int64_t kv = s.kv_heads_or_heads() * (H / s.heads());
+    const int64_t layer = 2 * H * H + 2 * H * kv + 3 * H * I + 2 * H;
+    c.total = s.vocab() * H + L * layer + H;
+  }
+  const int64_t head = head_parameters(s);
+  if (s.head() == Head::kClassifier) {
+    classifier = head;
+  }
+  const int64_t adapters = L * lora_parameters(s);
+  c.total += head + adapters;
+  c.trainable = s.lora_rank() == 0 ? c.total : adapters + classifier;
+  return c;
+}
+
+std::vector<SavedTensor> layer_activations(const ModelSpec& spec, SegmentMode mode) {
+  spec.validate();
+  TORCH_CHECK(
+      is_layer_mode(mode), "remat::plan: expected a per-layer mode (store, ",
+      "recompute-attention, recompute-mlp), but got ", to_string(mode));
+  auto t = detail::trace_layer(spec, /*input_requires_grad=*/true);
+  std::vector<SavedTensor> out;
+  const auto& values = t.values();
+  const int output = t.output();
+  for (int v = 0; v < static_cast<int>(values.size()); ++v) {
+    if (!t.kept(v, mode)) {
+      continue;
+    }
+    const auto& val = values[v];
+    SavedTensor s;
+    s.name = val.name;
+    s.shape = val.shape_str();
+    s.bytes = val.bytes();
+    const detail::Block recomputed = mode == SegmentMode::kRecomputeAttention
+        ? detail::Block::kAttentionCore
+        : detail::Block::kMlp;
+    for (int k : val.saved_by) {
+      const auto& op = t.ops()[k];
+      if (mode != SegmentMode::kStore && op.block == recomputed) {
+        continue;
+      }
+      s.saved_by += (s.saved_by.empty() ? "" : ", ") + op.name;
+    }
+    if (s.saved_by.empty()) {
+      s.saved_by = v == output ? "next layer (the layer output)"
+                               : std::string("checkpoint of the ") +
+              (mode == SegmentMode::kRecomputeAttention ? "attention core" : "MLP") +
+              " (its input)";
+    }
+    out.push_back(std::move(s));
+  }
+  return out;
+}
+
+Chain estimate_chain(const ModelSpec& spec, double flops_per_second) {
+  spec.validate();
+  TORCH_CHECK(
+      flops_per_second > 0, "remat::plan: expected flops_per_second > 0, but got ",
+      flops_per_second);
+  auto stage = [&](const detail::Trace& t, std::string name, StageKind kind) {
+    auto c = t.cost(SegmentMode::kStore);
+    auto s = StageCost(std::move(name), kind)
+                 .forward_seconds(c.forward_flops / flops_per_second)
+                 .backward_seconds(c.backward_flops / flops_per_second)
+                 .output_bytes(c.output_bytes)
+                 .stored_bytes(c.stored_bytes)
+                 .forward_transient_bytes(c.forward_transient_bytes)
+                 .nograd_transient_bytes(c.nograd_transient_bytes)
+                 .backward_transient_bytes(c.backward_transient_bytes)
+                 .parameter_gradient_bytes(c.parameter_gradient_bytes);
+    if (kind == StageKind::kLayer) {
+      auto selective = [&](SegmentMode mode) {
+        auto m = t.cost(mode);
+        return SelectiveCost(m.stored_bytes, m.recompute_flops / flops_per_second)
+            .forward_transient_bytes(m.forward_transient_bytes)
+            .backward_transient_bytes(m.backward_transient_bytes);
+      };
+      s.recompute_attention(selective(SegmentMode::kRecomputeAttention));
+      s.recompute_mlp(selective(SegmentMode::kRecomputeMlp));
+    }
+    return s;
+  };
+  Chain chain;
+  chain.base_bytes = fixed_bytes(spec).total();
+  chain.stages.push_back(stage(detail::trace_embedding(spec), "embeddings", StageKind::kEmbedding));
+  const auto first = detail::trace_layer(spec, detail::layer_input_requires_grad(spec, 0));
+  const auto rest = detail::trace_layer(spec, true);
+  for (int64_t i = 0; i < spec.layers(); ++i) {
+    chain.stages.push_back(
+        stage(i == 0 ? first : rest, "layer." + std::to_string(i), StageKind::kLayer));
+  }
+  chain.stages.push_back(stage(
+      detail::trace_head(spec, detail::layer_input_requires_grad(spec, spec.layers())),
+      "head", StageKind::kHead));
+  return chain;
+}
+
+Estimate estimate(const ModelSpec& spec, const CheckpointPolicy& policy) {
+  const auto chain = estimate_chain(spec);
+  const auto fixed = fixed_bytes(spec);
+  Estimate e;
+  e.parameters = fixed.params;
+  e.weight_bytes = fixed.weights;
+  e.gradient_bytes = fixed.gradients;
+  e.optimizer_bytes = fixed.optimizer;
+  e.input_bytes = fixed.inputs;
+  e.schedule = policy.kind() == CheckpointPolicy::Kind::kBudget
+      ? solve(chain, policy.budget_bytes()).schedule
+      : policy.schedule(spec.layers());
+  auto ev = evaluate(chain, e.schedule);
+  e.activation_bytes = ev.activation_bytes;
+  e.peak_bytes = ev.peak_bytes;
+  e.peak_activation_bytes = ev.peak_bytes - chain.base_bytes;
+  e.step_seconds = ev.step_seconds;
+  e.peak_event = ev.peak_event;
+  return e;
+}
+
+std::string Estimate::str() const {
+  using memory::format_size;
+  std::ostringstream s;
+  s << "parameters " << parameters.total << " (" << parameters.trainable
+    << " trainable)\n"
+    << "weights " << format_size(weight_bytes) << ", gradients "
+    << format_size(gradient_bytes) << ", optimizer " << format_size(optimizer_bytes)
+    << ", inputs " << format_size(input_bytes) << "\n"
+    << "activations held after forward " << format_size(activation_bytes)
+    << ", at peak " << format_size(peak_activation_bytes) << "\n"
+    << "peak " << format_size(peak_bytes) << " (" << peak_event << ")\n"
+    << "schedule " << schedule.str();
+  return s.str();
+}
+
+namespace {
+
+bool fits(const ModelSpec& spec, const CheckpointPolicy& policy, int64_t device_bytes) {
+  const auto chain = estimate_chain(spec);
+  if (policy.kind() == CheckpointPolicy::Kind::kBudget) {
+    return min_feasible_budget(chain) <= device_bytes;
+  }
+  return peak(chain, policy.schedule(spec.layers())) <= device_bytes;
+}
+
+// The largest n >= 1 with ok(n), given that ok is monotone (true then false);
+// 0 if !ok(1).
+template <typename Ok>
+int64_t largest(const Ok& ok) {
+  if (!ok(1)) {
+    return 0;
+  }
+  int64_t lo = 1;
+  int64_t hi = 2;
+  while (ok(hi)) {
+    lo = hi;
+    TORCH_CHECK(
+        hi < (int64_t(1) << 40),
+        "remat::plan: expected the search to end below 2^40, but everything fits");
+    hi *= 2;
+  }
+  while (hi - lo > 1) {
+    const int64_t mid = lo + (hi - lo) / 2;
+    (ok(mid) ? lo : hi) = mid;
+  }
+  return lo;
+}
+
+} // namespace
+
+int64_t fit_batch(const ModelSpec& spec, const CheckpointPolicy& policy, int64_t device_bytes) {
+  spec.validate();
+  return largest([&](int64_t b) {
+    return fits(ModelSpec(spec).batch(b), policy, device_bytes);
+  });
+}
+
+int64_t fit_seq(
+    const ModelSpec& spec,
+    const CheckpointPolicy& policy,
+    int64_t device_bytes,
+    int64_t multiple) {
+  spec.validate();
+  TORCH_CHECK(multiple >= 1, "remat::plan: expected multiple >= 1, but got ", multiple);
+  return multiple * largest([&](int64_t k) {
+    auto s = ModelSpec(spec).seq(k * multiple);
+    s.max_positions(std::max(spec.max_positions(), k * multiple));
+    return fits(s, policy, device_bytes);
+  });
+}
+
+} // namespace plan
+} // namespace remat

@@ -1,0 +1,345 @@
+#include "plan/op_trace.h"
+
+#include <c10/util/Exception.h>
+
+#include <algorithm>
+#include <sstream>
+
+namespace remat {
+namespace plan {
+namespace detail {
+
+int64_t TraceValue::bytes() const {
+  int64_t n = elem_bytes;
+  for (auto d : shape) {
+    n *= d;
+  }
+  return n;
+}
+
+std::string TraceValue::shape_str() const {
+  std::ostringstream s;
+  s << "[";
+  for (size_t i = 0; i < shape.size(); ++i) {
+    s << (i ? ", " : "") << shape[i];
+  }
+  s << "] x " << elem_bytes << " B";
+  return s.str();
+}
+
+int Trace::input(std::string name, std::vector<int64_t> shape, int64_t elem_bytes,
+                 bool requires_grad) {
+  TraceValue v;
+  v.name = std::move(name);
+  v.shape = std::move(shape);
+  v.elem_bytes = elem_bytes;
+  v.requires_grad = requires_grad;
+  v.producer = -1;
+  values_.push_back(std::move(v));
+  return static_cast<int>(values_.size()) - 1;
+}
+
+int Trace::value(std::string name, std::vector<int64_t> shape, int64_t elem_bytes,
+                 bool requires_grad) {
+  TraceValue v;
+  v.name = std::move(name);
+  v.shape = std::move(shape);
+  v.elem_bytes = elem_bytes;
+  v.requires_grad = requires_grad;
+  v.block = block_;
+  v.producer = static_cast<int>(ops_.size());
+  values_.push_back(std::move(v));
+  pending_.push_back(static_cast<int>(values_.size()) - 1);
+  return static_cast<int>(values_.size()) - 1;
+}
+
+void Trace::op(std::string name, std::vector<int> inputs, std::vector<int> saved,
+               double flops, double backward_flops, int64_t weight_grad_bytes) {
+  const int k = static_cast<int>(ops_.size());
+  TraceOp o;
+  o.name = std::move(name);
+  o.block = block_;
+  o.inputs = std::move(inputs);
+  o.outputs = std::move(pending_);
+  pending_.clear();
+  o.flops = flops;
+  o.backward_flops = backward_flops;
+  o.weight_grad_bytes = weight_grad_bytes;
+  for (int v : o.inputs) {
+    TORCH_INTERNAL_ASSERT(v >= 0 && v < static_cast<int>(values_.size()));
+    values_[v].last_use = k;
+  }
+  for (int v : saved) {
+    values_[v].saved_by.push_back(k);
+  }
+  ops_.push_back(std::move(o));
+}
+
+bool Trace::kept(int v, SegmentMode mode) const {
+  const auto& val = values_[v];
+  if (val.producer < 0) {
+    return false;
+  }
+  if (v == output_) {
+    return true;
+  }
+  const bool selective = mode == SegmentMode::kRecomputeAttention ||
+      mode == SegmentMode::kRecomputeMlp;
+  const Block recomputed = mode == SegmentMode::kRecomputeAttention
+      ? Block::kAttentionCore
+      : Block::kMlp;
+  for (int k : val.saved_by) {
+    if (!selective || ops_[k].block != recomputed) {
+      return true;
+    }
+  }
+  if (!selective || ops_[val.producer].block == recomputed) {
+    return false;
+  }
+  // Made outside the recomputed block and read inside it: the block's
+  // checkpoint keeps it as an input.
+  for (const auto& o : ops_) {
+    if (o.block == recomputed &&
+        std::find(o.inputs.begin(), o.inputs.end(), v) != o.inputs.end()) {
+      return true;
+    }
+  }
+  return false;
+}
+
+namespace {
+
+bool selective(SegmentMode mode) {
+  return mode == SegmentMode::kRecomputeAttention || mode == SegmentMode::kRecomputeMlp;
+}
+
+Block recomputed_block(SegmentMode mode) {
+  return mode == SegmentMode::kRecomputeAttention ? Block::kAttentionCore : Block::kMlp;
+}
+
+} // namespace
+
+int64_t Trace::forward_peak(bool grad, SegmentMode mode) const {
+  std::vector<bool> alive(values_.size(), false);
+  int64_t live = 0;
+  int64_t peak = 0;
+  for (int k = 0; k < static_cast<int>(ops_.size()); ++k) {
+    for (int v : ops_[k].outputs) {
+      alive[v] = true;
+      live += values_[v].bytes();
+    }
+    peak = std::max(peak, live);
+    for (size_t v = 0; v < values_.size(); ++v) {
+      const bool keep = static_cast<int>(v) == output_ ||
+          (grad && kept(static_cast<int>(v), mode));
+      if (alive[v] && !keep && values_[v].last_use <= k) {
+        alive[v] = false;
+        live -= values_[v].bytes();
+      }
+    }
+  }
+  return peak;
+}
+
+// Walks the backward op by op, last to first. Held: what the forward kept,
+// released after the last op (in backward order) that holds it; gradients:
+// that of the output, then each value's once an op reading it has run,
+// released when the op that made the value has run. With a selective mode,
+// reaching the recomputed block first re-runs it with grad on; its tensors,
+// its outputs and its weights' gradients then live until the block's first
+// op is done (remat's nested checkpoint returns them all at once).
+int64_t Trace::backward_peak(SegmentMode mode) const {
+  const int n_ops = static_cast<int>(ops_.size());
+  const int n = static_cast<int>(values_.size());
+  const bool sel = selective(mode);
+  const Block blk = recomputed_block(mode);
+  auto in_block = [&](int k) { return sel && ops_[k].block == blk; };
+  int first_block = -1;
+  int last_block = -1;
+  for (int k = 0; k < n_ops; ++k) {
+    if (in_block(k)) {
+      first_block = first_block < 0 ? k : first_block;
+      last_block = k;
+    }
+  }
+  auto read_inside = [&](int v) {
+    for (int k = first_block; k >= 0 && k <= last_block; ++k) {
+      const auto& in = ops_[k].inputs;
+      if (in_block(k) && std::find(in.begin(), in.end(), v) != in.end()) {
+        return true;
+      }
+    }
+    return false;
+  };
+  auto read_outside = [&](int v) {
+    for (int k = 0; k < n_ops; ++k) {
+      const auto& in = ops_[k].inputs;
+      if (!in_block(k) && std::find(in.begin(), in.end(), v) != in.end()) {
+        return true;
+      }
+    }
+    return false;
+  };
+
+  // release[v]: the op after whose backward v is freed; n_ops: never (the
+  // stage output, freed with the stage); -1: not held.
+  std::vector<int> release(n, -1);
+  int64_t live = 0;
+  auto hold = [&](int v, int until) {
+    if (release[v] < 0) {
+      live += values_[v].bytes();
+    }
+    release[v] = std::max(release[v], until);
+  };
+  for (int v = 0; v < n; ++v) {
+    if (!kept(v, mode)) {
+      continue;
+    }
+    int until = -1;
+    if (v == output_) {
+      until = n_ops;
+    }
+    for (int k : values_[v].saved_by) {
+      // Held until the earliest (in forward order) op saving it has run;
+      // in backward order that is the last: the smallest index.
+      if (!in_block(k)) {
+        until = until < 0 ? k : std::min(until, k);
+      }
+    }
+    if (sel && values_[v].producer >= 0 && !in_block(values_[v].producer) && read_inside(v)) {
+      until = until < 0 ? first_block : std::min(until, first_block);
+    }
+    hold(v, until < 0 ? 0 : until);
+  }
+  std::vector<bool> grad(n, false);
+  if (output_ >= 0 && values_[output_].requires_grad) {
+    grad[output_] = true;
+    live += values_[output_].bytes();
+  }
+  int64_t peak = live;
+  int64_t block_weight_grads = 0;
+  for (int k = n_ops - 1; k >= 0; --k) {
+    const auto& o = ops_[k];
+    if (k == last_block) {
+      // Recompute the block, grad on: what it saves, and its outputs (held
+      // by the checkpoint) stay; its temporaries die after their last use.
+      auto stays = [&](int v) {
+        const auto& by = values_[v].saved_by;
+        return read_outside(v) ||
+            std::any_of(by.begin(), by.end(), [&](int q) { return in_block(q); });
+      };
+      auto last_inside = [&](int v) {
+        int last = -1;
+        for (int q = first_block; q <= last_block; ++q) {
+          const auto& in = ops_[q].inputs;
+          if (in_block(q) && std::find(in.begin(), in.end(), v) != in.end()) {
+            last = q;
+          }
+        }
+        return last;
+      };
+      std::vector<bool> alive(n, false);
+      int64_t extra = 0;
+      for (int j = first_block; j <= last_block; ++j) {
+        if (!in_block(j)) {
+          continue;
+        }
+        for (int v : ops_[j].outputs) {
+          if (release[v] < 0) {
+            alive[v] = true;
+            extra += values_[v].bytes();
+          }
+        }
+        peak = std::max(peak, live + extra);
+        for (int v = 0; v < n; ++v) {
+          if (alive[v] && !stays(v) && last_inside(v) <= j) {
+            alive[v] = false;
+            extra -= values_[v].bytes();
+          }
+        }
+      }
+      for (int v = 0; v < n; ++v) {
+        if (!alive[v]) {
+          continue;
+        }
+        int until = read_outside(v) ? first_block : -1;
+        for (int q : values_[v].saved_by) {
+          if (in_block(q)) {
+            until = until < 0 ? q : std::min(until, q);
+          }
+        }
+        hold(v, until);
+      }
+    }
+    int64_t fresh = 0;
+    for (int v : o.inputs) {
+      if (values_[v].requires_grad) {
+        fresh += values_[v].bytes();
+      }
+    }
+    if (in_block(k)) {
+      block_weight_grads += o.weight_grad_bytes;
+      peak = std::max(peak, live + fresh + block_weight_grads);
+    } else {
+      peak = std::max(peak, live + fresh + o.weight_grad_bytes + block_weight_grads);
+    }
+    for (int v : o.inputs) {
+      if (values_[v].requires_grad && !grad[v]) {
+        grad[v] = true;
+        live += values_[v].bytes();
+      }
+    }
+    for (int v : o.outputs) {
+      if (grad[v]) {
+        grad[v] = false;
+        live -= values_[v].bytes();
+      }
+    }
+    for (int v = 0; v < n; ++v) {
+      if (release[v] == k) {
+        release[v] = -2;
+        live -= values_[v].bytes();
+      }
+    }
+    if (k == first_block) {
+      block_weight_grads = 0;
+    }
+  }
+  return peak;
+}
+
+TraceCost Trace::cost(SegmentMode mode) const {
+  TORCH_INTERNAL_ASSERT(output_ >= 0, "trace without an output");
+  TraceCost c;
+  c.output_bytes = values_[output_].bytes();
+  for (size_t v = 0; v < values_.size(); ++v) {
+    if (kept(static_cast<int>(v), mode)) {
+      c.stored_bytes += values_[v].bytes();
+    }
+  }
+  c.forward_transient_bytes =
+      std::max<int64_t>(0, forward_peak(true, mode) - c.stored_bytes);
+  c.nograd_transient_bytes =
+      std::max<int64_t>(0, forward_peak(false, SegmentMode::kStore) - c.output_bytes);
+  int64_t input_grad = 0;
+  for (const auto& v : values_) {
+    if (v.producer < 0 && v.requires_grad) {
+      input_grad += v.bytes();
+    }
+  }
+  c.backward_transient_bytes = std::max<int64_t>(
+      0, backward_peak(mode) - c.stored_bytes - c.output_bytes - input_grad);
+  for (const auto& o : ops_) {
+    c.forward_flops += o.flops;
+    c.backward_flops += o.backward_flops;
+    c.parameter_gradient_bytes += o.weight_grad_bytes;
+    if (selective(mode) && o.block == recomputed_block(mode)) {
+      c.recompute_flops += o.flops;
+    }
+  }
+  return c;
+}
+
+} // namespace detail
+} // namespace plan
+} // namespace remat
