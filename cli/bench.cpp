@@ -3,7 +3,11 @@
 #include "command.h"
 
 #include "remat/memory.h"
+#include "checkpoint/autocast_state.h"
+#include "remat/nn/attention.h"
 #include "remat/nn/bert.h"
+#include "remat/nn/llama.h"
+#include "remat/nn/lora.h"
 #include "remat/policy.h"
 
 #include <nlohmann/json.hpp>
@@ -25,13 +29,21 @@ namespace {
 
 struct BenchConfig {
   std::string preset;
+  std::string model = "bert";
   int64_t layers = 12;
   int64_t hidden = 256;
   int64_t heads = 4;
+  int64_t kv_heads = 0;       ///< llama: 0 means heads (no grouping)
+  int64_t intermediate = 0;   ///< 0: the family's default
   int64_t seq = 256;
   int64_t batch = 8;
-  int64_t vocab = 30522;
-  double dropout = 0.1;
+  int64_t vocab = 0;          ///< 0: the family's default
+  double dropout = -1;        ///< < 0: the family's default
+  std::string dtype = "fp32";
+  std::string attention = "eager";
+  int64_t lora_rank = 0;
+  double lora_alpha = 0;      ///< 0: 2 * rank
+  std::string lora_targets;   ///< empty: the attention projections
   std::string policies = "none,every-layer";
   int64_t steps = 3;
   int64_t warmup = 1;
@@ -90,6 +102,8 @@ double median(std::vector<double> v) {
   return n == 0 ? 0 : (n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]));
 }
 
+const AutocastState kBf16Autocast{true, c10::kBFloat16, false, c10::kHalf};
+
 int64_t physical_memory_bytes() {
   return static_cast<int64_t>(sysconf(_SC_PHYS_PAGES)) * sysconf(_SC_PAGE_SIZE);
 }
@@ -133,6 +147,25 @@ void validate(const BenchConfig& c) {
   positive(c.batch, "--batch");
   positive(c.vocab, "--vocab");
   positive(c.steps, "--steps");
+  require(c.kv_heads >= 0, "--kv-heads", "expected a value >= 0 (0: --heads), but got " +
+          std::to_string(c.kv_heads));
+  require(c.kv_heads == 0 || c.heads % c.kv_heads == 0, "--kv-heads",
+          "expected a divisor of --heads (" + std::to_string(c.heads) + "), but got " +
+              std::to_string(c.kv_heads));
+  require(c.intermediate >= 0, "--intermediate",
+          "expected a value >= 0 (0: the family's default), but got " +
+              std::to_string(c.intermediate));
+  require(c.lora_rank >= 0, "--lora-rank", "expected a value >= 0 (0: no LoRA), but got " +
+          std::to_string(c.lora_rank));
+  require(c.model == "bert" || c.model == "llama", "--model",
+          "expected bert or llama, but got '" + c.model + "'");
+  try {
+    nn::parse_attention(c.attention);
+  } catch (const c10::Error& e) {
+    throw UsageError("--attention: " + std::string(e.what_without_backtrace()));
+  }
+  require(c.dtype == "fp32" || c.dtype == "bf16", "--dtype",
+          "expected fp32 or bf16, but got '" + c.dtype + "'");
   require(c.warmup >= 0, "--warmup", "expected a value >= 0, but got " + std::to_string(c.warmup));
   require(c.threads >= 0, "--threads", "expected a value >= 0 (0: all cores), but got " +
           std::to_string(c.threads));
@@ -143,50 +176,141 @@ void validate(const BenchConfig& c) {
           "expected a probability in [0, 1), but got " + std::to_string(c.dropout));
 }
 
+std::vector<std::string> split_list(const std::string& list) {
+  std::vector<std::string> out;
+  std::stringstream in(list);
+  std::string item;
+  while (std::getline(in, item, ',')) {
+    if (!item.empty()) {
+      out.push_back(item);
+    }
+  }
+  return out;
+}
+
+// A model, its inputs and a loss: one training step of some family.
 struct Workload {
+  virtual ~Workload() = default;
+  virtual torch::Tensor loss() = 0;
+  virtual void set_policy(const CheckpointPolicy& policy) = 0;
+  virtual torch::nn::Module& module() = 0;
+
+  /// After construction: LoRA if asked, and the trainable parameters.
+  void finish(const BenchConfig& c, const std::vector<std::string>& default_targets) {
+    if (c.lora_rank > 0) {
+      auto targets = c.lora_targets.empty() ? default_targets : split_list(c.lora_targets);
+      try {
+        nn::apply_lora(module(), nn::LoraOptions()
+                                     .rank(c.lora_rank)
+                                     .alpha(c.lora_alpha > 0 ? c.lora_alpha : 2.0 * c.lora_rank)
+                                     .targets(targets));
+      } catch (const c10::Error& e) {
+        throw UsageError("--lora-targets: " + std::string(e.what_without_backtrace()));
+      }
+    }
+    params = nn::trainable_parameters(module()).values();
+    module().train();
+  }
+
+  std::vector<torch::Tensor> params; ///< what receives gradients
+};
+
+// An encoder trained to regress its last hidden state onto a fixed random
+// target. (The mean of the hidden state, as some tutorials use, has an almost
+// zero gradient through the final LayerNorm: useless for comparing gradients.)
+struct BertWorkload : Workload {
   nn::Bert model{nullptr};
   torch::Tensor input_ids, attention_mask, target;
-  std::vector<torch::Tensor> params;
 
-  explicit Workload(const BenchConfig& c) {
+  explicit BertWorkload(const BenchConfig& c) {
     torch::manual_seed(c.seed);
     model = nn::Bert(nn::BertOptions()
                          .vocab_size(c.vocab)
                          .hidden_size(c.hidden)
                          .num_layers(c.layers)
                          .num_heads(c.heads)
+                         .intermediate_size(c.intermediate)
                          .max_position_embeddings(std::max<int64_t>(512, c.seq))
                          .hidden_dropout(c.dropout)
-                         .attention_dropout(c.dropout));
-    model->train();
+                         .attention_dropout(c.dropout)
+                         .attention(nn::parse_attention(c.attention)));
     input_ids = torch::randint(c.vocab, {c.batch, c.seq}, torch::kLong);
     attention_mask = torch::ones({c.batch, c.seq}, torch::kLong);
-    // A regression target for the last hidden state. A loss such as the
-    // mean of the hidden state would give (near) zero gradients through the
-    // final LayerNorm, which makes a gradient comparison meaningless.
     target = torch::randn({c.batch, c.seq, c.hidden});
-    params = model->parameters();
+    finish(c, {"query", "key", "value", "attention.output.dense"});
   }
-
-  torch::Tensor loss() {
+  torch::Tensor loss() override {
     auto out = model->forward(input_ids, attention_mask);
-    return torch::mse_loss(out.last_hidden_state, target);
+    return torch::mse_loss(out.last_hidden_state.to(torch::kFloat), target);
   }
+  void set_policy(const CheckpointPolicy& p) override { model->gradient_checkpointing_enable(p); }
+  torch::nn::Module& module() override { return *model; }
 };
+
+// A decoder trained on next-token prediction of random tokens.
+struct LlamaWorkload : Workload {
+  nn::Llama model{nullptr};
+  torch::Tensor input_ids;
+
+  explicit LlamaWorkload(const BenchConfig& c) {
+    torch::manual_seed(c.seed);
+    model = nn::Llama(nn::LlamaOptions()
+                          .vocab_size(c.vocab)
+                          .hidden_size(c.hidden)
+                          .intermediate_size(c.intermediate)
+                          .num_layers(c.layers)
+                          .num_heads(c.heads)
+                          .num_kv_heads(c.kv_heads)
+                          .max_position_embeddings(std::max<int64_t>(4096, c.seq))
+                          .attention_dropout(c.dropout)
+                          .attention(nn::parse_attention(c.attention)));
+    input_ids = torch::randint(c.vocab, {c.batch, c.seq}, torch::kLong);
+    finish(c, {"q_proj", "k_proj", "v_proj", "o_proj"});
+  }
+  torch::Tensor loss() override {
+    return model->loss(model->forward(input_ids).to(torch::kFloat), input_ids);
+  }
+  void set_policy(const CheckpointPolicy& p) override { model->gradient_checkpointing_enable(p); }
+  torch::nn::Module& module() override { return *model; }
+};
+
+// Fills in the family defaults (0 or negative meant "the family's").
+void apply_family_defaults(BenchConfig& c) {
+  const bool llama = c.model == "llama";
+  if (c.vocab == 0) {
+    c.vocab = llama ? 32000 : 30522;
+  }
+  if (c.dropout < 0) {
+    c.dropout = llama ? 0.0 : 0.1;
+  }
+  if (c.intermediate == 0) {
+    // BERT: 4h. Llama: 2/3 of 4h rounded up to a multiple of 256, as Meta's
+    // reference sizes do (4096 -> 11008).
+    c.intermediate = llama ? (8 * c.hidden / 3 + 255) / 256 * 256 : 4 * c.hidden;
+  }
+}
+
+std::unique_ptr<Workload> make_workload(const BenchConfig& c) {
+  if (c.model == "llama") {
+    return std::make_unique<LlamaWorkload>(c);
+  }
+  return std::make_unique<BertWorkload>(c);
+}
 
 RunResult run_policy(
     Workload& w,
     const CheckpointPolicy& policy,
     const BenchConfig& c,
+    bool bf16,
     int64_t limit,
     const GradCopy* reference,
     GradCopy* grads_out) {
   RunResult r;
   r.policy = policy.name();
-  w.model->gradient_checkpointing_enable(policy);
+  w.set_policy(policy);
   std::vector<double> times, forward_times;
   for (int64_t step = 0; step < c.warmup + c.steps; ++step) {
-    w.model->zero_grad(/*set_to_none=*/true);
+    w.module().zero_grad(/*set_to_none=*/true);
     // Every policy draws the same dropout masks, so gradients are comparable.
     torch::manual_seed(c.seed + 1);
     const bool measured = step == c.warmup;
@@ -195,10 +319,15 @@ RunResult run_policy(
     try {
       memory::LimitGuard guard(limit);
       const auto t0 = std::chrono::steady_clock::now();
-      auto loss = w.loss();
+      torch::Tensor loss;
+      {
+        AutocastScope autocast(bf16 ? kBf16Autocast : AutocastState{});
+        loss = w.loss();
+      }
       const auto t_mid = std::chrono::steady_clock::now();
       const int64_t before_backward = memory::current_bytes();
       loss.backward();
+      at::autocast::clear_cache();
       const auto t1 = std::chrono::steady_clock::now();
       if (step >= c.warmup) {
         times.push_back(std::chrono::duration<double>(t1 - t0).count());
@@ -214,7 +343,7 @@ RunResult run_policy(
       r.error = what.substr(0, what.find('\n'));
       r.held_before_forward = before_forward;
       r.peak = memory::peak_bytes();
-      w.model->zero_grad(true);
+      w.module().zero_grad(true);
       return r;
     }
     if (measured) {
@@ -229,7 +358,7 @@ RunResult run_policy(
       }
     }
   }
-  w.model->zero_grad(true);
+  w.module().zero_grad(true);
   r.step_seconds = median(times);
   r.forward_seconds = median(forward_times);
   return r;
@@ -338,6 +467,7 @@ int run_bench(BenchConfig c) {
   } else {
     require(c.preset.empty(), "--preset", "expected seed-bert, but got '" + c.preset + "'");
   }
+  apply_family_defaults(c);
   validate(c);
   auto policies = parse_policies(c.policies);
   int64_t limit = parse_limit(c.memory_limit);
@@ -351,11 +481,19 @@ int run_bench(BenchConfig c) {
   torch::set_num_threads(static_cast<int>(
       c.threads > 0 ? c.threads : std::max(1u, std::thread::hardware_concurrency())));
 
-  Workload w(c);
-  const int64_t weights = memory::breakdown(*w.model).weights;
-  std::cout << "remat bench: bert, " << c.layers << " layers, hidden " << c.hidden
+  auto w = make_workload(c);
+  const int64_t weights = memory::breakdown(w->module()).weights;
+  int64_t trainable = 0;
+  for (const auto& p : w->params) {
+    trainable += p.numel();
+  }
+  std::cout << "remat bench: " << c.model << ", " << c.layers << " layers, hidden " << c.hidden
             << ", " << c.heads << " heads, seq " << c.seq << ", batch " << c.batch
-            << ", vocab " << c.vocab << ", dropout " << c.dropout << "\n"
+            << ", vocab " << c.vocab << ", dropout " << c.dropout << ", " << c.dtype
+            << ", " << c.attention << " attention"
+            << (c.model == "llama" ? ", kv-heads " + std::to_string(c.kv_heads ? c.kv_heads : c.heads) : "")
+            << (c.lora_rank ? ", LoRA rank " + std::to_string(c.lora_rank) : "") << "\n"
+            << "trainable parameters " << trainable << ", "
             << "weights " << memory::format_size(weights) << ", threads "
             << torch::get_num_threads() << ", limit " << memory::format_size(limit)
             << (default_limit ? " (90% of RAM)" : "") << ", steps " << c.steps
@@ -369,7 +507,7 @@ int run_bench(BenchConfig c) {
                         [](const CheckpointPolicy& p) { return !p.enabled(); });
   for (const auto& policy : policies) {
     const bool is_reference = !policy.enabled() && !have_reference;
-    auto r = run_policy(w, policy, c, limit, have_reference ? &reference : nullptr,
+    auto r = run_policy(*w, policy, c, c.dtype == "bf16", limit, have_reference ? &reference : nullptr,
                         is_reference ? &reference : nullptr);
     have_reference = have_reference || (is_reference && r.ok);
     if (is_reference && r.ok) {
@@ -381,8 +519,12 @@ int run_bench(BenchConfig c) {
 
   if (!c.json_path.empty()) {
     nlohmann::json config{
-        {"model", "bert"},     {"layers", c.layers},   {"hidden", c.hidden},
-        {"heads", c.heads},    {"seq", c.seq},         {"batch", c.batch},
+        {"model", c.model},    {"layers", c.layers},   {"hidden", c.hidden},
+        {"heads", c.heads},    {"kv_heads", c.kv_heads ? c.kv_heads : c.heads},
+        {"intermediate", c.intermediate}, {"dtype", c.dtype},
+        {"attention", c.attention}, {"lora_rank", c.lora_rank},
+        {"trainable_parameters", trainable},
+        {"seq", c.seq},         {"batch", c.batch},
         {"vocab", c.vocab},    {"dropout", c.dropout}, {"steps", c.steps},
         {"warmup", c.warmup},  {"threads", torch::get_num_threads()},
         {"memory_limit_bytes", limit}, {"weight_bytes", weights},
@@ -403,13 +545,21 @@ Run add_bench(CLI::App& root) {
   auto* app = root.add_subcommand(
       "bench", "Run training steps under each checkpoint policy and compare memory and time");
   app->add_option("--preset", c->preset, "seed-bert: the seed's 24-layer, hidden-1024, batch-64 BERT");
-  app->add_option("--layers", c->layers, "encoder layers")->capture_default_str();
+  app->add_option("--model", c->model, "bert or llama")->capture_default_str();
+  app->add_option("--layers", c->layers, "layers")->capture_default_str();
   app->add_option("--hidden", c->hidden, "hidden size")->capture_default_str();
   app->add_option("--heads", c->heads, "attention heads")->capture_default_str();
+  app->add_option("--kv-heads", c->kv_heads, "llama key/value heads (0: --heads)")->capture_default_str();
+  app->add_option("--intermediate", c->intermediate, "MLP width (0: BERT 4h, Llama 8h/3 rounded to 256)")->capture_default_str();
+  app->add_option("--dtype", c->dtype, "fp32, or bf16 (CPU autocast, FP32 master weights)")->capture_default_str();
+  app->add_option("--attention", c->attention, "eager, blockwise (memory-efficient) or sdpa (LibTorch >= 2.0)")->capture_default_str();
+  app->add_option("--lora-rank", c->lora_rank, "LoRA rank; 0 trains every weight")->capture_default_str();
+  app->add_option("--lora-alpha", c->lora_alpha, "LoRA alpha (0: 2 * rank)");
+  app->add_option("--lora-targets", c->lora_targets, "comma-separated projections (default: the attention projections)");
   app->add_option("--seq", c->seq, "sequence length (tokens)")->capture_default_str();
   app->add_option("--batch", c->batch, "batch size (sequences)")->capture_default_str();
-  app->add_option("--vocab", c->vocab, "vocabulary size")->capture_default_str();
-  app->add_option("--dropout", c->dropout, "hidden and attention dropout")->capture_default_str();
+  app->add_option("--vocab", c->vocab, "vocabulary size (default: BERT 30522, Llama 32000)");
+  app->add_option("--dropout", c->dropout, "dropout (default: BERT 0.1, Llama 0)");
   app->add_option("--policy", c->policies,
                   "comma-separated policies: " + CheckpointPolicy::names())
       ->capture_default_str();
