@@ -12,6 +12,7 @@
 
 #include <nlohmann/json.hpp>
 #include <torch/torch.h>
+#include <torch/version.h>
 
 #include <unistd.h>
 
@@ -56,6 +57,7 @@ struct BenchConfig {
 struct RunResult {
   std::string policy;
   bool ok = true;
+  bool out_of_memory = false;
   std::string error;
   int64_t held_before_forward = 0;
   int64_t held_before_backward = 0;
@@ -159,6 +161,11 @@ void validate(const BenchConfig& c) {
           std::to_string(c.lora_rank));
   require(c.model == "bert" || c.model == "llama", "--model",
           "expected bert or llama, but got '" + c.model + "'");
+#if TORCH_VERSION_MAJOR < 2
+  require(c.attention != "sdpa", "--attention",
+          "sdpa needs LibTorch >= 2.0, but this build has " TORCH_VERSION
+          "; use eager or blockwise");
+#endif
   try {
     nn::parse_attention(c.attention);
   } catch (const c10::Error& e) {
@@ -340,6 +347,7 @@ RunResult run_policy(
     } catch (const c10::Error& e) {
       std::string what = e.what_without_backtrace();
       r.ok = false;
+      r.out_of_memory = dynamic_cast<const OutOfMemoryError*>(&e) != nullptr;
       r.error = what.substr(0, what.find('\n'));
       r.held_before_forward = before_forward;
       r.peak = memory::peak_bytes();
@@ -389,7 +397,7 @@ void print_table(const std::vector<RunResult>& runs, std::ostream& out) {
     if (!r.ok) {
       std::snprintf(line, sizeof(line), "%-22s %13s %13s %11s %13s   %s\n",
                     r.policy.c_str(), "-", "-", mib(r.peak).c_str(), "-",
-                    "OUT OF MEMORY");
+                    r.out_of_memory ? "OUT OF MEMORY" : "FAILED");
       out << line;
       continue;
     }
@@ -424,6 +432,7 @@ nlohmann::json to_json(const RunResult& r) {
   nlohmann::json j{{"policy", r.policy}, {"ok", r.ok}};
   if (!r.ok) {
     j["error"] = r.error;
+    j["out_of_memory"] = r.out_of_memory;
     j["held_before_forward_bytes"] = r.held_before_forward;
     j["peak_bytes"] = r.peak;
     return j;

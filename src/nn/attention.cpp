@@ -2,6 +2,8 @@
 
 #include "remat/nn/dropout.h"
 
+#include "checkpoint/autocast_state.h"
+
 #include <ATen/CPUGeneratorImpl.h>
 #include <torch/autograd.h>
 #include <torch/torch.h>
@@ -359,6 +361,8 @@ struct BlockwiseFunction : torch::autograd::Function<BlockwiseFunction> {
         !torch::GradMode::is_enabled(),
         "remat::nn::attention: blockwise attention has no double backward; "
         "expected create_graph=false, but got true");
+    // The kernel picks its own precision; autocast would recast its matmuls.
+    AutocastScope no_autocast(AutocastState{});
     auto saved = ctx->get_saved_variables();
     const auto& q = saved[0];
     const auto& k = saved[1];
@@ -409,9 +413,17 @@ torch::Tensor blockwise(
     // Throws when the mask does not broadcast.
     (void)mask.expand({q.size(0), q.size(1), q.size(2), k.size(2)});
   }
-  // Half precision accumulates in float, as the fused kernels do.
+  // Half precision accumulates in float, as the fused kernels do; autocast
+  // would recast the kernel's matmuls, so it is off inside.
+  AutocastScope no_autocast(AutocastState{});
+  // Mixed inputs (rotary tables in float against bf16 projections under
+  // autocast) are computed in float too.
   const auto dtype = q.scalar_type();
-  const bool upcast = dtype == torch::kHalf || dtype == torch::kBFloat16;
+  auto reduced = [](const torch::Tensor& t) {
+    return t.scalar_type() == torch::kHalf || t.scalar_type() == torch::kBFloat16;
+  };
+  const bool upcast = reduced(q) || reduced(k) || reduced(v) ||
+      k.scalar_type() != dtype || v.scalar_type() != dtype;
   auto cast = [&](const torch::Tensor& t) {
     return upcast && t.defined() ? t.to(torch::kFloat) : t;
   };

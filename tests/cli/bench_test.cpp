@@ -35,6 +35,11 @@ TEST(BenchCli, BadInputGetsOneLineNamingTheFlagAndExitCode2) {
            {"bench --no-such-flag", "--no-such-flag"},
            {"bench --layers abc", "--layers"},
            {"bench --preset gpt5", "--preset"},
+           {"bench --model gpt", "--model"},
+           {"bench --dtype fp8", "--dtype"},
+           {"bench --attention flash", "--attention"},
+           {"bench --model llama --heads 8 --kv-heads 3", "--kv-heads"},
+           {"bench --lora-rank -1", "--lora-rank"},
        }) {
     auto r = run_cli(c.args);
     EXPECT_EQ(r.exit_code, 2) << c.args << "\n" << r.err;
@@ -65,6 +70,26 @@ TEST(BenchCli, WritesTheDocumentedJsonFields) {
   }
   EXPECT_LT(j["runs"][1]["activation_bytes"].get<int64_t>(),
             j["runs"][0]["activation_bytes"].get<int64_t>());
+}
+
+TEST(BenchCli, LlamaWithLoraBf16AndBlockwiseAttentionMatchesNoCheckpointing) {
+  const std::string path = ::testing::TempDir() + "/bench_llama.json";
+  auto r = run_cli(
+      "bench --model llama --layers 2 --hidden 32 --heads 4 --kv-heads 2 --seq 24 "
+      "--batch 2 --vocab 60 --lora-rank 4 --dtype bf16 --attention blockwise "
+      "--steps 1 --warmup 0 --threads 1 "
+      "--policy none,every-layer,sqrt,full,selective-attention --json " + path);
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  std::ifstream f(path);
+  auto j = nlohmann::json::parse(f);
+  EXPECT_EQ(j["config"]["model"], "llama");
+  EXPECT_EQ(j["config"]["dtype"], "bf16");
+  // Only the adapters train: 2 layers x 4 projections x (A + B).
+  EXPECT_LT(j["config"]["trainable_parameters"].get<int64_t>(), 5000);
+  for (const auto& run : j["runs"]) {
+    ASSERT_TRUE(run["ok"].get<bool>()) << run.dump();
+    EXPECT_EQ(run["max_abs_grad_diff"].get<double>(), 0.0) << run["policy"];
+  }
 }
 
 TEST(BenchCli, MemoryLimitFailsNoneCleanlyAndEveryLayerStillRuns) {
