@@ -64,10 +64,18 @@ struct Segment : torch::CustomClassHolder {
   std::vector<bool> input_requires_grad;
   std::vector<TensorMeta> output_meta;
   AutocastState autocast;
+  // The RNG states travel to backward as saved variables (after the inputs
+  // and parameters), so that autograd frees them with the other saved
+  // tensors once the segment's backward has run, instead of keeping them
+  // until the whole graph is destroyed; these fields hold them only while
+  // forward saves them and while backward recomputes.
+  size_t num_saved = 0; // inputs and parameters among the saved variables
   torch::Tensor cpu_rng_state;
+  bool saved_cpu_rng = false;
 #ifdef REMAT_WITH_CUDA
   c10::DeviceIndex cuda_device = -1;
   torch::Tensor cuda_rng_state;
+  bool saved_cuda_rng = false;
 #endif
 };
 
@@ -263,7 +271,21 @@ struct CheckpointFunction : torch::autograd::Function<CheckpointFunction> {
     if (!non_diff.empty()) {
       ctx->mark_non_differentiable(non_diff);
     }
-    ctx->save_for_backward(inputs_and_params.vec());
+    auto to_save = inputs_and_params.vec();
+    seg->num_saved = to_save.size();
+    if (seg->cpu_rng_state.defined()) {
+      to_save.push_back(std::move(seg->cpu_rng_state));
+      seg->cpu_rng_state = torch::Tensor();
+      seg->saved_cpu_rng = true;
+    }
+#ifdef REMAT_WITH_CUDA
+    if (seg->cuda_rng_state.defined()) {
+      to_save.push_back(std::move(seg->cuda_rng_state));
+      seg->cuda_rng_state = torch::Tensor();
+      seg->saved_cuda_rng = true;
+    }
+#endif
+    ctx->save_for_backward(to_save);
     ctx->saved_data["segment"] = c10::IValue::make_capsule(seg);
     return outputs;
   }
@@ -275,6 +297,16 @@ struct CheckpointFunction : torch::autograd::Function<CheckpointFunction> {
         ctx->saved_data["segment"].toCapsule());
     const bool create_graph = torch::GradMode::is_enabled();
     auto saved = ctx->get_saved_variables();
+    size_t next = seg->num_saved;
+    if (seg->saved_cpu_rng) {
+      seg->cpu_rng_state = saved[next++];
+    }
+#ifdef REMAT_WITH_CUDA
+    if (seg->saved_cuda_rng) {
+      seg->cuda_rng_state = saved[next++];
+    }
+#endif
+    saved.resize(seg->num_saved);
     const size_t n_in = seg->num_inputs;
 
     std::vector<torch::Tensor> inputs(n_in);
@@ -294,6 +326,10 @@ struct CheckpointFunction : torch::autograd::Function<CheckpointFunction> {
       torch::AutoGradMode grad_on(true);
       outputs = seg->fn(inputs);
     }
+    seg->cpu_rng_state = torch::Tensor();
+#ifdef REMAT_WITH_CUDA
+    seg->cuda_rng_state = torch::Tensor();
+#endif
     recomputes.fetch_add(1, std::memory_order_relaxed);
 
     if (seg->options.determinism_check()) {

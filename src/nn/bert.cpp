@@ -2,9 +2,13 @@
 
 #include "remat/checkpoint.h"
 #include "remat/nn/dropout.h"
+#include "remat/nn/profile.h"
+#include "remat/plan/solver.h"
 #include "nn/stack.h"
 
 #include <torch/torch.h>
+
+#include <limits>
 
 namespace remat {
 namespace nn {
@@ -282,6 +286,20 @@ BertOutput BertImpl::forward(
     const torch::Tensor& input_ids,
     const torch::Tensor& attention_mask,
     const torch::Tensor& token_type_ids) {
+  if (policy_.kind() == CheckpointPolicy::Kind::kBudget && torch::GradMode::is_enabled() &&
+      input_ids.dim() == 2 &&
+      (input_ids.size(0) > planned_batch_ || input_ids.size(1) > planned_seq_)) {
+    plan_budget(input_ids, attention_mask, token_type_ids);
+  }
+  auto embedded = embed(input_ids, attention_mask, token_type_ids);
+  auto last = encoder->forward(embedded.first, embedded.second, schedule_);
+  return {last, pooler->forward(last)};
+}
+
+std::pair<torch::Tensor, torch::Tensor> BertImpl::embed(
+    const torch::Tensor& input_ids,
+    const torch::Tensor& attention_mask,
+    const torch::Tensor& token_type_ids) {
   TORCH_CHECK(
       input_ids.dim() == 2 && input_ids.scalar_type() == torch::kLong,
       "remat::nn::Bert: expected input_ids of shape [batch, seq] and dtype int64, "
@@ -298,13 +316,53 @@ BertOutput BertImpl::forward(
     auto keep = attention_mask.to(hidden.scalar_type()).unsqueeze(1).unsqueeze(2);
     mask = (1.0 - keep) * std::numeric_limits<float>::lowest();
   }
-  auto last = encoder->forward(hidden, mask, schedule_);
-  return {last, pooler->forward(last)};
+  return {hidden, mask};
+}
+
+void BertImpl::plan_budget(
+    const torch::Tensor& input_ids,
+    const torch::Tensor& attention_mask,
+    const torch::Tensor& token_type_ids) {
+  plan::Plan p;
+  try {
+    p = plan_checkpointing(
+        *this,
+        BertStep(input_ids).attention_mask(attention_mask).token_type_ids(token_type_ids),
+        policy_.budget_bytes());
+  } catch (const c10::Error& e) {
+    TORCH_CHECK(
+        false, "remat::nn::Bert: checkpoint policy '", policy_.name(), "': ",
+        e.what_without_backtrace());
+  }
+  schedule_ = p.schedule;
+  planned_batch_ = input_ids.size(0);
+  planned_seq_ = input_ids.size(1);
 }
 
 void BertImpl::gradient_checkpointing_enable(const CheckpointPolicy& policy) {
-  schedule_ = policy.schedule(options.num_layers());
+  schedule_ = policy.kind() == CheckpointPolicy::Kind::kBudget
+      ? CheckpointPolicy::none().schedule(options.num_layers())
+      : policy.schedule(options.num_layers());
   policy_ = policy;
+  planned_batch_ = 0;
+  planned_seq_ = 0;
+}
+
+void BertImpl::gradient_checkpointing_enable(
+    const CheckpointPolicy& policy,
+    const plan::Chain& chain) {
+  if (policy.kind() != CheckpointPolicy::Kind::kBudget) {
+    gradient_checkpointing_enable(policy);
+    return;
+  }
+  TORCH_CHECK(
+      chain.num_layers() == options.num_layers(),
+      "remat::nn::Bert: expected a cost profile with ", options.num_layers(),
+      " layers, but got one with ", chain.num_layers());
+  schedule_ = plan::solve(chain, policy.budget_bytes()).schedule;
+  policy_ = policy;
+  // Planned for good: a forward does not plan it again.
+  planned_batch_ = planned_seq_ = std::numeric_limits<int64_t>::max();
 }
 
 void BertImpl::gradient_checkpointing_disable() {

@@ -1,6 +1,8 @@
 #include "remat/nn/llama.h"
 
 #include "remat/checkpoint.h"
+#include "remat/nn/profile.h"
+#include "remat/plan/solver.h"
 #include "nn/stack.h"
 
 #include <torch/torch.h>
@@ -252,7 +254,6 @@ torch::Tensor LlamaModelImpl::forward(
       input_ids.dim() == 2 && input_ids.scalar_type() == torch::kLong,
       "remat::nn::Llama: expected input_ids of shape [batch, seq] and dtype int64, "
       "but got shape ", input_ids.sizes(), " and dtype ", input_ids.scalar_type());
-  const auto batch = input_ids.size(0);
   const auto seq = input_ids.size(1);
   const auto past = cache != nullptr ? cache->length() : 0;
   TORCH_CHECK(
@@ -261,19 +262,8 @@ torch::Tensor LlamaModelImpl::forward(
       options.max_position_embeddings(), " tokens, but got ", past + seq,
       " (", past, " cached + ", seq, " new)");
   auto hidden = embed_tokens->forward(input_ids);
-  auto tables = rotary_tables(
-      options.head_dim(), options.rope_theta(), past, seq, hidden.options());
-  torch::Tensor mask;
-  if (attention_mask.defined()) {
-    TORCH_CHECK(
-        attention_mask.dim() == 2 && attention_mask.size(0) == batch &&
-            attention_mask.size(1) == past + seq,
-        "remat::nn::Llama: expected attention_mask of shape [", batch, ", ",
-        past + seq, "] (cached + new tokens), but got ", attention_mask.sizes());
-    // [B, T] of 1/0 -> additive [B, 1, 1, T] of 0 / most negative value.
-    auto keep = attention_mask.to(hidden.scalar_type()).view({batch, 1, 1, past + seq});
-    mask = (1.0 - keep) * std::numeric_limits<float>::lowest();
-  }
+  auto side = side_inputs(input_ids, attention_mask, past, hidden.options());
+  torch::Tensor mask = side.size() > 2 ? side[2] : torch::Tensor();
   if (cache != nullptr) {
     // Generation: no grad, so nothing to checkpoint; each layer extends its
     // cache entries.
@@ -288,14 +278,10 @@ torch::Tensor LlamaModelImpl::forward(
         cache->keys.size());
     for (size_t i = 0; i < n; ++i) {
       hidden = decoder_layers[i]->forward(
-          hidden, tables.first, tables.second, mask, SegmentMode::kStore,
+          hidden, side[0], side[1], mask, SegmentMode::kStore,
           &cache->keys[i], &cache->values[i]);
     }
   } else {
-    std::vector<torch::Tensor> side{tables.first, tables.second};
-    if (mask.defined()) {
-      side.push_back(mask);
-    }
     hidden = detail::run_stack(
         decoder_layers, hidden, side, schedule,
         [](LlamaDecoderLayer layer, const torch::Tensor& h,
@@ -305,6 +291,29 @@ torch::Tensor LlamaModelImpl::forward(
         });
   }
   return norm->forward(hidden);
+}
+
+std::vector<torch::Tensor> LlamaModelImpl::side_inputs(
+    const torch::Tensor& input_ids,
+    const torch::Tensor& attention_mask,
+    int64_t past,
+    const torch::TensorOptions& options) const {
+  const auto batch = input_ids.size(0);
+  const auto seq = input_ids.size(1);
+  auto tables = rotary_tables(
+      this->options.head_dim(), this->options.rope_theta(), past, seq, options);
+  std::vector<torch::Tensor> side{tables.first, tables.second};
+  if (attention_mask.defined()) {
+    TORCH_CHECK(
+        attention_mask.dim() == 2 && attention_mask.size(0) == batch &&
+            attention_mask.size(1) == past + seq,
+        "remat::nn::Llama: expected attention_mask of shape [", batch, ", ",
+        past + seq, "] (cached + new tokens), but got ", attention_mask.sizes());
+    // [B, T] of 1/0 -> additive [B, 1, 1, T] of 0 / most negative value.
+    auto keep = attention_mask.to(options.dtype()).view({batch, 1, 1, past + seq});
+    side.push_back((1.0 - keep) * std::numeric_limits<float>::lowest());
+  }
+  return side;
 }
 
 namespace {
@@ -359,6 +368,11 @@ torch::Tensor LlamaImpl::forward(
     const torch::Tensor& input_ids,
     const torch::Tensor& attention_mask,
     KvCache* cache) {
+  if (policy_.kind() == CheckpointPolicy::Kind::kBudget && cache == nullptr &&
+      torch::GradMode::is_enabled() && input_ids.dim() == 2 &&
+      (input_ids.size(0) > planned_batch_ || input_ids.size(1) > planned_seq_)) {
+    plan_budget(input_ids, attention_mask);
+  }
   auto hidden = model->forward(input_ids, attention_mask, schedule_, cache);
   return lm_head ? lm_head->forward(hidden)
                  : torch::nn::functional::linear(hidden, model->embed_tokens->weight);
@@ -403,8 +417,44 @@ torch::Tensor LlamaImpl::generate(
 }
 
 void LlamaImpl::gradient_checkpointing_enable(const CheckpointPolicy& policy) {
-  schedule_ = policy.schedule(options.num_layers());
+  schedule_ = policy.kind() == CheckpointPolicy::Kind::kBudget
+      ? CheckpointPolicy::none().schedule(options.num_layers())
+      : policy.schedule(options.num_layers());
   policy_ = policy;
+  planned_batch_ = 0;
+  planned_seq_ = 0;
+}
+
+void LlamaImpl::gradient_checkpointing_enable(
+    const CheckpointPolicy& policy,
+    const plan::Chain& chain) {
+  if (policy.kind() != CheckpointPolicy::Kind::kBudget) {
+    gradient_checkpointing_enable(policy);
+    return;
+  }
+  TORCH_CHECK(
+      chain.num_layers() == options.num_layers(),
+      "remat::nn::Llama: expected a cost profile with ", options.num_layers(),
+      " layers, but got one with ", chain.num_layers());
+  schedule_ = plan::solve(chain, policy.budget_bytes()).schedule;
+  policy_ = policy;
+  // Planned for good: a forward does not plan it again.
+  planned_batch_ = planned_seq_ = std::numeric_limits<int64_t>::max();
+}
+
+void LlamaImpl::plan_budget(const torch::Tensor& input_ids, const torch::Tensor& attention_mask) {
+  plan::Plan p;
+  try {
+    p = plan_checkpointing(
+        *this, LlamaStep(input_ids).attention_mask(attention_mask), policy_.budget_bytes());
+  } catch (const c10::Error& e) {
+    TORCH_CHECK(
+        false, "remat::nn::Llama: checkpoint policy '", policy_.name(), "': ",
+        e.what_without_backtrace());
+  }
+  schedule_ = p.schedule;
+  planned_batch_ = input_ids.size(0);
+  planned_seq_ = input_ids.size(1);
 }
 
 void LlamaImpl::gradient_checkpointing_disable() {

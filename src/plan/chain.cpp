@@ -37,6 +37,9 @@ void Chain::validate() const {
   TORCH_CHECK(!stages.empty(), "remat::plan: expected a chain with stages, but got none");
   TORCH_CHECK(
       base_bytes >= 0, "remat::plan: expected base_bytes >= 0, but got ", base_bytes);
+  TORCH_CHECK(
+      checkpoint_bytes >= 0, "remat::plan: expected checkpoint_bytes >= 0, but got ",
+      checkpoint_bytes);
   // Kinds must read embedding* layer+ head*.
   int phase = 0;
   int64_t layers = 0;
@@ -63,6 +66,10 @@ void Chain::validate() const {
         s.forward_transient_bytes(), ", no-grad transient ",
         s.nograd_transient_bytes(), " and backward transient ",
         s.backward_transient_bytes(), " bytes");
+    TORCH_CHECK(
+        !s.group_backward_transient_bytes() || *s.group_backward_transient_bytes() >= 0,
+        "remat::plan: expected group_backward_transient_bytes >= 0, but stage ", i,
+        " ('", s.name(), "') has ", s.group_backward_transient_bytes().value_or(0));
     TORCH_CHECK(
         s.parameter_gradient_bytes() >= 0,
         "remat::plan: expected parameter_gradient_bytes >= 0, but stage ", i, " ('",
@@ -116,7 +123,11 @@ int64_t Chain::first_layer() const {
 
 std::string Chain::str() const {
   std::ostringstream out;
-  out << "base " << memory::format_size(base_bytes) << "\n";
+  out << "base " << memory::format_size(base_bytes);
+  if (checkpoint_bytes > 0) {
+    out << ", per checkpointed group " << memory::format_size(checkpoint_bytes);
+  }
+  out << "\n";
   char line[256];
   for (const auto& s : stages) {
     std::snprintf(

@@ -47,6 +47,14 @@ ModeCost mode_cost(const Chain& chain, int64_t i, SegmentMode mode) {
           sel->backward_transient_bytes(), t + sel->recompute_seconds()};
 }
 
+// Bytes of stage i's backward temporaries inside a checkpointed group,
+// including its own parameters' gradients (returned, not accumulated).
+int64_t group_backward(const Chain& chain, int64_t i) {
+  const auto& s = chain.stages[i];
+  return s.group_backward_transient_bytes().value_or(
+      s.backward_transient_bytes() + s.parameter_gradient_bytes());
+}
+
 // Bytes of the gradient that stage i's backward produces for its input; the
 // first stage's input (token ids) takes none.
 int64_t input_grad(const Chain& chain, int64_t i) {
@@ -133,13 +141,14 @@ Evaluation simulate(const Chain& chain, const std::vector<Unit>& units) {
       seconds += m.seconds;
       continue;
     }
+    const int64_t kept = chain.checkpoint_bytes; // from here to its backward
     for (int64_t i = u.begin; i < u.end; ++i) {
       const int64_t in = i > u.begin ? st[i - 1].output_bytes() : 0;
-      bump(held + in + st[i].output_bytes() + st[i].nograd_transient_bytes(),
+      bump(held + kept + in + st[i].output_bytes() + st[i].nograd_transient_bytes(),
            "forward of", i, &u);
       seconds += 2 * st[i].forward_seconds() + st[i].backward_seconds();
     }
-    held += st[u.end - 1].output_bytes();
+    held += st[u.end - 1].output_bytes() + kept;
   }
   const int64_t activations = held - chain.base_bytes;
 
@@ -162,21 +171,20 @@ Evaluation simulate(const Chain& chain, const std::vector<Unit>& units) {
       acc += st[i].stored_bytes();
     }
     held += acc;
-    int64_t param_grads = 0;
+    int64_t param_grads = 0; // of the layers after i, done already
     for (int64_t i = u.end - 1; i >= u.begin; --i) {
       // Below the last layer: that layer's gradient, and the recomputed output
       // that remat's checkpoint holds until it returns; and the parameter
       // gradients of the layers done so far, returned all at once.
-      param_grads += st[i].parameter_gradient_bytes();
       const int64_t inner = i < u.end - 1 ? st[i].output_bytes() + last_out : 0;
-      bump(held + inner + param_grads + input_grad(chain, i) +
-               st[i].backward_transient_bytes(),
+      bump(held + inner + param_grads + input_grad(chain, i) + group_backward(chain, i),
            "backward of", i, &u);
+      param_grads += st[i].parameter_gradient_bytes();
       held -= st[i].stored_bytes();
     }
     bump(held + last_out + param_grads + input_grad(chain, u.begin),
          "end of backward of", u.begin, &u);
-    held += input_grad(chain, u.begin) - last_out;
+    held += input_grad(chain, u.begin) - last_out - chain.checkpoint_bytes;
   }
   TORCH_INTERNAL_ASSERT(
       held == chain.base_bytes, "remat::plan: memory walk ended at ", held,
@@ -214,7 +222,10 @@ UnitCost group_unit(const Chain& chain, int64_t a, int64_t b) {
   const auto& st = chain.stages;
   UnitCost c;
   const int64_t last_out = st[b - 1].output_bytes();
-  c.held = last_out;
+  // Everything below is on top of the group's checkpoint_bytes, held from
+  // its first forward to the end of its backward.
+  const int64_t kept = chain.checkpoint_bytes;
+  c.held = last_out + kept;
   int64_t acc = 0;
   for (int64_t i = a; i < b; ++i) {
     const int64_t in = i > a ? st[i - 1].output_bytes() : 0;
@@ -226,16 +237,17 @@ UnitCost group_unit(const Chain& chain, int64_t a, int64_t b) {
   }
   int64_t param_grads = 0;
   for (int64_t i = b - 1; i >= a; --i) {
-    param_grads += st[i].parameter_gradient_bytes();
     const int64_t inner = i < b - 1 ? st[i].output_bytes() + last_out : 0;
     c.need = std::max(
         c.need,
         last_out + acc + inner + param_grads + input_grad(chain, i) +
-            st[i].backward_transient_bytes());
+            group_backward(chain, i));
+    param_grads += st[i].parameter_gradient_bytes();
     acc -= st[i].stored_bytes();
   }
   // The group's return (x_{b-1} + x_{a-1} + parameter gradients) is below
   // layer a's backward, which holds at least as much; no need to check it.
+  c.need += kept;
   return c;
 }
 

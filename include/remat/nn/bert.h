@@ -24,7 +24,12 @@
 #include <torch/nn/modules/normalization.h>
 #include <torch/nn/pimpl.h>
 
+#include <utility>
+
 namespace remat {
+namespace plan {
+struct Chain;
+} // namespace plan
 namespace nn {
 
 /// Sizes and settings of a BERT encoder. Defaults are bert-base's.
@@ -185,11 +190,38 @@ class BertImpl : public torch::nn::Cloneable<BertImpl> {
       const torch::Tensor& attention_mask = {},
       const torch::Tensor& token_type_ids = {});
 
+  /// The part of forward before the layers: the embeddings' output
+  /// [B, S, H] and the additive mask [B, 1, 1, S] the layers read (undefined
+  /// without attention_mask). Arguments as for forward.
+  std::pair<torch::Tensor, torch::Tensor> embed(
+      const torch::Tensor& input_ids,
+      const torch::Tensor& attention_mask = {},
+      const torch::Tensor& token_type_ids = {});
+
   /// Checkpoint the layers as `policy` says; `none` turns it off.
+  ///
+  /// A budget policy (CheckpointPolicy::budget, "budget:2GiB") is planned at
+  /// the first forward with grad on: the model is profiled on that batch
+  /// (remat::nn::plan_checkpointing, remat/nn/profile.h, with its default
+  /// loss) and the fastest schedule whose predicted peak fits the budget
+  /// (total bytes, weights included) runs from then on. A batch that is
+  /// larger than the planned one in batch or sequence is planned again. A
+  /// budget below what any schedule needs fails that forward with an error
+  /// giving the smallest feasible budget.
   void gradient_checkpointing_enable(
       const CheckpointPolicy& policy = CheckpointPolicy::every_layer());
+  /// A budget policy planned now on a given cost profile (from
+  /// remat::nn::profile_model or remat::plan::estimate_chain); any other
+  /// policy ignores `chain`. Throws, giving the smallest feasible budget,
+  /// when nothing fits.
+  void gradient_checkpointing_enable(
+      const CheckpointPolicy& policy,
+      const plan::Chain& chain);
   void gradient_checkpointing_disable();
   const CheckpointPolicy& checkpoint_policy() const { return policy_; }
+  /// The schedule the layers run: the policy's, or for a budget policy the
+  /// planned one (all kStore until planned).
+  const Schedule& checkpoint_schedule() const { return schedule_; }
 
   BertOptions options;
   BertEmbeddings embeddings{nullptr};
@@ -197,8 +229,15 @@ class BertImpl : public torch::nn::Cloneable<BertImpl> {
   BertPooler pooler{nullptr};
 
  private:
+  void plan_budget(
+      const torch::Tensor& input_ids,
+      const torch::Tensor& attention_mask,
+      const torch::Tensor& token_type_ids);
+
   CheckpointPolicy policy_;
   Schedule schedule_;
+  int64_t planned_batch_ = 0; ///< shape the budget plan was made for; 0: none
+  int64_t planned_seq_ = 0;
 };
 TORCH_MODULE(Bert);
 

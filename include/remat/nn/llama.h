@@ -45,6 +45,9 @@
 #include <vector>
 
 namespace remat {
+namespace plan {
+struct Chain;
+} // namespace plan
 namespace nn {
 
 /// Sizes and settings of a Llama decoder. Defaults are Llama-2-7B's.
@@ -198,6 +201,16 @@ class LlamaModelImpl : public torch::nn::Cloneable<LlamaModelImpl> {
       const Schedule& schedule,
       KvCache* cache = nullptr);
 
+  /// What every layer reads besides the hidden state, for input_ids [B, S]
+  /// after `past` cached tokens: the rotary cos and sin [S, head_dim] in the
+  /// dtype and device of `options`, then, when attention_mask ([B, past + S],
+  /// 1 keep / 0 pad) is defined, the additive mask [B, 1, 1, past + S].
+  std::vector<torch::Tensor> side_inputs(
+      const torch::Tensor& input_ids,
+      const torch::Tensor& attention_mask,
+      int64_t past,
+      const torch::TensorOptions& options) const;
+
   LlamaOptions options;
   torch::nn::Embedding embed_tokens{nullptr};
   torch::nn::ModuleList layers{nullptr};
@@ -240,11 +253,32 @@ class LlamaImpl : public torch::nn::Cloneable<LlamaImpl> {
       bool use_cache = true);
 
   /// Checkpoint the layers as `policy` says; `none` turns it off.
+  ///
+  /// A budget policy (CheckpointPolicy::budget, "budget:2GiB") is planned at
+  /// the first forward with grad on: the model is profiled on that batch
+  /// (remat::nn::plan_checkpointing, remat/nn/profile.h, with next-token
+  /// labels) and the fastest schedule whose predicted peak fits the budget
+  /// (total bytes, weights included) runs from then on. A batch that is
+  /// larger than the planned one in batch or sequence is planned again. A
+  /// budget below what any schedule needs fails that forward with an error
+  /// giving the smallest feasible budget.
   void gradient_checkpointing_enable(
       const CheckpointPolicy& policy = CheckpointPolicy::every_layer());
+  /// A budget policy planned now on a given cost profile (from
+  /// remat::nn::profile_model or remat::plan::estimate_chain); any other
+  /// policy ignores `chain`. Throws, giving the smallest feasible budget,
+  /// when nothing fits.
+  void gradient_checkpointing_enable(
+      const CheckpointPolicy& policy,
+      const plan::Chain& chain);
   void gradient_checkpointing_disable();
   const CheckpointPolicy& checkpoint_policy() const {
     return policy_;
+  }
+  /// The schedule the layers run: the policy's, or for a budget policy the
+  /// planned one (all kStore until planned).
+  const Schedule& checkpoint_schedule() const {
+    return schedule_;
   }
 
   /// The [vocab, hidden] output matrix: lm_head's, or the embeddings' when tied.
@@ -255,8 +289,12 @@ class LlamaImpl : public torch::nn::Cloneable<LlamaImpl> {
   Projection lm_head{nullptr}; ///< null when tie_word_embeddings
 
  private:
+  void plan_budget(const torch::Tensor& input_ids, const torch::Tensor& attention_mask);
+
   CheckpointPolicy policy_;
   Schedule schedule_;
+  int64_t planned_batch_ = 0; ///< shape the budget plan was made for; 0: none
+  int64_t planned_seq_ = 0;
 };
 TORCH_MODULE(Llama);
 

@@ -4,8 +4,8 @@
 //
 // Every figure is per training step (one forward and one backward of one
 // micro-batch). Sizes are bytes, times are seconds. A chain comes either from
-// measuring a model (`profile`, below) or from the analytic estimator
-// (remat/plan/estimate.h).
+// measuring a model (`profile`, below; remat/nn/profile.h builds the stages
+// of remat's models) or from the analytic estimator (remat/plan/estimate.h).
 //
 // Conventions (the planner's memory model relies on them; see solver.h):
 //   x_i  = output_bytes of stage i, the tensor a checkpoint keeps;
@@ -32,6 +32,7 @@
 #include "remat/policy.h"
 
 #include <ATen/core/Tensor.h>
+#include <c10/core/Device.h>
 #include <c10/util/Optional.h>
 #include <torch/arg.h>
 
@@ -93,6 +94,9 @@ struct SelectiveCost {
 ///                             input's gradient);
 ///   parameter_gradient_bytes= sum of the stage's trainable parameters'
 ///                             gradient sizes;
+///   group_backward_transient_bytes = as backward_transient_bytes, with the
+///                             backward run as torch::autograd::grad over
+///                             the input and parameters;
 ///   SelectiveCost fields    = the same, measured with the layer in that mode.
 ///
 /// Example:
@@ -133,6 +137,14 @@ struct StageCost {
   /// as it is computed; in a checkpointed group, remat's checkpoint returns
   /// them all at once, so the group holds its layers' until its backward ends.
   TORCH_ARG(int64_t, parameter_gradient_bytes) = 0;
+  /// Bytes of temporaries at the worst moment of the stage's backward when it
+  /// runs inside a checkpointed group, on top of the stored bytes and the
+  /// output's and input's gradients: there its parameters' gradients are
+  /// returned rather than added into `.grad`, so they pile up as the
+  /// backward goes. Measured as backward_transient_bytes, with the backward
+  /// run as torch::autograd::grad over the input and the parameters. Unset:
+  /// backward_transient_bytes + parameter_gradient_bytes (an upper bound).
+  TORCH_ARG(c10::optional<int64_t>, group_backward_transient_bytes) = c10::nullopt;
   /// Costs of kRecomputeAttention / kRecomputeMlp; unset: mode not offered.
   TORCH_ARG(c10::optional<SelectiveCost>, recompute_attention) = c10::nullopt;
   TORCH_ARG(c10::optional<SelectiveCost>, recompute_mlp) = c10::nullopt;
@@ -148,6 +160,10 @@ struct Chain {
   /// Bytes held for the whole step whatever the schedule: weights, gradients,
   /// optimizer state, the input batch.
   int64_t base_bytes = 0;
+  /// Bytes a checkpointed group keeps from its forward until its backward
+  /// has run, besides its input and output: remat's checkpoint saves the
+  /// generator state for the recompute (5,056 bytes for the CPU generator).
+  int64_t checkpoint_bytes = 0;
 
   /// Throws c10::Error naming the first stage that breaks the conventions
   /// above (order of kinds, negative figures, stored < output).
@@ -159,8 +175,8 @@ struct Chain {
 };
 
 // ---------------------------------------------------------------------------
-// Profiling a real model (signature only: the profiler is to be written; the
-// models fill a `StageRunner` per stage).
+// Profiling a real model: the models (remat/nn/profile.h) describe their
+// stages as StageRunners, and `profile` measures each one alone.
 
 /// One stage of a real model, as a profiler needs it.
 ///
@@ -171,6 +187,7 @@ struct Chain {
 ///     return model->encoder->layers[0]->forward(h, mask, mode);
 ///   };
 ///   layer.modes = {remat::SegmentMode::kRecomputeAttention};
+///   layer.parameters = model->encoder->layers[0]->parameters();
 struct StageRunner {
   std::string name;
   StageKind kind = StageKind::kLayer;
@@ -180,18 +197,57 @@ struct StageRunner {
   /// The selective modes the stage supports (kRecomputeAttention,
   /// kRecomputeMlp).
   std::vector<SegmentMode> modes;
+  /// The stage's parameters. Those that require grad make up
+  /// parameter_gradient_bytes; while profiling they hold zeroed gradients of
+  /// the profiler's own (the caller's are put back afterwards).
+  std::vector<at::Tensor> parameters;
+  /// Optional; called before each run of the stage. Drops what an earlier
+  /// run left outside the stage's output (an attention mask or rotary tables
+  /// handed to the later stages), so that a new run's copy counts in this
+  /// stage's stored bytes instead of replacing the old one unseen.
+  std::function<void()> reset;
 };
 
 /// Options of `profile`.
+///
+/// Example:
+///   remat::plan::ProfileOptions().warmup(1).repeats(5)
 struct ProfileOptions {
-  TORCH_ARG(int64_t, warmup) = 1;  ///< runs discarded before timing
-  TORCH_ARG(int64_t, repeats) = 3; ///< timed runs, averaged
+  TORCH_ARG(int64_t, warmup) = 1;  ///< runs per stage and mode discarded
+  TORCH_ARG(int64_t, repeats) = 3; ///< timed runs per stage and mode; the
+                                   ///< median is kept
+  /// Where the bytes are counted (remat::memory's counters for this device).
+  TORCH_ARG(c10::Device, device) = c10::Device(c10::kCPU);
 };
 
-/// Measures each stage on `input` and returns its Chain (fields as documented
-/// on StageCost; base_bytes = bytes held before the first stage runs).
-/// Declared here for the models to target; implemented by the profiler
-/// (src/plan/profile.cpp), which is not written yet.
+/// Measures each stage on `input` and returns its Chain (fields as
+/// documented on StageCost).
+///
+/// Stage i runs alone, on the output of stage i - 1 (computed without grad,
+/// then made a leaf that requires grad when the real output would), first in
+/// `warmup + repeats` rounds that each run forward and backward in kStore and
+/// in every selective mode the stage offers (side by side, so that a noisy
+/// machine slows them alike), then a layer once more with its backward as
+/// a checkpointed group runs it (torch::autograd::grad over the input and
+/// parameters), then once under NoGradGuard. Sizes are exact
+/// (remat::memory's counting allocator must be installed) and the largest
+/// over the timed rounds; times are medians; a selective mode's
+/// recompute_seconds is the median extra time of its rounds over kStore's
+/// (0 when it is not slower).
+///
+/// Every trainable parameter holds a gradient during the step, as in a
+/// training loop that zeroes gradients rather than dropping them, so
+/// base_bytes = the bytes held when `profile` is called, plus the gradients
+/// of the stages' trainable parameters that have none yet, plus what the
+/// last stage still holds when its backward has returned while its output
+/// is referenced (the loss, its gradient, and what the loss's graph keeps:
+/// a step holds them until its backward ends). checkpoint_bytes is measured around a real remat::checkpoint of
+/// a layer. The caller's
+/// gradients and the default CPU generator's state are left as they were.
+///
+/// Example:
+///   auto chain = remat::plan::profile(runners, input_ids);
+///   auto plan = remat::plan::solve(chain, int64_t(2) << 30);
 Chain profile(
     const std::vector<StageRunner>& stages,
     const at::Tensor& input,

@@ -18,19 +18,23 @@
 // over these events:
 //   forward, stage i run normally in mode m: extra s_m + f_m; held += s_m;
 //   forward, checkpointed group [a, b), grad off, for each i in it:
-//     extra (i > a ? x_{i-1} : 0) + x_i + g_i;  then held += x_{b-1};
+//     extra c + (i > a ? x_{i-1} : 0) + x_i + g_i;  then held += x_{b-1} + c
+//     (c = chain.checkpoint_bytes, what the checkpoint itself keeps until
+//     its backward ends);
 //   backward starts holding the loss gradient: held += x_last;
 //   backward of a stage i run normally (held includes s_m and grad x_i):
 //     extra x_{i-1} + b_m; then held -= s_m + x_i, held += x_{i-1};
 //   backward of a group [a, b) (held includes x_{b-1} and its gradient):
 //     the old output is released: held -= x_{b-1};
 //     recompute, grad on, i = a..b-1: extra acc + s_i + f_i, acc += s_i;
-//     then layers i = b-1..a: extra x_{i-1} + b_i + (p_i + ... + p_{b-1})
-//     (parameter gradients, which remat's checkpoint returns all at once),
-//     plus for i < b-1 the gradient of x_i and the recomputed x_{b-1} (the
-//     checkpoint holds it until it returns); held -= s_i;
+//     then layers i = b-1..a: extra x_{i-1} + B_i + (p_{i+1} + ... + p_{b-1})
+//     (parameter gradients, which remat's checkpoint returns all at once;
+//     B_i = group_backward_transient_bytes, which counts layer i's own as
+//     they appear, or b_i + p_i where unset), plus for i < b-1 the gradient
+//     of x_i and the recomputed x_{b-1} (the checkpoint holds it until it
+//     returns); held -= s_i;
 //     at return: extra x_{b-1} + x_{a-1} + (p_a + ... + p_{b-1}); then the
-//     group's incoming gradient is freed and x_{a-1}'s is held.
+//     group's incoming gradient and c are freed and x_{a-1}'s is held.
 // The gradient of the first stage's input (token ids) is 0 bytes. Where the
 // model simplifies, it errs high: a stage's output counts as held until the
 // stage's own backward (autograd frees it one stage earlier), and both its

@@ -1,0 +1,372 @@
+// plan::profile: measures a model's stages one at a time with remat's byte
+// counters and a clock, and writes down the Chain the planner optimises over.
+#include "remat/plan/chain.h"
+
+#include "remat/checkpoint.h"
+#include "remat/memory.h"
+
+#include <ATen/CPUGeneratorImpl.h>
+#include <ATen/core/grad_mode.h>
+#include <ATen/ops/ones_like.h>
+#include <ATen/ops/zeros_like.h>
+#include <c10/util/Exception.h>
+#include <torch/csrc/api/include/torch/cuda.h>
+#include <torch/csrc/autograd/autograd.h>
+
+#include <c10/util/Optional.h>
+
+#include <algorithm>
+#include <chrono>
+#include <mutex>
+#include <unordered_set>
+
+namespace remat {
+namespace plan {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+double median(std::vector<double> v) {
+  if (v.empty()) {
+    return 0;
+  }
+  std::sort(v.begin(), v.end());
+  const size_t n = v.size();
+  return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
+}
+
+int64_t bytes_of(const at::Tensor& t) {
+  return t.defined() ? static_cast<int64_t>(t.numel()) * t.element_size() : 0;
+}
+
+// One forward and backward of a stage in one mode.
+struct Sample {
+  int64_t output = 0;
+  int64_t stored = 0;
+  int64_t forward_transient = 0;
+  int64_t backward_transient = 0;
+  double forward_seconds = 0;
+  double backward_seconds = 0;
+  bool output_requires_grad = false;
+  // Held after backward returned, above what was held before the forward,
+  // with the output and its gradient still referenced (as a caller holds
+  // the loss): the output, its gradient, and whatever the graph keeps alive
+  // until the output dies.
+  int64_t kept_after_backward = 0;
+};
+
+class Meter {
+ public:
+  explicit Meter(c10::Device device) : device_(device) {}
+
+  int64_t held() const { return memory::current_bytes(device_); }
+  int64_t peak() const { return memory::peak_bytes(device_); }
+  void reset_peak() const { memory::reset_peak(device_); }
+  // Kernels on a GPU run asynchronously; a time needs them finished.
+  Clock::time_point now() const {
+    if (device_.is_cuda()) {
+      torch::cuda::synchronize(device_.index());
+    }
+    return Clock::now();
+  }
+
+ private:
+  c10::Device device_;
+};
+
+double seconds(Clock::time_point a, Clock::time_point b) {
+  return std::chrono::duration<double>(b - a).count();
+}
+
+// `grouped`: backward as a checkpointed group runs it, with
+// torch::autograd::grad returning the input's and parameters' gradients
+// instead of adding them into `.grad`.
+Sample run_once(
+    const StageRunner& r,
+    const at::Tensor& input,
+    SegmentMode mode,
+    const Meter& m,
+    bool grouped = false) {
+  if (r.reset) {
+    r.reset();
+  }
+  Sample s;
+  const int64_t before = m.held();
+  m.reset_peak();
+  const auto t0 = m.now();
+  at::Tensor out = r.forward(input, mode);
+  const auto t1 = m.now();
+  TORCH_CHECK(
+      out.defined(), "remat::plan::profile: expected stage '", r.name,
+      "' to return a defined tensor, but it returned an undefined one");
+  const int64_t after = m.held();
+  s.output = bytes_of(out);
+  s.stored = after - before;
+  s.forward_transient = std::max<int64_t>(0, m.peak() - after);
+  s.forward_seconds = seconds(t0, t1);
+  s.output_requires_grad = out.requires_grad();
+  if (out.requires_grad()) {
+    // The gradient that the next stage would hand back.
+    at::Tensor grad = at::ones_like(out, at::MemoryFormat::Contiguous);
+    const int64_t held = m.held();
+    m.reset_peak();
+    const auto t2 = m.now();
+    if (grouped) {
+      std::vector<at::Tensor> targets;
+      if (input.requires_grad()) {
+        targets.push_back(input);
+      }
+      for (const auto& p : r.parameters) {
+        if (p.defined() && p.requires_grad()) {
+          targets.push_back(p);
+        }
+      }
+      if (!targets.empty()) {
+        torch::autograd::grad({out}, targets, {grad}, /*retain_graph=*/false,
+                              /*create_graph=*/false, /*allow_unused=*/true);
+      }
+    } else {
+      torch::autograd::backward({out}, {grad});
+    }
+    const auto t3 = m.now();
+    // The input's gradient is the planner's own term, not a transient.
+    const int64_t input_grad = input.requires_grad() ? bytes_of(input) : 0;
+    s.backward_transient = std::max<int64_t>(0, m.peak() - held - input_grad);
+    s.backward_seconds = seconds(t2, t3);
+    s.kept_after_backward = std::max<int64_t>(0, m.held() - before - input_grad);
+  }
+  if (input.requires_grad()) {
+    const_cast<at::Tensor&>(input).mutable_grad().reset();
+  }
+  return s;
+}
+
+// Gives every trainable parameter a zeroed gradient of the profiler's own for
+// the duration, as a training loop that zeroes gradients holds them, and puts
+// the caller's (possibly none) back afterwards.
+class GradientSwap {
+ public:
+  explicit GradientSwap(const std::vector<StageRunner>& stages) {
+    std::unordered_set<const c10::TensorImpl*> seen;
+    for (const auto& st : stages) {
+      for (const auto& p : st.parameters) {
+        if (!p.defined() || !p.requires_grad() ||
+            !seen.insert(p.unsafeGetTensorImpl()).second) {
+          continue;
+        }
+        params_.push_back(p);
+        saved_.push_back(p.grad());
+        if (!p.grad().defined()) {
+          missing_bytes_ += bytes_of(p);
+        }
+      }
+    }
+    for (auto& p : params_) {
+      p.mutable_grad() = at::zeros_like(p);
+    }
+  }
+  ~GradientSwap() {
+    for (size_t i = 0; i < params_.size(); ++i) {
+      params_[i].mutable_grad() = saved_[i];
+    }
+  }
+  GradientSwap(const GradientSwap&) = delete;
+  GradientSwap& operator=(const GradientSwap&) = delete;
+
+  /// Bytes of the gradients the caller had not allocated yet.
+  int64_t missing_bytes() const { return missing_bytes_; }
+
+ private:
+  std::vector<at::Tensor> params_;
+  std::vector<at::Tensor> saved_;
+  int64_t missing_bytes_ = 0;
+};
+
+// Dropout in the stages draws random numbers; the caller's sequence should
+// not depend on whether it profiled first.
+class CpuRngRestore {
+ public:
+  CpuRngRestore() {
+    auto gen = at::detail::getDefaultCPUGenerator();
+    std::lock_guard<std::mutex> lock(gen.mutex());
+    state_ = gen.get_state();
+  }
+  ~CpuRngRestore() {
+    auto gen = at::detail::getDefaultCPUGenerator();
+    std::lock_guard<std::mutex> lock(gen.mutex());
+    gen.set_state(state_);
+  }
+  CpuRngRestore(const CpuRngRestore&) = delete;
+  CpuRngRestore& operator=(const CpuRngRestore&) = delete;
+
+ private:
+  at::Tensor state_;
+};
+
+bool is_selective(SegmentMode mode) {
+  return mode == SegmentMode::kRecomputeAttention || mode == SegmentMode::kRecomputeMlp;
+}
+
+} // namespace
+
+Chain profile(
+    const std::vector<StageRunner>& stages,
+    const at::Tensor& input,
+    const ProfileOptions& options) {
+  TORCH_CHECK(
+      !stages.empty(), "remat::plan::profile: expected at least one stage, but got none");
+  TORCH_CHECK(
+      input.defined(), "remat::plan::profile: expected a defined input, but got an undefined one");
+  TORCH_CHECK(
+      options.warmup() >= 0 && options.repeats() >= 1,
+      "remat::plan::profile: expected warmup >= 0 and repeats >= 1, but got warmup ",
+      options.warmup(), " and repeats ", options.repeats());
+  TORCH_CHECK(
+      options.device().is_cpu() || options.device().is_cuda(),
+      "remat::plan::profile: expected a CPU or CUDA device, but got ", options.device());
+  TORCH_CHECK(
+      !options.device().is_cpu() || memory::installed(),
+      "remat::plan::profile: expected remat::memory::install() to have run (the "
+      "profiler reads its byte counters), but it has not");
+  for (const auto& st : stages) {
+    TORCH_CHECK(
+        static_cast<bool>(st.forward), "remat::plan::profile: expected stage '", st.name,
+        "' to have a forward function, but it has none");
+    for (auto mode : st.modes) {
+      TORCH_CHECK(
+          is_selective(mode) && st.kind == StageKind::kLayer,
+          "remat::plan::profile: expected selective modes only on layers, but stage '",
+          st.name, "' (", to_string(st.kind), ") offers ", to_string(mode));
+    }
+  }
+  c10::AutoGradMode grad_on(true);
+  const Meter meter(options.device());
+  const int64_t held_at_start = meter.held();
+  CpuRngRestore rng;
+  GradientSwap grads(stages);
+
+  Chain chain;
+  chain.base_bytes = held_at_start + grads.missing_bytes();
+  at::Tensor x = input;
+  int64_t kept_by_last = 0;
+  for (const auto& st : stages) {
+    std::vector<SegmentMode> modes{SegmentMode::kStore};
+    modes.insert(modes.end(), st.modes.begin(), st.modes.end());
+    std::vector<std::vector<Sample>> samples(modes.size());
+    for (int64_t round = 0; round < options.warmup() + options.repeats(); ++round) {
+      for (size_t k = 0; k < modes.size(); ++k) {
+        auto s = run_once(st, x, modes[k], meter);
+        if (round >= options.warmup()) {
+          samples[k].push_back(s);
+        }
+      }
+    }
+    auto largest = [](const std::vector<Sample>& v, int64_t Sample::*field) {
+      int64_t m = 0;
+      for (const auto& s : v) {
+        m = std::max(m, s.*field);
+      }
+      return m;
+    };
+    auto total_seconds = [](const std::vector<Sample>& v) {
+      std::vector<double> t;
+      for (const auto& s : v) {
+        t.push_back(s.forward_seconds + s.backward_seconds);
+      }
+      return median(t);
+    };
+    const auto& base = samples[0];
+    std::vector<double> fwd, bwd;
+    for (const auto& s : base) {
+      fwd.push_back(s.forward_seconds);
+      bwd.push_back(s.backward_seconds);
+    }
+    StageCost cost(st.name, st.kind);
+    cost.forward_seconds(median(fwd))
+        .backward_seconds(median(bwd))
+        .output_bytes(largest(base, &Sample::output))
+        .stored_bytes(std::max(largest(base, &Sample::stored), largest(base, &Sample::output)))
+        .forward_transient_bytes(largest(base, &Sample::forward_transient))
+        .backward_transient_bytes(largest(base, &Sample::backward_transient));
+    int64_t param_grads = 0;
+    {
+      std::unordered_set<const c10::TensorImpl*> seen;
+      for (const auto& p : st.parameters) {
+        if (p.defined() && p.requires_grad() && seen.insert(p.unsafeGetTensorImpl()).second) {
+          param_grads += bytes_of(p);
+        }
+      }
+    }
+    cost.parameter_gradient_bytes(param_grads);
+    if (st.kind == StageKind::kLayer) {
+      cost.group_backward_transient_bytes(
+          run_once(st, x, SegmentMode::kStore, meter, /*grouped=*/true).backward_transient);
+    }
+    const double store_seconds = total_seconds(base);
+    for (size_t k = 1; k < modes.size(); ++k) {
+      const auto& v = samples[k];
+      auto sel = SelectiveCost(
+                     std::max(largest(v, &Sample::stored), cost.output_bytes()),
+                     std::max(0.0, total_seconds(v) - store_seconds))
+                     .forward_transient_bytes(largest(v, &Sample::forward_transient))
+                     .backward_transient_bytes(largest(v, &Sample::backward_transient));
+      if (modes[k] == SegmentMode::kRecomputeAttention) {
+        cost.recompute_attention(sel);
+      } else {
+        cost.recompute_mlp(sel);
+      }
+    }
+
+    // Once more without grad, as a checkpointed group's first pass runs it
+    // (a layer: inside a real checkpoint, which also tells what the
+    // checkpoint itself keeps); its output is the next stage's input.
+    if (st.reset) {
+      st.reset();
+    }
+    at::Tensor out;
+    {
+      const bool grouped = st.kind == StageKind::kLayer;
+      c10::optional<at::NoGradGuard> no_grad;
+      if (!grouped) {
+        no_grad.emplace();
+      }
+      const int64_t before = meter.held();
+      meter.reset_peak();
+      if (grouped) {
+        const auto forward = st.forward;
+        out = checkpoint(
+            [forward](const std::vector<at::Tensor>& in) {
+              return std::vector<at::Tensor>{forward(in[0], SegmentMode::kStore)};
+            },
+            {x}, CheckpointOptions().parameters(st.parameters).name(st.name))[0];
+      } else {
+        out = st.forward(x, SegmentMode::kStore);
+      }
+      const int64_t after = meter.held();
+      const int64_t kept = std::max<int64_t>(0, after - before - bytes_of(out));
+      if (grouped) {
+        chain.checkpoint_bytes = std::max(chain.checkpoint_bytes, kept);
+      }
+      cost.nograd_transient_bytes(std::max<int64_t>(
+          0, meter.peak() - before - kept - cost.output_bytes()));
+    }
+    chain.stages.push_back(cost);
+    kept_by_last = largest(base, &Sample::kept_after_backward);
+    x = out.detach();
+    if (base.front().output_requires_grad && x.is_floating_point()) {
+      x.requires_grad_(true);
+    }
+  }
+  // The caller holds the loss until backward returns, autograd the gradient
+  // it seeds backward with, and the loss's graph whatever its unfinished
+  // nodes saved (a mean squared error keeps a tensor of its input's size):
+  // bytes held past the head's backward, where the chain no longer counts
+  // the head. In the base, so that no schedule's peak is predicted below
+  // what runs (at the cost of counting them during the forward too).
+  chain.base_bytes += kept_by_last;
+  chain.validate();
+  return chain;
+}
+
+} // namespace plan
+} // namespace remat

@@ -1,0 +1,250 @@
+// The planner on real models: a measured profile of small Bert and Llama
+// models predicts the bytes of real steps, and a planned schedule's measured
+// peak never exceeds its budget.
+#include "testing.h"
+
+#include "remat/memory.h"
+#include "remat/nn/profile.h"
+#include "remat/plan/solver.h"
+
+#include <gtest/gtest.h>
+#include <torch/torch.h>
+
+#include <functional>
+#include <iostream>
+
+namespace {
+
+using remat::CheckpointPolicy;
+using remat::nn::StepMeasurement;
+using remat::plan::Chain;
+
+// A model under test, with the step the planner predicts.
+struct Subject {
+  std::string name;
+  int64_t layers = 0;
+  std::function<Chain()> profile;
+  std::function<StepMeasurement(const CheckpointPolicy&)> measure;
+  std::function<remat::plan::Plan(int64_t)> plan;
+};
+
+class PlanProfile : public ::testing::Test {
+ protected:
+  PlanProfile() {
+    torch::manual_seed(0);
+  }
+
+  // Llama: 4 layers, GQA, eager attention, next-token loss.
+  Subject llama() {
+    llama_ = remat::nn::Llama(remat::nn::LlamaOptions()
+                                  .vocab_size(128)
+                                  .hidden_size(64)
+                                  .intermediate_size(172)
+                                  .num_layers(4)
+                                  .num_heads(4)
+                                  .num_kv_heads(2));
+    ids_ = torch::randint(128, {2, 64});
+    Subject s;
+    s.name = "llama";
+    s.layers = 4;
+    s.profile = [this] {
+      return remat::nn::profile_model(llama_, remat::nn::LlamaStep(ids_));
+    };
+    s.measure = [this](const CheckpointPolicy& p) {
+      llama_->gradient_checkpointing_enable(p);
+      return remat::nn::measure_step(*llama_, remat::nn::LlamaStep(ids_));
+    };
+    s.plan = [this](int64_t budget) {
+      return remat::nn::plan_checkpointing(llama_, remat::nn::LlamaStep(ids_), budget);
+    };
+    return s;
+  }
+
+  // Bert: 4 layers, dropout, a padded batch, a regression loss.
+  Subject bert() {
+    bert_ = remat::nn::Bert(remat::nn::BertOptions()
+                                .vocab_size(100)
+                                .hidden_size(64)
+                                .num_layers(4)
+                                .num_heads(4)
+                                .max_position_embeddings(64));
+    bert_->train();
+    ids_ = torch::randint(100, {2, 64});
+    mask_ = torch::ones({2, 64}, torch::kLong);
+    mask_.index_put_({1, torch::indexing::Slice(48, torch::indexing::None)}, 0);
+    target_ = torch::randn({2, 64, 64});
+    auto step = [this] {
+      auto target = target_;
+      return remat::nn::BertStep(ids_).attention_mask(mask_).loss(
+          [target](const remat::nn::BertOutput& o) {
+            return torch::mse_loss(o.last_hidden_state, target);
+          });
+    };
+    Subject s;
+    s.name = "bert";
+    s.layers = 4;
+    s.profile = [this, step] { return remat::nn::profile_model(bert_, step()); };
+    s.measure = [this, step](const CheckpointPolicy& p) {
+      bert_->gradient_checkpointing_enable(p);
+      return remat::nn::measure_step(*bert_, step());
+    };
+    s.plan = [this, step](int64_t budget) {
+      return remat::nn::plan_checkpointing(bert_, step(), budget);
+    };
+    return s;
+  }
+
+  remat::nn::Llama llama_{nullptr};
+  remat::nn::Bert bert_{nullptr};
+  torch::Tensor ids_, mask_, target_;
+};
+
+const char* kPolicies[] = {"none", "every-layer", "every-2", "sqrt", "full",
+                           "selective-attention", "selective-mlp"};
+
+void expect_fixed_policies_predicted(const Subject& s) {
+  const auto chain = s.profile();
+  for (const char* name : kPolicies) {
+    const auto policy = CheckpointPolicy::parse(name);
+    const auto ev = remat::plan::evaluate(chain, policy.schedule(s.layers));
+    const auto m = s.measure(policy);
+    // The base also counts the loss and its gradient (4 bytes each), and
+    // what the loss's graph keeps until the step ends.
+    EXPECT_GE(chain.base_bytes - m.base_bytes, 8) << s.name << " " << name;
+    // The model errs high where it simplifies, never low.
+    EXPECT_GE(ev.peak_bytes, m.peak_bytes) << s.name << " " << name;
+    EXPECT_LE(ev.peak_bytes, m.peak_bytes * 1.05) << s.name << " " << name;
+    std::cout << s.name << " " << name << ": predicted peak " << ev.peak_bytes
+              << ", measured " << m.peak_bytes << " (" << ev.peak_event << ")\n";
+  }
+}
+
+TEST_F(PlanProfile, LlamaFixedPoliciesPeaksArePredicted) {
+  expect_fixed_policies_predicted(llama());
+}
+
+TEST_F(PlanProfile, BertFixedPoliciesPeaksArePredicted) {
+  expect_fixed_policies_predicted(bert());
+}
+
+// From the smallest feasible budget to the peak without checkpointing: the
+// planned schedule's measured peak stays within the budget, the prediction
+// within 5% of it, and a larger budget never gives a slower predicted step.
+void expect_budget_sweep_holds(const Subject& s) {
+  const auto chain = s.profile();
+  const int64_t lo = remat::plan::min_feasible_budget(chain);
+  const int64_t hi = remat::plan::peak(chain, CheckpointPolicy::none().schedule(s.layers));
+  ASSERT_LT(lo, hi);
+  double previous_seconds = std::numeric_limits<double>::infinity();
+  const int n = 10;
+  for (int k = 0; k <= n; ++k) {
+    const int64_t budget = lo + (hi - lo) * k / n;
+    const auto plan = remat::plan::solve(chain, budget);
+    EXPECT_LE(plan.peak_bytes, budget);
+    EXPECT_LE(plan.step_seconds, previous_seconds * (1 + 1e-12)) << s.name << " budget " << budget;
+    previous_seconds = plan.step_seconds;
+    const auto m = s.measure(CheckpointPolicy::custom(plan.schedule, "planned"));
+    EXPECT_LE(m.peak_bytes, budget) << s.name << " " << plan.str();
+    EXPECT_LE(std::abs(plan.peak_bytes - m.peak_bytes), m.peak_bytes * 0.05)
+        << s.name << " " << plan.str() << ": measured " << m.peak_bytes;
+    std::cout << s.name << " budget " << budget << ": " << plan.str() << ", measured peak "
+              << m.peak_bytes << "\n";
+  }
+}
+
+TEST_F(PlanProfile, LlamaBudgetSweepStaysWithinBudget) {
+  expect_budget_sweep_holds(llama());
+}
+
+TEST_F(PlanProfile, BertBudgetSweepStaysWithinBudget) {
+  expect_budget_sweep_holds(bert());
+}
+
+TEST_F(PlanProfile, BudgetBelowTheSmallestIsRefusedWithIt) {
+  auto s = llama();
+  const auto chain = s.profile();
+  const int64_t lo = remat::plan::min_feasible_budget(chain);
+  // A fresh profile measures the same bytes (times differ; bytes do not).
+  EXPECT_THROW_WITH(
+      s.plan(lo - 1),
+      "expected a memory budget of at least " + std::to_string(lo) + " bytes");
+  EXPECT_NO_THROW(s.plan(lo));
+  EXPECT_THROW_WITH(
+      llama_->gradient_checkpointing_enable(CheckpointPolicy::budget(lo - 1), chain),
+      "expected a memory budget of at least " + std::to_string(lo) + " bytes");
+}
+
+TEST_F(PlanProfile, BudgetPolicyIsPlannedAtTheFirstForward) {
+  bert();
+  // Reference: no checkpointing, the same dropout masks.
+  bert_->gradient_checkpointing_enable(CheckpointPolicy::none());
+  torch::manual_seed(7);
+  remat::nn::default_bert_loss(bert_->forward(ids_, mask_)).backward();
+  std::vector<torch::Tensor> reference;
+  for (const auto& p : bert_->parameters()) {
+    reference.push_back(p.grad().clone());
+  }
+
+  // The lazy plan profiles with the default loss; so does this test.
+  const auto step = remat::nn::BertStep(ids_).attention_mask(mask_);
+  const auto chain = remat::nn::profile_model(bert_, step);
+  const int64_t lo = remat::plan::min_feasible_budget(chain);
+  const int64_t hi = remat::plan::peak(chain, CheckpointPolicy::none().schedule(4));
+  const int64_t budget = lo + (hi - lo) / 3;
+
+  const auto policy = CheckpointPolicy::parse("budget:" + std::to_string(budget));
+  bert_->gradient_checkpointing_enable(policy);
+  EXPECT_EQ(bert_->checkpoint_schedule().str(), "store[0,4)");
+  bert_->zero_grad();
+  torch::manual_seed(7);
+  remat::nn::default_bert_loss(bert_->forward(ids_, mask_)).backward();
+  const auto planned = bert_->checkpoint_schedule();
+  EXPECT_NE(planned.str(), "store[0,4)");
+  EXPECT_LE(remat::plan::peak(chain, planned), budget) << planned.str();
+  EXPECT_EQ(bert_->checkpoint_policy().name(), policy.name());
+  // Planning ran the model, yet left the generator where it was: the step
+  // drew the same masks and gave the same gradients.
+  auto params = bert_->parameters();
+  for (size_t i = 0; i < params.size(); ++i) {
+    EXPECT_TRUE(torch::allclose(params[i].grad(), reference[i], 1e-5, 1e-6)) << i;
+  }
+  // Planned once: the same shape does not plan again, and the step fits.
+  const auto m = remat::nn::measure_step(*bert_, step);
+  EXPECT_LE(m.peak_bytes, budget);
+  EXPECT_EQ(bert_->checkpoint_schedule().str(), planned.str());
+}
+
+TEST_F(PlanProfile, ProfilingLeavesGradientsAlone) {
+  auto s = llama();
+  auto params = llama_->parameters();
+  // One with a gradient of its own, the others without.
+  params[0].mutable_grad() = torch::full_like(params[0], 3.0);
+  const int64_t before = remat::memory::current_bytes();
+  s.profile();
+  EXPECT_EQ(remat::memory::current_bytes(), before);
+  EXPECT_TRUE(torch::equal(params[0].grad(), torch::full_like(params[0], 3.0)));
+  for (size_t i = 1; i < params.size(); ++i) {
+    EXPECT_FALSE(params[i].grad().defined()) << i;
+  }
+}
+
+TEST_F(PlanProfile, ProfileChecksItsArguments) {
+  EXPECT_THROW_WITH(
+      remat::plan::profile({}, torch::zeros({1})), "expected at least one stage");
+  remat::plan::StageRunner r;
+  r.name = "layer.0";
+  EXPECT_THROW_WITH(
+      remat::plan::profile({r}, torch::zeros({1})),
+      "expected stage 'layer.0' to have a forward function");
+  r.forward = [](const torch::Tensor& x, remat::SegmentMode) { return x * 2; };
+  r.kind = remat::plan::StageKind::kHead;
+  r.modes = {remat::SegmentMode::kRecomputeMlp};
+  EXPECT_THROW_WITH(
+      remat::plan::profile({r}, torch::zeros({1})),
+      "expected selective modes only on layers, but stage 'layer.0' (head)");
+  EXPECT_THROW_WITH(
+      remat::plan::profile({r}, torch::zeros({1}), remat::plan::ProfileOptions().repeats(0)),
+      "expected warmup >= 0 and repeats >= 1");
+}
+
+} // namespace
