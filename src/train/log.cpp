@@ -12,6 +12,9 @@
 #include <cstring>
 #include <sstream>
 
+#include <sys/ioctl.h>
+#include <unistd.h>
+
 namespace remat {
 namespace train {
 
@@ -97,24 +100,32 @@ void Progress::step(const StepRecord& r, int64_t total, const std::string& phase
   const double elapsed = std::chrono::duration<double>(now - phase_start_).count();
   const double eta = elapsed / static_cast<double>(phase_steps_) *
       static_cast<double>(std::max<int64_t>(total - r.step, 0));
-  const std::string stats = "loss " + fmt("%.4f", r.loss) + " | lr " + fmt("%.2e", r.lr) +
-      " | " + rate(r.tokens_per_s) + " tok/s | peak " + memory::format_size(r.peak_bytes) +
-      " | ETA " + format_duration(eta);
+  const std::string stats = "loss " + fmt("%.4f", r.loss) + " | " + rate(r.tokens_per_s) +
+      " tok/s | peak " + memory::format_size(r.peak_bytes) + " | ETA " + format_duration(eta);
   if (terminal_) {
-    constexpr int kWidth = 24;
+    constexpr int kWidth = 20;
     const int filled = total > 0
         ? static_cast<int>(kWidth * std::min<int64_t>(r.step, total) / total)
         : kWidth;
     std::string bar = "[" + std::string(static_cast<size_t>(filled), '#') +
         std::string(static_cast<size_t>(kWidth - filled), '.') + "]";
-    std::fprintf(stream_, "\r\033[K%s %lld/%lld %s %s", phase.c_str(),
-                 static_cast<long long>(r.step), static_cast<long long>(total), bar.c_str(),
-                 stats.c_str());
+    std::string text = phase + " " + std::to_string(r.step) + "/" + std::to_string(total) +
+        " " + bar + " " + stats;
+    // A line longer than the terminal wraps, and "\r" then rewrites only
+    // its last row: cut it to the width.
+    struct winsize ws {};
+    const size_t cols = ::ioctl(::fileno(stream_), TIOCGWINSZ, &ws) == 0 && ws.ws_col > 1
+        ? ws.ws_col - 1
+        : 79;
+    if (text.size() > cols) {
+      text.resize(cols);
+    }
+    std::fprintf(stream_, "\r\033[K%s", text.c_str());
     bar_shown_ = true;
   } else if (r.step == 1 || r.step == total || r.step % log_every_ == 0) {
-    std::fprintf(stream_, "%s step %lld/%lld epoch %lld | %s | step %.3f s\n", phase.c_str(),
-                 static_cast<long long>(r.step), static_cast<long long>(total),
-                 static_cast<long long>(r.epoch), stats.c_str(), r.step_seconds);
+    std::fprintf(stream_, "%s step %lld/%lld epoch %lld | %s | lr %.2e | step %.3f s\n",
+                 phase.c_str(), static_cast<long long>(r.step), static_cast<long long>(total),
+                 static_cast<long long>(r.epoch), stats.c_str(), r.lr, r.step_seconds);
   }
   std::fflush(stream_);
 }

@@ -392,6 +392,27 @@ std::string render_report(
 
   // Comparison.
   if (compared) {
+    const double n = static_cast<double>(h.compare_steps.size());
+    auto first_steps = [&](const char* id, const char* title, const char* unit, auto value) {
+      Series a{main_name, kMain};
+      Series b{cmp_name, kCompare};
+      b.dashed = true;
+      for (const auto& r : h.steps) {
+        if (static_cast<double>(r.step) <= n) {
+          a.points.emplace_back(static_cast<double>(r.step), value(r));
+        }
+      }
+      for (const auto& r : h.compare_steps) {
+        b.points.emplace_back(static_cast<double>(r.step), value(r));
+      }
+      return line_chart(id, title, "step", unit, {a, b});
+    };
+    out << "<h2>Comparison, step by step</h2>\n"
+        << first_steps("compare-loss", "Loss over the compared steps (the curves coincide "
+                                       "when the losses are equal)", "loss",
+                       [](const StepRecord& r) { return r.loss; })
+        << first_steps("compare-memory", "Peak memory over the compared steps", "MiB",
+                       [](const StepRecord& r) { return mib(r.peak_bytes); });
     std::vector<std::vector<std::string>> rows;
     for (const auto& s : h.steps) {
       if (!s.compare_loss) {
@@ -401,8 +422,7 @@ std::string render_report(
                       num(*s.compare_loss, "%.9g"),
                       num(std::abs(s.loss - *s.compare_loss), "%.3g")});
     }
-    out << "<h2>Comparison, step by step</h2>\n"
-        << table({"step", "loss " + main_name, "loss " + cmp_name, "|difference|"}, rows);
+    out << table({"step", "loss " + main_name, "loss " + cmp_name, "|difference|"}, rows);
   }
 
   // Settings.
