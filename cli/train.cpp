@@ -235,6 +235,33 @@ void check_data(const TrainOptions& o) {
   }
 }
 
+// Where the run writes: fail now, not after an hour of training.
+void check_outputs(const TrainFlags& f, const TrainOptions& o) {
+  auto folder_of = [](const std::string& file) {
+    auto parent = fs::path(file).parent_path();
+    return parent.empty() ? fs::path(".") : parent;
+  };
+  for (const auto& [path, flag] : {std::pair<std::string, const char*>{f.metrics, "--metrics"},
+                                   {f.report, "--report"}}) {
+    if (path.empty()) {
+      continue;
+    }
+    require(fs::is_directory(folder_of(path)), flag,
+            "cannot write '" + path + "': its folder does not exist");
+    require(!fs::is_directory(path), flag, "'" + path + "' is a folder, expected a file");
+  }
+  for (const auto& [dir, flag] : {std::pair<std::string, const char*>{o.out_dir(), "--out"},
+                                  {f.save, "--save"}}) {
+    if (dir.empty()) {
+      continue;
+    }
+    std::error_code ec;
+    fs::create_directories(dir, ec);
+    require(fs::is_directory(dir), flag, "cannot create the folder '" + dir + "'" +
+                                             (ec ? ": " + ec.message() : ""));
+  }
+}
+
 std::string mib(int64_t bytes) {
   char buf[32];
   std::snprintf(buf, sizeof(buf), "%.1f MiB", static_cast<double>(bytes) / (1 << 20));
@@ -379,6 +406,7 @@ int run_train(const TrainFlags& f, const CLI::App& app) {
     rethrow_as_flag_error(e);
   }
   check_data(options);
+  check_outputs(f, options);
 
   train::Progress progress(stderr, terminal, f.log_every);
   std::unique_ptr<train::MetricsLog> metrics;
@@ -416,7 +444,6 @@ int run_train(const TrainFlags& f, const CLI::App& app) {
   };
   cb.on_end = [&](train::Trainer& t) {
     if (!f.save.empty()) {
-      fs::create_directories(f.save);
       t.save_model(f.save);
     }
     if (!f.report.empty()) {

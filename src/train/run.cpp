@@ -76,6 +76,13 @@ TrainResult run_training(
     t.load_state(path);
     say(cb, "resumed from " + path + " at step " + std::to_string(t.step_count()) +
             " of " + std::to_string(t.total_steps()));
+    auto& timelines = t.history().timelines;
+    const bool have = std::any_of(timelines.begin(), timelines.end(), [&](const auto& m) {
+      return m.policy == options.policy().name();
+    });
+    if (options.memory_timeline() && !have) {
+      timelines.push_back(t.memory_timeline()); // changes nothing of the run
+    }
   } else {
     t.history().compare_policy = compared.compare_policy;
     t.history().compare_steps = compared.compare_steps;

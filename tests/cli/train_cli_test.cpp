@@ -58,6 +58,8 @@ TEST(TrainCli, BadInputGetsOneLineNamingTheFlagOrFileAndExitCode2) {
            {"train --save-every 5", "--save-every: expected an out_dir"},
            {"train --resume", "--resume: expected --out DIR"},
            {"train --init " + dir + "/nothing", "--init"},
+           {"train --metrics " + dir + "/no/such/folder/m.jsonl", "--metrics: cannot write"},
+           {"train --out " + dir + "/broken.jsonl", "--out: cannot create the folder"},
        }) {
     auto r = run_cli(c.args);
     EXPECT_EQ(r.exit_code, 2) << c.args << "\n" << r.err;
