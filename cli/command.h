@@ -25,6 +25,7 @@ inline void require(bool ok, const std::string& flag, const std::string& message
 using Run = std::function<int()>;
 
 Run add_bench(CLI::App& root);
+Run add_train(CLI::App& root);
 
 } // namespace cli
 } // namespace remat

@@ -24,6 +24,7 @@ int main(int argc, char** argv) {
   app.set_version_flag("--version", "remat 0.1.0");
   std::map<std::string, remat::cli::Run> commands;
   commands["bench"] = remat::cli::add_bench(app);
+  commands["train"] = remat::cli::add_train(app);
 
   try {
     app.parse(argc, argv);

@@ -1,0 +1,556 @@
+// `remat train`: fine-tune with checkpointing, end to end. The flags become a
+// remat::train::TrainOptions; the loop, the state and the report are the
+// library's (remat/train/).
+#include "command.h"
+
+#include "remat/memory.h"
+#include "remat/train/data.h"
+#include "remat/train/log.h"
+#include "remat/train/report.h"
+#include "remat/train/train_state.h"
+#include "remat/train/trainer.h"
+
+#include <c10/util/Exception.h>
+#include <nlohmann/json.hpp>
+
+#include <unistd.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <filesystem>
+#include <iostream>
+#include <sstream>
+
+namespace remat {
+namespace cli {
+namespace {
+
+namespace fs = std::filesystem;
+using train::TrainOptions;
+
+// The flags as typed. Defaults are TrainOptions' own.
+struct TrainFlags {
+  TrainOptions defaults;
+  std::string task = "classify";
+  std::string train, valid, vocab, init, save, out, metrics, report;
+  double valid_fraction = defaults.valid_fraction();
+  int64_t seq = defaults.seq(), batch = defaults.batch(), accumulate = defaults.accumulate();
+  int64_t epochs = defaults.epochs(), max_steps = defaults.max_steps();
+  int64_t layers = defaults.layers(), hidden = defaults.hidden(), heads = defaults.heads();
+  int64_t kv_heads = defaults.kv_heads(), intermediate = defaults.intermediate();
+  double dropout = defaults.dropout();
+  std::string policy = defaults.policy().name();
+  std::string dtype = "f32";
+  double lr = defaults.lr(), weight_decay = defaults.weight_decay(), clip = defaults.clip();
+  int64_t warmup = defaults.warmup();
+  std::string schedule = "linear";
+  int64_t lora_rank = defaults.lora_rank();
+  double lora_alpha = defaults.lora_alpha();
+  std::string lora_targets;
+  uint64_t seed = defaults.seed();
+  int64_t eval_every = defaults.eval_every(), save_every = defaults.save_every();
+  bool resume = false;
+  std::string compare_policy;
+  int64_t compare_steps = defaults.compare_steps();
+  int64_t threads = defaults.threads();
+  int64_t log_every = 10;
+  int64_t stop_after_step = 0;
+};
+
+// Option names whose flag is not "--" + name with '-' for '_'.
+std::string flag_of(const std::string& field) {
+  static const std::map<std::string, std::string> special{
+      {"train_path", "--train"},   {"valid_path", "--valid"}, {"vocab_path", "--vocab"},
+      {"init_dir", "--init"},      {"out_dir", "--out"},      {"memory_timeline", "--report"},
+      {"resume", "--resume"}};
+  auto it = special.find(field);
+  if (it != special.end()) {
+    return it->second;
+  }
+  std::string flag = "--" + field;
+  std::replace(flag.begin(), flag.end(), '_', '-');
+  return flag;
+}
+
+// A library error whose message starts with an option name ("batch: ...")
+// is a bad flag: "--batch: ...".
+[[noreturn]] void rethrow_as_flag_error(const c10::Error& e) {
+  std::string what = e.what_without_backtrace();
+  what = what.substr(0, what.find('\n'));
+  const auto colon = what.find(':');
+  if (colon != std::string::npos && colon < 40) {
+    const std::string field = what.substr(0, colon);
+    if (field.find_first_not_of("abcdefghijklmnopqrstuvwxyz_") == std::string::npos) {
+      throw UsageError(flag_of(field) + what.substr(colon));
+    }
+  }
+  throw;
+}
+
+template <typename F>
+auto as_flag(const std::string& flag, F&& f) -> decltype(f()) {
+  try {
+    return f();
+  } catch (const c10::Error& e) {
+    std::string what = e.what_without_backtrace();
+    throw UsageError(flag + ": " + what.substr(0, what.find('\n')));
+  }
+}
+
+std::vector<std::string> split_list(const std::string& text) {
+  std::vector<std::string> out;
+  std::stringstream in(text);
+  std::string item;
+  while (std::getline(in, item, ',')) {
+    if (!item.empty()) {
+      out.push_back(item);
+    }
+  }
+  return out;
+}
+
+// The bundled data set: data/routing above the current folder, above the
+// program, or in the source tree the program was built from.
+std::string find_bundled_data() {
+  std::vector<fs::path> starts{fs::current_path()};
+  std::error_code ec;
+  auto exe = fs::read_symlink("/proc/self/exe", ec);
+  if (!ec) {
+    starts.push_back(exe.parent_path());
+  }
+  for (auto dir : starts) {
+    for (; !dir.empty(); dir = dir.parent_path()) {
+      if (fs::exists(dir / "data/routing/train.jsonl")) {
+        return (dir / "data/routing").string();
+      }
+      if (dir == dir.parent_path()) {
+        break;
+      }
+    }
+  }
+#ifdef REMAT_SOURCE_DIR
+  if (fs::exists(fs::path(REMAT_SOURCE_DIR) / "data/routing/train.jsonl")) {
+    return (fs::path(REMAT_SOURCE_DIR) / "data/routing").string();
+  }
+#endif
+  throw UsageError(
+      "--train: no data given and the bundled data set (data/routing/train.jsonl) is not "
+      "above the current folder or the remat program; pass --train FILE");
+}
+
+void require_file(const std::string& path, const std::string& flag) {
+  if (path.empty()) {
+    return;
+  }
+  std::error_code ec;
+  require(fs::is_regular_file(path, ec), flag, "cannot read '" + path + "': no such file");
+}
+
+// Sets the options the user gave (all of them for a new run; on --resume
+// only the flags on the command line, over the saved run's options).
+TrainOptions apply_flags(const TrainFlags& f, TrainOptions o, const CLI::App& app, bool all) {
+  auto given = [&](const char* flag) { return all || app.count(flag) > 0; };
+  if (given("--task")) o.task(as_flag("--task", [&] { return train::parse_task(f.task); }));
+  if (given("--train")) o.train_path(f.train);
+  if (given("--valid")) o.valid_path(f.valid);
+  if (given("--valid-fraction")) o.valid_fraction(f.valid_fraction);
+  if (given("--vocab")) o.vocab_path(f.vocab);
+  if (given("--seq")) o.seq(f.seq);
+  if (given("--batch")) o.batch(f.batch);
+  if (given("--accumulate")) o.accumulate(f.accumulate);
+  if (given("--epochs")) o.epochs(f.epochs);
+  if (given("--max-steps")) o.max_steps(f.max_steps);
+  if (given("--layers")) o.layers(f.layers);
+  if (given("--hidden")) o.hidden(f.hidden);
+  if (given("--heads")) o.heads(f.heads);
+  if (given("--kv-heads")) o.kv_heads(f.kv_heads);
+  if (given("--intermediate")) o.intermediate(f.intermediate);
+  if (given("--dropout")) o.dropout(f.dropout);
+  if (given("--init")) o.init_dir(f.init);
+  if (given("--policy")) {
+    o.policy(as_flag("--policy", [&] { return CheckpointPolicy::parse(f.policy); }));
+  }
+  if (given("--dtype")) {
+    require(f.dtype == "f32" || f.dtype == "bf16", "--dtype",
+            "expected f32 or bf16, but got '" + f.dtype + "'");
+    o.dtype(f.dtype == "bf16" ? torch::kBFloat16 : torch::kFloat);
+  }
+  if (given("--lr")) o.lr(f.lr);
+  if (given("--weight-decay")) o.weight_decay(f.weight_decay);
+  if (given("--warmup")) o.warmup(f.warmup);
+  if (given("--schedule")) {
+    o.schedule(as_flag("--schedule", [&] { return train::parse_lr_schedule_kind(f.schedule); }));
+  }
+  if (given("--clip")) o.clip(f.clip);
+  if (given("--lora-rank")) o.lora_rank(f.lora_rank);
+  if (given("--lora-alpha")) o.lora_alpha(f.lora_alpha);
+  if (given("--lora-targets")) o.lora_targets(split_list(f.lora_targets));
+  if (given("--seed")) o.seed(f.seed);
+  if (given("--eval-every")) o.eval_every(f.eval_every);
+  if (given("--out")) o.out_dir(f.out);
+  if (given("--save-every")) o.save_every(f.save_every);
+  if (given("--compare-policy")) {
+    if (f.compare_policy.empty()) {
+      o.compare_policy(c10::nullopt);
+    } else {
+      o.compare_policy(
+          as_flag("--compare-policy", [&] { return CheckpointPolicy::parse(f.compare_policy); }));
+    }
+  }
+  if (given("--compare-steps")) o.compare_steps(f.compare_steps);
+  if (given("--threads")) o.threads(f.threads);
+  o.memory_timeline(!f.report.empty());
+  return o;
+}
+
+// The library validates the data files while reading them; reading them
+// here first turns a malformed file into a usage error naming the flag.
+void check_data(const TrainOptions& o) {
+  const bool lm = o.task() == train::Task::kCausalLm;
+  auto read = [&](const std::string& path, const std::string& flag) {
+    if (path.empty()) {
+      return train::Dataset();
+    }
+    return as_flag(flag, [&] {
+      return lm ? train::read_text_jsonl(path) : train::read_classification_jsonl(path);
+    });
+  };
+  auto data = read(o.train_path(), "--train");
+  require(data.size() > 0, "--train", "expected at least one document in '" +
+                                          o.train_path() + "', but got none");
+  if (!o.valid_path().empty()) {
+    as_flag("--valid", [&] {
+      return lm ? train::read_text_jsonl(o.valid_path())
+                : train::read_classification_jsonl(
+                      o.valid_path(), train::JsonlOptions().label_names(data.label_names));
+    });
+  }
+  if (!o.vocab_path().empty()) {
+    as_flag("--vocab", [&] { return io::make_tokenizer(o.vocab_path()); });
+  }
+  if (!o.init_dir().empty()) {
+    require(fs::is_directory(o.init_dir()), "--init",
+            "'" + o.init_dir() + "' is not a folder");
+    require_file(o.init_dir() + "/config.json", "--init");
+  }
+}
+
+// Where the run writes: fail now, not after an hour of training.
+void check_outputs(const TrainFlags& f, const TrainOptions& o) {
+  auto folder_of = [](const std::string& file) {
+    auto parent = fs::path(file).parent_path();
+    return parent.empty() ? fs::path(".") : parent;
+  };
+  for (const auto& [path, flag] : {std::pair<std::string, const char*>{f.metrics, "--metrics"},
+                                   {f.report, "--report"}}) {
+    if (path.empty()) {
+      continue;
+    }
+    require(fs::is_directory(folder_of(path)), flag,
+            "cannot write '" + path + "': its folder does not exist");
+    require(!fs::is_directory(path), flag, "'" + path + "' is a folder, expected a file");
+  }
+  for (const auto& [dir, flag] : {std::pair<std::string, const char*>{o.out_dir(), "--out"},
+                                  {f.save, "--save"}}) {
+    if (dir.empty()) {
+      continue;
+    }
+    std::error_code ec;
+    fs::create_directories(dir, ec);
+    require(fs::is_directory(dir), flag, "cannot create the folder '" + dir + "'" +
+                                             (ec ? ": " + ec.message() : ""));
+  }
+}
+
+std::string mib(int64_t bytes) {
+  char buf[32];
+  std::snprintf(buf, sizeof(buf), "%.1f MiB", static_cast<double>(bytes) / (1 << 20));
+  return buf;
+}
+
+double median_seconds(const std::vector<train::StepRecord>& steps, size_t n) {
+  std::vector<double> t;
+  for (size_t i = 0; i < steps.size() && i < n; ++i) {
+    t.push_back(steps[i].step_seconds);
+  }
+  if (t.empty()) {
+    return 0;
+  }
+  std::sort(t.begin(), t.end());
+  return t[t.size() / 2];
+}
+
+int64_t max_peak(const std::vector<train::StepRecord>& steps, size_t n) {
+  int64_t peak = 0;
+  for (size_t i = 0; i < steps.size() && i < n; ++i) {
+    peak = std::max(peak, steps[i].peak_bytes);
+  }
+  return peak;
+}
+
+void print_summary(const train::TrainResult& r, const TrainOptions& o, std::ostream& out) {
+  const auto& h = r.history;
+  const size_t n = h.steps.size();
+  double seconds = 0;
+  int64_t tokens = 0;
+  for (const auto& s : h.steps) {
+    seconds += s.step_seconds;
+    tokens += s.tokens;
+  }
+  char line[512];
+  std::snprintf(line, sizeof(line),
+                "remat train: %lld steps under %s, %.1f s of steps (median %.4f s/step, "
+                "%.0f tokens/s), peak %s\n",
+                static_cast<long long>(r.steps), o.policy().name().c_str(), seconds,
+                median_seconds(h.steps, n), seconds > 0 ? tokens / seconds : 0.0,
+                mib(max_peak(h.steps, n)).c_str());
+  out << line;
+  if (r.has_eval) {
+    out << "validation: " << train::describe_eval(r.final_eval, h.label_names) << "\n";
+  }
+  if (!h.compare_steps.empty()) {
+    const size_t k = h.compare_steps.size();
+    out << "\ncomparison over the first " << k << " steps, same weights, data and seed:\n";
+    std::snprintf(line, sizeof(line), "%-6s %16s %16s %12s\n", "step",
+                  ("loss " + o.policy().name()).c_str(), ("loss " + h.compare_policy).c_str(),
+                  "|diff|");
+    out << line;
+    for (const auto& s : h.steps) {
+      if (!s.compare_loss) {
+        continue;
+      }
+      std::snprintf(line, sizeof(line), "%-6lld %16.9g %16.9g %12.3g\n",
+                    static_cast<long long>(s.step), s.loss, *s.compare_loss,
+                    std::abs(s.loss - *s.compare_loss));
+      out << line;
+    }
+    std::snprintf(line, sizeof(line),
+                  "largest |loss difference|: %.3g\n"
+                  "%-22s peak %12s, median step %.4f s\n"
+                  "%-22s peak %12s, median step %.4f s\n",
+                  h.max_compare_diff(), o.policy().name().c_str(),
+                  mib(max_peak(h.steps, k)).c_str(), median_seconds(h.steps, k),
+                  h.compare_policy.c_str(), mib(max_peak(h.compare_steps, k)).c_str(),
+                  median_seconds(h.compare_steps, k));
+    out << line;
+  }
+}
+
+int run_train(const TrainFlags& f, const CLI::App& app) {
+  const bool terminal = ::isatty(STDERR_FILENO) != 0;
+  TrainOptions options;
+  require(f.log_every >= 1, "--log-every",
+          "expected a value >= 1, but got " + std::to_string(f.log_every));
+  require(f.stop_after_step >= 0, "--stop-after-step", "expected a value >= 0");
+  require_file(f.train, "--train");
+  require_file(f.valid, "--valid");
+  require_file(f.vocab, "--vocab");
+  if (f.resume) {
+    require(!f.out.empty(), "--resume", "expected --out DIR, the folder of the run to continue");
+    const auto path = train::state_path(f.out);
+    require(fs::exists(path), "--resume", "no training state in '" + f.out + "' (expected " +
+                                               path + ")");
+    train::TrainState state;
+    try {
+      state = train::load_train_state(path);
+    } catch (const c10::Error& e) {
+      std::string what = e.what_without_backtrace();
+      what = what.substr(0, what.find('\n'));
+      const auto prev = train::previous_state_path(f.out);
+      const auto prev_step = train::peek_train_state_step(prev);
+      if (prev_step >= 0) {
+        what += "; it was left as it is. The state before it, " + prev + " (step " +
+            std::to_string(prev_step) + "), is readable: copy it over " + path +
+            " to resume from there";
+      } else {
+        what += "; it was left as it is";
+      }
+      TORCH_CHECK(false, what);
+    }
+    TrainOptions saved;
+    try {
+      saved = TrainOptions::from_json(state.info.at("options"));
+    } catch (const std::exception& e) {
+      TORCH_CHECK(false, "'", path, "' holds no usable run options: ", e.what());
+    }
+    options = apply_flags(f, saved, app, /*all=*/false);
+    options.out_dir(f.out);
+    try {
+      train::check_resume_options(saved, options, path);
+    } catch (const c10::Error& e) {
+      rethrow_as_flag_error(e);
+    }
+  } else {
+    options = apply_flags(f, TrainOptions(), app, /*all=*/true);
+    if (f.train.empty()) {
+      const auto dir = find_bundled_data();
+      options.train_path(dir + "/train.jsonl");
+      if (f.valid.empty() && app.count("--valid-fraction") == 0) {
+        options.valid_path(dir + "/valid.jsonl");
+      }
+      if (f.vocab.empty()) {
+        options.vocab_path(dir + "/vocab.txt");
+      }
+    }
+    if (!f.out.empty()) {
+      const auto path = train::state_path(f.out);
+      require(!fs::exists(path), "--out",
+              "'" + f.out + "' already holds a training state (step " +
+                  std::to_string(train::peek_train_state_step(path)) +
+                  "); pass --resume to continue it, or choose another folder");
+    }
+  }
+  try {
+    options.validate();
+  } catch (const c10::Error& e) {
+    rethrow_as_flag_error(e);
+  }
+  check_data(options);
+  check_outputs(f, options);
+
+  train::Progress progress(stderr, terminal, f.log_every);
+  std::unique_ptr<train::MetricsLog> metrics;
+  if (!f.metrics.empty()) {
+    metrics = std::make_unique<train::MetricsLog>(f.metrics);
+  }
+  std::vector<std::string> label_names;
+  train::TrainCallbacks cb;
+  cb.on_message = [&](const std::string& text) { progress.line(text); };
+  cb.on_compare_step = [&](const train::StepRecord& r, int64_t total) {
+    progress.step(r, total, "compare " + r.policy);
+  };
+  cb.on_start = [&](const train::Trainer& t) {
+    label_names = t.history().label_names;
+    if (metrics) {
+      metrics->start(t.history());
+    }
+  };
+  cb.on_step = [&](const train::StepRecord& r, int64_t total) {
+    if (metrics) {
+      metrics->step(r);
+    }
+    progress.step(r, total, "train " + r.policy);
+  };
+  cb.on_eval = [&](const train::EvalRecord& e) {
+    if (metrics) {
+      metrics->eval(e);
+    }
+    progress.line(train::describe_eval(e, label_names));
+  };
+  cb.on_save = [&](const std::string& path, int64_t step) {
+    if (!terminal) {
+      progress.line("saved " + path + " at step " + std::to_string(step));
+    }
+  };
+  cb.on_end = [&](train::Trainer& t) {
+    if (!f.save.empty()) {
+      t.save_model(f.save);
+    }
+    if (!f.report.empty()) {
+      train::write_report(f.report, t.history(), t.options(), t.summary());
+    }
+  };
+
+  train::TrainResult result;
+  try {
+    result = train::run_training(options, cb, f.resume, f.stop_after_step);
+  } catch (...) {
+    progress.finish(); // the error goes on a line of its own
+    throw;
+  }
+  progress.finish();
+  print_summary(result, options, std::cout);
+  if (!options.out_dir().empty()) {
+    std::cout << "state: " << train::state_path(options.out_dir()) << " (step "
+              << result.steps << ")\n";
+  }
+  if (!f.save.empty()) {
+    std::cout << "model: " << f.save << "/model.safetensors, config.json\n";
+  }
+  if (!f.metrics.empty()) {
+    std::cout << "metrics: " << f.metrics << "\n";
+  }
+  if (!f.report.empty()) {
+    std::cout << "report: " << f.report << "\n";
+  }
+  return 0;
+}
+
+} // namespace
+
+Run add_train(CLI::App& root) {
+  auto f = std::make_shared<TrainFlags>();
+  auto* app = root.add_subcommand(
+      "train",
+      "Fine-tune a BERT classifier or a Llama LM with activation checkpointing; "
+      "with no data flags, the bundled document-routing set");
+  app->add_option("--task", f->task, "classify (BERT, multi-label) or lm (Llama, causal)")
+      ->capture_default_str();
+  app->add_option("--train", f->train, "training JSONL (default: data/routing)");
+  app->add_option("--valid", f->valid, "validation JSONL");
+  app->add_option("--valid-fraction", f->valid_fraction,
+                  "share of --train held out when there is no --valid (0: none)")
+      ->capture_default_str();
+  app->add_option("--vocab", f->vocab, "BERT vocab.txt (WordPiece); default: byte-level");
+  app->add_option("--seq", f->seq, "tokens per row")->capture_default_str();
+  app->add_option("--batch", f->batch, "rows per micro-batch")->capture_default_str();
+  app->add_option("--accumulate", f->accumulate,
+                  "micro-batches per optimizer step (gradient accumulation)")
+      ->capture_default_str();
+  app->add_option("--epochs", f->epochs, "passes over the training set")->capture_default_str();
+  app->add_option("--max-steps", f->max_steps, "optimizer steps (0: --epochs decides)")
+      ->capture_default_str();
+  app->add_option("--layers", f->layers, "transformer layers")->capture_default_str();
+  app->add_option("--hidden", f->hidden, "hidden size")->capture_default_str();
+  app->add_option("--heads", f->heads, "attention heads")->capture_default_str();
+  app->add_option("--kv-heads", f->kv_heads, "key/value heads, Llama (0: --heads)")
+      ->capture_default_str();
+  app->add_option("--intermediate", f->intermediate, "MLP width (0: the family's default)")
+      ->capture_default_str();
+  app->add_option("--dropout", f->dropout, "dropout probability")->capture_default_str();
+  app->add_option("--init", f->init, "start from a Hugging Face folder (config.json, "
+                                     "model.safetensors)");
+  app->add_option("--save", f->save, "write model.safetensors + config.json here at the end");
+  app->add_option("--policy", f->policy, "checkpoint policy: " + CheckpointPolicy::names())
+      ->capture_default_str();
+  app->add_option("--dtype", f->dtype, "f32, or bf16 (CPU autocast, float32 master weights)")
+      ->capture_default_str();
+  app->add_option("--lr", f->lr, "peak learning rate")->capture_default_str();
+  app->add_option("--weight-decay", f->weight_decay, "AdamW weight decay")
+      ->capture_default_str();
+  app->add_option("--warmup", f->warmup, "warm-up steps (-1: 10% of the run)")
+      ->capture_default_str();
+  app->add_option("--schedule", f->schedule, "after warm-up: constant, linear or cosine")
+      ->capture_default_str();
+  app->add_option("--clip", f->clip, "largest gradient norm (0: no clipping)")
+      ->capture_default_str();
+  app->add_option("--lora-rank", f->lora_rank, "LoRA rank (0: full fine-tuning)")
+      ->capture_default_str();
+  app->add_option("--lora-alpha", f->lora_alpha, "LoRA alpha")->capture_default_str();
+  app->add_option("--lora-targets", f->lora_targets,
+                  "comma-separated projections (default: query,value or q_proj,v_proj)");
+  app->add_option("--seed", f->seed, "seed for weights, data order and dropout")
+      ->capture_default_str();
+  app->add_option("--eval-every", f->eval_every, "evaluate every N steps (0: every epoch)")
+      ->capture_default_str();
+  app->add_option("--out", f->out, "folder for the training state (state.safetensors)");
+  app->add_option("--save-every", f->save_every, "save the state every N steps (0: at the end)")
+      ->capture_default_str();
+  app->add_flag("--resume", f->resume, "continue the run in --out from its state");
+  app->add_option("--compare-policy", f->compare_policy,
+                  "first run --compare-steps steps under this policy, and compare losses");
+  app->add_option("--compare-steps", f->compare_steps, "steps of the comparison")
+      ->capture_default_str();
+  app->add_option("--metrics", f->metrics, "JSONL: one line per step and evaluation");
+  app->add_option("--report", f->report, "self-contained HTML report");
+  app->add_option("--threads", f->threads, "intra-op threads (0: all cores)")
+      ->capture_default_str();
+  app->add_option("--log-every", f->log_every, "plain-line progress every N steps")
+      ->capture_default_str();
+  // For tests: _exit(137) right after this step, as if killed.
+  app->add_option("--stop-after-step", f->stop_after_step)->group("");
+  return [f, app] { return run_train(*f, *app); };
+}
+
+} // namespace cli
+} // namespace remat

@@ -1,0 +1,450 @@
+#include "remat/train/report.h"
+
+#include "remat/io/file.h"
+#include "remat/memory.h"
+
+#include <nlohmann/json.hpp>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <sstream>
+
+namespace remat {
+namespace train {
+
+namespace {
+
+std::string escape(const std::string& text) {
+  std::string out;
+  for (char c : text) {
+    switch (c) {
+      case '&': out += "&amp;"; break;
+      case '<': out += "&lt;"; break;
+      case '>': out += "&gt;"; break;
+      case '"': out += "&quot;"; break;
+      default: out += c;
+    }
+  }
+  return out;
+}
+
+std::string num(double v, const char* format = "%.4g") {
+  if (!std::isfinite(v)) {
+    return "-";
+  }
+  char buf[48];
+  std::snprintf(buf, sizeof(buf), format, v);
+  return buf;
+}
+
+double mib(int64_t bytes) {
+  return static_cast<double>(bytes) / (1 << 20);
+}
+
+struct Series {
+  Series(std::string name_, std::string color_)
+      : name(std::move(name_)), color(std::move(color_)) {}
+  std::string name;
+  std::string color;
+  std::vector<std::pair<double, double>> points;
+  std::vector<std::string> tips; ///< per point, optional
+  bool dashed = false;
+  bool markers = false;
+};
+
+// A step of 1, 2 or 5 times a power of ten giving about `count` ticks.
+double nice_step(double span, int count) {
+  if (span <= 0) {
+    return 1;
+  }
+  const double raw = span / count;
+  const double p = std::pow(10.0, std::floor(std::log10(raw)));
+  for (double m : {1.0, 2.0, 5.0, 10.0}) {
+    if (m * p >= raw) {
+      return m * p;
+    }
+  }
+  return 10 * p;
+}
+
+std::string line_chart(
+    const std::string& id,
+    const std::string& title,
+    const std::string& x_label,
+    const std::string& y_label,
+    const std::vector<Series>& all_series) {
+  constexpr double W = 760, H = 300, L = 72, R = 16, T = 34, B = 46;
+  std::vector<const Series*> series;
+  double x0 = INFINITY, x1 = -INFINITY, y0 = INFINITY, y1 = -INFINITY;
+  for (const auto& s : all_series) {
+    bool any = false;
+    for (const auto& p : s.points) {
+      if (!std::isfinite(p.first) || !std::isfinite(p.second)) {
+        continue;
+      }
+      any = true;
+      x0 = std::min(x0, p.first);
+      x1 = std::max(x1, p.first);
+      y0 = std::min(y0, p.second);
+      y1 = std::max(y1, p.second);
+    }
+    if (any) {
+      series.push_back(&s);
+    }
+  }
+  std::ostringstream out;
+  out << "<figure><figcaption>" << escape(title) << "</figcaption>\n";
+  if (series.empty()) {
+    out << "<p class=\"empty\">no data</p></figure>\n";
+    return out.str();
+  }
+  if (x1 <= x0) {
+    x1 = x0 + 1;
+  }
+  if (y1 <= y0) {
+    const double pad = std::max(std::abs(y0) * 0.05, 1e-9);
+    y0 -= pad;
+    y1 += pad;
+  }
+  const double ystep = nice_step(y1 - y0, 5);
+  y0 = std::floor(y0 / ystep) * ystep;
+  y1 = std::ceil(y1 / ystep) * ystep;
+  const double xstep = nice_step(x1 - x0, 8);
+  auto px = [&](double x) { return L + (x - x0) / (x1 - x0) * (W - L - R); };
+  auto py = [&](double y) { return H - B - (y - y0) / (y1 - y0) * (H - T - B); };
+
+  out << "<svg class=\"chart\" id=\"" << id << "\" viewBox=\"0 0 " << W << " " << H
+      << "\" role=\"img\" aria-label=\"" << escape(title) << "\">\n";
+  // Grid and axes.
+  for (double y = y0; y <= y1 + ystep * 0.5; y += ystep) {
+    out << "<line class=\"grid\" x1=\"" << L << "\" x2=\"" << W - R << "\" y1=\""
+        << num(py(y), "%.1f") << "\" y2=\"" << num(py(y), "%.1f") << "\"/>"
+        << "<text class=\"tick\" x=\"" << L - 6 << "\" y=\"" << num(py(y) + 4, "%.1f")
+        << "\" text-anchor=\"end\">" << num(y, "%.4g") << "</text>\n";
+  }
+  for (double x = std::ceil(x0 / xstep) * xstep; x <= x1 + xstep * 0.01; x += xstep) {
+    out << "<text class=\"tick\" x=\"" << num(px(x), "%.1f") << "\" y=\"" << H - B + 16
+        << "\" text-anchor=\"middle\">" << num(x, "%.6g") << "</text>\n";
+  }
+  out << "<line class=\"axis\" x1=\"" << L << "\" y1=\"" << H - B << "\" x2=\"" << W - R
+      << "\" y2=\"" << H - B << "\"/><line class=\"axis\" x1=\"" << L << "\" y1=\"" << T
+      << "\" x2=\"" << L << "\" y2=\"" << H - B << "\"/>\n";
+  out << "<text class=\"label\" x=\"" << (L + W - R) / 2 << "\" y=\"" << H - 8
+      << "\" text-anchor=\"middle\">" << escape(x_label) << "</text>\n";
+  out << "<text class=\"label\" transform=\"translate(16," << (T + H - B) / 2
+      << ") rotate(-90)\" text-anchor=\"middle\">" << escape(y_label) << "</text>\n";
+  // Series, then the legend.
+  for (const auto* s : series) {
+    out << "<polyline class=\"series\" data-series=\"" << escape(s->name)
+        << "\" fill=\"none\" stroke=\"" << s->color << "\" stroke-width=\"1.8\""
+        << (s->dashed ? " stroke-dasharray=\"6 4\"" : "") << " points=\"";
+    bool first = true;
+    for (const auto& p : s->points) {
+      if (std::isfinite(p.first) && std::isfinite(p.second)) {
+        out << (first ? "" : " ") << num(px(p.first), "%.1f") << ","
+            << num(py(p.second), "%.1f");
+        first = false;
+      }
+    }
+    out << "\"/>\n";
+    if (s->markers || !s->tips.empty()) {
+      for (size_t i = 0; i < s->points.size(); ++i) {
+        const auto& p = s->points[i];
+        if (!std::isfinite(p.first) || !std::isfinite(p.second)) {
+          continue;
+        }
+        out << "<circle cx=\"" << num(px(p.first), "%.1f") << "\" cy=\""
+            << num(py(p.second), "%.1f") << "\" r=\"" << (s->markers ? 3.5 : 2.2)
+            << "\" fill=\"" << s->color << "\"><title>"
+            << escape(i < s->tips.size() ? s->tips[i]
+                                         : s->name + ": " + num(p.second))
+            << "</title></circle>\n";
+      }
+    }
+  }
+  double lx = L + 10;
+  for (const auto* s : series) {
+    out << "<rect x=\"" << lx << "\" y=\"" << 10 << "\" width=\"14\" height=\"4\" fill=\""
+        << s->color << "\"/><text class=\"legend\" x=\"" << lx + 18 << "\" y=\"" << 16
+        << "\">" << escape(s->name) << "</text>\n";
+    lx += 30 + 7.0 * static_cast<double>(s->name.size());
+  }
+  out << "</svg></figure>\n";
+  return out.str();
+}
+
+const char* kMain = "#1f6feb";
+const char* kCompare = "#d9480f";
+const char* kEval = "#2b8a3e";
+
+std::string table(
+    const std::vector<std::string>& header,
+    const std::vector<std::vector<std::string>>& rows) {
+  std::ostringstream out;
+  out << "<table><thead><tr>";
+  for (const auto& h : header) {
+    out << "<th>" << escape(h) << "</th>";
+  }
+  out << "</tr></thead><tbody>\n";
+  for (const auto& row : rows) {
+    out << "<tr>";
+    for (const auto& c : row) {
+      out << "<td>" << escape(c) << "</td>";
+    }
+    out << "</tr>\n";
+  }
+  out << "</tbody></table>\n";
+  return out.str();
+}
+
+double median_seconds(const std::vector<StepRecord>& steps, size_t limit) {
+  std::vector<double> t;
+  for (size_t i = 0; i < steps.size() && i < limit; ++i) {
+    t.push_back(steps[i].step_seconds);
+  }
+  if (t.empty()) {
+    return NAN;
+  }
+  std::sort(t.begin(), t.end());
+  return t[t.size() / 2];
+}
+
+int64_t max_peak(const std::vector<StepRecord>& steps, size_t limit) {
+  int64_t peak = 0;
+  for (size_t i = 0; i < steps.size() && i < limit; ++i) {
+    peak = std::max(peak, steps[i].peak_bytes);
+  }
+  return peak;
+}
+
+} // namespace
+
+std::string render_report(
+    const History& h,
+    const TrainOptions& options,
+    const std::string& summary) {
+  const bool compared = !h.compare_steps.empty();
+  const std::string main_name = options.policy().name();
+  const std::string cmp_name = h.compare_policy;
+  std::ostringstream out;
+  out << "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">\n"
+      << "<title>remat train: " << escape(to_string(options.task())) << ", "
+      << escape(main_name) << "</title>\n<style>\n"
+      << "body{font:14px/1.45 system-ui,sans-serif;margin:24px auto;max-width:820px;"
+         "color:#1b1f24}\n"
+      << "h1{font-size:22px}h2{font-size:17px;margin-top:28px}\n"
+      << "figure{margin:12px 0}figcaption{font-weight:600;margin-bottom:4px}\n"
+      << "svg.chart{width:100%;height:auto;background:#fbfbfc;border:1px solid #e3e6ea}\n"
+      << ".grid{stroke:#e6e8eb}.axis{stroke:#5b636d}.tick,.legend{font-size:11px;"
+         "fill:#444}.label{font-size:12px;fill:#222}\n"
+      << "table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #d6d9dd;"
+         "padding:2px 8px;text-align:right}th{background:#f1f3f5}\n"
+      << "code{font-size:12px}.summary{font-family:monospace;font-size:12px;"
+         "white-space:pre-wrap}\n</style></head><body>\n";
+  out << "<h1>remat train: " << escape(to_string(options.task())) << " under "
+      << escape(main_name) << "</h1>\n<p class=\"summary\">" << escape(summary) << "</p>\n";
+
+  // Figures first.
+  std::vector<std::vector<std::string>> figures;
+  if (!h.steps.empty()) {
+    auto med = median_seconds(h.steps, h.steps.size());
+    figures.push_back({main_name, std::to_string(h.steps.size()),
+                       memory::format_size(max_peak(h.steps, h.steps.size())),
+                       num(med, "%.4f"), num(h.steps.back().loss)});
+  }
+  if (compared) {
+    const size_t n = h.compare_steps.size();
+    figures.push_back({cmp_name + " (comparison)", std::to_string(n),
+                       memory::format_size(max_peak(h.compare_steps, n)),
+                       num(median_seconds(h.compare_steps, n), "%.4f"),
+                       num(h.compare_steps.back().loss)});
+    figures.push_back({main_name + " (same steps)", std::to_string(std::min(n, h.steps.size())),
+                       memory::format_size(max_peak(h.steps, n)),
+                       num(median_seconds(h.steps, n), "%.4f"),
+                       h.steps.size() >= n ? num(h.steps[n - 1].loss) : "-"});
+  }
+  out << "<h2>Figures</h2>\n"
+      << table({"policy", "steps", "peak memory", "median step (s)", "last loss"}, figures);
+  if (compared) {
+    out << "<p>Largest |loss difference| per step, " << escape(main_name) << " vs "
+        << escape(cmp_name) << ": <b id=\"max-loss-diff\">"
+        << num(h.max_compare_diff(), "%.3g") << "</b></p>\n";
+  }
+  if (!h.evals.empty()) {
+    const auto& e = h.evals.back();
+    out << "<p>Final validation (step " << e.step << "): loss " << num(e.loss);
+    if (options.task() == Task::kClassification) {
+      out << ", macro-F1 <b>" << num(e.macro_f1, "%.4f") << "</b>, micro-F1 "
+          << num(e.micro_f1, "%.4f");
+    } else {
+      out << ", perplexity <b>" << num(e.perplexity, "%.4g") << "</b>";
+    }
+    out << "</p>\n";
+  }
+
+  // Loss.
+  std::vector<Series> loss;
+  Series train{main_name + " train loss", kMain};
+  for (const auto& s : h.steps) {
+    train.points.emplace_back(static_cast<double>(s.step), s.loss);
+  }
+  loss.push_back(train);
+  if (compared) {
+    Series c{cmp_name + " train loss", kCompare};
+    c.dashed = true;
+    for (const auto& s : h.compare_steps) {
+      c.points.emplace_back(static_cast<double>(s.step), s.loss);
+    }
+    loss.push_back(c);
+  }
+  if (!h.evals.empty()) {
+    Series v{"validation loss", kEval};
+    v.markers = true;
+    for (const auto& e : h.evals) {
+      v.points.emplace_back(static_cast<double>(e.step), e.loss);
+    }
+    loss.push_back(v);
+  }
+  out << "<h2>Loss</h2>\n" << line_chart("loss", "Loss per step", "step", "loss", loss);
+
+  // Memory and time per step.
+  auto per_step = [&](const char* id, const char* title, const char* unit, auto value) {
+    std::vector<Series> s;
+    Series a{main_name, kMain};
+    for (const auto& r : h.steps) {
+      a.points.emplace_back(static_cast<double>(r.step), value(r));
+    }
+    s.push_back(a);
+    if (compared) {
+      Series b{cmp_name, kCompare};
+      b.dashed = true;
+      for (const auto& r : h.compare_steps) {
+        b.points.emplace_back(static_cast<double>(r.step), value(r));
+      }
+      s.push_back(b);
+    }
+    return line_chart(id, title, "step", unit, s);
+  };
+  out << "<h2>Memory and time</h2>\n"
+      << per_step("memory", "Peak memory per step (weights, gradients, optimizer state "
+                            "and activations)", "MiB",
+                  [](const StepRecord& r) { return mib(r.peak_bytes); })
+      << per_step("time", "Step time (forward, backward, optimizer)", "seconds",
+                  [](const StepRecord& r) { return r.step_seconds; });
+
+  // Per-layer timeline.
+  out << "<h2>Memory through one step, layer by layer</h2>\n"
+      << "<p>Bytes held after each layer's forward, recompute (checkpointed layers "
+         "only) and backward, in the order they happen, for one micro-batch.</p>\n";
+  std::vector<Series> timeline;
+  for (const auto& t : h.timelines) {
+    Series s{t.policy, t.policy == main_name ? kMain : kCompare};
+    s.dashed = t.policy != main_name;
+    for (size_t i = 0; i < t.points.size(); ++i) {
+      s.points.emplace_back(static_cast<double>(i), mib(t.points[i].bytes));
+      s.tips.push_back(t.policy + ": " + t.points[i].label + ", " +
+                       memory::format_size(t.points[i].bytes));
+    }
+    timeline.push_back(s);
+  }
+  out << line_chart("timeline", "Held memory during one step", "event", "MiB", timeline);
+  for (const auto& t : h.timelines) {
+    std::string peak_label;
+    int64_t peak = 0;
+    for (const auto& p : t.points) {
+      if (p.bytes > peak) {
+        peak = p.bytes;
+        peak_label = p.label;
+      }
+    }
+    out << "<p>" << escape(t.policy) << ": highest at <i>" << escape(peak_label) << "</i>, "
+        << memory::format_size(peak) << ".</p>\n";
+  }
+
+  // Evaluations.
+  if (!h.evals.empty()) {
+    std::vector<std::string> header{"step", "epoch", "loss"};
+    if (options.task() == Task::kClassification) {
+      header.push_back("macro-F1");
+      for (const auto& name : h.label_names) {
+        header.push_back("F1 " + name);
+      }
+    } else {
+      header.push_back("perplexity");
+    }
+    std::vector<std::vector<std::string>> rows;
+    for (const auto& e : h.evals) {
+      std::vector<std::string> row{std::to_string(e.step), std::to_string(e.epoch),
+                                   num(e.loss)};
+      if (options.task() == Task::kClassification) {
+        row.push_back(num(e.macro_f1, "%.4f"));
+        for (double f : e.per_label_f1) {
+          row.push_back(num(f, "%.4f"));
+        }
+      } else {
+        row.push_back(num(e.perplexity));
+      }
+      rows.push_back(row);
+    }
+    out << "<h2>Evaluations</h2>\n" << table(header, rows);
+  }
+
+  // Comparison.
+  if (compared) {
+    const double n = static_cast<double>(h.compare_steps.size());
+    auto first_steps = [&](const char* id, const char* title, const char* unit, auto value) {
+      Series a{main_name, kMain};
+      Series b{cmp_name, kCompare};
+      b.dashed = true;
+      for (const auto& r : h.steps) {
+        if (static_cast<double>(r.step) <= n) {
+          a.points.emplace_back(static_cast<double>(r.step), value(r));
+        }
+      }
+      for (const auto& r : h.compare_steps) {
+        b.points.emplace_back(static_cast<double>(r.step), value(r));
+      }
+      return line_chart(id, title, "step", unit, {a, b});
+    };
+    out << "<h2>Comparison, step by step</h2>\n"
+        << first_steps("compare-loss", "Loss over the compared steps (the curves coincide "
+                                       "when the losses are equal)", "loss",
+                       [](const StepRecord& r) { return r.loss; })
+        << first_steps("compare-memory", "Peak memory over the compared steps", "MiB",
+                       [](const StepRecord& r) { return mib(r.peak_bytes); });
+    std::vector<std::vector<std::string>> rows;
+    for (const auto& s : h.steps) {
+      if (!s.compare_loss) {
+        continue;
+      }
+      rows.push_back({std::to_string(s.step), num(s.loss, "%.9g"),
+                      num(*s.compare_loss, "%.9g"),
+                      num(std::abs(s.loss - *s.compare_loss), "%.3g")});
+    }
+    out << table({"step", "loss " + main_name, "loss " + cmp_name, "|difference|"}, rows);
+  }
+
+  // Settings.
+  std::vector<std::vector<std::string>> settings;
+  auto j = options.to_json();
+  for (auto it = j.begin(); it != j.end(); ++it) {
+    settings.push_back({it.key(), it.value().is_string() ? it.value().get<std::string>()
+                                                         : it.value().dump()});
+  }
+  out << "<h2>Settings</h2>\n" << table({"option", "value"}, settings);
+  out << "<p><small>Written by remat train. Memory is counted to the byte by remat's "
+         "allocator (remat::memory).</small></p>\n</body></html>\n";
+  return out.str();
+}
+
+void write_report(
+    const std::string& path,
+    const History& history,
+    const TrainOptions& options,
+    const std::string& summary) {
+  io::write_file_atomic(path, render_report(history, options, summary));
+}
+
+} // namespace train
+} // namespace remat

@@ -1,0 +1,158 @@
+// run_training: the comparison run, the training loop with its evaluations
+// and state saves, and resuming.
+#include "remat/train/train_state.h"
+#include "remat/train/trainer.h"
+
+#include <torch/torch.h>
+
+#include <unistd.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <iostream>
+#include <thread>
+
+namespace remat {
+namespace train {
+
+namespace {
+
+void say(const TrainCallbacks& cb, const std::string& text) {
+  if (cb.on_message) {
+    cb.on_message(text);
+  }
+}
+
+// The comparison run: the first steps of the same run under another policy.
+// Same options (so the same weights, data order, dropout masks and learning
+// rates) but for the policy; nothing of it is saved.
+void run_comparison(
+    const TrainOptions& options,
+    const TrainCallbacks& cb,
+    History& out) {
+  const auto& policy = *options.compare_policy();
+  TrainOptions other = options;
+  other.policy(policy).compare_policy(c10::nullopt).out_dir("").save_every(0);
+  Trainer shadow(other);
+  const int64_t steps = std::min(options.compare_steps(), shadow.total_steps());
+  say(cb, "comparison: " + std::to_string(steps) + " steps under " + policy.name() +
+          ", then the run under " + options.policy().name() + " from the same state");
+  if (options.memory_timeline()) {
+    out.timelines.push_back(shadow.memory_timeline());
+  }
+  for (int64_t i = 0; i < steps; ++i) {
+    auto r = shadow.step();
+    if (cb.on_compare_step) {
+      cb.on_compare_step(r, steps);
+    }
+  }
+  out.compare_policy = policy.name();
+  out.compare_steps = shadow.history().steps;
+}
+
+} // namespace
+
+TrainResult run_training(
+    const TrainOptions& options,
+    const TrainCallbacks& cb,
+    bool resume,
+    int64_t stop_after_step) {
+  options.validate();
+  TORCH_CHECK(
+      !resume || !options.out_dir().empty(),
+      "resume: expected an out_dir holding the state to resume, but got none");
+  torch::set_num_threads(static_cast<int>(
+      options.threads() > 0 ? options.threads()
+                            : std::max(1u, std::thread::hardware_concurrency())));
+
+  History compared;
+  if (options.compare_policy() && !resume) {
+    run_comparison(options, cb, compared);
+  }
+  Trainer t(options);
+  say(cb, t.summary());
+  if (resume) {
+    const auto path = state_path(options.out_dir());
+    t.load_state(path);
+    say(cb, "resumed from " + path + " at step " + std::to_string(t.step_count()) +
+            " of " + std::to_string(t.total_steps()));
+    auto& timelines = t.history().timelines;
+    const bool have = std::any_of(timelines.begin(), timelines.end(), [&](const auto& m) {
+      return m.policy == options.policy().name();
+    });
+    if (options.memory_timeline() && !have) {
+      timelines.push_back(t.memory_timeline()); // changes nothing of the run
+    }
+  } else {
+    t.history().compare_policy = compared.compare_policy;
+    t.history().compare_steps = compared.compare_steps;
+    t.history().timelines = compared.timelines;
+    if (options.memory_timeline()) {
+      t.history().timelines.push_back(t.memory_timeline());
+    }
+  }
+  if (cb.on_start) {
+    cb.on_start(t);
+  }
+
+  const int64_t total = t.total_steps();
+  const int64_t per_epoch = t.steps_per_epoch();
+  while (t.step_count() < total) {
+    auto r = t.step();
+    if (cb.on_step) {
+      cb.on_step(r, total);
+    }
+    if (r.step == stop_after_step) {
+      // A stand-in for kill -9 at a known step (tests): no destructors, no
+      // flushing, no state saved after the last regular save.
+      std::fflush(nullptr);
+      ::_exit(137);
+    }
+    const bool last = r.step == total;
+    const bool eval_now = options.eval_every() > 0 ? r.step % options.eval_every() == 0
+                                                   : r.step % per_epoch == 0;
+    if (!last && eval_now && t.has_validation()) {
+      auto e = t.evaluate();
+      if (cb.on_eval) {
+        cb.on_eval(e);
+      }
+    }
+    if (!last && options.save_every() > 0 && r.step % options.save_every() == 0) {
+      t.save_state(options.out_dir());
+      if (cb.on_save) {
+        cb.on_save(state_path(options.out_dir()), r.step);
+      }
+    }
+  }
+
+  TrainResult result;
+  if (t.has_validation()) {
+    const auto& evals = t.history().evals;
+    if (!evals.empty() && evals.back().step == total) {
+      result.final_eval = evals.back(); // a finished run, resumed again
+    } else {
+      result.final_eval = t.evaluate();
+      if (cb.on_eval) {
+        cb.on_eval(result.final_eval);
+      }
+    }
+    result.has_eval = true;
+  }
+  if (!options.out_dir().empty()) {
+    t.save_state(options.out_dir());
+    if (cb.on_save) {
+      cb.on_save(state_path(options.out_dir()), t.step_count());
+    }
+  }
+  if (cb.on_end) {
+    cb.on_end(t);
+  }
+  result.history = t.history();
+  result.steps = t.step_count();
+  result.parameters = t.parameter_count();
+  result.trainable_parameters = t.trainable_parameter_count();
+  return result;
+}
+
+} // namespace train
+} // namespace remat

@@ -1,0 +1,422 @@
+#include "train/task.h"
+
+#include "nn/stack.h"
+#include "remat/io/file.h"
+#include "remat/io/hf.h"
+#include "remat/nn/bert.h"
+#include "remat/nn/llama.h"
+#include "remat/nn/lora.h"
+
+#include <c10/util/Exception.h>
+#include <nlohmann/json.hpp>
+#include <torch/torch.h>
+
+#include <limits>
+#include <sstream>
+
+namespace remat {
+namespace train {
+
+namespace {
+
+bool starts_with(const std::string& s, const std::string& prefix) {
+  return s.compare(0, prefix.size(), prefix) == 0;
+}
+
+std::string join(const std::vector<std::string>& names, size_t max_names = 4) {
+  std::string out;
+  for (size_t i = 0; i < names.size() && i < max_names; ++i) {
+    out += (i ? ", " : "") + names[i];
+  }
+  if (names.size() > max_names) {
+    out += " and " + std::to_string(names.size() - max_names) + " more";
+  }
+  return out;
+}
+
+// [B, S] of 1/0 -> additive [B, 1, 1, S] of 0 / most negative value, as the
+// models build it.
+torch::Tensor additive_mask(const torch::Tensor& attention_mask, torch::Dtype dtype) {
+  auto keep = attention_mask.to(dtype).unsqueeze(1).unsqueeze(2);
+  return (1.0 - keep) * std::numeric_limits<float>::lowest();
+}
+
+// Index of `layer` in `layers` (the instrumented step labels by position).
+template <typename Layer>
+int64_t index_of(const std::vector<Layer>& layers, const Layer& layer) {
+  for (size_t i = 0; i < layers.size(); ++i) {
+    if (layers[i].get() == layer.get()) {
+      return static_cast<int64_t>(i);
+    }
+  }
+  return -1;
+}
+
+// Wraps one layer call of the instrumented step: a hook on the layer's input
+// marks the end of the layer's backward; a sample after the call marks its
+// forward (or, once backward has begun, its recompute).
+template <typename Layer, typename Call>
+auto instrumented_call(
+    std::vector<Layer> layers,
+    Sample sample,
+    std::shared_ptr<bool> in_backward,
+    Call call) {
+  return [=](Layer layer, const torch::Tensor& h,
+             const std::vector<torch::Tensor>& side, SegmentMode mode) {
+    const int64_t i = index_of(layers, layer);
+    const std::string name = "layer " + std::to_string(i);
+    if (h.requires_grad()) {
+      auto h_hooked = h;
+      h_hooked.register_hook([sample, name](torch::Tensor) { sample("backward " + name); });
+    }
+    auto out = call(layer, h, side, mode);
+    sample((*in_backward ? "recompute " : "forward ") + name);
+    return out;
+  };
+}
+
+// ------------------------------------------------------------ classification
+
+/// BERT with a linear head on the pooler output, named as Hugging Face's
+/// BertForSequenceClassification ("bert.*", "classifier.*").
+class BertClassifierImpl : public torch::nn::Cloneable<BertClassifierImpl> {
+ public:
+  BertClassifierImpl(nn::BertOptions options_, int64_t num_labels_)
+      : options(std::move(options_)), num_labels(num_labels_) {
+    reset();
+  }
+
+  void reset() override {
+    bert = register_module("bert", nn::Bert(options));
+    dropout = register_module(
+        "dropout", torch::nn::Dropout(options.hidden_dropout()));
+    classifier = register_module(
+        "classifier", torch::nn::Linear(options.hidden_size(), num_labels));
+    torch::NoGradGuard no_grad;
+    classifier->weight.normal_(0.0, 0.02); // BERT's initializer_range
+    classifier->bias.zero_();
+  }
+
+  /// [B, S] ids and mask -> [B, num_labels] logits
+  torch::Tensor forward(const torch::Tensor& ids, const torch::Tensor& mask) {
+    return classifier->forward(dropout->forward(bert->forward(ids, mask).pooler_output));
+  }
+
+  nn::BertOptions options;
+  int64_t num_labels;
+  nn::Bert bert{nullptr};
+  torch::nn::Dropout dropout{nullptr};
+  torch::nn::Linear classifier{nullptr};
+};
+TORCH_MODULE(BertClassifier);
+
+class ClassificationTask : public TaskModel {
+ public:
+  ClassificationTask(nn::BertOptions options, int64_t num_labels)
+      : model_(std::move(options), num_labels) {}
+
+  torch::nn::Module& module() override {
+    return *model_;
+  }
+  const torch::nn::Module& module() const override {
+    return *model_;
+  }
+  void set_policy(const CheckpointPolicy& policy) override {
+    model_->bert->gradient_checkpointing_enable(policy);
+  }
+  std::string describe() const override {
+    std::ostringstream out;
+    model_->bert->pretty_print(out);
+    out << " + classifier(" << model_->options.hidden_size() << " -> "
+        << model_->num_labels << ")";
+    return out.str();
+  }
+  int64_t loss_units(const Batch& batch) const override {
+    return batch.input_ids.size(0);
+  }
+
+  torch::Tensor loss(const Batch& batch, torch::Tensor* logits) override {
+    auto out = model_->forward(batch.input_ids, batch.attention_mask);
+    if (logits != nullptr) {
+      *logits = out;
+    }
+    return bce(out, batch.labels);
+  }
+
+  torch::Tensor instrumented_loss(const Batch& batch, const Sample& sample) override {
+    auto& bert = *model_->bert;
+    auto in_backward = std::make_shared<bool>(false);
+    sample("start");
+    auto hidden = bert.embeddings->forward(
+        batch.input_ids, torch::zeros_like(batch.input_ids));
+    sample("embeddings");
+    std::vector<torch::Tensor> side{additive_mask(batch.attention_mask, hidden.scalar_type())};
+    auto call = instrumented_call(
+        bert.encoder->layers, sample, in_backward,
+        [](nn::BertLayer layer, const torch::Tensor& h,
+           const std::vector<torch::Tensor>& side, SegmentMode mode) {
+          return layer->forward(h, side[0], mode);
+        });
+    hidden = nn::detail::run_stack(
+        bert.encoder->layers, hidden, side,
+        bert.checkpoint_policy().schedule(bert.options.num_layers()), call);
+    auto logits = model_->classifier->forward(
+        model_->dropout->forward(bert.pooler->forward(hidden)));
+    auto l = bce(logits, batch.labels);
+    sample("loss");
+    *in_backward = true;
+    return l;
+  }
+
+  std::vector<std::string> default_lora_targets() const override {
+    return {"query", "value"};
+  }
+
+  std::string load_pretrained(const std::string& dir) override {
+    auto weights = io::read_hf_weights(dir);
+    std::map<std::string, torch::Tensor> head, body;
+    for (auto& kv : weights) {
+      (starts_with(kv.first, "classifier.") ? head : body).insert(kv);
+    }
+    auto report = io::load_state(
+        *model_->bert, body,
+        io::LoadStateOptions()
+            .strip_prefixes({"bert."})
+            .ignore_unexpected(true)
+            .ignore_missing(true)
+            .cast_dtype(true));
+    // A masked-LM checkpoint has no pooler; anything else missing is a
+    // folder that does not hold this model.
+    std::vector<std::string> missing;
+    for (const auto& name : report.missing) {
+      if (!starts_with(name, "pooler.")) {
+        missing.push_back(name);
+      }
+    }
+    TORCH_CHECK(
+        missing.empty(), "init: '", dir, "' lacks ", missing.size(),
+        " of the encoder's weights (", join(missing), ")");
+    std::string head_note = "a new classifier head";
+    auto w = head.find("classifier.weight");
+    if (w != head.end() && w->second.sizes() == model_->classifier->weight.sizes() &&
+        head.count("classifier.bias")) {
+      io::load_state(*model_->classifier, head,
+                     io::LoadStateOptions().strip_prefixes({"classifier."}).cast_dtype(true));
+      head_note = "its classifier head";
+    }
+    std::ostringstream out;
+    out << "loaded " << report.loaded.size() << " tensors from " << dir << " with "
+        << head_note;
+    if (!report.missing.empty()) {
+      out << "; new: " << join(report.missing);
+    }
+    if (!report.unexpected.empty()) {
+      out << "; skipped: " << join(report.unexpected);
+    }
+    return out.str();
+  }
+
+  void save_pretrained(
+      const std::string& dir,
+      const std::vector<std::string>& label_names) const override {
+    auto copy = std::dynamic_pointer_cast<BertClassifierImpl>(model_->clone());
+    TORCH_INTERNAL_ASSERT(copy);
+    nn::merge_lora(*copy);
+    io::save_state(*copy, dir + "/model.safetensors");
+    auto config = io::bert_config_to_json(model_->options);
+    config["architectures"] = {"BertForSequenceClassification"};
+    config["problem_type"] = "multi_label_classification";
+    nlohmann::json id2label = nlohmann::json::object();
+    nlohmann::json label2id = nlohmann::json::object();
+    for (size_t i = 0; i < label_names.size(); ++i) {
+      id2label[std::to_string(i)] = label_names[i];
+      label2id[label_names[i]] = i;
+    }
+    config["id2label"] = id2label;
+    config["label2id"] = label2id;
+    io::write_file_atomic(dir + "/config.json", config.dump(2) + "\n");
+  }
+
+ private:
+  static torch::Tensor bce(const torch::Tensor& logits, const torch::Tensor& labels) {
+    return torch::binary_cross_entropy_with_logits(logits.to(torch::kFloat), labels);
+  }
+
+  BertClassifier model_;
+};
+
+// ------------------------------------------------------------ causal LM
+
+nn::LlamaOptions llama_options(const io::LlamaConfig& c) {
+  return nn::LlamaOptions()
+      .vocab_size(c.vocab_size)
+      .hidden_size(c.hidden_size)
+      .intermediate_size(c.intermediate_size)
+      .num_layers(c.num_hidden_layers)
+      .num_heads(c.num_attention_heads)
+      .num_kv_heads(c.num_key_value_heads)
+      .max_position_embeddings(c.max_position_embeddings)
+      .rope_theta(c.rope_theta)
+      .rms_norm_eps(c.rms_norm_eps)
+      .tie_word_embeddings(c.tie_word_embeddings);
+}
+
+io::LlamaConfig llama_config(const nn::LlamaOptions& o) {
+  io::LlamaConfig c;
+  c.vocab_size = o.vocab_size();
+  c.hidden_size = o.hidden_size();
+  c.intermediate_size = o.intermediate_size();
+  c.num_hidden_layers = o.num_layers();
+  c.num_attention_heads = o.num_heads();
+  c.num_key_value_heads = o.kv_heads();
+  c.max_position_embeddings = o.max_position_embeddings();
+  c.rope_theta = o.rope_theta();
+  c.rms_norm_eps = o.rms_norm_eps();
+  c.tie_word_embeddings = o.tie_word_embeddings();
+  return c;
+}
+
+class CausalLmTask : public TaskModel {
+ public:
+  explicit CausalLmTask(nn::LlamaOptions options) : model_(std::move(options)) {}
+
+  torch::nn::Module& module() override {
+    return *model_;
+  }
+  const torch::nn::Module& module() const override {
+    return *model_;
+  }
+  void set_policy(const CheckpointPolicy& policy) override {
+    model_->gradient_checkpointing_enable(policy);
+  }
+  std::string describe() const override {
+    std::ostringstream out;
+    model_->pretty_print(out);
+    return out.str();
+  }
+  int64_t loss_units(const Batch& batch) const override {
+    // Position s predicts label s + 1; -100 marks padding.
+    const auto s = batch.labels.size(1);
+    return batch.labels.narrow(1, 1, s - 1).ne(-100).sum().item<int64_t>();
+  }
+
+  torch::Tensor loss(const Batch& batch, torch::Tensor* logits) override {
+    auto out = model_->forward(batch.input_ids, batch.attention_mask);
+    if (logits != nullptr) {
+      *logits = out;
+    }
+    return nn::causal_lm_loss(out, batch.labels);
+  }
+
+  torch::Tensor instrumented_loss(const Batch& batch, const Sample& sample) override {
+    auto& m = *model_->model;
+    auto in_backward = std::make_shared<bool>(false);
+    sample("start");
+    auto hidden = m.embed_tokens->forward(batch.input_ids);
+    sample("embeddings");
+    auto tables = nn::rotary_tables(
+        m.options.head_dim(), m.options.rope_theta(), 0, batch.input_ids.size(1),
+        hidden.options());
+    std::vector<torch::Tensor> side{
+        tables.first, tables.second,
+        additive_mask(batch.attention_mask, hidden.scalar_type())};
+    auto call = instrumented_call(
+        m.decoder_layers, sample, in_backward,
+        [](nn::LlamaDecoderLayer layer, const torch::Tensor& h,
+           const std::vector<torch::Tensor>& side, SegmentMode mode) {
+          return layer->forward(h, side[0], side[1], side[2], mode);
+        });
+    hidden = nn::detail::run_stack(
+        m.decoder_layers, hidden, side,
+        model_->checkpoint_policy().schedule(m.options.num_layers()), call);
+    hidden = m.norm->forward(hidden);
+    auto logits = torch::nn::functional::linear(hidden, model_->lm_head_weight());
+    auto l = nn::causal_lm_loss(logits, batch.labels);
+    sample("loss");
+    *in_backward = true;
+    return l;
+  }
+
+  std::vector<std::string> default_lora_targets() const override {
+    return {"q_proj", "v_proj"};
+  }
+
+  std::string load_pretrained(const std::string& dir) override {
+    auto report = io::load_state(
+        *model_, io::read_hf_weights(dir), io::LoadStateOptions().cast_dtype(true));
+    std::ostringstream out;
+    out << "loaded " << report.loaded.size() << " tensors from " << dir;
+    return out.str();
+  }
+
+  void save_pretrained(const std::string& dir, const std::vector<std::string>&)
+      const override {
+    auto copy = std::dynamic_pointer_cast<nn::LlamaImpl>(model_->clone());
+    TORCH_INTERNAL_ASSERT(copy);
+    nn::merge_lora(*copy);
+    io::save_state(*copy, dir + "/model.safetensors");
+    auto config = io::llama_config_to_json(llama_config(model_->options));
+    io::write_file_atomic(dir + "/config.json", config.dump(2) + "\n");
+  }
+
+ private:
+  nn::Llama model_;
+};
+
+} // namespace
+
+std::unique_ptr<TaskModel> make_task_model(
+    const TrainOptions& o,
+    int64_t vocab_size,
+    int64_t num_labels) {
+  const bool init = !o.init_dir().empty();
+  const std::string config_path = o.init_dir() + "/config.json";
+  if (o.task() == Task::kClassification) {
+    nn::BertOptions b = init
+        ? io::read_bert_config(config_path)
+        : nn::BertOptions()
+              .vocab_size(vocab_size)
+              .hidden_size(o.hidden())
+              .num_layers(o.layers())
+              .num_heads(o.heads())
+              .intermediate_size(o.intermediate())
+              .max_position_embeddings(std::max<int64_t>(o.seq(), 128));
+    b.hidden_dropout(o.dropout()).attention_dropout(o.dropout());
+    TORCH_CHECK(
+        b.vocab_size() >= vocab_size, "init: the model in '", o.init_dir(),
+        "' has ", b.vocab_size(), " token ids, but the tokenizer has ", vocab_size);
+    TORCH_CHECK(
+        b.max_position_embeddings() >= o.seq(), "seq: expected at most the model's ",
+        b.max_position_embeddings(), " positions, but got ", o.seq());
+    return std::make_unique<ClassificationTask>(b, num_labels);
+  }
+  nn::LlamaOptions l;
+  if (init) {
+    l = llama_options(io::read_llama_config(config_path));
+  } else {
+    int64_t inter = o.intermediate();
+    if (inter == 0) {
+      // Llama's 2/3 of 4h, rounded to a multiple of 8.
+      inter = (8 * o.hidden() / 3 + 7) / 8 * 8;
+    }
+    l = nn::LlamaOptions()
+            .vocab_size(vocab_size)
+            .hidden_size(o.hidden())
+            .intermediate_size(inter)
+            .num_layers(o.layers())
+            .num_heads(o.heads())
+            .num_kv_heads(o.kv_heads())
+            .max_position_embeddings(std::max<int64_t>(o.seq(), 128));
+  }
+  l.attention_dropout(o.dropout());
+  TORCH_CHECK(
+      l.vocab_size() >= vocab_size, "init: the model in '", o.init_dir(), "' has ",
+      l.vocab_size(), " token ids, but the tokenizer has ", vocab_size);
+  TORCH_CHECK(
+      l.max_position_embeddings() >= o.seq(), "seq: expected at most the model's ",
+      l.max_position_embeddings(), " positions, but got ", o.seq());
+  return std::make_unique<CausalLmTask>(l);
+}
+
+} // namespace train
+} // namespace remat

@@ -1,0 +1,63 @@
+// The model behind each training task, behind one interface: the trainer's
+// loop does not care whether it trains a BERT classifier or a Llama LM.
+#pragma once
+
+#include "remat/policy.h"
+#include "remat/train/data.h"
+#include "remat/train/trainer.h"
+
+#include <torch/nn/module.h>
+
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+namespace remat {
+namespace train {
+
+/// Called at each point of an instrumented step with the point's label.
+using Sample = std::function<void(const std::string&)>;
+
+class TaskModel {
+ public:
+  virtual ~TaskModel() = default;
+
+  virtual torch::nn::Module& module() = 0;
+  virtual const torch::nn::Module& module() const = 0;
+  virtual void set_policy(const CheckpointPolicy& policy) = 0;
+  /// "remat::nn::Bert(layers=4, ...) + classifier(128 -> 4)"
+  virtual std::string describe() const = 0;
+
+  /// What the loss of a batch is a mean over: rows (classification) or
+  /// predicted tokens (causal LM). Micro-batch losses are weighted by it.
+  virtual int64_t loss_units(const Batch& batch) const = 0;
+  /// The mean loss of `batch` as a float32 scalar; `logits` gets the
+  /// model's output when not null.
+  virtual torch::Tensor loss(const Batch& batch, torch::Tensor* logits = nullptr) = 0;
+  /// loss(), run layer by layer with `sample` called after each layer's
+  /// forward (and recompute), and hooks that call it when the gradient
+  /// reaches each layer's input in backward.
+  virtual torch::Tensor instrumented_loss(const Batch& batch, const Sample& sample) = 0;
+
+  /// The projections LoRA adapts when no targets are given.
+  virtual std::vector<std::string> default_lora_targets() const = 0;
+  /// Loads a Hugging Face folder's weights (the model was built from its
+  /// config by make_task_model). Returns a line saying what was loaded.
+  virtual std::string load_pretrained(const std::string& dir) = 0;
+  /// Writes model.safetensors and config.json (adapters merged into a copy).
+  virtual void save_pretrained(
+      const std::string& dir,
+      const std::vector<std::string>& label_names) const = 0;
+};
+
+/// Builds the model of options.task(): from options' sizes, or from
+/// init_dir/config.json when options.init_dir() is set. `vocab_size` is the
+/// tokenizer's; `num_labels` is for classification.
+std::unique_ptr<TaskModel> make_task_model(
+    const TrainOptions& options,
+    int64_t vocab_size,
+    int64_t num_labels);
+
+} // namespace train
+} // namespace remat

@@ -1,0 +1,602 @@
+// The Trainer: data, model, AdamW, schedule; one optimizer step at a time,
+// evaluation, the instrumented memory step, and its state on disk.
+#include "remat/train/trainer.h"
+
+#include "checkpoint/autocast_state.h"
+#include "remat/io/file.h"
+#include "remat/io/tokenizer.h"
+#include "remat/memory.h"
+#include "remat/nn/lora.h"
+#include "remat/train/data.h"
+#include "remat/train/metrics.h"
+#include "remat/train/train_state.h"
+#include "train/task.h"
+
+#include <ATen/CPUGeneratorImpl.h>
+#include <c10/util/Exception.h>
+#include <nlohmann/json.hpp>
+#include <torch/torch.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <sstream>
+
+namespace remat {
+namespace train {
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+torch::Tensor rng_state() {
+  auto gen = at::detail::getDefaultCPUGenerator();
+  std::lock_guard<std::mutex> lock(gen.mutex());
+  return gen.get_state();
+}
+
+void set_rng_state(const torch::Tensor& state) {
+  auto gen = at::detail::getDefaultCPUGenerator();
+  std::lock_guard<std::mutex> lock(gen.mutex());
+  gen.set_state(state);
+}
+
+/// Puts `state` into the CPU generator for its lifetime (dropout draws from
+/// it), then stores what became of it back into `state` when `advance`, and
+/// gives the generator back the state it had. Each trainer thus has a
+/// random stream of its own: two trainers in one process, a comparison run
+/// or an instrumented step, do not draw from each other's.
+class RngScope {
+ public:
+  RngScope(torch::Tensor& state, bool advance)
+      : state_(state), advance_(advance), outer_(rng_state()) {
+    set_rng_state(state_);
+  }
+  ~RngScope() {
+    if (advance_) {
+      state_ = rng_state();
+    }
+    set_rng_state(outer_);
+  }
+  RngScope(const RngScope&) = delete;
+  RngScope& operator=(const RngScope&) = delete;
+
+ private:
+  torch::Tensor& state_;
+  bool advance_;
+  torch::Tensor outer_;
+};
+
+AutocastState autocast_for(torch::Dtype dtype) {
+  AutocastState s = AutocastState::capture();
+  s.cpu_enabled = dtype == torch::kBFloat16;
+  s.cpu_dtype = torch::kBFloat16;
+  return s;
+}
+
+// Rows [begin, end) of `batch`, cut to their longest row: micro-batches of
+// one padded batch need not carry its padding.
+Batch slice_rows(const Batch& batch, int64_t begin, int64_t end, bool lm) {
+  Batch out;
+  out.attention_mask = batch.attention_mask.slice(0, begin, end);
+  const int64_t len = std::max<int64_t>(
+      out.attention_mask.sum(1).max().item<int64_t>(), 2);
+  out.attention_mask = out.attention_mask.narrow(1, 0, len);
+  out.input_ids = batch.input_ids.slice(0, begin, end).narrow(1, 0, len);
+  out.labels = batch.labels.slice(0, begin, end);
+  if (lm) {
+    out.labels = out.labels.narrow(1, 0, len);
+  }
+  out.indices.assign(batch.indices.begin() + begin, batch.indices.begin() + end);
+  out.global_size = batch.global_size;
+  out.epoch = batch.epoch;
+  out.index = batch.index;
+  return out;
+}
+
+// The option fields that a resumed run may change: where and how often it
+// saves and evaluates, what it records, threads. The rest shape the loss
+// curve and must match the saved run's.
+bool may_change_on_resume(const std::string& key) {
+  for (const char* k : {"out_dir", "save_every", "eval_every", "compare_policy",
+                        "compare_steps", "memory_timeline", "threads"}) {
+    if (key == k) {
+      return true;
+    }
+  }
+  return false;
+}
+
+} // namespace
+
+void check_resume_options(
+    const TrainOptions& saved_options,
+    const TrainOptions& resumed,
+    const std::string& path) {
+  const auto saved = saved_options.to_json();
+  const auto mine = resumed.to_json();
+  for (auto it = saved.begin(); it != saved.end(); ++it) {
+    if (may_change_on_resume(it.key())) {
+      continue;
+    }
+    TORCH_CHECK(
+        mine.contains(it.key()) && mine.at(it.key()) == it.value(), it.key(),
+        ": the state in '", path, "' was saved by a run with ", it.value().dump(),
+        ", but this run has ", mine.value(it.key(), nlohmann::json()).dump(),
+        "; a resumed run must keep the settings that shape its loss curve");
+  }
+}
+
+struct Trainer::Impl {
+  TrainOptions options;
+  std::shared_ptr<io::Tokenizer> tokenizer;
+  std::shared_ptr<Dataset> train_set;
+  std::shared_ptr<Dataset> valid_set;
+  std::unique_ptr<DataLoader> loader;
+  std::unique_ptr<TaskModel> task;
+  std::vector<torch::Tensor> trainable;
+  std::unique_ptr<torch::optim::AdamW> optimizer;
+  std::unique_ptr<LrSchedule> schedule;
+  int64_t step = 0;
+  int64_t total_steps = 0;
+  History history;
+  std::string init_note; ///< what --init loaded
+  torch::Tensor rng; ///< this run's CPU generator state (see RngScope)
+
+  bool lm() const {
+    return options.task() == Task::kCausalLm;
+  }
+
+  std::unique_ptr<torch::optim::AdamW> make_optimizer() const {
+    // Decoupled weight decay for matrices only: biases and norm weights
+    // (every 1-D parameter) get none, as in BERT and Hugging Face.
+    std::vector<torch::Tensor> decay, no_decay;
+    for (const auto& p : trainable) {
+      (p.dim() >= 2 ? decay : no_decay).push_back(p);
+    }
+    auto base = torch::optim::AdamWOptions(options.lr()).weight_decay(0.0);
+    std::vector<torch::optim::OptimizerParamGroup> groups;
+    groups.emplace_back(
+        decay, std::make_unique<torch::optim::AdamWOptions>(
+                   torch::optim::AdamWOptions(options.lr()).weight_decay(options.weight_decay())));
+    groups.emplace_back(no_decay, std::make_unique<torch::optim::AdamWOptions>(base));
+    return std::make_unique<torch::optim::AdamW>(std::move(groups), base);
+  }
+
+  std::optional<Batch> next_batch() {
+    auto batch = loader->next();
+    if (!batch) { // the end of an epoch: the loader has moved to the next
+      batch = loader->next();
+    }
+    return batch;
+  }
+
+  std::vector<Batch> micro_batches(const Batch& batch) const {
+    std::vector<Batch> out;
+    const int64_t rows = batch.input_ids.size(0);
+    for (int64_t begin = 0; begin < rows; begin += options.batch()) {
+      out.push_back(slice_rows(batch, begin, std::min(rows, begin + options.batch()), lm()));
+    }
+    return out;
+  }
+};
+
+Trainer::Trainer(TrainOptions options) : impl_(std::make_unique<Impl>()) {
+  auto& d = *impl_;
+  options.validate();
+  d.options = options;
+  d.tokenizer = io::make_tokenizer(options.vocab_path());
+
+  // Data: the validation set is a file, a seeded split, or nothing.
+  Dataset train = d.lm() ? read_text_jsonl(options.train_path())
+                         : read_classification_jsonl(options.train_path());
+  TORCH_CHECK(
+      train.size() > 0, "train_path: expected at least one document in '",
+      options.train_path(), "', but got none");
+  TORCH_CHECK(
+      d.lm() || train.num_labels() > 0, "train_path: expected labels in '",
+      options.train_path(), "', but got none");
+  Dataset valid;
+  if (!options.valid_path().empty()) {
+    valid = d.lm() ? read_text_jsonl(options.valid_path())
+                   : read_classification_jsonl(
+                         options.valid_path(),
+                         JsonlOptions().label_names(train.label_names));
+  } else if (options.valid_fraction() > 0) {
+    auto split = split_dataset(train, options.valid_fraction(), options.seed());
+    train = std::move(split.train);
+    valid = std::move(split.valid);
+    TORCH_CHECK(
+        train.size() > 0, "valid_fraction: ", options.valid_fraction(),
+        " leaves no training documents");
+  }
+  d.history.label_names = train.label_names;
+  d.train_set = std::make_shared<Dataset>(std::move(train));
+  if (valid.size() > 0) {
+    d.valid_set = std::make_shared<Dataset>(std::move(valid));
+  }
+  d.loader = std::make_unique<DataLoader>(
+      d.train_set, d.tokenizer,
+      DataLoaderOptions(options.batch() * options.accumulate())
+          .seed(options.seed())
+          .max_len(options.seq()));
+  d.total_steps = options.max_steps() > 0
+      ? options.max_steps()
+      : options.epochs() * d.loader->batches_per_epoch();
+
+  // Model: everything random comes from the seeded CPU generator, in a
+  // fixed order, so that the same options build the same model. The
+  // caller's generator state is given back afterwards.
+  const torch::Tensor caller_rng = rng_state();
+  torch::manual_seed(options.seed());
+  d.task = make_task_model(options, d.tokenizer->vocab_size(), d.train_set->num_labels());
+  if (!options.init_dir().empty()) {
+    d.init_note = d.task->load_pretrained(options.init_dir());
+  }
+  if (options.lora_rank() > 0) {
+    auto targets = options.lora_targets().empty() ? d.task->default_lora_targets()
+                                                  : options.lora_targets();
+    nn::apply_lora(
+        d.task->module(),
+        nn::LoraOptions().rank(options.lora_rank()).alpha(options.lora_alpha()).targets(targets));
+    // The classification head is new: it trains with the adapters.
+    for (auto& kv : d.task->module().named_parameters()) {
+      if (kv.key().rfind("classifier.", 0) == 0) {
+        kv.value().set_requires_grad(true);
+      }
+    }
+  }
+  d.task->set_policy(options.policy());
+  d.task->module().train();
+  for (const auto& p : d.task->module().parameters()) {
+    if (p.requires_grad()) {
+      d.trainable.push_back(p);
+    }
+  }
+  d.optimizer = d.make_optimizer();
+  d.rng = rng_state();
+  set_rng_state(caller_rng);
+  const int64_t warmup = options.warmup() >= 0 ? options.warmup() : d.total_steps / 10;
+  d.schedule = std::make_unique<LrSchedule>(
+      LrScheduleOptions(options.lr(), d.total_steps)
+          .warmup_steps(std::min(warmup, d.total_steps))
+          .kind(options.schedule()));
+}
+
+Trainer::~Trainer() = default;
+
+StepRecord Trainer::step() {
+  auto& d = *impl_;
+  auto batch = d.next_batch();
+  TORCH_INTERNAL_ASSERT(batch, "the data loader returned no batch");
+  auto micros = d.micro_batches(*batch);
+  int64_t units = 0;
+  for (const auto& m : micros) {
+    units += d.task->loss_units(m);
+  }
+
+  for (auto& p : d.trainable) {
+    p.mutable_grad() = torch::Tensor();
+  }
+  RngScope rng(d.rng, /*advance=*/true);
+  memory::reset_peak();
+  const auto t0 = Clock::now();
+  double loss = 0;
+  for (const auto& m : micros) {
+    torch::Tensor scaled;
+    {
+      AutocastScope autocast(autocast_for(d.options.dtype()));
+      // Each micro-batch's mean, weighted by its share of the step's rows
+      // (or predicted tokens): the sum is the mean over the whole batch.
+      const double weight = units > 0
+          ? static_cast<double>(d.task->loss_units(m)) / static_cast<double>(units)
+          : 0.0;
+      scaled = d.task->loss(m) * weight;
+    }
+    scaled.backward();
+    loss += scaled.item<double>();
+  }
+  double grad_norm = 0;
+  if (d.options.clip() > 0) {
+    grad_norm = torch::nn::utils::clip_grad_norm_(d.trainable, d.options.clip());
+  } else {
+    torch::NoGradGuard no_grad;
+    double sq = 0;
+    for (const auto& p : d.trainable) {
+      if (p.grad().defined()) {
+        sq += p.grad().pow(2).sum().item<double>();
+      }
+    }
+    grad_norm = std::sqrt(sq);
+  }
+  const double lr = d.schedule->lr(d.step);
+  for (auto& group : d.optimizer->param_groups()) {
+    static_cast<torch::optim::AdamWOptions&>(group.options()).lr(lr);
+  }
+  d.optimizer->step();
+  const double seconds = std::chrono::duration<double>(Clock::now() - t0).count();
+  ++d.step;
+
+  StepRecord r;
+  r.step = d.step;
+  r.epoch = batch->epoch;
+  r.loss = loss;
+  r.lr = lr;
+  r.grad_norm = grad_norm;
+  r.tokens = batch->attention_mask.sum().item<int64_t>();
+  r.step_seconds = seconds;
+  r.tokens_per_s = seconds > 0 ? static_cast<double>(r.tokens) / seconds : 0;
+  r.peak_bytes = memory::peak_bytes();
+  r.policy = d.options.policy().name();
+  const auto& compared = d.history.compare_steps;
+  if (static_cast<size_t>(r.step) <= compared.size()) {
+    r.compare_loss = compared[static_cast<size_t>(r.step - 1)].loss;
+  }
+  d.history.steps.push_back(r);
+  return r;
+}
+
+bool Trainer::has_validation() const {
+  return impl_->valid_set != nullptr;
+}
+
+EvalRecord Trainer::evaluate() {
+  auto& d = *impl_;
+  TORCH_CHECK(has_validation(), "evaluate: this run has no validation set");
+  RngScope rng(d.rng, /*advance=*/false);
+  torch::NoGradGuard no_grad;
+  auto& module = d.task->module();
+  const bool was_training = module.is_training();
+  module.eval();
+  AutocastScope autocast(autocast_for(d.options.dtype()));
+
+  const auto& valid = *d.valid_set;
+  MultilabelF1 f1(std::max<int64_t>(valid.num_labels(), 1));
+  double loss_sum = 0;
+  int64_t units = 0;
+  std::vector<int64_t> indices;
+  for (int64_t begin = 0; begin < valid.size(); begin += d.options.batch()) {
+    indices.clear();
+    for (int64_t i = begin; i < std::min(valid.size(), begin + d.options.batch()); ++i) {
+      indices.push_back(i);
+    }
+    auto batch = collate(valid, indices, *d.tokenizer, CollateOptions().max_len(d.options.seq()));
+    torch::Tensor logits;
+    auto loss = d.task->loss(batch, &logits);
+    const int64_t n = d.task->loss_units(batch);
+    loss_sum += loss.item<double>() * static_cast<double>(n);
+    units += n;
+    if (!d.lm()) {
+      f1.update(logits.to(torch::kFloat), batch.labels);
+    }
+  }
+  module.train(was_training);
+
+  EvalRecord r;
+  r.step = d.step;
+  r.epoch = d.history.steps.empty() ? 0 : d.history.steps.back().epoch;
+  r.loss = units > 0 ? loss_sum / static_cast<double>(units) : 0;
+  if (d.lm()) {
+    r.perplexity = std::exp(r.loss);
+  } else {
+    auto scores = f1.compute();
+    r.macro_f1 = scores.macro;
+    r.micro_f1 = scores.micro;
+    r.per_label_f1 = scores.per_label;
+  }
+  d.history.evals.push_back(r);
+  return r;
+}
+
+MemoryTimeline Trainer::memory_timeline() {
+  auto& d = *impl_;
+  // Nothing of this step may reach the run: RNG, data position and
+  // gradients are put back afterwards.
+  RngScope rng(d.rng, /*advance=*/false);
+  const auto position = d.loader->position();
+  auto batch = d.next_batch();
+  d.loader->set_position(position);
+  TORCH_INTERNAL_ASSERT(batch);
+  auto micro = d.micro_batches(*batch).front();
+
+  std::vector<torch::Tensor> grads;
+  for (auto& p : d.trainable) {
+    grads.push_back(p.grad());
+    p.mutable_grad() = torch::Tensor();
+  }
+  MemoryTimeline timeline;
+  timeline.policy = d.options.policy().name();
+  auto points = std::make_shared<std::vector<TimelinePoint>>();
+  Sample sample = [points](const std::string& label) {
+    points->push_back({label, memory::current_bytes()});
+  };
+  {
+    torch::Tensor loss;
+    {
+      AutocastScope autocast(autocast_for(d.options.dtype()));
+      loss = d.task->instrumented_loss(micro, sample);
+    }
+    loss.backward();
+  }
+  for (auto& p : d.trainable) {
+    p.mutable_grad() = torch::Tensor();
+  }
+  sample("end of backward");
+  for (size_t i = 0; i < d.trainable.size(); ++i) {
+    d.trainable[i].mutable_grad() = grads[i];
+  }
+  timeline.points = *points;
+  return timeline;
+}
+
+void Trainer::save_state(const std::string& dir) {
+  auto& d = *impl_;
+  TrainState state;
+  for (const auto& kv : d.task->module().named_parameters()) {
+    state.tensors["model." + kv.key()] = kv.value().detach();
+  }
+  for (const auto& kv : d.task->module().named_buffers()) {
+    state.tensors["model." + kv.key()] = kv.value().detach();
+  }
+  torch::serialize::OutputArchive archive;
+  d.optimizer->save(archive);
+  std::string bytes;
+  archive.save_to([&bytes](const void* data, size_t n) {
+    bytes.append(static_cast<const char*>(data), n);
+    return n;
+  });
+  state.tensors["optimizer"] =
+      torch::from_blob(bytes.data(), {static_cast<int64_t>(bytes.size())}, torch::kUInt8)
+          .clone();
+  state.tensors["rng.cpu"] = d.rng.clone();
+  state.info = {
+      {"step", d.step},
+      {"epoch", epoch()},
+      {"total_steps", d.total_steps},
+      {"loader", d.loader->position().to_json()},
+      {"schedule",
+       {{"kind", to_string(d.schedule->options().kind())},
+        {"lr", d.schedule->options().lr()},
+        {"warmup_steps", d.schedule->options().warmup_steps()},
+        {"total_steps", d.schedule->options().total_steps()},
+        {"next_lr", d.schedule->lr(d.step)}}},
+      {"options", d.options.to_json()},
+      {"history", d.history.to_json()},
+  };
+  save_train_state(dir, state);
+}
+
+void Trainer::load_state(const std::string& path) {
+  auto& d = *impl_;
+  auto state = load_train_state(path);
+  const auto& info = state.info;
+  auto need = [&](const char* key) -> const nlohmann::json& {
+    TORCH_CHECK(
+        info.contains(key), "'", path, "' is not a complete training state (no \"",
+        key, "\")");
+    return info.at(key);
+  };
+  // Everything is read and checked before anything changes.
+  check_resume_options(TrainOptions::from_json(need("options")), d.options, path);
+  const int64_t step = need("step").get<int64_t>();
+  TORCH_CHECK(
+      step >= 0 && step <= d.total_steps, "'", path, "' is at step ", step,
+      ", outside this run's ", d.total_steps, " steps");
+  auto position = LoaderPosition::from_json(need("loader"));
+  auto history = History::from_json(need("history"));
+
+  std::vector<std::pair<torch::Tensor, torch::Tensor>> copies;
+  auto take = [&](const std::string& name, const torch::Tensor& target) {
+    auto it = state.tensors.find("model." + name);
+    TORCH_CHECK(it != state.tensors.end(), "'", path, "' lacks the tensor ", name);
+    TORCH_CHECK(
+        it->second.sizes() == target.sizes() &&
+            it->second.scalar_type() == target.scalar_type(),
+        "'", path, "' holds ", name, " with shape ", it->second.sizes(), " and dtype ",
+        it->second.scalar_type(), ", but the model has ", target.sizes(), " and ",
+        target.scalar_type());
+    copies.emplace_back(target, it->second);
+  };
+  for (const auto& kv : d.task->module().named_parameters()) {
+    take(kv.key(), kv.value());
+  }
+  for (const auto& kv : d.task->module().named_buffers()) {
+    take(kv.key(), kv.value());
+  }
+  auto opt_it = state.tensors.find("optimizer");
+  auto rng_it = state.tensors.find("rng.cpu");
+  TORCH_CHECK(
+      opt_it != state.tensors.end() && rng_it != state.tensors.end(), "'", path,
+      "' lacks the optimizer or RNG state");
+  auto optimizer = d.make_optimizer();
+  {
+    torch::serialize::InputArchive archive;
+    const auto& bytes = opt_it->second;
+    archive.load_from(
+        static_cast<const char*>(bytes.data_ptr()), static_cast<size_t>(bytes.numel()));
+    optimizer->load(archive);
+  }
+  {
+    torch::Tensor probe = rng_it->second.clone();
+    RngScope check(probe, /*advance=*/false); // throws for a malformed state
+  }
+  d.loader->set_position(position);
+
+  // Commit.
+  {
+    torch::NoGradGuard no_grad;
+    for (auto& c : copies) {
+      c.first.copy_(c.second);
+    }
+  }
+  d.optimizer = std::move(optimizer);
+  d.rng = rng_it->second.clone();
+  d.step = step;
+  history.label_names = d.history.label_names;
+  d.history = std::move(history);
+}
+
+void Trainer::save_model(const std::string& dir) const {
+  const auto& d = *impl_;
+  d.task->save_pretrained(dir, d.history.label_names);
+  if (!d.options.vocab_path().empty()) {
+    io::write_file_atomic(dir + "/vocab.txt", io::read_file(d.options.vocab_path()));
+  }
+}
+
+std::string Trainer::summary() const {
+  const auto& d = *impl_;
+  std::ostringstream out;
+  out << d.task->describe() << ", " << parameter_count() << " parameters (" << trainable_parameter_count()
+      << " trainable); " << d.train_set->size() << " training documents, "
+      << (d.valid_set ? d.valid_set->size() : 0) << " validation; "
+      << steps_per_epoch() << " steps per epoch of " << d.options.batch() << " x "
+      << d.options.accumulate() << " rows";
+  if (!d.init_note.empty()) {
+    out << "; " << d.init_note;
+  }
+  return out.str();
+}
+
+int64_t Trainer::step_count() const {
+  return impl_->step;
+}
+int64_t Trainer::total_steps() const {
+  return impl_->total_steps;
+}
+int64_t Trainer::steps_per_epoch() const {
+  return impl_->loader->batches_per_epoch();
+}
+int64_t Trainer::epoch() const {
+  auto p = impl_->loader->position();
+  return p.index >= impl_->loader->batches_per_epoch() ? p.epoch + 1 : p.epoch;
+}
+const TrainOptions& Trainer::options() const {
+  return impl_->options;
+}
+History& Trainer::history() {
+  return impl_->history;
+}
+const History& Trainer::history() const {
+  return impl_->history;
+}
+torch::nn::Module& Trainer::model() {
+  return impl_->task->module();
+}
+int64_t Trainer::parameter_count() const {
+  int64_t n = 0;
+  for (const auto& p : impl_->task->module().parameters()) {
+    n += p.numel();
+  }
+  return n;
+}
+int64_t Trainer::trainable_parameter_count() const {
+  int64_t n = 0;
+  for (const auto& p : impl_->trainable) {
+    n += p.numel();
+  }
+  return n;
+}
+
+} // namespace train
+} // namespace remat

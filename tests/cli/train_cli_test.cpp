@@ -1,0 +1,218 @@
+// `remat train` as a user runs it: one-line errors with exit code 2, the
+// metrics file, the HTML report, the LM task, export.
+#include "cli_runner.h"
+
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+#include <nlohmann/json.hpp>
+
+#include <filesystem>
+#include <fstream>
+#include <regex>
+#include <sstream>
+
+namespace {
+
+namespace fs = std::filesystem;
+using remat::test::run_cli;
+using remat::test::slurp;
+using ::testing::HasSubstr;
+using ::testing::StartsWith;
+
+const std::string kTiny =
+    "train --layers 1 --hidden 16 --heads 2 --seq 32 --batch 8 --valid-fraction 0.05 "
+    "--threads 1 ";
+
+std::string temp_dir(const std::string& name) {
+  auto dir = ::testing::TempDir() + "/train_cli_" + name;
+  fs::remove_all(dir);
+  fs::create_directories(dir);
+  return dir;
+}
+
+void write(const std::string& path, const std::string& text) {
+  std::ofstream(path) << text;
+}
+
+TEST(TrainCli, BadInputGetsOneLineNamingTheFlagOrFileAndExitCode2) {
+  const auto dir = temp_dir("bad");
+  write(dir + "/broken.jsonl", "{\"text\": \"ok\", \"labels\": [\"a\"]}\n{\"text\": \"no\n");
+  write(dir + "/empty.jsonl", "\n");
+  struct Case {
+    std::string args;
+    std::string text;
+  };
+  // Each case costs a process start (about a second here, loading
+  // LibTorch); the library's own checks of every field are in trainer_test.
+  for (const auto& c : std::vector<Case>{
+           {"train --no-such-flag", "--no-such-flag"},
+           {"train --train " + dir + "/absent.jsonl", "--train: cannot read '" + dir +
+                                                          "/absent.jsonl'"},
+           {"train --train " + dir + "/broken.jsonl", "broken.jsonl:2"},
+           {"train --train " + dir + "/empty.jsonl", "--train"},
+           {"train --accumulate 0", "--accumulate: expected a value >= 1, but got 0"},
+           {"train --hidden 30 --heads 4", "--hidden: expected a multiple of heads"},
+           {"train --policy bogus", "--policy"},
+           {"train --compare-policy every-0", "--compare-policy"},
+           {"train --dtype f16", "--dtype"},
+           {"train --save-every 5", "--save-every: expected an out_dir"},
+           {"train --resume", "--resume: expected --out DIR"},
+           {"train --init " + dir + "/nothing", "--init"},
+           {"train --metrics " + dir + "/no/such/folder/m.jsonl", "--metrics: cannot write"},
+           {"train --out " + dir + "/broken.jsonl", "--out: cannot create the folder"},
+       }) {
+    auto r = run_cli(c.args);
+    EXPECT_EQ(r.exit_code, 2) << c.args << "\n" << r.err;
+    EXPECT_THAT(r.err, StartsWith("remat: error: ")) << c.args;
+    EXPECT_THAT(r.err, HasSubstr(c.text)) << c.args << "\n" << r.err;
+    EXPECT_EQ(std::count(r.err.begin(), r.err.end(), '\n'), 1) << c.args << "\n" << r.err;
+  }
+}
+
+// Points of every <polyline class="series"> in the chart with `id`.
+std::vector<size_t> polyline_sizes(const std::string& html, const std::string& id) {
+  std::vector<size_t> sizes;
+  const auto start = html.find("<svg class=\"chart\" id=\"" + id + "\"");
+  if (start == std::string::npos) {
+    return sizes;
+  }
+  const auto end = html.find("</svg>", start);
+  const std::string svg = html.substr(start, end - start);
+  std::regex poly("<polyline class=\"series\"[^>]* points=\"([^\"]*)\"");
+  for (auto it = std::sregex_iterator(svg.begin(), svg.end(), poly);
+       it != std::sregex_iterator(); ++it) {
+    std::istringstream points((*it)[1].str());
+    std::string p;
+    size_t n = 0;
+    while (points >> p) {
+      EXPECT_TRUE(std::regex_match(p, std::regex("-?[0-9.]+,-?[0-9.]+"))) << p;
+      ++n;
+    }
+    sizes.push_back(n);
+  }
+  return sizes;
+}
+
+void expect_report(const std::string& html) {
+  EXPECT_THAT(html, StartsWith("<!DOCTYPE html>"));
+  EXPECT_THAT(html, HasSubstr("</html>"));
+  // Self-contained: nothing is fetched.
+  EXPECT_EQ(html.find("<script src"), std::string::npos);
+  EXPECT_EQ(html.find("<link"), std::string::npos);
+  EXPECT_EQ(html.find("http://"), std::string::npos);
+  EXPECT_EQ(html.find("https://"), std::string::npos);
+  // Two series (the policy and the compared one) with a point per step.
+  EXPECT_EQ(polyline_sizes(html, "loss"), (std::vector<size_t>{4, 3, 1}));
+  EXPECT_EQ(polyline_sizes(html, "memory"), (std::vector<size_t>{4, 3}));
+  EXPECT_EQ(polyline_sizes(html, "time"), (std::vector<size_t>{4, 3}));
+  auto timeline = polyline_sizes(html, "timeline");
+  ASSERT_EQ(timeline.size(), 2u);
+  // Recomputes make the checkpointed step's timeline longer.
+  EXPECT_GT(timeline[1], timeline[0]);
+  EXPECT_THAT(html, HasSubstr("recompute layer 0"));
+  EXPECT_THAT(html, HasSubstr("<b id=\"max-loss-diff\">0</b>"));
+}
+
+TEST(TrainCli, WritesMetricsAndASelfContainedReport) {
+  const auto dir = temp_dir("report");
+  auto r = run_cli(kTiny + "--max-steps 4 --dropout 0.1 --compare-policy none --compare-steps 3 "
+                           "--metrics " + dir + "/m.jsonl --report " + dir + "/r.html --save " +
+                   dir + "/model");
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  // What a person reads: the comparison with its largest difference.
+  EXPECT_THAT(r.out, HasSubstr("largest |loss difference|: 0\n"));
+  EXPECT_THAT(r.out, HasSubstr("validation: eval step 4"));
+  EXPECT_THAT(r.out, HasSubstr("macro-F1"));
+  // Not a terminal: plain lines, no carriage returns.
+  EXPECT_EQ(r.err.find('\r'), std::string::npos);
+  EXPECT_THAT(r.err, HasSubstr("train every-layer step 4/4"));
+
+  std::istringstream lines(slurp(dir + "/m.jsonl"));
+  std::string line;
+  int steps = 0, evals = 0, compares = 0;
+  while (std::getline(lines, line)) {
+    auto j = nlohmann::json::parse(line);
+    if (j["type"] == "step") {
+      ++steps;
+      for (const char* key : {"step", "epoch", "loss", "lr", "tokens_per_s", "peak_bytes",
+                              "step_seconds", "grad_norm"}) {
+        EXPECT_TRUE(j.contains(key)) << key;
+      }
+      EXPECT_EQ(j["step"], steps);
+      EXPECT_GT(j["peak_bytes"].get<int64_t>(), 0);
+      if (steps <= 3) {
+        EXPECT_EQ(j["loss_diff"].get<double>(), 0.0);
+      }
+    } else if (j["type"] == "eval") {
+      ++evals;
+      EXPECT_TRUE(j.contains("macro_f1"));
+      EXPECT_EQ(j["f1"].size(), 4u);
+      EXPECT_TRUE(j["f1"].contains("spam"));
+      EXPECT_TRUE(j.contains("loss"));
+    } else {
+      EXPECT_EQ(j["type"], "compare_step");
+      EXPECT_EQ(j["policy"], "none");
+      ++compares;
+    }
+  }
+  EXPECT_EQ(steps, 4);
+  EXPECT_EQ(evals, 1);
+  EXPECT_EQ(compares, 3);
+
+  expect_report(slurp(dir + "/r.html"));
+}
+
+// What a browser sees: the DOM after parsing. The page has no script, so
+// this is the same page; the check is that it parses into the same charts.
+TEST(TrainCli, ReportRendersInHeadlessChromium) {
+  if (!fs::exists("/usr/bin/chromium")) {
+    GTEST_SKIP() << "/usr/bin/chromium is absent; WritesMetricsAndASelfContainedReport "
+                    "checks the page as text";
+  }
+  const auto dir = temp_dir("chromium");
+  auto r = run_cli(kTiny + "--max-steps 4 --compare-policy none --compare-steps 3 --report " +
+                   dir + "/r.html");
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  const std::string cmd = "/usr/bin/chromium --headless --no-sandbox --disable-gpu "
+                          "--dump-dom file://" + dir + "/r.html > " + dir +
+                          "/dom.html 2>/dev/null";
+  ASSERT_EQ(std::system(cmd.c_str()), 0);
+  const auto dom = slurp(dir + "/dom.html");
+  EXPECT_EQ(polyline_sizes(dom, "loss"), (std::vector<size_t>{4, 3, 1}));
+  EXPECT_EQ(polyline_sizes(dom, "memory"), (std::vector<size_t>{4, 3}));
+  EXPECT_EQ(polyline_sizes(dom, "timeline").size(), 2u);
+}
+
+TEST(TrainCli, ExportsAHuggingFaceFolderThatInitReads) {
+  const auto dir = temp_dir("export");
+  auto r = run_cli(kTiny + "--max-steps 2 --lora-rank 2 --save " + dir + "/model");
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  auto config = nlohmann::json::parse(slurp(dir + "/model/config.json"));
+  EXPECT_EQ(config["problem_type"], "multi_label_classification");
+  EXPECT_EQ(config["num_hidden_layers"], 1);
+  EXPECT_TRUE(fs::exists(dir + "/model/model.safetensors"));
+  // No adapter names in the export: they were merged.
+  EXPECT_EQ(slurp(dir + "/model/model.safetensors").find("lora_"), std::string::npos);
+  auto again = run_cli("train --threads 1 --valid-fraction 0.05 --max-steps 1 --init " + dir +
+                       "/model");
+  EXPECT_EQ(again.exit_code, 0) << again.err;
+  EXPECT_THAT(again.err, HasSubstr("with its classifier head"));
+}
+
+TEST(TrainCli, TrainsALanguageModelOnBytes) {
+  const auto dir = temp_dir("lm");
+  std::string text;
+  for (int i = 0; i < 40; ++i) {
+    text += "{\"text\": \"the cat sat on the mat number " + std::to_string(i) + "\"}\n";
+  }
+  write(dir + "/corpus.jsonl", text);
+  auto r = run_cli("train --task lm --train " + dir + "/corpus.jsonl --layers 1 --hidden 32 "
+                   "--heads 4 --kv-heads 2 --seq 48 --batch 4 --accumulate 2 --max-steps 3 "
+                   "--dtype bf16 --threads 1 --policy every-layer");
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_THAT(r.err, HasSubstr("remat::nn::Llama(layers=1"));
+  EXPECT_THAT(r.err, HasSubstr("vocab=259")); // bytes and three special ids
+  EXPECT_THAT(r.out, HasSubstr("perplexity"));
+}
+
+} // namespace

@@ -1,0 +1,278 @@
+// The trainer as a library: checkpointing leaves the loss curve bit for bit,
+// accumulation equals one big batch, BF16 autocast, LoRA, export and import,
+// in-process resume, the memory timeline.
+#include "remat/train/trainer.h"
+
+#include "remat/train/train_state.h"
+#include "testing.h"
+
+#include <gtest/gtest.h>
+#include <nlohmann/json.hpp>
+#include <torch/torch.h>
+
+#include <cmath>
+#include <filesystem>
+#include <fstream>
+
+namespace {
+
+namespace fs = std::filesystem;
+using namespace remat::train;
+using remat::CheckpointPolicy;
+
+const std::string kData = std::string(REMAT_SOURCE_DIR) + "/data/routing";
+
+// A model small enough for a few steps in well under a second.
+TrainOptions tiny() {
+  return TrainOptions()
+      .train_path(kData + "/train.jsonl")
+      .vocab_path(kData + "/vocab.txt")
+      .valid_fraction(0.05)
+      .layers(2)
+      .hidden(16)
+      .heads(2)
+      .seq(32)
+      .batch(8)
+      .max_steps(4)
+      .threads(1);
+}
+
+std::string temp_dir(const std::string& name) {
+  auto dir = ::testing::TempDir() + "/trainer_" + name;
+  fs::remove_all(dir);
+  return dir;
+}
+
+std::vector<double> losses(const History& h) {
+  std::vector<double> out;
+  for (const auto& s : h.steps) {
+    out.push_back(s.loss);
+  }
+  return out;
+}
+
+TEST(Trainer, CheckpointingLeavesTheLossCurveBitForBit) {
+  // Dropout is on: the recompute must draw the same masks.
+  auto r = run_training(tiny().dropout(0.1).policy(CheckpointPolicy::every_layer())
+                            .compare_policy(CheckpointPolicy::none()).compare_steps(3));
+  ASSERT_EQ(r.history.compare_steps.size(), 3u);
+  EXPECT_EQ(r.history.compare_policy, "none");
+  ASSERT_TRUE(r.history.steps[2].compare_loss.has_value());
+  EXPECT_FALSE(r.history.steps[3].compare_loss.has_value());
+  EXPECT_EQ(r.history.max_compare_diff(), 0.0);
+  EXPECT_GT(r.history.steps[0].loss, 0.0);
+}
+
+TEST(Trainer, CheckpointingLeavesTheLmLossCurveBitForBitToo) {
+  auto r = run_training(tiny().task(Task::kCausalLm).dropout(0.1).kv_heads(1)
+                            .policy(CheckpointPolicy::parse("selective-attention"))
+                            .compare_policy(CheckpointPolicy::parse("sqrt")).compare_steps(2)
+                            .max_steps(2));
+  EXPECT_EQ(r.history.max_compare_diff(), 0.0);
+  ASSERT_TRUE(r.has_eval);
+  EXPECT_NEAR(r.final_eval.perplexity, std::exp(r.final_eval.loss), 1e-9);
+  EXPECT_GT(r.final_eval.perplexity, 1.0);
+}
+
+TEST(Trainer, AccumulationEqualsOneBigBatch) {
+  // Without dropout the only difference is the order of float additions.
+  Trainer big(tiny().dropout(0).batch(16).accumulate(1));
+  Trainer small(tiny().dropout(0).batch(8).accumulate(2));
+  Trainer odd(tiny().dropout(0).batch(5).accumulate(4)); // 5 + 5 + 5 + 1 rows
+  for (int i = 0; i < 2; ++i) {
+    auto a = big.step();
+    auto b = small.step();
+    EXPECT_NEAR(a.loss, b.loss, 1e-5);
+    EXPECT_EQ(a.tokens, b.tokens);
+    EXPECT_NEAR(a.grad_norm, b.grad_norm, 1e-4 * a.grad_norm);
+  }
+  auto pa = big.model().parameters();
+  auto pb = small.model().parameters();
+  for (size_t i = 0; i < pa.size(); ++i) {
+    EXPECT_TRUE(torch::allclose(pa[i], pb[i], 1e-4, 1e-5)) << i;
+  }
+  // Rows per step are batch * accumulate, the last micro-batch short.
+  Trainer ref(tiny().dropout(0).batch(20).accumulate(1));
+  EXPECT_NEAR(odd.step().loss, ref.step().loss, 1e-5);
+}
+
+TEST(Trainer, Bf16AutocastTrainsWithFloat32MasterWeights) {
+  Trainer f32(tiny().dropout(0));
+  Trainer bf16(tiny().dropout(0).dtype(torch::kBFloat16));
+  auto a = f32.step();
+  auto b = bf16.step();
+  EXPECT_TRUE(std::isfinite(b.loss));
+  EXPECT_NE(a.loss, b.loss); // BF16 matmuls round differently ...
+  EXPECT_NEAR(a.loss, b.loss, 0.05); // ... but compute the same thing
+  for (const auto& p : bf16.model().parameters()) {
+    EXPECT_EQ(p.scalar_type(), torch::kFloat);
+  }
+  bf16.step();
+  EXPECT_TRUE(std::isfinite(bf16.evaluate().loss));
+}
+
+TEST(Trainer, LoraTrainsTheAdaptersAndTheHeadOnly) {
+  Trainer t(tiny().lora_rank(4));
+  EXPECT_LT(t.trainable_parameter_count(), t.parameter_count() / 4);
+  auto& m = t.model();
+  auto base = m.named_parameters()["bert.encoder.layer.0.attention.self.query.weight"].clone();
+  auto head = m.named_parameters()["classifier.weight"].clone();
+  EXPECT_TRUE(m.named_parameters().contains(
+      "bert.encoder.layer.0.attention.self.query.lora_A.weight"));
+  t.step();
+  t.step();
+  EXPECT_TRUE(torch::equal(
+      base, m.named_parameters()["bert.encoder.layer.0.attention.self.query.weight"]));
+  EXPECT_FALSE(torch::equal(head, m.named_parameters()["classifier.weight"]));
+}
+
+TEST(Trainer, SavedModelLoadsBackWithInit) {
+  for (int64_t rank : {0, 4}) {
+    const auto dir = temp_dir("export_" + std::to_string(rank));
+    Trainer t(tiny().lora_rank(rank));
+    t.step();
+    t.step();
+    const double loss = t.evaluate().loss;
+    fs::create_directories(dir);
+    t.save_model(dir);
+    EXPECT_TRUE(fs::exists(dir + "/model.safetensors"));
+    EXPECT_TRUE(fs::exists(dir + "/vocab.txt"));
+    std::ifstream config_file(dir + "/config.json");
+    auto config = nlohmann::json::parse(config_file);
+    EXPECT_EQ(config["architectures"][0], "BertForSequenceClassification");
+    EXPECT_EQ(config["id2label"]["3"], "spam");
+    // The folder's config replaces the sizes; adapters were merged.
+    Trainer back(tiny().init_dir(dir).layers(7).hidden(64));
+    EXPECT_EQ(back.parameter_count(), Trainer(tiny()).parameter_count());
+    EXPECT_NEAR(back.evaluate().loss, loss, 1e-5) << "rank " << rank;
+  }
+}
+
+TEST(Trainer, InitRefusesAFolderOfAnotherModel) {
+  const auto dir = temp_dir("init_lm");
+  Trainer lm(tiny().task(Task::kCausalLm));
+  fs::create_directories(dir);
+  lm.save_model(dir);
+  EXPECT_THROW_WITH(Trainer(tiny().init_dir(dir)), "expected \"bert\", but got \"llama\"");
+}
+
+TEST(Trainer, ResumedInProcessFollowsTheSameCurve) {
+  const auto dir = temp_dir("resume");
+  auto options = tiny().dropout(0.1).max_steps(5).out_dir(dir);
+  Trainer whole(options);
+  for (int i = 0; i < 5; ++i) {
+    whole.step();
+  }
+  {
+    Trainer first(options);
+    first.step();
+    first.step();
+    first.save_state(dir);
+    first.step(); // lost: after the save
+  }
+  Trainer second(options);
+  second.load_state(state_path(dir));
+  EXPECT_EQ(second.step_count(), 2);
+  EXPECT_EQ(second.history().steps.size(), 2u);
+  while (second.step_count() < 5) {
+    second.step();
+  }
+  EXPECT_EQ(losses(second.history()), losses(whole.history()));
+  auto pa = whole.model().parameters();
+  auto pb = second.model().parameters();
+  for (size_t i = 0; i < pa.size(); ++i) {
+    EXPECT_TRUE(torch::equal(pa[i], pb[i])) << i;
+  }
+}
+
+TEST(Trainer, LoadStateRefusesAnotherRunsStateUnchanged) {
+  const auto dir = temp_dir("other");
+  Trainer a(tiny().out_dir(dir));
+  a.step();
+  a.save_state(dir);
+  Trainer b(tiny().batch(4));
+  auto before = b.model().parameters()[0].clone();
+  EXPECT_THROW_WITH(b.load_state(state_path(dir)), "batch: the state in '");
+  EXPECT_EQ(b.step_count(), 0);
+  EXPECT_TRUE(torch::equal(before, b.model().parameters()[0]));
+  // Where it saves and how often may change.
+  Trainer c(tiny().out_dir(dir + "_elsewhere").save_every(1).eval_every(3));
+  c.load_state(state_path(dir));
+  EXPECT_EQ(c.step_count(), 1);
+}
+
+TEST(Trainer, MemoryTimelineShowsRecomputeAndChangesNothing) {
+  auto options = tiny().dropout(0.1).layers(3).seq(64).batch(16);
+  Trainer plain(options.policy(CheckpointPolicy::none()));
+  Trainer ckpt(options.policy(CheckpointPolicy::every_layer()));
+  auto a = plain.memory_timeline();
+  auto b = ckpt.memory_timeline();
+  auto count = [](const MemoryTimeline& t, const std::string& prefix) {
+    int n = 0;
+    for (const auto& p : t.points) {
+      n += p.label.rfind(prefix, 0) == 0;
+    }
+    return n;
+  };
+  EXPECT_EQ(count(a, "forward layer"), 3);
+  EXPECT_EQ(count(a, "recompute layer"), 0);
+  EXPECT_EQ(count(a, "backward layer"), 3);
+  EXPECT_EQ(count(b, "forward layer"), 3);
+  EXPECT_EQ(count(b, "recompute layer"), 3);
+  EXPECT_EQ(count(b, "backward layer"), 3);
+  // Held after the forward pass: the stored activations, or only the inputs.
+  auto at = [](const MemoryTimeline& t, const std::string& label) {
+    for (const auto& p : t.points) {
+      if (p.label == label) {
+        return p.bytes - t.points.front().bytes;
+      }
+    }
+    return int64_t(-1);
+  };
+  EXPECT_LT(at(b, "loss"), at(a, "loss") / 2);
+  // The instrumented step leaves the run as it was.
+  Trainer reference(options.policy(CheckpointPolicy::every_layer()));
+  EXPECT_EQ(ckpt.step().loss, reference.step().loss);
+}
+
+TEST(Trainer, TrainersInOneProcessDoNotShareTheirRandomStream) {
+  auto options = tiny().dropout(0.1);
+  Trainer alone(options);
+  std::vector<double> expected;
+  for (int i = 0; i < 3; ++i) {
+    expected.push_back(alone.step().loss);
+  }
+  Trainer a(options);
+  Trainer b(options);
+  torch::manual_seed(123);
+  const auto caller = torch::rand({4});
+  torch::manual_seed(123);
+  for (int i = 0; i < 3; ++i) {
+    EXPECT_EQ(a.step().loss, expected[i]);
+    EXPECT_EQ(b.step().loss, expected[i]);
+  }
+  EXPECT_TRUE(torch::equal(torch::rand({4}), caller)) << "the caller's stream moved";
+}
+
+TEST(Trainer, OptionsRoundTripThroughJsonAndNameTheFieldWhenBad) {
+  auto o = tiny().lora_rank(2).lora_targets({"query"}).dtype(torch::kBFloat16)
+               .compare_policy(CheckpointPolicy::parse("every-2"))
+               .schedule(LrScheduleKind::kCosine);
+  EXPECT_EQ(TrainOptions::from_json(o.to_json()).to_json(), o.to_json());
+  EXPECT_THROW_WITH(tiny().accumulate(0).validate(), "accumulate: expected a value >= 1");
+  EXPECT_THROW_WITH(tiny().hidden(30).heads(4).validate(), "hidden: expected a multiple");
+  EXPECT_THROW_WITH(tiny().policy(CheckpointPolicy::parse("budget:1GiB")).validate(),
+                    "policy: expected a policy with a fixed schedule");
+  EXPECT_THROW_WITH(tiny().save_every(3).validate(), "save_every: expected an out_dir");
+  EXPECT_THROW_WITH(tiny().batch(0).validate(), "batch: expected a value >= 1, but got 0");
+  EXPECT_THROW_WITH(tiny().seq(1).validate(), "seq: expected a value >= 2");
+  EXPECT_THROW_WITH(tiny().lr(0).validate(), "lr: expected a learning rate above 0");
+  EXPECT_THROW_WITH(tiny().lora_rank(-1).validate(), "lora_rank: expected a value >= 0");
+  EXPECT_THROW_WITH(tiny().valid_fraction(1.5).validate(), "valid_fraction: expected a value in");
+  EXPECT_THROW_WITH(tiny().dropout(1).validate(), "dropout: expected a probability");
+  EXPECT_THROW_WITH(tiny().kv_heads(3).heads(4).hidden(16).validate(), "kv_heads: expected a divisor");
+  EXPECT_THROW_WITH(tiny().train_path("").validate(), "train_path: expected a JSONL file");
+  EXPECT_THROW_WITH(parse_task("regress"), "task: expected classify or lm");
+}
+
+} // namespace
