@@ -69,9 +69,20 @@ torch::Tensor eager(
     const torch::Tensor& v,
     const torch::Tensor& mask,
     const AttentionOptions& o) {
-  auto scores = torch::matmul(q, k.transpose(-2, -1)).mul_(softmax_scale(q));
+  // Scaling q touches S x d elements instead of the S x S scores (in forward
+  // and in backward), and hands matmul a contiguous operand it would
+  // otherwise copy out of the heads' transposed view.
+  auto scores = torch::matmul(q * softmax_scale(q), k.transpose(-2, -1));
   if (mask.defined()) {
-    scores = scores + mask;
+    // In place when that changes nothing: the scores are a fresh tensor that
+    // no backward needs, so only a mask that itself needs a gradient or
+    // would promote the dtype or widen the shape goes out of place.
+    if (!mask.requires_grad() && mask.scalar_type() == scores.scalar_type() &&
+        at::infer_size(scores.sizes(), mask.sizes()) == scores.sizes()) {
+      scores.add_(mask);
+    } else {
+      scores = scores + mask;
+    }
   }
   if (o.causal()) {
     const auto sq = q.size(-2);
@@ -79,7 +90,7 @@ torch::Tensor eager(
     // Query i (offset by sk - sq when a cache precedes it) sees keys <= i.
     auto drop = torch::ones({sq, sk}, q.options().dtype(torch::kBool))
                     .triu(sk - sq + 1);
-    scores = scores.masked_fill(drop, -kInf);
+    scores.masked_fill_(drop, -kInf);
   }
   auto probs = torch::softmax(scores, -1);
   if (o.training() && o.dropout() > 0) {

@@ -1,6 +1,8 @@
 #include "remat/nn/dropout.h"
 
 #include <ATen/CPUGeneratorImpl.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/torch.h>
 
@@ -28,20 +30,69 @@ inline uint64_t mix(uint64_t z) {
   return z ^ (z >> 31);
 }
 
-torch::Tensor cpu_drop_mask(const torch::Tensor& input, double p) {
-  auto drop = torch::empty(input.sizes(), input.options().dtype(torch::kBool));
-  bool* out = drop.data_ptr<bool>();
-  const uint64_t seed = draw_seed();
-  // P(hash < threshold) = p, on the top 32 bits.
-  const auto threshold = static_cast<uint64_t>(p * 4294967296.0);
-  at::parallel_for(0, drop.numel(), 1 << 15, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      const uint64_t z = mix(seed + static_cast<uint64_t>(i) * 0x9E3779B97F4A7C15ULL);
-      out[i] = (z >> 32) < threshold;
-    }
-  });
-  return drop;
+// Element i is dropped when the top 32 bits of its hash fall below
+// p * 2^32, so P(drop) = p.
+inline bool dropped(uint64_t seed, int64_t i, uint64_t threshold) {
+  return (mix(seed + static_cast<uint64_t>(i) * 0x9E3779B97F4A7C15ULL) >> 32) < threshold;
 }
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+// One pass forward (draw, mask, scale) and one pass backward (mask, scale),
+// where masked_fill + mul_ + a separate draw took three and allocated twice.
+// Saves only the 1-byte keep mask.
+struct CpuDropout : public torch::autograd::Function<CpuDropout> {
+  static torch::Tensor forward(AutogradContext* ctx, const torch::Tensor& input, double p) {
+    auto x = input.contiguous();
+    auto out = torch::empty_like(x, at::MemoryFormat::Contiguous);
+    auto keep = torch::empty(x.sizes(), x.options().dtype(torch::kBool));
+    bool* k = keep.data_ptr<bool>();
+    const uint64_t seed = draw_seed();
+    const auto threshold = static_cast<uint64_t>(p * 4294967296.0);
+    const double scale = 1.0 / (1.0 - p);
+    AT_DISPATCH_FLOATING_TYPES_AND2(
+        at::kBFloat16, at::kHalf, x.scalar_type(), "remat::nn::dropout", [&] {
+          using opmath = at::opmath_type<scalar_t>;
+          const auto s = static_cast<opmath>(scale);
+          const scalar_t* in = x.data_ptr<scalar_t>();
+          scalar_t* o = out.data_ptr<scalar_t>();
+          at::parallel_for(0, x.numel(), 1 << 15, [&](int64_t begin, int64_t end) {
+            for (int64_t i = begin; i < end; ++i) {
+              const bool kept = !dropped(seed, i, threshold);
+              k[i] = kept;
+              o[i] = kept ? static_cast<scalar_t>(static_cast<opmath>(in[i]) * s)
+                          : static_cast<scalar_t>(0);
+            }
+          });
+        });
+    ctx->save_for_backward({keep});
+    ctx->saved_data["scale"] = scale;
+    return out;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto keep = ctx->get_saved_variables()[0];
+    const double scale = ctx->saved_data["scale"].toDouble();
+    auto g = grads[0].contiguous();
+    auto out = torch::empty_like(g, at::MemoryFormat::Contiguous);
+    const bool* k = keep.data_ptr<bool>();
+    AT_DISPATCH_FLOATING_TYPES_AND2(
+        at::kBFloat16, at::kHalf, g.scalar_type(), "remat::nn::dropout_backward", [&] {
+          using opmath = at::opmath_type<scalar_t>;
+          const auto s = static_cast<opmath>(scale);
+          const scalar_t* in = g.data_ptr<scalar_t>();
+          scalar_t* o = out.data_ptr<scalar_t>();
+          at::parallel_for(0, g.numel(), 1 << 15, [&](int64_t begin, int64_t end) {
+            for (int64_t i = begin; i < end; ++i) {
+              o[i] = k[i] ? static_cast<scalar_t>(static_cast<opmath>(in[i]) * s)
+                          : static_cast<scalar_t>(0);
+            }
+          });
+        });
+    return {out, torch::Tensor()};
+  }
+};
 
 } // namespace
 
@@ -50,9 +101,10 @@ torch::Tensor dropout(const torch::Tensor& input, double p, bool training) {
   if (!training || p == 0) {
     return input;
   }
-  auto drop = input.is_cpu()
-      ? cpu_drop_mask(input, p)
-      : torch::rand_like(input, input.options().dtype(torch::kFloat)) < p;
+  if (input.is_cpu() && at::isFloatingType(input.scalar_type())) {
+    return CpuDropout::apply(input, p);
+  }
+  auto drop = torch::rand_like(input, input.options().dtype(torch::kFloat)) < p;
   // masked_fill saves only the bool mask for its backward.
   return input.masked_fill(drop, 0).mul_(1.0 / (1.0 - p));
 }

@@ -1,4 +1,5 @@
 #include "remat/nn/dropout.h"
+#include "remat/memory.h"
 
 #include <gtest/gtest.h>
 #include <torch/torch.h>
@@ -53,6 +54,40 @@ TEST_F(DropoutTest, GradientIsTheMaskTimesTheScale) {
   y.sum().backward();
   auto expected = (y.detach() != 0).to(torch::kFloat) / 0.75;
   EXPECT_TRUE(torch::allclose(x.grad(), expected));
+}
+
+TEST_F(DropoutTest, NonContiguousAndBFloat16InputsMatchTheirFloatReference) {
+  auto base = torch::randn({32, 48});
+  auto x = base.t(); // not contiguous
+  torch::manual_seed(9);
+  auto y = remat::nn::dropout(x, 0.2, true);
+  torch::manual_seed(9);
+  auto y_contig = remat::nn::dropout(x.contiguous(), 0.2, true);
+  EXPECT_TRUE(torch::equal(y, y_contig));
+  EXPECT_EQ(y.sizes(), x.sizes());
+
+  torch::manual_seed(9);
+  auto xb = x.to(torch::kBFloat16).requires_grad_();
+  auto yb = remat::nn::dropout(xb, 0.2, true);
+  EXPECT_EQ(yb.scalar_type(), torch::kBFloat16);
+  // Same mask as float (it depends on the seed and the index only).
+  EXPECT_TRUE(torch::equal(yb == 0, y == 0));
+  yb.sum().backward();
+  EXPECT_EQ(xb.grad().scalar_type(), torch::kBFloat16);
+  auto expected = ((y != 0).to(torch::kFloat) / 0.8).to(torch::kBFloat16);
+  EXPECT_TRUE(torch::equal(xb.grad(), expected));
+}
+
+TEST_F(DropoutTest, HoldsOnlyTheOutputAndAOneByteMask) {
+  ASSERT_TRUE(remat::memory::installed());
+  auto x = torch::randn({256, 256}, torch::requires_grad());
+  const auto before = remat::memory::current_bytes();
+  auto y = remat::nn::dropout(x, 0.1, true);
+  const auto held = remat::memory::current_bytes() - before;
+  // float output (4 bytes per element) + bool keep mask (1 byte per element);
+  // LibTorch's own dropout would keep a 4-byte noise tensor instead.
+  EXPECT_GE(held, 5 * x.numel());
+  EXPECT_LE(held, 5 * x.numel() + 1024);
 }
 
 } // namespace
