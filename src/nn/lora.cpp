@@ -1,5 +1,7 @@
 #include "remat/nn/lora.h"
 
+#include "remat/nn/dropout.h"
+
 #include <torch/torch.h>
 
 #include <cmath>
@@ -70,7 +72,7 @@ torch::Tensor ProjectionImpl::forward(const torch::Tensor& x) {
     return y;
   }
   const auto& lora = *options.lora();
-  auto in = lora.dropout() > 0 ? torch::dropout(x, lora.dropout(), is_training()) : x;
+  auto in = remat::nn::dropout(x, lora.dropout(), is_training());
   return y + lora_B->forward(lora_A->forward(in)) * lora.scaling();
 }
 
