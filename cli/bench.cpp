@@ -66,6 +66,8 @@ struct RunResult {
   double step_seconds = 0;
   double forward_seconds = 0;  ///< median forward + loss
   double max_abs_grad_diff = -1; ///< -1: no reference to compare with
+  CheckpointPolicy applied;      ///< what the timed rounds set on the model
+  std::vector<double> times, forward_times; ///< seconds, one per timed step
 };
 
 // Gradients of a reference run, kept outside remat's allocator so that they
@@ -304,6 +306,52 @@ std::unique_ptr<Workload> make_workload(const BenchConfig& c) {
   return std::make_unique<BertWorkload>(c);
 }
 
+// One training step under the policy the model has now. Returns {forward +
+// loss, whole step} in seconds; throws what the step throws (out of memory
+// included). Every policy draws the same dropout masks, so gradients are
+// comparable.
+struct StepBytes {
+  int64_t before_forward = 0;  ///< held once the previous gradients are gone
+  int64_t before_backward = 0;
+};
+
+std::pair<double, double> train_step(
+    Workload& w, const BenchConfig& c, bool bf16, int64_t limit, StepBytes* bytes) {
+  w.module().zero_grad(/*set_to_none=*/true);
+  torch::manual_seed(c.seed + 1);
+  if (bytes != nullptr) {
+    bytes->before_forward = memory::current_bytes();
+    memory::reset_peak();
+  }
+  memory::LimitGuard guard(limit);
+  const auto t0 = std::chrono::steady_clock::now();
+  torch::Tensor loss;
+  {
+    AutocastScope autocast(bf16 ? kBf16Autocast : AutocastState{});
+    loss = w.loss();
+  }
+  const auto t_mid = std::chrono::steady_clock::now();
+  if (bytes != nullptr) {
+    bytes->before_backward = memory::current_bytes();
+  }
+  loss.backward();
+  at::autocast::clear_cache();
+  const auto t1 = std::chrono::steady_clock::now();
+  return {std::chrono::duration<double>(t_mid - t0).count(),
+          std::chrono::duration<double>(t1 - t0).count()};
+}
+
+void fail(RunResult& r, const c10::Error& e) {
+  std::string what = e.what_without_backtrace();
+  r.ok = false;
+  r.out_of_memory = dynamic_cast<const OutOfMemoryError*>(&e) != nullptr;
+  r.error = what.substr(0, what.find('\n'));
+}
+
+// Warm-up steps, then one step whose bytes and gradients are measured (and
+// whose time is the first sample). The other timed steps run interleaved
+// with the other policies' (time_interleaved), so that a noisy neighbour
+// slows every policy alike instead of whichever ran last.
 RunResult run_policy(
     Workload& w,
     const CheckpointPolicy& policy,
@@ -314,42 +362,22 @@ RunResult run_policy(
     GradCopy* grads_out) {
   RunResult r;
   r.policy = policy.name();
-  w.set_policy(policy);
-  std::vector<double> times, forward_times;
-  for (int64_t step = 0; step < c.warmup + c.steps; ++step) {
-    w.module().zero_grad(/*set_to_none=*/true);
-    // Every policy draws the same dropout masks, so gradients are comparable.
-    torch::manual_seed(c.seed + 1);
+  r.applied = policy;
+  w.set_policy(r.applied);
+  for (int64_t step = 0; step <= c.warmup; ++step) {
     const bool measured = step == c.warmup;
-    const int64_t before_forward = memory::current_bytes();
-    memory::reset_peak();
+    StepBytes bytes;
     try {
-      memory::LimitGuard guard(limit);
-      const auto t0 = std::chrono::steady_clock::now();
-      torch::Tensor loss;
-      {
-        AutocastScope autocast(bf16 ? kBf16Autocast : AutocastState{});
-        loss = w.loss();
-      }
-      const auto t_mid = std::chrono::steady_clock::now();
-      const int64_t before_backward = memory::current_bytes();
-      loss.backward();
-      at::autocast::clear_cache();
-      const auto t1 = std::chrono::steady_clock::now();
-      if (step >= c.warmup) {
-        times.push_back(std::chrono::duration<double>(t1 - t0).count());
-        forward_times.push_back(std::chrono::duration<double>(t_mid - t0).count());
-      }
+      const auto t = train_step(w, c, bf16, limit, &bytes);
       if (measured) {
-        r.held_before_forward = before_forward;
-        r.held_before_backward = before_backward;
+        r.forward_times.push_back(t.first);
+        r.times.push_back(t.second);
+        r.held_before_forward = bytes.before_forward;
+        r.held_before_backward = bytes.before_backward;
       }
     } catch (const c10::Error& e) {
-      std::string what = e.what_without_backtrace();
-      r.ok = false;
-      r.out_of_memory = dynamic_cast<const OutOfMemoryError*>(&e) != nullptr;
-      r.error = what.substr(0, what.find('\n'));
-      r.held_before_forward = before_forward;
+      fail(r, e);
+      r.held_before_forward = bytes.before_forward;
       r.peak = memory::peak_bytes();
       w.module().zero_grad(true);
       return r;
@@ -367,9 +395,33 @@ RunResult run_policy(
     }
   }
   w.module().zero_grad(true);
-  r.step_seconds = median(times);
-  r.forward_seconds = median(forward_times);
   return r;
+}
+
+// The remaining steps - 1 timed steps of every policy that ran, in rounds of
+// one step each; then each policy's medians.
+void time_interleaved(
+    Workload& w, std::vector<RunResult>& runs, const BenchConfig& c, bool bf16, int64_t limit) {
+  for (int64_t round = 1; round < c.steps; ++round) {
+    for (auto& r : runs) {
+      if (!r.ok) {
+        continue;
+      }
+      w.set_policy(r.applied);
+      try {
+        const auto t = train_step(w, c, bf16, limit, nullptr);
+        r.forward_times.push_back(t.first);
+        r.times.push_back(t.second);
+      } catch (const c10::Error& e) {
+        fail(r, e);
+      }
+    }
+  }
+  w.module().zero_grad(true);
+  for (auto& r : runs) {
+    r.step_seconds = median(r.times);
+    r.forward_seconds = median(r.forward_times);
+  }
 }
 
 std::string mib(int64_t bytes) {
@@ -524,6 +576,7 @@ int run_bench(BenchConfig c) {
     }
     runs.push_back(r);
   }
+  time_interleaved(*w, runs, c, c.dtype == "bf16", limit);
   print_table(runs, std::cout);
 
   if (!c.json_path.empty()) {
@@ -572,7 +625,7 @@ Run add_bench(CLI::App& root) {
   app->add_option("--policy", c->policies,
                   "comma-separated policies: " + CheckpointPolicy::names())
       ->capture_default_str();
-  app->add_option("--steps", c->steps, "measured steps per policy")->capture_default_str();
+  app->add_option("--steps", c->steps, "timed steps per policy, taken in rounds across the policies")->capture_default_str();
   app->add_option("--warmup", c->warmup, "warm-up steps per policy")->capture_default_str();
   app->add_option("--threads", c->threads, "intra-op threads (0: all cores)")->capture_default_str();
   app->add_option("--memory-limit", c->memory_limit,
