@@ -272,27 +272,31 @@ void BertImpl::reset() {
   encoder = register_module("encoder", BertEncoder(options));
   pooler = register_module("pooler", BertPooler(options));
   init_bert_weights(*this);
-  schedule_ = policy_.schedule(options.num_layers());
+  checkpointing_.resize(options.num_layers());
 }
 
 void BertImpl::pretty_print(std::ostream& stream) const {
   stream << "remat::nn::Bert(layers=" << options.num_layers()
          << ", hidden=" << options.hidden_size() << ", heads=" << options.num_heads()
          << ", intermediate=" << options.mlp_size() << ", vocab=" << options.vocab_size()
-         << ", checkpoint=" << policy_.name() << ")";
+         << ", checkpoint=" << checkpointing_.policy().name() << ")";
 }
 
 BertOutput BertImpl::forward(
     const torch::Tensor& input_ids,
     const torch::Tensor& attention_mask,
     const torch::Tensor& token_type_ids) {
-  if (policy_.kind() == CheckpointPolicy::Kind::kBudget && torch::GradMode::is_enabled() &&
-      input_ids.dim() == 2 &&
-      (input_ids.size(0) > planned_batch_ || input_ids.size(1) > planned_seq_)) {
-    plan_budget(input_ids, attention_mask, token_type_ids);
+  if (torch::GradMode::is_enabled() && input_ids.dim() == 2 &&
+      checkpointing_.needs_plan(input_ids.size(0), input_ids.size(1))) {
+    checkpointing_.plan(input_ids.size(0), input_ids.size(1), [&](int64_t budget_bytes) {
+      return plan_checkpointing(
+          *this,
+          BertStep(input_ids).attention_mask(attention_mask).token_type_ids(token_type_ids),
+          budget_bytes);
+    });
   }
   auto embedded = embed(input_ids, attention_mask, token_type_ids);
-  auto last = encoder->forward(embedded.first, embedded.second, schedule_);
+  auto last = encoder->forward(embedded.first, embedded.second, checkpointing_.schedule());
   return {last, pooler->forward(last)};
 }
 
@@ -319,50 +323,14 @@ std::pair<torch::Tensor, torch::Tensor> BertImpl::embed(
   return {hidden, mask};
 }
 
-void BertImpl::plan_budget(
-    const torch::Tensor& input_ids,
-    const torch::Tensor& attention_mask,
-    const torch::Tensor& token_type_ids) {
-  plan::Plan p;
-  try {
-    p = plan_checkpointing(
-        *this,
-        BertStep(input_ids).attention_mask(attention_mask).token_type_ids(token_type_ids),
-        policy_.budget_bytes());
-  } catch (const c10::Error& e) {
-    TORCH_CHECK(
-        false, "remat::nn::Bert: checkpoint policy '", policy_.name(), "': ",
-        e.what_without_backtrace());
-  }
-  schedule_ = p.schedule;
-  planned_batch_ = input_ids.size(0);
-  planned_seq_ = input_ids.size(1);
-}
-
 void BertImpl::gradient_checkpointing_enable(const CheckpointPolicy& policy) {
-  schedule_ = policy.kind() == CheckpointPolicy::Kind::kBudget
-      ? CheckpointPolicy::none().schedule(options.num_layers())
-      : policy.schedule(options.num_layers());
-  policy_ = policy;
-  planned_batch_ = 0;
-  planned_seq_ = 0;
+  checkpointing_.enable(policy);
 }
 
 void BertImpl::gradient_checkpointing_enable(
     const CheckpointPolicy& policy,
     const plan::Chain& chain) {
-  if (policy.kind() != CheckpointPolicy::Kind::kBudget) {
-    gradient_checkpointing_enable(policy);
-    return;
-  }
-  TORCH_CHECK(
-      chain.num_layers() == options.num_layers(),
-      "remat::nn::Bert: expected a cost profile with ", options.num_layers(),
-      " layers, but got one with ", chain.num_layers());
-  schedule_ = plan::solve(chain, policy.budget_bytes()).schedule;
-  policy_ = policy;
-  // Planned for good: a forward does not plan it again.
-  planned_batch_ = planned_seq_ = std::numeric_limits<int64_t>::max();
+  checkpointing_.enable(policy, chain);
 }
 
 void BertImpl::gradient_checkpointing_disable() {

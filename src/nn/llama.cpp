@@ -346,7 +346,7 @@ void LlamaImpl::reset() {
     lm_head = register_module("lm_head", projection(options.hidden_size(), options.vocab_size()));
   }
   init_llama_weights(*this, options.initializer_range());
-  schedule_ = policy_.schedule(options.num_layers());
+  checkpointing_.resize(options.num_layers());
 }
 
 void LlamaImpl::pretty_print(std::ostream& stream) const {
@@ -357,7 +357,7 @@ void LlamaImpl::pretty_print(std::ostream& stream) const {
          << ", vocab=" << options.vocab_size()
          << ", tied=" << (options.tie_word_embeddings() ? "true" : "false")
          << ", attention=" << to_string(options.attention())
-         << ", checkpoint=" << policy_.name() << ")";
+         << ", checkpoint=" << checkpointing_.policy().name() << ")";
 }
 
 torch::Tensor LlamaImpl::lm_head_weight() const {
@@ -368,12 +368,14 @@ torch::Tensor LlamaImpl::forward(
     const torch::Tensor& input_ids,
     const torch::Tensor& attention_mask,
     KvCache* cache) {
-  if (policy_.kind() == CheckpointPolicy::Kind::kBudget && cache == nullptr &&
-      torch::GradMode::is_enabled() && input_ids.dim() == 2 &&
-      (input_ids.size(0) > planned_batch_ || input_ids.size(1) > planned_seq_)) {
-    plan_budget(input_ids, attention_mask);
+  if (cache == nullptr && torch::GradMode::is_enabled() && input_ids.dim() == 2 &&
+      checkpointing_.needs_plan(input_ids.size(0), input_ids.size(1))) {
+    checkpointing_.plan(input_ids.size(0), input_ids.size(1), [&](int64_t budget_bytes) {
+      return plan_checkpointing(
+          *this, LlamaStep(input_ids).attention_mask(attention_mask), budget_bytes);
+    });
   }
-  auto hidden = model->forward(input_ids, attention_mask, schedule_, cache);
+  auto hidden = model->forward(input_ids, attention_mask, checkpointing_.schedule(), cache);
   return lm_head ? lm_head->forward(hidden)
                  : torch::nn::functional::linear(hidden, model->embed_tokens->weight);
 }
@@ -417,44 +419,13 @@ torch::Tensor LlamaImpl::generate(
 }
 
 void LlamaImpl::gradient_checkpointing_enable(const CheckpointPolicy& policy) {
-  schedule_ = policy.kind() == CheckpointPolicy::Kind::kBudget
-      ? CheckpointPolicy::none().schedule(options.num_layers())
-      : policy.schedule(options.num_layers());
-  policy_ = policy;
-  planned_batch_ = 0;
-  planned_seq_ = 0;
+  checkpointing_.enable(policy);
 }
 
 void LlamaImpl::gradient_checkpointing_enable(
     const CheckpointPolicy& policy,
     const plan::Chain& chain) {
-  if (policy.kind() != CheckpointPolicy::Kind::kBudget) {
-    gradient_checkpointing_enable(policy);
-    return;
-  }
-  TORCH_CHECK(
-      chain.num_layers() == options.num_layers(),
-      "remat::nn::Llama: expected a cost profile with ", options.num_layers(),
-      " layers, but got one with ", chain.num_layers());
-  schedule_ = plan::solve(chain, policy.budget_bytes()).schedule;
-  policy_ = policy;
-  // Planned for good: a forward does not plan it again.
-  planned_batch_ = planned_seq_ = std::numeric_limits<int64_t>::max();
-}
-
-void LlamaImpl::plan_budget(const torch::Tensor& input_ids, const torch::Tensor& attention_mask) {
-  plan::Plan p;
-  try {
-    p = plan_checkpointing(
-        *this, LlamaStep(input_ids).attention_mask(attention_mask), policy_.budget_bytes());
-  } catch (const c10::Error& e) {
-    TORCH_CHECK(
-        false, "remat::nn::Llama: checkpoint policy '", policy_.name(), "': ",
-        e.what_without_backtrace());
-  }
-  schedule_ = p.schedule;
-  planned_batch_ = input_ids.size(0);
-  planned_seq_ = input_ids.size(1);
+  checkpointing_.enable(policy, chain);
 }
 
 void LlamaImpl::gradient_checkpointing_disable() {

@@ -15,6 +15,7 @@
 
 #include "remat/nn/attention.h"
 #include "remat/nn/lora.h"
+#include "remat/nn/stack_checkpointing.h"
 #include "remat/policy.h"
 
 #include <torch/nn/cloneable.h>
@@ -218,10 +219,10 @@ class BertImpl : public torch::nn::Cloneable<BertImpl> {
       const CheckpointPolicy& policy,
       const plan::Chain& chain);
   void gradient_checkpointing_disable();
-  const CheckpointPolicy& checkpoint_policy() const { return policy_; }
+  const CheckpointPolicy& checkpoint_policy() const { return checkpointing_.policy(); }
   /// The schedule the layers run: the policy's, or for a budget policy the
   /// planned one (all kStore until planned).
-  const Schedule& checkpoint_schedule() const { return schedule_; }
+  const Schedule& checkpoint_schedule() const { return checkpointing_.schedule(); }
 
   BertOptions options;
   BertEmbeddings embeddings{nullptr};
@@ -229,15 +230,7 @@ class BertImpl : public torch::nn::Cloneable<BertImpl> {
   BertPooler pooler{nullptr};
 
  private:
-  void plan_budget(
-      const torch::Tensor& input_ids,
-      const torch::Tensor& attention_mask,
-      const torch::Tensor& token_type_ids);
-
-  CheckpointPolicy policy_;
-  Schedule schedule_;
-  int64_t planned_batch_ = 0; ///< shape the budget plan was made for; 0: none
-  int64_t planned_seq_ = 0;
+  StackCheckpointing checkpointing_{"remat::nn::Bert", 0};
 };
 TORCH_MODULE(Bert);
 

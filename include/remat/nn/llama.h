@@ -35,6 +35,7 @@
 
 #include "remat/nn/attention.h"
 #include "remat/nn/lora.h"
+#include "remat/nn/stack_checkpointing.h"
 #include "remat/policy.h"
 
 #include <torch/nn/cloneable.h>
@@ -272,14 +273,10 @@ class LlamaImpl : public torch::nn::Cloneable<LlamaImpl> {
       const CheckpointPolicy& policy,
       const plan::Chain& chain);
   void gradient_checkpointing_disable();
-  const CheckpointPolicy& checkpoint_policy() const {
-    return policy_;
-  }
+  const CheckpointPolicy& checkpoint_policy() const { return checkpointing_.policy(); }
   /// The schedule the layers run: the policy's, or for a budget policy the
   /// planned one (all kStore until planned).
-  const Schedule& checkpoint_schedule() const {
-    return schedule_;
-  }
+  const Schedule& checkpoint_schedule() const { return checkpointing_.schedule(); }
 
   /// The [vocab, hidden] output matrix: lm_head's, or the embeddings' when tied.
   torch::Tensor lm_head_weight() const;
@@ -289,12 +286,7 @@ class LlamaImpl : public torch::nn::Cloneable<LlamaImpl> {
   Projection lm_head{nullptr}; ///< null when tie_word_embeddings
 
  private:
-  void plan_budget(const torch::Tensor& input_ids, const torch::Tensor& attention_mask);
-
-  CheckpointPolicy policy_;
-  Schedule schedule_;
-  int64_t planned_batch_ = 0; ///< shape the budget plan was made for; 0: none
-  int64_t planned_seq_ = 0;
+  StackCheckpointing checkpointing_{"remat::nn::Llama", 0};
 };
 TORCH_MODULE(Llama);
 

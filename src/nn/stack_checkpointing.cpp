@@ -1,0 +1,72 @@
+#include "remat/nn/stack_checkpointing.h"
+
+#include "remat/plan/chain.h"
+#include "remat/plan/solver.h"
+
+#include <c10/util/Exception.h>
+
+#include <limits>
+
+namespace remat {
+namespace nn {
+
+StackCheckpointing::StackCheckpointing(std::string model, int64_t num_layers)
+    : model_(std::move(model)), num_layers_(num_layers) {
+  if (num_layers_ > 0) { // a model sets its layers once its options are known
+    enable(CheckpointPolicy::none());
+  }
+}
+
+void StackCheckpointing::resize(int64_t num_layers) {
+  num_layers_ = num_layers;
+  enable(CheckpointPolicy(policy_));
+}
+
+void StackCheckpointing::enable(const CheckpointPolicy& policy) {
+  schedule_ = policy.kind() == CheckpointPolicy::Kind::kBudget
+      ? CheckpointPolicy::none().schedule(num_layers_)
+      : policy.schedule(num_layers_);
+  policy_ = policy;
+  planned_batch_ = 0;
+  planned_seq_ = 0;
+}
+
+void StackCheckpointing::enable(const CheckpointPolicy& policy, const plan::Chain& chain) {
+  if (policy.kind() != CheckpointPolicy::Kind::kBudget) {
+    enable(policy);
+    return;
+  }
+  TORCH_CHECK(
+      chain.num_layers() == num_layers_,
+      model_, ": expected a cost profile with ", num_layers_,
+      " layers, but got one with ", chain.num_layers());
+  schedule_ = plan::solve(chain, policy.budget_bytes()).schedule;
+  policy_ = policy;
+  // Planned for good: a forward does not plan it again.
+  planned_batch_ = planned_seq_ = std::numeric_limits<int64_t>::max();
+}
+
+bool StackCheckpointing::needs_plan(int64_t batch, int64_t seq) const {
+  return policy_.kind() == CheckpointPolicy::Kind::kBudget &&
+      (batch > planned_batch_ || seq > planned_seq_);
+}
+
+void StackCheckpointing::plan(
+    int64_t batch,
+    int64_t seq,
+    const std::function<plan::Plan(int64_t)>& make_plan) {
+  plan::Plan p;
+  try {
+    p = make_plan(policy_.budget_bytes());
+  } catch (const c10::Error& e) {
+    TORCH_CHECK(
+        false, model_, ": checkpoint policy '", policy_.name(), "': ",
+        e.what_without_backtrace());
+  }
+  schedule_ = p.schedule;
+  planned_batch_ = batch;
+  planned_seq_ = seq;
+}
+
+} // namespace nn
+} // namespace remat
