@@ -470,9 +470,9 @@ void print_data_parallel(
 
 int run_train(const TrainFlags& f, const CLI::App& app) {
   const bool terminal = ::isatty(STDERR_FILENO) != 0;
-  auto dist = dist_options(f);
-  require(!(dist && f.nproc > 0), "--nproc",
-          "this process was started as rank " + std::to_string(dist ? dist->rank() : 0) +
+  auto place = dist_options(f);
+  require(!(place && f.nproc > 0), "--nproc",
+          "this process was started as rank " + std::to_string(place ? place->rank() : 0) +
               " of a group (WORLD_SIZE is set); start it either way, not both");
   TrainOptions options = prepare(f, app);
   if (f.nproc > 1) {
@@ -480,8 +480,8 @@ int run_train(const TrainFlags& f, const CLI::App& app) {
     return launch_workers(f.nproc, "--nproc");
   }
   std::shared_ptr<dist::ProcessGroup> group;
-  if (dist) {
-    group = std::make_shared<dist::ProcessGroup>(*dist);
+  if (place) {
+    group = std::make_shared<dist::ProcessGroup>(*place);
   }
   const bool writer = !group || group->rank() == 0;
 
