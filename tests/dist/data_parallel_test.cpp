@@ -106,7 +106,7 @@ TEST_F(DataParallelTest, ReducerSumsOrAveragesEveryBucket) {
         auto p = torch::zeros(shapes[i]).requires_grad_(true);
         if (i != 3) { // parameter 3 got no gradient
           p.mutable_grad() =
-              torch::arange(p.numel()).to(torch::kFloat).view(shapes[i]) * (g.rank() + 1) + i;
+              torch::arange(p.numel()).to(torch::kFloat).view(shapes[i]) * (g.rank() + 1) + static_cast<double>(i);
         }
         params.push_back(p);
       }
@@ -124,7 +124,7 @@ TEST_F(DataParallelTest, ReducerSumsOrAveragesEveryBucket) {
     for (size_t i = 0; i < shapes.size(); ++i) {
       auto base = torch::arange(grads[0][i].numel()).to(torch::kFloat).view(shapes[i]);
       // Ranks 0 and 1 hold base * 1 + i and base * 2 + i.
-      torch::Tensor want = i == 3 ? torch::zeros(shapes[i]) : base * 3 + 2.0 * i;
+      torch::Tensor want = i == 3 ? torch::zeros(shapes[i]) : base * 3 + 2.0 * static_cast<double>(i);
       if (average) {
         want = want / 2;
       }
