@@ -216,22 +216,28 @@ struct Trainer::Impl {
 
   // Every rank must train the same run: rank 0's options, but for the
   // fields that only say where and how often a rank writes, are the group's.
+  // Every rank learns whether one differs, so that none waits for it.
   void check_same_options_as_rank0() {
-    const std::string mine = options.to_json().dump();
-    const std::string theirs = group->broadcast_string(mine, 0);
-    if (group->rank() == 0 || theirs == mine) {
-      return;
+    const auto mine = options.to_json();
+    const auto theirs = nlohmann::json::parse(group->broadcast_string(mine.dump(), 0));
+    std::string differs;
+    for (auto it = theirs.begin(); it != theirs.end() && differs.empty(); ++it) {
+      if (!may_change_on_resume(it.key()) &&
+          (!mine.contains(it.key()) || mine.at(it.key()) != it.value())) {
+        differs = it.key() + ": rank " + std::to_string(group->rank()) + " was started with " +
+            mine.value(it.key(), nlohmann::json()).dump() + ", but rank 0 with " +
+            it.value().dump();
+      }
     }
-    try {
-      check_resume_options(
-          TrainOptions::from_json(nlohmann::json::parse(theirs)), options,
-          "rank 0's options");
-    } catch (const c10::Error& e) {
-      std::string what = e.what_without_backtrace();
-      TORCH_CHECK(
-          false, "data parallel: rank ", group->rank(),
-          " was started with other settings than rank 0: ", what.substr(0, what.find('\n')));
-    }
+    std::vector<torch::Tensor> count{torch::full({1}, differs.empty() ? 0.0 : 1.0)};
+    group->all_reduce_sum(count);
+    TORCH_CHECK(
+        differs.empty(), "data parallel: ", differs,
+        "; every rank must be started with the same settings");
+    const int64_t others = static_cast<int64_t>(count[0].item<double>());
+    TORCH_CHECK(
+        others == 0, "data parallel: ", others,
+        " rank(s) were started with settings other than rank 0's (their errors name them)");
   }
 };
 

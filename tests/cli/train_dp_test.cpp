@@ -115,6 +115,24 @@ TEST(TrainDataParallel, DeadRankFailsThePeerAndTheGroupResumes) {
   expect_same_curve(steps_of(dir + "/one.jsonl"), steps_of(dir + "/run.jsonl"));
 }
 
+TEST(TrainDataParallel, RanksWithOtherSettingsAreRefused) {
+  const auto dir = temp_dir("mismatch");
+  const std::string env = "WORLD_SIZE=2 MASTER_ADDR=127.0.0.1 MASTER_PORT=" +
+      std::to_string(free_port()) + " ";
+  const std::string cmd = "cd " + dir + " && (" + env + "RANK=1 " + REMAT_CLI_PATH + " " +
+      kRun + "--lr 0.002 > r1.out 2> r1.err; echo $? > r1.code) & cd " + dir + " && " + env +
+      "RANK=0 " + REMAT_CLI_PATH + " " + kRun + "> r0.out 2> r0.err; echo $? > r0.code; wait";
+  ASSERT_EQ(std::system(cmd.c_str()), 0);
+  EXPECT_EQ(remat::test::slurp(dir + "/r0.code"), "1\n");
+  EXPECT_EQ(remat::test::slurp(dir + "/r1.code"), "1\n");
+  EXPECT_THAT(remat::test::slurp(dir + "/r1.err"),
+              HasSubstr("remat: error: data parallel: lr: rank 1 was started with 0.002, but "
+                        "rank 0 with 0.001; every rank must be started with the same settings"));
+  EXPECT_THAT(remat::test::slurp(dir + "/r0.err"),
+              HasSubstr("remat: error: data parallel: 1 rank(s) were started with settings "
+                        "other than rank 0's"));
+}
+
 TEST(TrainDataParallel, LauncherNamesTheFailedRank) {
   const auto dir = temp_dir("launcher");
   auto r = run_cli(kRun + "--nproc 2 --stop-after-step 2 --stop-rank 1");
