@@ -185,15 +185,28 @@ Pending ProcessGroup::all_reduce_sum_async(std::vector<torch::Tensor> tensors) {
         t.defined() ? t.toString() : std::string("an undefined tensor"));
   }
   auto* d = impl_.get();
-  auto holder = std::make_shared<std::vector<torch::Tensor>>(std::move(tensors));
-  c10::intrusive_ptr<c10d::Work> work;
+  // Gloo sums a list of same-shaped tensors as replicas of one; each of ours
+  // is a collective of its own, all started before any is waited for.
+  auto holder = std::make_shared<std::vector<std::vector<torch::Tensor>>>();
+  auto works = std::make_shared<std::vector<c10::intrusive_ptr<c10d::Work>>>();
+  for (auto& t : tensors) {
+    holder->push_back({t});
+  }
   d->guard("all-reduce", [&] {
     c10d::AllreduceOptions ao;
     ao.reduceOp = c10d::ReduceOp::SUM;
     ao.timeout = d->timeout;
-    work = d->gloo->allreduce(*holder, ao);
+    for (auto& one : *holder) {
+      works->push_back(d->gloo->allreduce(one, ao));
+    }
   });
-  return Pending([d, work, holder] { d->guard("all-reduce", [&] { work->wait(); }); });
+  return Pending([d, works, holder] {
+    d->guard("all-reduce", [&] {
+      for (auto& w : *works) {
+        w->wait();
+      }
+    });
+  });
 }
 
 void ProcessGroup::all_reduce_sum(std::vector<torch::Tensor>& tensors) {

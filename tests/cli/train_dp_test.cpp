@@ -145,10 +145,10 @@ TEST(TrainDataParallel, BadSettingsAreUsageErrors) {
   auto r = run_cli(kRun + "--nproc -1");
   EXPECT_EQ(r.exit_code, 2);
   EXPECT_THAT(r.err, HasSubstr("--nproc: expected a value >= 0, but got -1"));
-  r = run_cli(kRun + "--nproc 2 --dist-timeout 0");
+  r = run_cli("train --nproc 2 --dist-timeout 0");
   EXPECT_EQ(r.exit_code, 2);
   EXPECT_THAT(r.err, HasSubstr("--dist-timeout: expected a number of seconds > 0"));
-  r = run_cli(kRun + "--nproc 2 --batch 0");
+  r = run_cli("train --nproc 2 --batch 0");
   EXPECT_EQ(r.exit_code, 2);
   EXPECT_THAT(r.err, HasSubstr("--batch: expected a value >= 1, but got 0"));
   // Environments that torchrun would never give.

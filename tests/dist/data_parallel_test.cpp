@@ -58,10 +58,15 @@ class DataParallelTest : public ::testing::Test {
     for (auto& t : threads) {
       t.join();
     }
-    for (auto& e : errors) {
-      if (e) {
-        std::rethrow_exception(e);
+    std::string what;
+    for (int r = 0; r < 2; ++r) {
+      if (errors[r]) {
+        what += "rank " + std::to_string(r) + ": " +
+            remat_test::thrown_message([&] { std::rethrow_exception(errors[r]); }) + "\n";
       }
+    }
+    if (!what.empty()) {
+      throw std::runtime_error(what);
     }
   }
 
