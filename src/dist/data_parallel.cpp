@@ -42,6 +42,14 @@ GradReducer::GradReducer(
 
 void GradReducer::reduce() {
   torch::NoGradGuard no_grad;
+  // Which parameters have a gradient on some rank: one that none has keeps
+  // none (the optimizer then skips it, as it would in one process).
+  auto has_grad = torch::zeros({static_cast<int64_t>(params_.size())});
+  auto* flags = has_grad.data_ptr<float>();
+  for (size_t k = 0; k < params_.size(); ++k) {
+    flags[k] = params_[k].grad().defined() ? 1.0f : 0.0f;
+  }
+  Pending flag_sum = group_->all_reduce_sum_async({has_grad});
   std::vector<torch::Tensor> flats;
   std::vector<Pending> pending;
   flats.reserve(buckets_.size());
@@ -58,6 +66,7 @@ void GradReducer::reduce() {
     // Started at once: Gloo sums this bucket while the next one is packed.
     pending.push_back(group_->all_reduce_sum_async({flats.back()}));
   }
+  flag_sum.wait();
   const double scale = options_.average() ? 1.0 / static_cast<double>(group_->world_size()) : 1.0;
   for (size_t b = 0; b < buckets_.size(); ++b) {
     pending[b].wait();
@@ -70,6 +79,9 @@ void GradReducer::reduce() {
       auto& p = params_[k];
       auto piece = flat.narrow(0, offset, p.numel()).view(p.sizes());
       offset += p.numel();
+      if (flags[k] == 0.0f) {
+        continue;
+      }
       if (p.grad().defined()) {
         p.mutable_grad().copy_(piece);
       } else {

@@ -99,7 +99,8 @@ TEST_F(DataParallelTest, AllReduceSumsAndBroadcastCopiesRankZero) {
 
 TEST_F(DataParallelTest, ReducerSumsOrAveragesEveryBucket) {
   // Five parameters of 16..80 bytes in buckets of at most 64 bytes: several
-  // buckets, one parameter larger than a bucket, one without a gradient.
+  // buckets, one parameter larger than a bucket, one without a gradient on
+  // either rank (3), one with a gradient on rank 1 only (4).
   std::vector<std::vector<int64_t>> shapes{{4}, {2, 3}, {20}, {5}, {3}};
   for (bool average : {true, false}) {
     std::map<int64_t, std::vector<torch::Tensor>> grads;
@@ -109,7 +110,7 @@ TEST_F(DataParallelTest, ReducerSumsOrAveragesEveryBucket) {
       std::vector<torch::Tensor> params;
       for (size_t i = 0; i < shapes.size(); ++i) {
         auto p = torch::zeros(shapes[i]).requires_grad_(true);
-        if (i != 3) { // parameter 3 got no gradient
+        if (i != 3 && (i != 4 || g.rank() == 1)) {
           p.mutable_grad() =
               torch::arange(p.numel()).to(torch::kFloat).view(shapes[i]) * (g.rank() + 1) + static_cast<double>(i);
         }
@@ -121,15 +122,21 @@ TEST_F(DataParallelTest, ReducerSumsOrAveragesEveryBucket) {
       std::lock_guard<std::mutex> lock(m);
       buckets[g.rank()] = reducer.buckets().size();
       for (auto& p : params) {
-        grads[g.rank()].push_back(p.grad().clone());
+        grads[g.rank()].push_back(p.grad().defined() ? p.grad().clone() : torch::Tensor());
       }
     });
     // In reverse order, 64 bytes at most: [4, 3] (12 + 20), [2] (80), [1, 0].
     EXPECT_EQ(buckets[0], 3u);
     for (size_t i = 0; i < shapes.size(); ++i) {
-      auto base = torch::arange(grads[0][i].numel()).to(torch::kFloat).view(shapes[i]);
+      auto base = torch::arange(torch::zeros(shapes[i]).numel()).to(torch::kFloat).view(shapes[i]);
       // Ranks 0 and 1 hold base * 1 + i and base * 2 + i.
-      torch::Tensor want = i == 3 ? torch::zeros(shapes[i]) : base * 3 + 2.0 * static_cast<double>(i);
+      if (i == 3) {
+        EXPECT_FALSE(grads[0][i].defined());
+        EXPECT_FALSE(grads[1][i].defined());
+        continue;
+      }
+      torch::Tensor want = i == 4 ? base * 2 + static_cast<double>(i)
+                                  : base * 3 + 2.0 * static_cast<double>(i);
       if (average) {
         want = want / 2;
       }

@@ -55,8 +55,9 @@ struct GradReducerOptions {
 
 /// Sums or averages the .grad of a fixed list of parameters across a group.
 /// Parameters are packed into buckets in reverse order (the order in which
-/// backward produces their gradients); an undefined .grad counts as zeros
-/// and is defined afterwards, on every rank alike.
+/// backward produces their gradients). An undefined .grad counts as zeros
+/// when another rank has one (and is defined afterwards, on every rank
+/// alike); a parameter that no rank has a gradient for keeps none.
 class GradReducer {
  public:
   GradReducer(
