@@ -3,6 +3,9 @@
 // library's (remat/train/).
 #include "command.h"
 
+#include "launch.h"
+
+#include "remat/dist/process_group.h"
 #include "remat/memory.h"
 #include "remat/train/data.h"
 #include "remat/train/log.h"
@@ -55,6 +58,9 @@ struct TrainFlags {
   int64_t threads = defaults.threads();
   int64_t log_every = 10;
   int64_t stop_after_step = 0;
+  int64_t stop_rank = -1; ///< with stop_after_step: only this rank stops
+  int64_t nproc = 0;
+  double dist_timeout = 60;
 };
 
 // Option names whose flag is not "--" + name with '-' for '_'.
@@ -336,9 +342,13 @@ void print_summary(const train::TrainResult& r, const TrainOptions& o, std::ostr
   }
 }
 
-int run_train(const TrainFlags& f, const CLI::App& app) {
-  const bool terminal = ::isatty(STDERR_FILENO) != 0;
+// The options of the run, with every flag and file checked: a mistake is a
+// UsageError before any training (or any worker) starts.
+TrainOptions prepare(const TrainFlags& f, const CLI::App& app) {
   TrainOptions options;
+  require(f.nproc >= 0, "--nproc", "expected a value >= 0, but got " + std::to_string(f.nproc));
+  require(f.dist_timeout > 0, "--dist-timeout",
+          "expected a number of seconds > 0, but got " + std::to_string(f.dist_timeout));
   require(f.log_every >= 1, "--log-every",
           "expected a value >= 1, but got " + std::to_string(f.log_every));
   require(f.stop_after_step >= 0, "--stop-after-step", "expected a value >= 0");
@@ -407,10 +417,77 @@ int run_train(const TrainFlags& f, const CLI::App& app) {
   }
   check_data(options);
   check_outputs(f, options);
+  return options;
+}
 
-  train::Progress progress(stderr, terminal, f.log_every);
+// This process's place in a data-parallel group (nullopt: alone).
+c10::optional<dist::DistOptions> dist_options(const TrainFlags& f) {
+  c10::optional<dist::DistOptions> d;
+  try {
+    d = dist::DistOptions::from_env();
+    if (d) {
+      d->timeout_seconds(f.dist_timeout);
+      d->validate();
+    }
+  } catch (const c10::Error& e) {
+    std::string what = e.what_without_backtrace();
+    throw UsageError("data parallel: " + what.substr(0, what.find('\n')));
+  }
+  if (d && d->world_size() == 1) {
+    return c10::nullopt;
+  }
+  return d;
+}
+
+// Rows per second of the whole run (all ranks), as the step timings give it.
+void print_data_parallel(
+    const train::TrainResult& r,
+    const TrainOptions& o,
+    int64_t world,
+    std::ostream& out) {
+  double seconds = 0;
+  for (const auto& s : r.history.steps) {
+    seconds += s.step_seconds;
+  }
+  const double rows = static_cast<double>(r.history.steps.size()) *
+      static_cast<double>(o.batch() * o.accumulate());
+  char line[256];
+  if (world == 1) {
+    std::snprintf(line, sizeof(line), "throughput: %.1f samples/s (batch %lld rows)\n",
+                  seconds > 0 ? rows / seconds : 0.0,
+                  static_cast<long long>(o.batch() * o.accumulate()));
+    out << line;
+    return;
+  }
+  std::snprintf(line, sizeof(line),
+                "data parallel: %lld ranks, global batch %lld rows (%lld per rank), "
+                "%.1f samples/s\n",
+                static_cast<long long>(world), static_cast<long long>(o.batch() * o.accumulate()),
+                static_cast<long long>((o.batch() * o.accumulate() + world - 1) / world),
+                seconds > 0 ? rows / seconds : 0.0);
+  out << line;
+}
+
+int run_train(const TrainFlags& f, const CLI::App& app) {
+  const bool terminal = ::isatty(STDERR_FILENO) != 0;
+  auto place = dist_options(f);
+  require(!(place && f.nproc > 0), "--nproc",
+          "this process was started as rank " + std::to_string(place ? place->rank() : 0) +
+              " of a group (WORLD_SIZE is set); start it either way, not both");
+  TrainOptions options = prepare(f, app);
+  if (f.nproc > 1) {
+    // Checked above, once; each worker checks again, quickly.
+    return launch_workers(f.nproc, "--nproc");
+  }
+  std::shared_ptr<dist::ProcessGroup> group;
+  if (place) {
+    group = std::make_shared<dist::ProcessGroup>(*place);
+  }
+  const bool writer = !group || group->rank() == 0;
+
+  train::Progress progress(stderr, terminal && writer, f.log_every);
   std::unique_ptr<train::MetricsLog> metrics;
-  if (!f.metrics.empty()) {
+  if (!f.metrics.empty() && writer) {
     metrics = std::make_unique<train::MetricsLog>(f.metrics);
   }
   std::vector<std::string> label_names;
@@ -442,7 +519,7 @@ int run_train(const TrainFlags& f, const CLI::App& app) {
       progress.line("saved " + path + " at step " + std::to_string(step));
     }
   };
-  cb.on_end = [&](train::Trainer& t) {
+  cb.on_end = [&](train::Trainer& t) { // rank 0 only
     if (!f.save.empty()) {
       t.save_model(f.save);
     }
@@ -451,15 +528,26 @@ int run_train(const TrainFlags& f, const CLI::App& app) {
     }
   };
 
+  const bool stops = f.stop_rank < 0 || (group ? group->rank() : 0) == f.stop_rank;
   train::TrainResult result;
   try {
-    result = train::run_training(options, cb, f.resume, f.stop_after_step);
+    result = train::run_training(options, cb, f.resume, stops ? f.stop_after_step : 0, group);
   } catch (...) {
     progress.finish(); // the error goes on a line of its own
     throw;
   }
   progress.finish();
+  if (!writer) {
+    // The other ranks' share of the measurements, one line each.
+    std::fprintf(stderr, "remat train: rank %lld of %lld: %lld steps, peak %s\n",
+                 static_cast<long long>(group->rank()),
+                 static_cast<long long>(group->world_size()),
+                 static_cast<long long>(result.steps),
+                 mib(max_peak(result.history.steps, result.history.steps.size())).c_str());
+    return 0;
+  }
   print_summary(result, options, std::cout);
+  print_data_parallel(result, options, group ? group->world_size() : 1, std::cout);
   if (!options.out_dir().empty()) {
     std::cout << "state: " << train::state_path(options.out_dir()) << " (step "
               << result.steps << ")\n";
@@ -547,8 +635,16 @@ Run add_train(CLI::App& root) {
       ->capture_default_str();
   app->add_option("--log-every", f->log_every, "plain-line progress every N steps")
       ->capture_default_str();
-  // For tests: _exit(137) right after this step, as if killed.
+  app->add_option("--nproc", f->nproc,
+                  "data parallel: start this many local worker processes (0, 1: none)")
+      ->capture_default_str();
+  app->add_option("--dist-timeout", f->dist_timeout,
+                  "data parallel: seconds to wait for a peer rank before failing")
+      ->capture_default_str();
+  // For tests: _exit(137) right after this step, as if killed (with
+  // --stop-rank: only that rank).
   app->add_option("--stop-after-step", f->stop_after_step)->group("");
+  app->add_option("--stop-rank", f->stop_rank)->group("");
   return [f, app] { return run_train(*f, *app); };
 }
 

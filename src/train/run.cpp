@@ -1,5 +1,6 @@
 // run_training: the comparison run, the training loop with its evaluations
 // and state saves, and resuming.
+#include "remat/dist/process_group.h"
 #include "remat/train/train_state.h"
 #include "remat/train/trainer.h"
 
@@ -29,11 +30,12 @@ void say(const TrainCallbacks& cb, const std::string& text) {
 void run_comparison(
     const TrainOptions& options,
     const TrainCallbacks& cb,
-    History& out) {
+    History& out,
+    const std::shared_ptr<dist::ProcessGroup>& group) {
   const auto& policy = *options.compare_policy();
   TrainOptions other = options;
   other.policy(policy).compare_policy(c10::nullopt).out_dir("").save_every(0);
-  Trainer shadow(other);
+  Trainer shadow(other, group);
   const int64_t steps = std::min(options.compare_steps(), shadow.total_steps());
   say(cb, "comparison: " + std::to_string(steps) + " steps under " + policy.name() +
           ", then the run under " + options.policy().name() + " from the same state");
@@ -54,10 +56,18 @@ void run_comparison(
 
 TrainResult run_training(
     const TrainOptions& options,
-    const TrainCallbacks& cb,
+    const TrainCallbacks& callbacks,
     bool resume,
-    int64_t stop_after_step) {
+    int64_t stop_after_step,
+    std::shared_ptr<dist::ProcessGroup> group) {
   options.validate();
+  if (group && group->world_size() == 1) {
+    group = nullptr;
+  }
+  // Only rank 0 speaks and writes; the others train in silence.
+  const bool writer = !group || group->rank() == 0;
+  const TrainCallbacks silent;
+  const TrainCallbacks& cb = writer ? callbacks : silent;
   TORCH_CHECK(
       !resume || !options.out_dir().empty(),
       "resume: expected an out_dir holding the state to resume, but got none");
@@ -67,9 +77,9 @@ TrainResult run_training(
 
   History compared;
   if (options.compare_policy() && !resume) {
-    run_comparison(options, cb, compared);
+    run_comparison(options, cb, compared, group);
   }
-  Trainer t(options);
+  Trainer t(options, group);
   say(cb, t.summary());
   if (resume) {
     const auto path = state_path(options.out_dir());
@@ -117,7 +127,7 @@ TrainResult run_training(
         cb.on_eval(e);
       }
     }
-    if (!last && options.save_every() > 0 && r.step % options.save_every() == 0) {
+    if (writer && !last && options.save_every() > 0 && r.step % options.save_every() == 0) {
       t.save_state(options.out_dir());
       if (cb.on_save) {
         cb.on_save(state_path(options.out_dir()), r.step);
@@ -138,7 +148,7 @@ TrainResult run_training(
     }
     result.has_eval = true;
   }
-  if (!options.out_dir().empty()) {
+  if (writer && !options.out_dir().empty()) {
     t.save_state(options.out_dir());
     if (cb.on_save) {
       cb.on_save(state_path(options.out_dir()), t.step_count());
@@ -146,6 +156,11 @@ TrainResult run_training(
   }
   if (cb.on_end) {
     cb.on_end(t);
+  }
+  if (group) {
+    // No rank leaves (taking its end of the connections with it) while
+    // rank 0 still writes.
+    group->barrier();
   }
   result.history = t.history();
   result.steps = t.step_count();

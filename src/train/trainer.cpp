@@ -3,6 +3,8 @@
 #include "remat/train/trainer.h"
 
 #include "checkpoint/autocast_state.h"
+#include "remat/dist/data_parallel.h"
+#include "remat/dist/process_group.h"
 #include "remat/io/file.h"
 #include "remat/io/tokenizer.h"
 #include "remat/memory.h"
@@ -94,6 +96,24 @@ Batch slice_rows(const Batch& batch, int64_t begin, int64_t end, bool lm) {
   return out;
 }
 
+// Rows rank, rank + world, ... of `batch`: this rank's share of a global
+// batch. Strided rather than contiguous so that every rank gets rows of
+// every part of the batch.
+Batch shard_rows(const Batch& batch, int64_t rank, int64_t world) {
+  Batch out;
+  const int64_t rows = batch.input_ids.size(0);
+  out.input_ids = batch.input_ids.slice(0, rank, rows, world);
+  out.attention_mask = batch.attention_mask.slice(0, rank, rows, world);
+  out.labels = batch.labels.slice(0, rank, rows, world);
+  for (int64_t i = rank; i < rows; i += world) {
+    out.indices.push_back(batch.indices[static_cast<size_t>(i)]);
+  }
+  out.global_size = batch.global_size;
+  out.epoch = batch.epoch;
+  out.index = batch.index;
+  return out;
+}
+
 // The option fields that a resumed run may change: where and how often it
 // saves and evaluates, what it records, threads. The rest shape the loss
 // curve and must match the saved run's.
@@ -142,6 +162,16 @@ struct Trainer::Impl {
   History history;
   std::string init_note; ///< what --init loaded
   torch::Tensor rng; ///< this run's CPU generator state (see RngScope)
+  /// Data parallelism (both null when alone).
+  std::shared_ptr<dist::ProcessGroup> group;
+  std::unique_ptr<dist::GradReducer> reducer;
+
+  int64_t rank() const {
+    return reducer ? group->rank() : 0;
+  }
+  int64_t world() const {
+    return reducer ? group->world_size() : 1;
+  }
 
   bool lm() const {
     return options.task() == Task::kCausalLm;
@@ -171,20 +201,55 @@ struct Trainer::Impl {
     return batch;
   }
 
-  std::vector<Batch> micro_batches(const Batch& batch) const {
+  /// Micro-batches of `rows_per` rows (default: options.batch()).
+  std::vector<Batch> micro_batches(const Batch& batch, int64_t rows_per = 0) const {
+    if (rows_per <= 0) {
+      rows_per = options.batch();
+    }
     std::vector<Batch> out;
     const int64_t rows = batch.input_ids.size(0);
-    for (int64_t begin = 0; begin < rows; begin += options.batch()) {
-      out.push_back(slice_rows(batch, begin, std::min(rows, begin + options.batch()), lm()));
+    for (int64_t begin = 0; begin < rows; begin += rows_per) {
+      out.push_back(slice_rows(batch, begin, std::min(rows, begin + rows_per), lm()));
     }
     return out;
   }
+
+  // Every rank must train the same run: rank 0's options, but for the
+  // fields that only say where and how often a rank writes, are the group's.
+  // Every rank learns whether one differs, so that none waits for it.
+  void check_same_options_as_rank0() {
+    const auto mine = options.to_json();
+    const auto theirs = nlohmann::json::parse(group->broadcast_string(mine.dump(), 0));
+    std::string differs;
+    for (auto it = theirs.begin(); it != theirs.end() && differs.empty(); ++it) {
+      if (!may_change_on_resume(it.key()) &&
+          (!mine.contains(it.key()) || mine.at(it.key()) != it.value())) {
+        differs = it.key() + ": rank " + std::to_string(group->rank()) + " was started with " +
+            mine.value(it.key(), nlohmann::json()).dump() + ", but rank 0 with " +
+            it.value().dump();
+      }
+    }
+    std::vector<torch::Tensor> count{torch::full({1}, differs.empty() ? 0.0 : 1.0)};
+    group->all_reduce_sum(count);
+    TORCH_CHECK(
+        differs.empty(), "data parallel: ", differs,
+        "; every rank must be started with the same settings");
+    const int64_t others = static_cast<int64_t>(count[0].item<double>());
+    TORCH_CHECK(
+        others == 0, "data parallel: ", others,
+        " rank(s) were started with settings other than rank 0's (their errors name them)");
+  }
 };
 
-Trainer::Trainer(TrainOptions options) : impl_(std::make_unique<Impl>()) {
+Trainer::Trainer(TrainOptions options, std::shared_ptr<dist::ProcessGroup> group)
+    : impl_(std::make_unique<Impl>()) {
   auto& d = *impl_;
   options.validate();
   d.options = options;
+  if (group && group->world_size() > 1) {
+    d.group = std::move(group);
+    d.check_same_options_as_rank0();
+  }
   d.tokenizer = io::make_tokenizer(options.vocab_path());
 
   // Data: the validation set is a file, a seeded split, or nothing.
@@ -256,6 +321,15 @@ Trainer::Trainer(TrainOptions options) : impl_(std::make_unique<Impl>()) {
   d.optimizer = d.make_optimizer();
   d.rng = rng_state();
   set_rng_state(caller_rng);
+  if (d.group) {
+    // The same seed builds the same weights everywhere; the broadcast makes
+    // sure of it (an --init folder read differently, another build).
+    dist::broadcast_parameters(*d.group, d.task->module(), 0);
+    // Sums, not averages: each rank's loss is already scaled by its share
+    // of the global batch (see step()).
+    d.reducer = std::make_unique<dist::GradReducer>(
+        d.group, d.trainable, dist::GradReducerOptions().average(false));
+  }
   const int64_t warmup = options.warmup() >= 0 ? options.warmup() : d.total_steps / 10;
   d.schedule = std::make_unique<LrSchedule>(
       LrScheduleOptions(options.lr(), d.total_steps)
@@ -270,9 +344,21 @@ StepRecord Trainer::step() {
   auto batch = d.next_batch();
   TORCH_INTERNAL_ASSERT(batch, "the data loader returned no batch");
   auto micros = d.micro_batches(*batch);
+  // The loss units (rows or predicted tokens) of the whole global batch:
+  // every rank has all of it, so no collective is needed to weigh its part.
   int64_t units = 0;
   for (const auto& m : micros) {
     units += d.task->loss_units(m);
+  }
+  if (d.reducer) {
+    d.group->mark_progress(d.step + 1);
+    // This rank's rows, in micro-batches of 1/world of --batch rows.
+    const int64_t per = (d.options.batch() + d.world() - 1) / d.world();
+    auto shard = shard_rows(*batch, d.rank(), d.world());
+    micros.clear();
+    if (shard.input_ids.size(0) > 0) {
+      micros = d.micro_batches(shard, per);
+    }
   }
 
   for (auto& p : d.trainable) {
@@ -295,6 +381,19 @@ StepRecord Trainer::step() {
     }
     scaled.backward();
     loss += scaled.item<double>();
+  }
+  if (d.reducer) {
+    try {
+      d.reducer->reduce();
+      std::vector<torch::Tensor> sum{torch::full({1}, loss, torch::kDouble)};
+      d.group->all_reduce_sum(sum);
+      loss = sum[0].item<double>();
+    } catch (const c10::Error& e) {
+      std::string what = e.what_without_backtrace();
+      what = what.substr(0, what.find('\n'));
+      const std::string who = d.group->describe_failure(d.step + 1);
+      TORCH_CHECK(false, what, who.empty() ? "" : "; " + who, " (at step ", d.step + 1, ")");
+    }
   }
   double grad_norm = 0;
   if (d.options.clip() > 0) {

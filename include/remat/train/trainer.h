@@ -43,6 +43,9 @@ class Module;
 } // namespace torch
 
 namespace remat {
+namespace dist {
+class ProcessGroup;
+}
 namespace train {
 
 /// What is trained.
@@ -269,7 +272,18 @@ class Trainer {
   /// random stream of its own (dropout draws from it): trainers in one
   /// process do not disturb each other, and the caller's generator is left
   /// as it was.
-  explicit Trainer(TrainOptions options);
+  ///
+  /// With a `group` of more than one rank the trainer is data-parallel: the
+  /// options must equal rank 0's (checked; the fields that may change on
+  /// resume excepted), the weights are broadcast from rank 0, each rank
+  /// computes rows rank, rank + world, ... of each global batch of
+  /// batch * accumulate rows, and the gradients are summed across the ranks
+  /// (each rank's loss is scaled by its share of the global batch), so
+  /// steps, losses and weights equal those of one process. Dropout masks
+  /// differ from one process's, as the rows of a micro-batch do.
+  explicit Trainer(
+      TrainOptions options,
+      std::shared_ptr<dist::ProcessGroup> group = nullptr);
   ~Trainer();
   Trainer(const Trainer&) = delete;
   Trainer& operator=(const Trainer&) = delete;
@@ -336,11 +350,18 @@ void check_resume_options(
 /// `stop_after_step` > 0 ends the process with _exit(137) right after that
 /// step, before anything else is saved: a deterministic stand-in for a
 /// kill, for tests.
+///
+/// With a `group` of more than one rank (see Trainer): every rank runs the
+/// same loop in lockstep, only rank 0 saves the state and hears the
+/// callbacks, and on resume every rank reads rank 0's state file (out_dir
+/// must be reachable from every rank). A rank that dies or hangs makes the
+/// others throw a c10::Error within the group's timeout.
 TrainResult run_training(
     const TrainOptions& options,
     const TrainCallbacks& callbacks = {},
     bool resume = false,
-    int64_t stop_after_step = 0);
+    int64_t stop_after_step = 0,
+    std::shared_ptr<dist::ProcessGroup> group = nullptr);
 
 } // namespace train
 } // namespace remat
