@@ -4,7 +4,7 @@
 # plans each budget, then runs every plan and every fixed policy side by side
 # (`remat plan --measure`) and prints one table from the JSON report.
 #
-#   bench/plan_budgets.sh                      # the Llama, ~10 min on 2 cores
+#   bench/plan_budgets.sh                      # the Llama (minutes)
 #   bench/plan_budgets.sh --layers 4 --seq 256 # any `remat plan` flag overrides
 #   BUDGETS=40%,60% bench/plan_budgets.sh
 #   REMAT=path/to/remat OUT=plan.json bench/plan_budgets.sh
