@@ -104,6 +104,7 @@ TEST(PlanCli, BadInputGetsOneLineNamingTheFlagAndExitCode2) {
            {"plan --layers 0", "--layers"},
            {"plan --hidden 30 --heads 4", "--hidden"},
            {"plan --dtype fp8", "--dtype"},
+           {"plan --attention flash", "--attention"},
            {"plan --repeats 0", "--repeats"},
            {"plan --no-such-flag", "--no-such-flag"},
        }) {
