@@ -8,6 +8,7 @@
 #include "remat/nn/bert.h"
 #include "remat/nn/llama.h"
 #include "remat/nn/lora.h"
+#include "remat/nn/profile.h"
 #include "remat/policy.h"
 
 #include <nlohmann/json.hpp>
@@ -66,6 +67,12 @@ struct RunResult {
   double step_seconds = 0;
   double forward_seconds = 0;  ///< median forward + loss
   double max_abs_grad_diff = -1; ///< -1: no reference to compare with
+  // A budget policy: the schedule the planner chose and what it predicted.
+  bool planned = false;
+  std::string schedule;
+  int64_t budget = 0;               ///< bytes
+  int64_t predicted_peak = 0;       ///< bytes
+  double predicted_step_seconds = 0;
   CheckpointPolicy applied;      ///< what the timed rounds set on the model
   std::vector<double> times, forward_times; ///< seconds, one per timed step
 };
@@ -203,6 +210,10 @@ struct Workload {
   virtual torch::Tensor loss() = 0;
   virtual void set_policy(const CheckpointPolicy& policy) = 0;
   virtual torch::nn::Module& module() = 0;
+  /// Profiles this workload's step and plans its checkpointing to
+  /// `budget_bytes` (total bytes); throws, naming the smallest feasible
+  /// budget, when nothing fits.
+  virtual plan::Plan plan(int64_t budget_bytes) = 0;
 
   /// After construction: LoRA if asked, and the trainable parameters.
   void finish(const BenchConfig& c, const std::vector<std::string>& default_targets) {
@@ -254,6 +265,16 @@ struct BertWorkload : Workload {
   }
   void set_policy(const CheckpointPolicy& p) override { model->gradient_checkpointing_enable(p); }
   torch::nn::Module& module() override { return *model; }
+  plan::Plan plan(int64_t budget_bytes) override {
+    auto t = target;
+    return nn::plan_checkpointing(
+        *model,
+        nn::BertStep(input_ids).attention_mask(attention_mask).loss(
+            [t](const nn::BertOutput& o) {
+              return torch::mse_loss(o.last_hidden_state.to(torch::kFloat), t);
+            }),
+        budget_bytes);
+  }
 };
 
 // A decoder trained on next-token prediction of random tokens.
@@ -281,6 +302,9 @@ struct LlamaWorkload : Workload {
   }
   void set_policy(const CheckpointPolicy& p) override { model->gradient_checkpointing_enable(p); }
   torch::nn::Module& module() override { return *model; }
+  plan::Plan plan(int64_t budget_bytes) override {
+    return nn::plan_checkpointing(*model, nn::LlamaStep(input_ids), budget_bytes);
+  }
 };
 
 // Fills in the family defaults (0 or negative meant "the family's").
@@ -363,6 +387,27 @@ RunResult run_policy(
   RunResult r;
   r.policy = policy.name();
   r.applied = policy;
+  if (policy.kind() == CheckpointPolicy::Kind::kBudget) {
+    // Planned before the timed steps, on this workload's own step (its loss,
+    // its dtype), so that profiling counts in neither the time nor the peak.
+    r.planned = true;
+    r.budget = policy.budget_bytes();
+    w.module().zero_grad(/*set_to_none=*/true);
+    torch::manual_seed(c.seed + 1);
+    try {
+      memory::LimitGuard guard(limit);
+      AutocastScope autocast(bf16 ? kBf16Autocast : AutocastState{});
+      const auto p = w.plan(policy.budget_bytes());
+      r.schedule = p.schedule.str();
+      r.predicted_peak = p.peak_bytes;
+      r.predicted_step_seconds = p.step_seconds;
+      r.applied = CheckpointPolicy::custom(p.schedule, policy.name());
+    } catch (const c10::Error& e) {
+      fail(r, e);
+      w.module().zero_grad(true);
+      return r;
+    }
+  }
   w.set_policy(r.applied);
   for (int64_t step = 0; step <= c.warmup; ++step) {
     const bool measured = step == c.warmup;
@@ -474,6 +519,14 @@ void print_table(const std::vector<RunResult>& runs, std::ostream& out) {
     out << line;
   }
   for (const auto& r : runs) {
+    if (r.planned && r.ok) {
+      out << r.policy << ": planned " << r.schedule << " (predicted peak "
+          << memory::format_size(r.predicted_peak) << ", measured "
+          << memory::format_size(r.peak) << ", "
+          << (r.peak <= r.budget ? "within" : "ABOVE") << " the budget)\n";
+    }
+  }
+  for (const auto& r : runs) {
     if (!r.ok) {
       out << r.policy << ": " << r.error << "\n";
     }
@@ -482,6 +535,14 @@ void print_table(const std::vector<RunResult>& runs, std::ostream& out) {
 
 nlohmann::json to_json(const RunResult& r) {
   nlohmann::json j{{"policy", r.policy}, {"ok", r.ok}};
+  if (r.planned) {
+    j["budget_bytes"] = r.budget;
+    if (r.ok) {
+      j["schedule"] = r.schedule;
+      j["predicted_peak_bytes"] = r.predicted_peak;
+      j["predicted_step_seconds"] = r.predicted_step_seconds;
+    }
+  }
   if (!r.ok) {
     j["error"] = r.error;
     j["out_of_memory"] = r.out_of_memory;

@@ -26,6 +26,8 @@ using Run = std::function<int()>;
 
 Run add_bench(CLI::App& root);
 Run add_train(CLI::App& root);
+Run add_plan(CLI::App& root);
+Run add_estimate(CLI::App& root);
 
 } // namespace cli
 } // namespace remat

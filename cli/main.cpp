@@ -25,6 +25,8 @@ int main(int argc, char** argv) {
   std::map<std::string, remat::cli::Run> commands;
   commands["bench"] = remat::cli::add_bench(app);
   commands["train"] = remat::cli::add_train(app);
+  commands["plan"] = remat::cli::add_plan(app);
+  commands["estimate"] = remat::cli::add_estimate(app);
 
   try {
     app.parse(argc, argv);

@@ -5,16 +5,21 @@
 //                        the input requires grad (a parameter: not counted);
 //   LoRA                 A saves the (dropped) input, B saves A's output;
 //   layer_norm           saves input, mean and rstd (fp32, B*S each);
-//   RMSNorm (pow, mean, add, rsqrt, mul, mul weight) saves the input (pow,
-//                        mul), rstd (B*S), and the normalised tensor only if
-//                        the weight trains;
+//   RMSNorm (to fp32, pow, mean, add, rsqrt, mul, to dtype, mul weight)
+//                        saves the fp32 input (pow, mul), its squares
+//                        (mean, 1.13), rstd (B*S), and the normalised
+//                        tensor only if the weight trains;
 //   gelu, silu           save their input;      softmax saves its output;
 //   mul                  saves each operand whose partner requires grad;
 //   add, views, copies   save nothing;
 //   matmul               saves each operand whose partner requires grad;
 //   causal masked_fill   saves the S*S bool mask;
-//   dropout              CPU: a noise tensor of the input's dtype and size
-//                        (input * noise); CUDA: a 1-byte mask;
+//   dropout              remat::nn::dropout (the models'): a 1-byte mask,
+//                        after a float uniform draw that dies at once;
+//                        LibTorch's (LoRA's adapters): on CPU a noise tensor
+//                        of the input's dtype (input * noise), on CUDA a
+//                        1-byte mask;
+//   mean over a dim      LibTorch 1.13 saves its input (2.x: only sizes);
 //   blockwise attention  saves q, k, v, the output, and a fp32 B*heads*S
 //                        log-sum-exp (kernels regenerate dropout from a seed);
 //   cross-entropy        log_softmax saves its fp32 output (bf16 logits are
@@ -22,16 +27,16 @@
 //
 // Compared with Korthikanti et al. 2022 (34 s*b*h + 5 a*s^2*b bytes per GPT
 // layer in fp16 with 1-byte dropout masks): a BERT layer here (intermediate
-// 4h, full fine-tuning, dropout on) with e-byte activations and m-byte masks
-// keeps (16e + 2m) s*b*h + (2e + m) a*s^2*b + 16 s*b bytes (CUDA: m = 1;
-// CPU: m = e, noise tensors), so bf16 on CUDA gives exactly their
-// 34 s*b*h + 5 a*s^2*b, plus the fp32 LayerNorm statistics (2 norms x mean,
-// rstd x 4 bytes x s*b) that they leave out. We count the layer's output where they count its input (the previous
+// 4h, full fine-tuning, dropout on) with e-byte activations and 1-byte masks
+// keeps (16e + 2) s*b*h + (2e + 1) a*s^2*b + 16 s*b bytes, so bf16 gives
+// exactly their 34 s*b*h + 5 a*s^2*b, plus the fp32 LayerNorm statistics
+// (2 norms x mean, rstd x 4 bytes x s*b) that they leave out. We count the layer's output where they count its input (the previous
 // output): the same tensors, one layer shifted. The test
 // PlanEstimate.BertLayerMatchesKorthikanti checks this.
 #include "plan/model_trace.h"
 
 #include <c10/util/Exception.h>
+#include <torch/version.h>
 
 #include <algorithm>
 
@@ -39,6 +44,12 @@ namespace remat {
 namespace plan {
 namespace detail {
 namespace {
+
+#if TORCH_VERSION_MAJOR < 2
+constexpr bool kMeanSavesInput = true;
+#else
+constexpr bool kMeanSavesInput = false;
+#endif
 
 using Shape = std::vector<int64_t>;
 
@@ -96,7 +107,25 @@ class Builder {
     return std::find(tg.begin(), tg.end(), key) != tg.end();
   }
 
+  // remat::nn::dropout, which the models use: a float uniform draw, a bool
+  // mask from it, then masked_fill (which saves the mask) and an in-place
+  // scale.
   int dropout(const std::string& name, int x) {
+    const Shape sh = t.at(x).shape;
+    const bool r = rg(x);
+    int uniform = t.value(name + ".uniform", sh, 4, false);
+    t.op(name + ".uniform (rand_like)", {}, {});
+    int mask = t.value(name + ".mask", sh, 1, false);
+    t.op(name + ".mask (lt)", {uniform}, {});
+    int out = act(name, sh, r);
+    t.op(name + " (masked_fill, mul_)", {x, mask}, r ? std::vector<int>{mask} : std::vector<int>{});
+    return out;
+  }
+
+  // LibTorch's own dropout (torch::dropout), which LoRA's adapters use: on
+  // CPU input * noise, keeping the noise tensor in the input's dtype; on CUDA
+  // native_dropout, keeping a 1-byte mask.
+  int torch_dropout(const std::string& name, int x) {
     const Shape sh = t.at(x).shape;
     const bool r = rg(x);
     int mask = s.backend() == Backend::kCuda
@@ -126,7 +155,7 @@ class Builder {
       return y;
     }
     const int64_t r = s.lora_rank();
-    int xa = s.lora_dropout() ? dropout(name + ".lora_dropout", x) : x;
+    int xa = s.lora_dropout() ? torch_dropout(name + ".lora_dropout", x) : x;
     const double fa = 2 * numel(lead(x)) * in_features * r;
     const double fb = 2 * numel(lead(x)) * r * out_features;
     int a = act(name + ".lora_A", with_last(lead(x), r), true);
@@ -157,21 +186,35 @@ class Builder {
     return y;
   }
 
+  // remat's RMSNorm: computed in fp32 (a bf16 input is cast up first, and
+  // the normalised tensor cast back before the weight).
   int rms_norm(const std::string& name, int x) {
     const Shape sh = t.at(x).shape;
     const Shape stat = with_last(lead(x), 1);
     const bool xr = rg(x);
     const std::vector<int> none;
-    int sq = act(name + ".pow", sh, xr);
-    t.op(name + " (pow)", {x}, xr ? std::vector<int>{x} : none);
-    int ms = act(name + ".mean", stat, xr);
-    t.op(name + " (mean)", {sq}, none);
-    int eps = act(name + ".mean_eps", stat, xr);
+    int h = x;
+    if (e != 4) {
+      h = t.value(name + ".float", sh, 4, xr);
+      t.op(name + " (to fp32)", {x}, none);
+    }
+    int sq = t.value(name + ".pow", sh, 4, xr);
+    t.op(name + " (pow)", {h}, xr ? std::vector<int>{h} : none);
+    int ms = t.value(name + ".mean", stat, 4, xr);
+    // LibTorch 1.13's MeanBackward1 saves its input (later versions keep
+    // only its sizes): here the squares stay until backward.
+    t.op(name + " (mean)", {sq}, xr && kMeanSavesInput ? std::vector<int>{sq} : none);
+    int eps = t.value(name + ".mean_eps", stat, 4, xr);
     t.op(name + " (add eps)", {ms}, none);
-    int rstd = act(name + ".rstd", stat, xr);
+    int rstd = t.value(name + ".rstd", stat, 4, xr);
     t.op(name + " (rsqrt)", {eps}, xr ? std::vector<int>{rstd} : none);
-    int n = act(name + ".normalized", sh, xr);
-    t.op(name + " (mul rstd)", {x, rstd}, xr ? std::vector<int>{x, rstd} : none);
+    int n = t.value(name + ".normalized", sh, 4, xr);
+    t.op(name + " (mul rstd)", {h, rstd}, xr ? std::vector<int>{h, rstd} : none);
+    if (e != 4) {
+      int cast = act(name + ".normalized_cast", sh, xr);
+      t.op(name + " (to activation dtype)", {n}, none);
+      n = cast;
+    }
     int y = act(name, sh, xr || full);
     t.op(name + " (mul weight)", {n}, full ? std::vector<int>{n} : none, 0, 0,
          full ? sh.back() * pe : 0);
@@ -381,8 +424,9 @@ Trace trace_layer(const ModelSpec& spec, bool input_requires_grad) {
   ctx = b.copy("self_attn.context", "transpose, reshape", ctx, {B, S, H});
   int o = b.linear("self_attn.o_proj", ctx, H, "o");
   int h2 = b.add("residual", h, o);
-  int n2 = b.rms_norm("post_attention_layernorm", h2);
+  // remat's Llama checkpoints the norm with the MLP.
   t.block(Block::kMlp);
+  int n2 = b.rms_norm("post_attention_layernorm", h2);
   int gate = b.linear("mlp.gate_proj", n2, b.I, "gate");
   int up = b.linear("mlp.up_proj", n2, b.I, "up");
   int act = b.unary_saving_input("mlp.act", "silu", gate);

@@ -172,12 +172,13 @@ void TrainOptions::validate() const {
       continue;
     }
     const char* name = p == &policy_ ? "policy" : "compare_policy";
+    // A budget is planned by the Trainer on its model; a custom schedule has
+    // no name that a resumed run could parse back.
     TORCH_CHECK(
-        p->kind() != CheckpointPolicy::Kind::kBudget &&
-            p->kind() != CheckpointPolicy::Kind::kCustom,
-        name, ": expected a policy with a fixed schedule (none, every-layer, every-K, "
-              "sqrt, full, selective-attention, selective-mlp), but got '",
-        p->name(), "': a budget needs a planner, which training does not run yet");
+        p->kind() != CheckpointPolicy::Kind::kCustom, name,
+        ": expected a named policy (none, every-layer, every-K, sqrt, full, "
+        "selective-attention, selective-mlp, budget:SIZE), but got the custom schedule '",
+        p->name(), "'");
   }
 }
 

@@ -6,6 +6,7 @@
 #include "remat/nn/bert.h"
 #include "remat/nn/llama.h"
 #include "remat/nn/lora.h"
+#include "remat/nn/profile.h"
 
 #include <c10/util/Exception.h>
 #include <nlohmann/json.hpp>
@@ -123,6 +124,25 @@ class ClassificationTask : public TaskModel {
   }
   void set_policy(const CheckpointPolicy& policy) override {
     model_->bert->gradient_checkpointing_enable(policy);
+  }
+  CheckpointPolicy plan_policy(
+      const CheckpointPolicy& policy,
+      int64_t batch,
+      int64_t seq,
+      int64_t reserve_bytes) override {
+    // Token values do not change what a step costs; zeros draw no random
+    // numbers, so the run stays the same as without planning.
+    auto ids = torch::zeros({batch, seq}, torch::kLong);
+    auto labels = torch::zeros({batch, model_->num_labels});
+    auto* m = model_.get();
+    const auto p = nn::plan_checkpointing(
+        *model_->bert,
+        nn::BertStep(ids).attention_mask(torch::ones_like(ids)).loss(
+            [m, labels](const nn::BertOutput& o) {
+              return bce(m->classifier->forward(m->dropout->forward(o.pooler_output)), labels);
+            }),
+        policy.budget_bytes(), nn::PlanOptions().reserve_bytes(reserve_bytes));
+    return CheckpointPolicy::custom(p.schedule, policy.name());
   }
   std::string describe() const override {
     std::ostringstream out;
@@ -288,6 +308,17 @@ class CausalLmTask : public TaskModel {
   }
   void set_policy(const CheckpointPolicy& policy) override {
     model_->gradient_checkpointing_enable(policy);
+  }
+  CheckpointPolicy plan_policy(
+      const CheckpointPolicy& policy,
+      int64_t batch,
+      int64_t seq,
+      int64_t reserve_bytes) override {
+    auto ids = torch::zeros({batch, seq}, torch::kLong);
+    const auto p = nn::plan_checkpointing(
+        *model_, nn::LlamaStep(ids).attention_mask(torch::ones_like(ids)),
+        policy.budget_bytes(), nn::PlanOptions().reserve_bytes(reserve_bytes));
+    return CheckpointPolicy::custom(p.schedule, policy.name());
   }
   std::string describe() const override {
     std::ostringstream out;

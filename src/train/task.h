@@ -26,6 +26,16 @@ class TaskModel {
   virtual torch::nn::Module& module() = 0;
   virtual const torch::nn::Module& module() const = 0;
   virtual void set_policy(const CheckpointPolicy& policy) = 0;
+  /// A budget policy planned for this task's step on micro-batches of
+  /// `batch` rows of `seq` tokens (remat::nn::plan_checkpointing with the
+  /// task's own loss), `reserve_bytes` (bytes) added for what training holds
+  /// later: the fixed-schedule policy to set, named as `policy`. Throws,
+  /// giving the smallest feasible budget, when nothing fits.
+  virtual CheckpointPolicy plan_policy(
+      const CheckpointPolicy& policy,
+      int64_t batch,
+      int64_t seq,
+      int64_t reserve_bytes) = 0;
   /// "remat::nn::Bert(layers=4, ...) + classifier(128 -> 4)"
   virtual std::string describe() const = 0;
 

@@ -319,6 +319,22 @@ Trainer::Trainer(TrainOptions options, std::shared_ptr<dist::ProcessGroup> group
     }
   }
   d.optimizer = d.make_optimizer();
+  if (options.policy().kind() == CheckpointPolicy::Kind::kBudget) {
+    // Planned here, before any optimizer step: AdamW's two moments per
+    // trainable element do not exist yet, so they are reserved. Profiling
+    // leaves the generator as it was.
+    int64_t moments = 0;
+    for (const auto& p : d.trainable) {
+      moments += 2 * p.numel() * static_cast<int64_t>(p.element_size());
+    }
+    AutocastScope autocast(autocast_for(options.dtype()));
+    try {
+      d.task->set_policy(
+          d.task->plan_policy(options.policy(), options.batch(), options.seq(), moments));
+    } catch (const c10::Error& e) {
+      TORCH_CHECK(false, "policy '", options.policy().name(), "': ", e.what_without_backtrace());
+    }
+  }
   d.rng = rng_state();
   set_rng_state(caller_rng);
   if (d.group) {

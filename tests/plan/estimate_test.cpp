@@ -42,17 +42,17 @@ TEST(PlanEstimate, ParameterCountsMatchKnownModels) {
 }
 
 // A BERT layer (intermediate 4h, dropout, full fine-tuning) with e-byte
-// activations and m-byte dropout masks keeps (16e + 2m) s*b*h +
-// (2e + m) a*s^2*b bytes plus the fp32 LayerNorm statistics: Korthikanti et
-// al.'s 34 s*b*h + 5 a*s^2*b for bf16 with 1-byte (CUDA) masks.
+// activations and 1-byte dropout masks keeps (16e + 2) s*b*h +
+// (2e + 1) a*s^2*b bytes plus the fp32 LayerNorm statistics: Korthikanti et
+// al.'s 34 s*b*h + 5 a*s^2*b for bf16.
 TEST(PlanEstimate, BertLayerMatchesKorthikanti) {
   const int64_t b = 2, s = 128, h = 256, a = 4;
   auto spec = ModelSpec(Family::kBert, 2, h, a, 1000).seq(s).batch(b);
   const int64_t sbh = s * b * h, as2b = a * s * s * b, stats = 16 * s * b;
   EXPECT_EQ(layer_bytes(ModelSpec(spec).precision(Precision::kBf16).backend(Backend::kCuda)),
             34 * sbh + 5 * as2b + stats);
-  // CPU, fp32: the masks are fp32 noise tensors (m = e = 4).
-  EXPECT_EQ(layer_bytes(spec), (16 * 4 + 2 * 4) * sbh + (2 * 4 + 4) * as2b + stats);
+  // remat's dropout keeps 1-byte masks on every backend: fp32 on CPU.
+  EXPECT_EQ(layer_bytes(spec), (16 * 4 + 2) * sbh + (2 * 4 + 1) * as2b + stats);
   // Without dropout the masks and the dropped copy of the probabilities go.
   EXPECT_EQ(layer_bytes(ModelSpec(spec).dropout(false)), 16 * 4 * sbh + 4 * as2b + stats);
 }
@@ -65,7 +65,10 @@ TEST(PlanEstimate, BreakdownNamesTensorsAndModes) {
   EXPECT_EQ(probs->bytes, 2 * 12 * 64 * 64 * 4);
   EXPECT_EQ(probs->saved_by, "attention.self.probs (softmax)");
   EXPECT_EQ(probs->shape, "[2, 12, 64, 64] x 4 B");
-  ASSERT_NE(find(store, "attention.self.probs_dropout.noise"), nullptr);
+  // remat's dropout keeps a 1-byte mask.
+  const auto* mask = find(store, "attention.self.probs_dropout.mask");
+  ASSERT_NE(mask, nullptr);
+  EXPECT_EQ(mask->bytes, 2 * 12 * 64 * 64);
   EXPECT_EQ(find(store, "output.LayerNorm")->saved_by, "next layer (the layer output)");
 
   // Recomputing the attention core drops the S^2 tensors and keeps its
@@ -256,11 +259,13 @@ TEST(PlanEstimate, HarborComparison) {
   auto spec = ModelSpec::harbor_13b();
   auto params = count_parameters(spec);
   EXPECT_NEAR(params.total / 1e9, 13.0, 0.1);
-  // Per-layer checkpointing keeps 40 layer inputs of B*S*H*2 bytes.
+  // Per-layer checkpointing keeps 40 layer inputs of B*S*H*2 bytes, plus
+  // the embedding output and what the head's fp32 final RMSNorm keeps (its
+  // input, and on LibTorch 1.13 its squares: 2 x each).
   auto every = estimate(spec, CheckpointPolicy::every_layer());
   const int64_t x = int64_t(2) * 8192 * 5120 * 2;
   EXPECT_GE(every.activation_bytes, 40 * x);
-  EXPECT_LT(every.activation_bytes, 44 * x);
+  EXPECT_LT(every.activation_bytes, 47 * x);
   auto rows = harbor_comparison();
   ASSERT_GE(rows.size(), 10u);
   int with_seed = 0;

@@ -74,6 +74,20 @@ TEST(Trainer, CheckpointingLeavesTheLmLossCurveBitForBitToo) {
   EXPECT_GT(r.final_eval.perplexity, 1.0);
 }
 
+TEST(Trainer, BudgetPolicyIsPlannedOnTheModelAndLeavesTheCurve) {
+  // A budget everything fits in: planned on the trained model at start,
+  // and, checkpointing being exact, the same losses as none.
+  auto r = run_training(tiny().dropout(0.1).policy(CheckpointPolicy::parse("budget:1GiB"))
+                            .compare_policy(CheckpointPolicy::none()).compare_steps(2)
+                            .max_steps(2));
+  EXPECT_EQ(r.history.max_compare_diff(), 0.0);
+  EXPECT_EQ(r.history.steps.back().policy.rfind("budget:", 0), 0u);
+  // Below what any schedule needs: refused, naming the least budget.
+  EXPECT_THROW_WITH(
+      run_training(tiny().task(Task::kCausalLm).policy(CheckpointPolicy::parse("budget:1KiB"))),
+      "expected a memory budget of at least");
+}
+
 TEST(Trainer, AccumulationEqualsOneBigBatch) {
   // Without dropout the only difference is the order of float additions.
   Trainer big(tiny().dropout(0).batch(16).accumulate(1));
@@ -261,8 +275,10 @@ TEST(Trainer, OptionsRoundTripThroughJsonAndNameTheFieldWhenBad) {
   EXPECT_EQ(TrainOptions::from_json(o.to_json()).to_json(), o.to_json());
   EXPECT_THROW_WITH(tiny().accumulate(0).validate(), "accumulate: expected a value >= 1");
   EXPECT_THROW_WITH(tiny().hidden(30).heads(4).validate(), "hidden: expected a multiple");
-  EXPECT_THROW_WITH(tiny().policy(CheckpointPolicy::parse("budget:1GiB")).validate(),
-                    "policy: expected a policy with a fixed schedule");
+  tiny().policy(CheckpointPolicy::parse("budget:1GiB")).validate();
+  EXPECT_THROW_WITH(
+      tiny().policy(CheckpointPolicy::custom(CheckpointPolicy::none().schedule(2))).validate(),
+      "policy: expected a named policy");
   EXPECT_THROW_WITH(tiny().save_every(3).validate(), "save_every: expected an out_dir");
   EXPECT_THROW_WITH(tiny().batch(0).validate(), "batch: expected a value >= 1, but got 0");
   EXPECT_THROW_WITH(tiny().seq(1).validate(), "seq: expected a value >= 2");

@@ -13,18 +13,23 @@
 //
 // Assumptions (per tensor details in src/plan/model_trace.cpp):
 //   - ops run in the activation dtype (fp32, or bf16 under both bf16
-//     precisions); norms and softmax are not upcast, as remat's models
-//     compute them; the LM loss casts bf16 logits to fp32 first;
+//     precisions); LayerNorm and softmax are not upcast, as remat's models
+//     compute them; RMSNorm is (remat's Llama computes it in fp32); the LM
+//     loss casts bf16 logits to fp32 first;
 //   - autograd saves an input only when the gradient that needs it is
 //     required (PyTorch's generated code does this), so a frozen Linear does
-//     not keep its input, and LoRA's A keeps it instead;
-//   - dropout: on CPU LibTorch (1.13 and 2.x) saves a noise tensor of the
-//     input's dtype and size; on CUDA a 1-byte mask;
-//   - eager attention keeps B*heads*S*S probabilities (and dropout's noise
+//     not keep its input, and LoRA's A keeps it instead; a mean over a
+//     dimension keeps its input on LibTorch 1.13 (the build's version
+//     decides);
+//   - dropout: remat's models keep a 1-byte mask (remat::nn::dropout);
+//     LoRA's adapter dropout is LibTorch's, which on CPU keeps a noise tensor
+//     of the input's dtype and on CUDA a 1-byte mask;
+//   - eager attention keeps B*heads*S*S probabilities (and dropout's mask
 //     and output where dropout is on); blockwise attention keeps q, k, v, the
-//     output and a B*heads*S float log-sum-exp; GQA keys and values are
-//     repeated inside the attention core for eager attention and not at all
-//     for blockwise;
+//     output and a B*heads*S float log-sum-exp, as FlashAttention does in the
+//     activation dtype (remat's own blockwise kernel upcasts bf16 q, k, v to
+//     fp32 and keeps those); GQA keys and values are repeated inside the
+//     attention core for eager attention and not at all for blockwise;
 //   - gradients of all trainable parameters are held for the whole step.
 //
 // Example:
@@ -75,7 +80,8 @@ enum class Head {
   kClassifier,    ///< BERT: pooler + linear; Llama: linear on every token,
                   ///< the last token's logits taken (Hugging Face style)
 };
-/// Where the model runs; decides how dropout saves its mask.
+/// Where the model runs; decides how LoRA's adapter dropout (LibTorch's own)
+/// saves its mask.
 enum class Backend { kCpu, kCuda };
 
 const char* to_string(Family f);
