@@ -48,6 +48,10 @@ struct Schedule {
   void validate(int64_t num_layers) const;
   /// "store[0,4) recompute[4,8)"
   std::string str() const;
+  /// The inverse of str(): "store[0,4) recompute[4,8)" back into segments
+  /// (not validated against a layer count; call validate()). Throws, naming
+  /// the piece, on anything else.
+  static Schedule parse(const std::string& text);
 };
 
 /// A named policy.
@@ -90,6 +94,8 @@ class CheckpointPolicy {
   int64_t every_k() const { return k_; }            ///< layers per segment
   int64_t budget_bytes() const { return budget_; }  ///< bytes, for kBudget
   const std::string& name() const { return name_; }
+  /// For kCustom: the schedule it was made with (empty otherwise).
+  const Schedule& custom_schedule() const { return custom_; }
   bool enabled() const { return kind_ != Kind::kNone; }
 
   /// The schedule for a stack of `num_layers` layers. Throws for kBudget,

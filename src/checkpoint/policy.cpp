@@ -49,6 +49,47 @@ std::string Schedule::str() const {
   return out.str();
 }
 
+Schedule Schedule::parse(const std::string& text) {
+  Schedule out;
+  std::istringstream in(text);
+  std::string piece;
+  while (in >> piece) {
+    const auto open = piece.find('[');
+    const auto comma = piece.find(',', open == std::string::npos ? 0 : open);
+    bool ok = open != std::string::npos && comma != std::string::npos &&
+        piece.back() == ')' && comma > open + 1 && piece.size() > comma + 2;
+    ScheduleSegment seg;
+    if (ok) {
+      const auto mode = piece.substr(0, open);
+      bool known = false;
+      for (auto m : {SegmentMode::kStore, SegmentMode::kRecompute,
+                     SegmentMode::kRecomputeAttention, SegmentMode::kRecomputeMlp}) {
+        if (mode == to_string(m)) {
+          seg.mode = m;
+          known = true;
+        }
+      }
+      try {
+        size_t used_begin = 0;
+        size_t used_end = 0;
+        const auto begin_text = piece.substr(open + 1, comma - open - 1);
+        const auto end_text = piece.substr(comma + 1, piece.size() - comma - 2);
+        seg.begin = std::stoll(begin_text, &used_begin);
+        seg.end = std::stoll(end_text, &used_end);
+        ok = known && used_begin == begin_text.size() && used_end == end_text.size();
+      } catch (const std::exception&) {
+        ok = false;
+      }
+    }
+    TORCH_CHECK(
+        ok, "remat: expected schedule segments like 'store[0,4)' or 'recompute[4,8)' "
+            "(modes store, recompute, recompute-attention, recompute-mlp), but got '",
+        piece, "'");
+    out.segments.push_back(seg);
+  }
+  return out;
+}
+
 CheckpointPolicy CheckpointPolicy::none() {
   CheckpointPolicy p;
   return p;

@@ -17,7 +17,9 @@
 #include <cmath>
 #include <cstdio>
 #include <mutex>
+#include <unordered_map>
 #include <unordered_set>
+#include <vector>
 
 namespace remat {
 
@@ -43,10 +45,29 @@ OutOfMemoryError::OutOfMemoryError(int64_t requested, int64_t held, int64_t limi
 namespace memory {
 namespace {
 
-// Each block carries its size in a header, so the deleter needs no lookup
-// table. The header is one alignment unit, so the payload keeps
+// Each block carries its size and capacity in a header, so the deleter needs
+// no lookup table. The header is one alignment unit, so the payload keeps
 // alloc_cpu's 64-byte alignment.
 constexpr size_t kHeader = 64;
+
+struct Header {
+  int64_t size;     ///< bytes asked for: what the counters count
+  int64_t capacity; ///< bytes of payload the block has
+};
+
+// Blocks this large are cached when freed (see memory.h).
+constexpr size_t kCacheMinBytes = size_t(1) << 20;
+
+// Size classes of 1/8 of a power of two: a block serves requests up to 12.5%
+// smaller than its capacity, and repeated shapes find their blocks again.
+size_t block_capacity(size_t nbytes) {
+  if (nbytes < kCacheMinBytes) {
+    return nbytes;
+  }
+  const size_t power = size_t(1) << (63 - __builtin_clzll(nbytes));
+  const size_t step = power / 8;
+  return (nbytes + step - 1) / step * step;
+}
 
 struct Counters {
   std::atomic<int64_t> current{0};
@@ -58,6 +79,52 @@ struct Counters {
 Counters& counters() {
   static Counters c;
   return c;
+}
+
+struct BlockCache {
+  std::mutex mutex;
+  std::unordered_map<size_t, std::vector<void*>> free; ///< capacity -> blocks
+  std::atomic<int64_t> bytes{0};
+  std::atomic<bool> enabled{true};
+
+  // A block of `capacity`, or nullptr.
+  void* take(size_t capacity) {
+    std::lock_guard<std::mutex> lock(mutex);
+    auto it = free.find(capacity);
+    if (it == free.end() || it->second.empty()) {
+      return nullptr;
+    }
+    void* block = it->second.back();
+    it->second.pop_back();
+    bytes.fetch_sub(static_cast<int64_t>(capacity), std::memory_order_relaxed);
+    return block;
+  }
+  // Keeps `block`, or returns false when caching is off.
+  bool keep(void* block, size_t capacity) {
+    if (!enabled.load(std::memory_order_relaxed)) {
+      return false;
+    }
+    std::lock_guard<std::mutex> lock(mutex);
+    free[capacity].push_back(block);
+    bytes.fetch_add(static_cast<int64_t>(capacity), std::memory_order_relaxed);
+    return true;
+  }
+  void clear() {
+    std::lock_guard<std::mutex> lock(mutex);
+    for (auto& kv : free) {
+      for (void* block : kv.second) {
+        c10::free_cpu(block);
+      }
+    }
+    free.clear();
+    bytes.store(0);
+  }
+};
+
+BlockCache& block_cache() {
+  // Leaked on purpose: tensors freed during static destruction still find it.
+  static auto* cache = new BlockCache();
+  return *cache;
 }
 
 void raise_peak(Counters& c, int64_t now) {
@@ -72,9 +139,12 @@ void counted_free(void* payload) {
     return;
   }
   char* block = static_cast<char*>(payload) - kHeader;
-  int64_t size = *reinterpret_cast<int64_t*>(block);
-  counters().current.fetch_sub(size, std::memory_order_relaxed);
-  c10::free_cpu(block);
+  const auto* h = reinterpret_cast<const Header*>(block);
+  counters().current.fetch_sub(h->size, std::memory_order_relaxed);
+  const auto capacity = static_cast<size_t>(h->capacity);
+  if (capacity < kCacheMinBytes || !block_cache().keep(block, capacity)) {
+    c10::free_cpu(block);
+  }
 }
 
 class CountingAllocator final : public c10::Allocator {
@@ -88,14 +158,21 @@ class CountingAllocator final : public c10::Allocator {
       c.current.fetch_sub(n, std::memory_order_relaxed);
       throw OutOfMemoryError(n, now - n, limit);
     }
-    void* block = nullptr;
-    try {
-      block = c10::alloc_cpu(nbytes + kHeader);
-    } catch (...) {
-      c.current.fetch_sub(n, std::memory_order_relaxed);
-      throw;
+    const size_t capacity = block_capacity(nbytes);
+    auto& cache = block_cache();
+    void* block = capacity >= kCacheMinBytes ? cache.take(capacity) : nullptr;
+    if (block == nullptr) {
+      if (limit > 0 && now + cache.bytes.load(std::memory_order_relaxed) > limit) {
+        cache.clear();
+      }
+      try {
+        block = c10::alloc_cpu(capacity + kHeader);
+      } catch (...) {
+        c.current.fetch_sub(n, std::memory_order_relaxed);
+        throw;
+      }
     }
-    *reinterpret_cast<int64_t*>(block) = n;
+    *reinterpret_cast<Header*>(block) = Header{n, static_cast<int64_t>(capacity)};
     void* payload = static_cast<char*>(block) + kHeader;
     raise_peak(c, now);
     c.count.fetch_add(1, std::memory_order_relaxed);
@@ -213,6 +290,21 @@ int64_t set_limit(int64_t limit_bytes) {
 
 int64_t limit() {
   return counters().limit.load();
+}
+
+int64_t cached_bytes() {
+  return block_cache().bytes.load();
+}
+
+void empty_cache() {
+  block_cache().clear();
+}
+
+void set_caching(bool enabled) {
+  block_cache().enabled.store(enabled);
+  if (!enabled) {
+    empty_cache();
+  }
 }
 
 namespace {

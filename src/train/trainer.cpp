@@ -327,13 +327,35 @@ Trainer::Trainer(TrainOptions options, std::shared_ptr<dist::ProcessGroup> group
     for (const auto& p : d.trainable) {
       moments += 2 * p.numel() * static_cast<int64_t>(p.element_size());
     }
-    AutocastScope autocast(autocast_for(options.dtype()));
-    try {
-      d.task->set_policy(
-          d.task->plan_policy(options.policy(), options.batch(), options.seq(), moments));
-    } catch (const c10::Error& e) {
-      TORCH_CHECK(false, "policy '", options.policy().name(), "': ", e.what_without_backtrace());
+    // Data-parallel: rank 0 plans for its share of each micro-batch (the
+    // largest one) and every rank runs that plan. Plans made apart could
+    // differ, since profiled times are noisy, and the ranks would no
+    // longer recompute in step.
+    const int64_t world = d.group ? d.group->world_size() : 1;
+    const int64_t rows = (options.batch() + world - 1) / world;
+    std::string schedule;
+    std::string error;
+    if (!d.group || d.group->rank() == 0) {
+      AutocastScope autocast(autocast_for(options.dtype()));
+      try {
+        schedule = d.task->plan_policy(options.policy(), rows, options.seq(), moments)
+                       .custom_schedule()
+                       .str();
+      } catch (const c10::Error& e) {
+        error = e.what_without_backtrace();
+      }
     }
+    if (d.group) {
+      const auto shared = d.group->broadcast_string(error.empty() ? "plan " + schedule
+                                                                  : "error " + error);
+      const auto space = shared.find(' ');
+      (shared.compare(0, space, "plan") == 0 ? schedule : error) = shared.substr(space + 1);
+    }
+    TORCH_CHECK(
+        error.empty(), "policy '", options.policy().name(), "': ",
+        d.group && d.group->rank() != 0 ? "rank 0 could not plan it: " : "", error);
+    d.task->set_policy(
+        CheckpointPolicy::custom(Schedule::parse(schedule), options.policy().name()));
   }
   d.rng = rng_state();
   set_rng_state(caller_rng);

@@ -185,3 +185,29 @@ TEST_F(PolicyTest, CustomScheduleIsValidatedAgainstTheStack) {
 }
 
 } // namespace
+
+namespace {
+
+TEST(ScheduleText, ParsesWhatStrWrites) {
+  remat::Schedule s;
+  s.segments = {{0, 2, remat::SegmentMode::kStore},
+                {2, 5, remat::SegmentMode::kRecompute},
+                {5, 6, remat::SegmentMode::kRecomputeAttention},
+                {6, 8, remat::SegmentMode::kRecomputeMlp}};
+  const auto text = s.str();
+  EXPECT_EQ(text, "store[0,2) recompute[2,5) recompute-attention[5,6) recompute-mlp[6,8)");
+  auto back = remat::Schedule::parse(text);
+  EXPECT_EQ(back.segments, s.segments);
+  back.validate(8);
+  EXPECT_TRUE(remat::Schedule::parse("").segments.empty());
+}
+
+TEST(ScheduleText, RefusesMalformedPiecesNamingThem) {
+  for (const std::string bad :
+       {"keep[0,2)", "store[0,2]", "store[a,2)", "store(0,2)", "store[0;2)", "store[0,2x)",
+        "store[,2)"}) {
+    EXPECT_THROW_WITH(remat::Schedule::parse("store[0,1) " + bad), "but got '" + bad + "'");
+  }
+}
+
+} // namespace

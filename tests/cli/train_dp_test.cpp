@@ -173,3 +173,29 @@ TEST(TrainDataParallel, BadSettingsAreUsageErrors) {
 }
 
 } // namespace
+
+namespace {
+
+// A budget is planned once, on rank 0, for its share of the batch, and
+// every rank runs that plan; a budget nothing fits fails every rank.
+TEST(TrainDataParallel, RankZeroPlansABudgetForEveryRank) {
+  std::string run = kRun;
+  run.replace(run.find("--policy every-layer"), std::string("--policy every-layer").size(),
+              "--policy budget:1GiB");
+  run.replace(run.find("--max-steps 20"), std::string("--max-steps 20").size(), "--max-steps 3");
+  const auto dir = temp_dir("budget");
+  auto ok = run_cli(run + "--nproc 2 --metrics " + dir + "/two.jsonl");
+  ASSERT_EQ(ok.exit_code, 0) << ok.err;
+  const auto steps = steps_of(dir + "/two.jsonl");
+  ASSERT_EQ(steps.size(), 3u);
+  EXPECT_EQ(steps[0]["policy"], "budget:1GiB");
+
+  run.replace(run.find("--policy budget:1GiB"), std::string("--policy budget:1GiB").size(),
+              "--policy budget:1KiB");
+  auto refused = run_cli(run + "--nproc 2");
+  EXPECT_NE(refused.exit_code, 0);
+  EXPECT_THAT(refused.err, HasSubstr("expected a memory budget of at least"));
+  EXPECT_THAT(refused.err, HasSubstr("rank 0 could not plan it"));
+}
+
+} // namespace

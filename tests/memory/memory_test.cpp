@@ -55,6 +55,49 @@ TEST_F(MemoryTest, CurrentBytesFollowsAllocationsExactly) {
   EXPECT_EQ(mem::current_bytes(), before);
 }
 
+TEST_F(MemoryTest, LargeBlocksAreReusedAndCountedAsWhatTensorsHold) {
+  mem::empty_cache();
+  const int64_t before = mem::current_bytes();
+  void* first = nullptr;
+  {
+    auto t = torch::empty({1 << 20}, torch::kFloat); // 4 MiB
+    first = t.data_ptr();
+    EXPECT_EQ(mem::current_bytes() - before, 4 << 20);
+  }
+  EXPECT_EQ(mem::current_bytes(), before);
+  EXPECT_EQ(mem::cached_bytes(), 4 << 20);
+  {
+    // 3.9 MiB is in the same size class: the same block comes back, and
+    // the counters see the 3.9 MiB asked for.
+    auto t = torch::empty({(1 << 20) - 25000}, torch::kFloat);
+    EXPECT_EQ(t.data_ptr(), first);
+    EXPECT_EQ(mem::cached_bytes(), 0);
+    EXPECT_EQ(mem::current_bytes() - before, 4 * ((1 << 20) - 25000));
+  }
+  // Small blocks go straight back to the C library.
+  { auto small = torch::empty({1000}, torch::kFloat); }
+  EXPECT_EQ(mem::cached_bytes(), 4 << 20);
+  mem::empty_cache();
+  EXPECT_EQ(mem::cached_bytes(), 0);
+
+  mem::set_caching(false);
+  { auto t = torch::empty({1 << 20}, torch::kFloat); }
+  EXPECT_EQ(mem::cached_bytes(), 0);
+  mem::set_caching(true);
+}
+
+TEST_F(MemoryTest, TheCacheGivesWayUnderALimit) {
+  mem::empty_cache();
+  const int64_t base = mem::current_bytes();
+  { auto t = torch::empty({4 << 20}, torch::kFloat); } // 16 MiB, now cached
+  EXPECT_EQ(mem::cached_bytes(), 16 << 20);
+  mem::LimitGuard guard(base + (20 << 20));
+  // A 12 MiB block is another size class: held + cached would pass the
+  // limit, so the cache is emptied first.
+  auto u = torch::empty({3 << 20}, torch::kFloat);
+  EXPECT_EQ(mem::cached_bytes(), 0);
+}
+
 TEST_F(MemoryTest, PeakAndResetPeak) {
   mem::reset_peak();
   const int64_t base = mem::current_bytes();
