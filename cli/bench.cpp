@@ -1,6 +1,7 @@
 // `remat bench`: the same training step under each checkpoint policy, on the
 // same weights and inputs, with exact byte counts and side-by-side timings.
 #include "command.h"
+#include "model_flags.h"
 
 #include "remat/memory.h"
 #include "checkpoint/autocast_state.h"
@@ -134,19 +135,6 @@ std::vector<CheckpointPolicy> parse_policies(const std::string& list) {
   return out;
 }
 
-int64_t parse_limit(const std::string& text) {
-  if (text.empty()) {
-    return 0;
-  }
-  try {
-    int64_t bytes = memory::parse_size(text);
-    require(bytes > 0, "--memory-limit", "expected a size above 0, but got '" + text + "'");
-    return bytes;
-  } catch (const c10::Error& e) {
-    throw UsageError("--memory-limit: " + std::string(e.what_without_backtrace()));
-  }
-}
-
 void validate(const BenchConfig& c) {
   auto positive = [](int64_t v, const char* flag) {
     require(v > 0, flag, "expected a value above 0, but got " + std::to_string(v));
@@ -192,7 +180,8 @@ void validate(const BenchConfig& c) {
           "expected a probability in [0, 1), but got " + std::to_string(c.dropout));
 }
 
-std::vector<std::string> split_list(const std::string& list) {
+// The LoRA targets of "a,b,,c": empty items dropped.
+std::vector<std::string> split_targets(const std::string& list) {
   std::vector<std::string> out;
   std::stringstream in(list);
   std::string item;
@@ -218,7 +207,7 @@ struct Workload {
   /// After construction: LoRA if asked, and the trainable parameters.
   void finish(const BenchConfig& c, const std::vector<std::string>& default_targets) {
     if (c.lora_rank > 0) {
-      auto targets = c.lora_targets.empty() ? default_targets : split_list(c.lora_targets);
+      auto targets = c.lora_targets.empty() ? default_targets : split_targets(c.lora_targets);
       try {
         nn::apply_lora(module(), nn::LoraOptions()
                                      .rank(c.lora_rank)
@@ -563,21 +552,6 @@ nlohmann::json to_json(const RunResult& r) {
   return j;
 }
 
-// Writes to a temporary file and renames it, so a failed run never leaves a
-// half-written report where a previous one was.
-void write_json(const std::string& path, const nlohmann::json& j) {
-  const std::string tmp = path + ".tmp";
-  {
-    std::ofstream f(tmp);
-    require(static_cast<bool>(f), "--json", "cannot open '" + path + "' for writing");
-    f << j.dump(2) << "\n";
-    f.flush();
-    require(static_cast<bool>(f), "--json", "cannot write '" + path + "'");
-  }
-  require(std::rename(tmp.c_str(), path.c_str()) == 0, "--json",
-          "cannot rename the report into '" + path + "'");
-}
-
 int run_bench(BenchConfig c) {
   if (c.preset == "seed-bert") {
     // The experiment of the seed document: BERT-large-sized, batch 64.
@@ -592,7 +566,7 @@ int run_bench(BenchConfig c) {
   apply_family_defaults(c);
   validate(c);
   auto policies = parse_policies(c.policies);
-  int64_t limit = parse_limit(c.memory_limit);
+  int64_t limit = c.memory_limit.empty() ? 0 : parse_size_flag(c.memory_limit, "--memory-limit");
   const bool default_limit = limit == 0;
   if (default_limit) {
     // Without a limit, a policy that does not fit would meet the kernel's
@@ -656,7 +630,7 @@ int run_bench(BenchConfig c) {
     for (const auto& r : runs) {
       runs_json.push_back(to_json(r));
     }
-    write_json(c.json_path, {{"config", config}, {"runs", runs_json}});
+    write_json_file(c.json_path, {{"config", config}, {"runs", runs_json}});
   }
   return 0;
 }
