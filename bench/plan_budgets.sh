@@ -1,8 +1,9 @@
 #!/bin/sh
 # The planner against the fixed policies at budgets of 25%, 50% and 75% of
 # the peak without checkpointing (issue 4's measurement): profiles the model,
-# plans each budget, then runs every plan and every fixed policy side by side
-# (`remat plan --measure`) and prints one table from the JSON report.
+# plans each budget, then runs every plan and every fixed policy, each in a
+# process of its own (`remat plan --measure`), and prints one table from the
+# JSON report.
 #
 #   bench/plan_budgets.sh                      # the issue's Llama (minutes)
 #   bench/plan_budgets.sh --layers 4 --seq 256 # any `remat plan` flag overrides
@@ -11,8 +12,8 @@
 #
 # Percentages are of the predicted peak without checkpointing (within ~1% of
 # the measured one; both are in the table). Timings need a quiet machine:
-# every schedule runs in each round, so load slows them alike, but noise
-# remains; raise --steps for steadier medians.
+# the schedules run one after another, so load that comes and goes slows
+# some more than others; raise --steps for steadier medians.
 set -eu
 here=$(cd "$(dirname "$0")/.." && pwd)
 REMAT=${REMAT:-$here/build/remat}

@@ -1,6 +1,7 @@
 // `remat bench`: the same training step under each checkpoint policy, on the
 // same weights and inputs, with exact byte counts and side-by-side timings.
 #include "command.h"
+#include "isolate.h"
 #include "model_flags.h"
 
 #include "remat/memory.h"
@@ -54,6 +55,12 @@ struct BenchConfig {
   std::string memory_limit;
   std::string json_path;
   uint64_t seed = 0;
+  /// "process": each policy in a process of its own (cli/isolate.h says
+  /// why); "in-process": all in this one, timed in interleaved rounds.
+  std::string isolation = "process";
+  // A child of the "process" mode: where the reference gradients go to, or
+  // come from (hidden flags).
+  std::string grads_out, grads_ref;
 };
 
 struct RunResult {
@@ -108,6 +115,37 @@ double max_abs_diff(const GradCopy& a, const GradCopy& b) {
   return worst;
 }
 
+// The reference gradients travel between child processes as a flat file:
+// the count of tensors, then each one's element count and floats.
+void write_grads(const std::string& path, const GradCopy& grads) {
+  std::ofstream f(path, std::ios::binary);
+  const uint64_t n = grads.size();
+  f.write(reinterpret_cast<const char*>(&n), sizeof(n));
+  for (const auto& g : grads) {
+    const uint64_t k = g.size();
+    f.write(reinterpret_cast<const char*>(&k), sizeof(k));
+    f.write(reinterpret_cast<const char*>(g.data()), static_cast<std::streamsize>(k * sizeof(float)));
+  }
+  TORCH_CHECK(static_cast<bool>(f), "remat bench: cannot write the reference gradients to ", path);
+}
+
+GradCopy read_grads(const std::string& path) {
+  std::ifstream f(path, std::ios::binary);
+  TORCH_CHECK(static_cast<bool>(f), "remat bench: cannot read reference gradients from ", path);
+  uint64_t n = 0;
+  f.read(reinterpret_cast<char*>(&n), sizeof(n));
+  GradCopy out;
+  for (uint64_t i = 0; i < n && f; ++i) {
+    uint64_t k = 0;
+    f.read(reinterpret_cast<char*>(&k), sizeof(k));
+    out.emplace_back(k);
+    f.read(reinterpret_cast<char*>(out.back().data()), static_cast<std::streamsize>(k * sizeof(float)));
+  }
+  TORCH_CHECK(static_cast<bool>(f) && out.size() == n,
+              "remat bench: expected ", n, " reference gradients in ", path, ", but the file is short");
+  return out;
+}
+
 double median(std::vector<double> v) {
   std::sort(v.begin(), v.end());
   const size_t n = v.size();
@@ -120,13 +158,20 @@ int64_t physical_memory_bytes() {
   return static_cast<int64_t>(sysconf(_SC_PHYS_PAGES)) * sysconf(_SC_PAGE_SIZE);
 }
 
-std::vector<CheckpointPolicy> parse_policies(const std::string& list) {
-  std::vector<CheckpointPolicy> out;
+// A policy and how it was spelled (a child process is given the spelling:
+// "budget:1.2GiB" is not what the parsed policy's name prints).
+struct PolicyItem {
+  std::string text;
+  CheckpointPolicy policy;
+};
+
+std::vector<PolicyItem> parse_policies(const std::string& list) {
+  std::vector<PolicyItem> out;
   std::stringstream in(list);
   std::string item;
   while (std::getline(in, item, ',')) {
     try {
-      out.push_back(CheckpointPolicy::parse(item));
+      out.push_back({item, CheckpointPolicy::parse(item)});
     } catch (const c10::Error& e) {
       throw UsageError("--policy: " + std::string(e.what_without_backtrace()));
     }
@@ -178,6 +223,8 @@ void validate(const BenchConfig& c) {
               std::to_string(c.hidden));
   require(c.dropout >= 0 && c.dropout < 1, "--dropout",
           "expected a probability in [0, 1), but got " + std::to_string(c.dropout));
+  require(c.isolation == "process" || c.isolation == "in-process", "--isolation",
+          "expected process or in-process, but got '" + c.isolation + "'");
 }
 
 // The LoRA targets of "a,b,,c": empty items dropped.
@@ -549,7 +596,116 @@ nlohmann::json to_json(const RunResult& r) {
   j["backward_seconds"] = r.step_seconds - r.forward_seconds;
   j["max_abs_grad_diff"] =
       r.max_abs_grad_diff >= 0 ? nlohmann::json(r.max_abs_grad_diff) : nlohmann::json();
+  j["step_seconds_all"] = r.times;
+  j["forward_seconds_all"] = r.forward_times;
   return j;
+}
+
+// The inverse of to_json, for a child process's report.
+RunResult from_json(const nlohmann::json& j) {
+  RunResult r;
+  r.policy = j.at("policy").get<std::string>();
+  r.ok = j.at("ok").get<bool>();
+  if (j.contains("budget_bytes")) {
+    r.planned = true;
+    r.budget = j.at("budget_bytes").get<int64_t>();
+    if (r.ok) {
+      r.schedule = j.at("schedule").get<std::string>();
+      r.predicted_peak = j.at("predicted_peak_bytes").get<int64_t>();
+      r.predicted_step_seconds = j.at("predicted_step_seconds").get<double>();
+    }
+  }
+  r.held_before_forward = j.at("held_before_forward_bytes").get<int64_t>();
+  r.peak = j.at("peak_bytes").get<int64_t>();
+  if (!r.ok) {
+    r.error = j.at("error").get<std::string>();
+    r.out_of_memory = j.at("out_of_memory").get<bool>();
+    return r;
+  }
+  r.held_before_backward = j.at("held_before_backward_bytes").get<int64_t>();
+  r.held_after_backward = j.at("held_after_backward_bytes").get<int64_t>();
+  r.step_seconds = j.at("step_seconds").get<double>();
+  r.forward_seconds = j.at("forward_seconds").get<double>();
+  if (!j.at("max_abs_grad_diff").is_null()) {
+    r.max_abs_grad_diff = j.at("max_abs_grad_diff").get<double>();
+  }
+  r.times = j.at("step_seconds_all").get<std::vector<double>>();
+  r.forward_times = j.at("forward_seconds_all").get<std::vector<double>>();
+  return r;
+}
+
+// This configuration as `remat bench` flags for one policy in a child
+// process: every size explicit (defaults and presets already applied).
+std::vector<std::string> child_args(const BenchConfig& c, const std::string& policy) {
+  auto num = [](auto v) {
+    std::ostringstream out;
+    out << v;
+    return out.str();
+  };
+  std::vector<std::string> a{
+      "bench", "--model", c.model, "--layers", num(c.layers), "--hidden", num(c.hidden),
+      "--heads", num(c.heads), "--kv-heads", num(c.kv_heads), "--intermediate",
+      num(c.intermediate), "--dtype", c.dtype, "--attention", c.attention, "--lora-rank",
+      num(c.lora_rank), "--seq", num(c.seq), "--batch", num(c.batch), "--vocab", num(c.vocab),
+      "--dropout", num(c.dropout), "--policy", policy, "--steps", num(c.steps), "--warmup",
+      num(c.warmup), "--threads", num(c.threads), "--seed", num(c.seed), "--isolation",
+      "in-process"};
+  if (c.lora_alpha > 0) {
+    a.insert(a.end(), {"--lora-alpha", num(c.lora_alpha)});
+  }
+  if (!c.lora_targets.empty()) {
+    a.insert(a.end(), {"--lora-targets", c.lora_targets});
+  }
+  if (!c.memory_limit.empty()) {
+    a.insert(a.end(), {"--memory-limit", c.memory_limit});
+  }
+  return a;
+}
+
+// Each policy in a process of its own, one after another: warm-up, the
+// measured step and the timed steps, as the in-process mode does for one
+// policy. `none` runs first and leaves its gradients for the others.
+std::vector<RunResult> run_isolated(const BenchConfig& c, const std::vector<PolicyItem>& policies) {
+  TempDir dir("remat-bench");
+  const std::string reference = dir.file("reference.grads");
+  bool have_reference = false;
+  std::vector<RunResult> runs;
+  for (size_t k = 0; k < policies.size(); ++k) {
+    const auto& item = policies[k];
+    const std::string json = dir.file("run" + std::to_string(k) + ".json");
+    auto args = child_args(c, item.text);
+    args.insert(args.end(), {"--json", json});
+    const bool is_reference = !item.policy.enabled() && !have_reference;
+    if (is_reference) {
+      args.insert(args.end(), {"--grads-out", reference});
+    } else if (have_reference) {
+      args.insert(args.end(), {"--grads-ref", reference});
+    }
+    std::cout << "[" << k + 1 << "/" << policies.size() << "] " << item.policy.name()
+              << ": in its own process ... " << std::flush;
+    const auto outcome = run_self(args);
+    if (outcome.exit_code == 2) {
+      // The child refused a flag the parent let through (LoRA targets are
+      // only checked against a built model): the same mistake for all.
+      std::cout << "\n";
+      throw UsageError(strip_error_prefix(outcome.error));
+    }
+    std::ifstream f(json);
+    RunResult r;
+    if (f) {
+      r = from_json(nlohmann::json::parse(f).at("runs").at(0));
+    } else {
+      r.policy = item.policy.name();
+      r.ok = false;
+      r.error = "its process exited with status " + std::to_string(outcome.exit_code) +
+          (outcome.error.empty() ? "" : ": " + strip_error_prefix(outcome.error));
+    }
+    std::cout << (r.ok ? "done" : "failed") << "\n";
+    have_reference = have_reference || (is_reference && r.ok);
+    runs.push_back(std::move(r));
+  }
+  std::cout << "\n";
+  return runs;
 }
 
 int run_bench(BenchConfig c) {
@@ -595,23 +751,37 @@ int run_bench(BenchConfig c) {
             << (default_limit ? " (90% of RAM)" : "") << ", steps " << c.steps
             << " after " << c.warmup << " warm-up\n\n";
 
-  std::vector<RunResult> runs;
-  GradCopy reference;
-  bool have_reference = false;
   // Run `none` first when present: it is the reference for gradients.
   std::stable_partition(policies.begin(), policies.end(),
-                        [](const CheckpointPolicy& p) { return !p.enabled(); });
-  for (const auto& policy : policies) {
-    const bool is_reference = !policy.enabled() && !have_reference;
-    auto r = run_policy(*w, policy, c, c.dtype == "bf16", limit, have_reference ? &reference : nullptr,
-                        is_reference ? &reference : nullptr);
-    have_reference = have_reference || (is_reference && r.ok);
-    if (is_reference && r.ok) {
-      r.max_abs_grad_diff = 0;
+                        [](const PolicyItem& p) { return !p.policy.enabled(); });
+  std::vector<RunResult> runs;
+  if (c.isolation == "process") {
+    w.reset();
+    memory::empty_cache();
+    runs = run_isolated(c, policies);
+  } else {
+    GradCopy reference;
+    bool have_reference = false;
+    if (!c.grads_ref.empty()) {
+      reference = read_grads(c.grads_ref);
+      have_reference = true;
     }
-    runs.push_back(r);
+    for (const auto& item : policies) {
+      const bool is_reference = !item.policy.enabled() && !have_reference;
+      auto r = run_policy(*w, item.policy, c, c.dtype == "bf16", limit,
+                          have_reference ? &reference : nullptr,
+                          is_reference ? &reference : nullptr);
+      have_reference = have_reference || (is_reference && r.ok);
+      if (is_reference && r.ok) {
+        r.max_abs_grad_diff = 0;
+        if (!c.grads_out.empty()) {
+          write_grads(c.grads_out, reference);
+        }
+      }
+      runs.push_back(r);
+    }
+    time_interleaved(*w, runs, c, c.dtype == "bf16", limit);
   }
-  time_interleaved(*w, runs, c, c.dtype == "bf16", limit);
   print_table(runs, std::cout);
 
   if (!c.json_path.empty()) {
@@ -625,7 +795,7 @@ int run_bench(BenchConfig c) {
         {"vocab", c.vocab},    {"dropout", c.dropout}, {"steps", c.steps},
         {"warmup", c.warmup},  {"threads", torch::get_num_threads()},
         {"memory_limit_bytes", limit}, {"weight_bytes", weights},
-        {"seed", c.seed},      {"preset", c.preset}};
+        {"seed", c.seed},      {"preset", c.preset}, {"isolation", c.isolation}};
     nlohmann::json runs_json = nlohmann::json::array();
     for (const auto& r : runs) {
       runs_json.push_back(to_json(r));
@@ -660,7 +830,7 @@ Run add_bench(CLI::App& root) {
   app->add_option("--policy", c->policies,
                   "comma-separated policies: " + CheckpointPolicy::names())
       ->capture_default_str();
-  app->add_option("--steps", c->steps, "timed steps per policy, taken in rounds across the policies")->capture_default_str();
+  app->add_option("--steps", c->steps, "timed steps per policy")->capture_default_str();
   app->add_option("--warmup", c->warmup, "warm-up steps per policy")->capture_default_str();
   app->add_option("--threads", c->threads, "intra-op threads (0: all cores)")->capture_default_str();
   app->add_option("--memory-limit", c->memory_limit,
@@ -668,6 +838,14 @@ Run add_bench(CLI::App& root) {
                   "(default: 90% of RAM)");
   app->add_option("--json", c->json_path, "also write the results as JSON to FILE");
   app->add_option("--seed", c->seed, "seed for weights, inputs and dropout")->capture_default_str();
+  app->add_option("--isolation", c->isolation,
+                  "process: each policy in its own process, one after another (steadier: "
+                  "no policy inherits another's allocator state); in-process: all in this "
+                  "one, timed in interleaved rounds")
+      ->capture_default_str();
+  // Hidden: how `process` mode hands the reference gradients between children.
+  app->add_option("--grads-out", c->grads_out)->group("");
+  app->add_option("--grads-ref", c->grads_ref)->group("");
   return [c] { return run_bench(*c); };
 }
 

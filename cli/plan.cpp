@@ -1,9 +1,10 @@
 // `remat plan`: profiles a model on this machine, plans its checkpointing to
 // one or more memory budgets, and prints each plan (what every stage keeps
 // or recomputes) with its predicted peak and step time, next to the fixed
-// policies'; with --measure, runs them all side by side and prints the
+// policies'; with --measure, runs each (in a process of its own) and prints the
 // measured figures beside the predictions.
 #include "command.h"
+#include "isolate.h"
 #include "model_flags.h"
 
 #include "remat/memory.h"
@@ -20,8 +21,10 @@
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <fstream>
 #include <iostream>
 #include <map>
+#include <sstream>
 #include <thread>
 
 namespace remat {
@@ -39,6 +42,11 @@ struct PlanConfig {
   bool no_selective = false;
   std::string json_path;
   uint64_t seed = 0;
+  /// "process": each schedule measured in a process of its own (see
+  /// cli/isolate.h); "in-process": all in this one, in interleaved rounds.
+  std::string isolation = "process";
+  // A child of the "process" mode: the one schedule to measure (hidden).
+  std::string child_schedule, child_name;
 };
 
 // A budget as given: a size, or a percentage of the predicted peak without
@@ -80,6 +88,8 @@ void validate(const PlanConfig& c) {
           "expected a value above 0, but got " + std::to_string(c.repeats));
   require(c.threads >= 0, "--threads",
           "expected a value >= 0 (0: all cores), but got " + std::to_string(c.threads));
+  require(c.isolation == "process" || c.isolation == "in-process", "--isolation",
+          "expected process or in-process, but got '" + c.isolation + "'");
 }
 
 // The model, its batch and the loss of a step.
@@ -308,44 +318,133 @@ int64_t physical_memory_bytes() {
   return static_cast<int64_t>(sysconf(_SC_PHYS_PAGES)) * sysconf(_SC_PAGE_SIZE);
 }
 
-// Runs every candidate's step in turn, `warmup + steps` rounds, so that a
-// machine whose load changes slows them alike.
-void measure_all(Workload& w, std::vector<Candidate*>& cands, const PlanConfig& c) {
+// One step of `cand` (the first `warmup` rounds untimed); a failure marks it.
+void measure_round(Workload& w, Candidate& cand, const PlanConfig& c, bool timed) {
   const int64_t limit = physical_memory_bytes() / 10 * 9;
+  cand.measured = true;
+  w.drop_gradients();
+  // Every schedule draws the same dropout masks.
+  torch::manual_seed(c.seed + 1);
+  try {
+    memory::LimitGuard guard(limit);
+    const auto m = w.measure(cand.schedule, cand.name);
+    cand.peak = std::max(cand.peak, m.peak_bytes);
+    if (timed) {
+      cand.times.push_back(m.step_seconds);
+    }
+  } catch (const c10::Error& e) {
+    const std::string what = e.what_without_backtrace();
+    cand.ok = false;
+    cand.error = what.substr(0, what.find('\n'));
+  }
+}
+
+// In-process: every candidate's step in turn, `warmup + steps` rounds, so
+// that a machine whose load changes slows them alike.
+void measure_interleaved(Workload& w, std::vector<Candidate*>& cands, const PlanConfig& c) {
   for (int64_t round = 0; round < c.warmup + c.steps; ++round) {
     for (auto* cand : cands) {
-      if (!cand->ok) {
-        continue;
-      }
-      cand->measured = true;
-      w.drop_gradients();
-      // Every schedule draws the same dropout masks.
-      torch::manual_seed(c.seed + 1);
-      try {
-        memory::LimitGuard guard(limit);
-        const auto m = w.measure(cand->schedule, cand->name);
-        cand->peak = std::max(cand->peak, m.peak_bytes);
-        if (round >= c.warmup) {
-          cand->times.push_back(m.step_seconds);
-        }
-      } catch (const c10::Error& e) {
-        const std::string what = e.what_without_backtrace();
-        cand->ok = false;
-        cand->error = what.substr(0, what.find('\n'));
+      if (cand->ok) {
+        measure_round(w, *cand, c, round >= c.warmup);
       }
     }
   }
   w.drop_gradients();
+}
+
+// This command's model flags, for a child process.
+std::vector<std::string> child_args(const PlanConfig& c, const Candidate& cand) {
+  const auto& f = c.model;
+  auto num = [](auto v) {
+    std::ostringstream out;
+    out << v;
+    return out.str();
+  };
+  return {"plan", "--model", f.model, "--layers", num(f.layers), "--hidden", num(f.hidden),
+          "--heads", num(f.heads), "--kv-heads", num(f.kv_heads), "--intermediate",
+          num(f.intermediate), "--vocab", num(f.vocab), "--seq", num(f.seq), "--batch",
+          num(f.batch), "--attention", f.attention, "--dtype", f.dtype, "--dropout",
+          num(f.dropout), "--steps", num(c.steps), "--warmup", num(c.warmup), "--threads",
+          num(c.threads), "--seed", num(c.seed), "--child-schedule", cand.schedule.str(),
+          "--child-name", cand.name};
+}
+
+// Each candidate in a process of its own, one after another.
+void measure_isolated(std::vector<Candidate*>& cands, const PlanConfig& c) {
+  TempDir dir("remat-plan");
+  for (size_t k = 0; k < cands.size(); ++k) {
+    auto& cand = *cands[k];
+    const std::string json = dir.file("cand" + std::to_string(k) + ".json");
+    auto args = child_args(c, cand);
+    args.insert(args.end(), {"--json", json});
+    std::printf("[%zu/%zu] %s: in its own process ... ", k + 1, cands.size(), cand.name.c_str());
+    std::fflush(stdout);
+    const auto outcome = run_self(args);
+    cand.measured = true;
+    std::ifstream f(json);
+    if (f) {
+      const auto j = nlohmann::json::parse(f);
+      cand.ok = j.at("ok").get<bool>();
+      cand.peak = j.at("peak_bytes").get<int64_t>();
+      cand.times = j.at("step_seconds_all").get<std::vector<double>>();
+      if (!cand.ok) {
+        cand.error = j.at("error").get<std::string>();
+      }
+    } else {
+      cand.ok = false;
+      cand.error = "its process exited with status " + std::to_string(outcome.exit_code) +
+          (outcome.error.empty() ? "" : ": " + strip_error_prefix(outcome.error));
+    }
+    std::printf("%s\n", cand.ok ? "done" : "failed");
+  }
+  std::printf("\n");
+}
+
+void measure_all(Workload& w, std::vector<Candidate*>& cands, const PlanConfig& c) {
+  if (c.isolation == "process") {
+    measure_isolated(cands, c);
+  } else {
+    measure_interleaved(w, cands, c);
+  }
   for (auto* cand : cands) {
     cand->seconds = median(cand->times);
   }
 }
 
+// A child of measure_isolated: builds the model, runs the one schedule
+// `warmup + steps` times and writes what it measured.
+int run_child(const PlanConfig& c) {
+  Schedule schedule;
+  try {
+    schedule = Schedule::parse(c.child_schedule);
+  } catch (const c10::Error& e) {
+    throw UsageError("--child-schedule: " + std::string(e.what_without_backtrace()));
+  }
+  Workload w(c);
+  Candidate cand;
+  cand.name = c.child_name;
+  cand.schedule = schedule;
+  for (int64_t round = 0; round < c.warmup + c.steps && cand.ok; ++round) {
+    measure_round(w, cand, c, round >= c.warmup);
+  }
+  nlohmann::json j{{"ok", cand.ok}, {"peak_bytes", cand.peak}, {"step_seconds_all", cand.times}};
+  if (!cand.ok) {
+    j["error"] = cand.error;
+  }
+  if (!c.json_path.empty()) {
+    write_json_file(c.json_path, j);
+  }
+  return cand.ok ? 0 : 1;
+}
+
 int run_plan(const PlanConfig& c) {
   validate(c);
-  auto budgets = parse_budgets(c.budgets);
   torch::set_num_threads(static_cast<int>(
       c.threads > 0 ? c.threads : std::max(1u, std::thread::hardware_concurrency())));
+  if (!c.child_schedule.empty()) {
+    return run_child(c);
+  }
+  auto budgets = parse_budgets(c.budgets);
   const auto& f = c.model;
 
   Workload w(c);
@@ -438,8 +537,10 @@ int run_plan(const PlanConfig& c) {
         todo.push_back(&cand);
       }
     }
-    std::printf("measuring %zu schedules side by side: %lld warm-up and %lld timed rounds\n\n",
-                todo.size(), static_cast<long long>(c.warmup), static_cast<long long>(c.steps));
+    std::printf("measuring %zu schedules %s: %lld warm-up and %lld timed steps each\n\n",
+                todo.size(),
+                c.isolation == "process" ? "each in its own process" : "in interleaved rounds",
+                static_cast<long long>(c.warmup), static_cast<long long>(c.steps));
     measure_all(w, todo, c);
     for (auto& cand : plans) {
       if (cand.ok && !cand.aliases.empty()) {
@@ -595,7 +696,8 @@ int run_plan(const PlanConfig& c) {
         {"steps", c.steps},
         {"warmup", c.warmup},
         {"selective", !c.no_selective},
-        {"seed", c.seed}};
+        {"seed", c.seed},
+        {"isolation", c.isolation}};
     nlohmann::json j{{"config", config},
                      {"profile_seconds", profile_seconds},
                      {"chain", chain_json(chain)},
@@ -638,6 +740,13 @@ Run add_plan(CLI::App& root) {
   app->add_option("--json", c->json_path, "also write the results as JSON to FILE");
   app->add_option("--seed", c->seed, "seed for weights, inputs and dropout")
       ->capture_default_str();
+  app->add_option("--isolation", c->isolation,
+                  "with --measure, process: each schedule in its own process (steadier); "
+                  "in-process: all in this one, in interleaved rounds")
+      ->capture_default_str();
+  // Hidden: the one schedule a child of --isolation process measures.
+  app->add_option("--child-schedule", c->child_schedule)->group("");
+  app->add_option("--child-name", c->child_name)->group("");
   return [c] { return run_plan(*c); };
 }
 

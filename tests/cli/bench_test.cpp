@@ -40,6 +40,7 @@ TEST(BenchCli, BadInputGetsOneLineNamingTheFlagAndExitCode2) {
            {"bench --attention flash", "--attention"},
            {"bench --model llama --heads 8 --kv-heads 3", "--kv-heads"},
            {"bench --lora-rank -1", "--lora-rank"},
+           {"bench --isolation threads", "--isolation"},
        }) {
     auto r = run_cli(c.args);
     EXPECT_EQ(r.exit_code, 2) << c.args << "\n" << r.err;
@@ -70,6 +71,45 @@ TEST(BenchCli, WritesTheDocumentedJsonFields) {
   }
   EXPECT_LT(j["runs"][1]["activation_bytes"].get<int64_t>(),
             j["runs"][0]["activation_bytes"].get<int64_t>());
+}
+
+// Each policy in its own process (the default) measures the same bytes and
+// gradients as all of them in one process: only the timings may differ.
+TEST(BenchCli, PolicyPerProcessMeasuresWhatOneProcessDoes) {
+  const std::string a = ::testing::TempDir() + "/bench_process.json";
+  const std::string b = ::testing::TempDir() + "/bench_in_process.json";
+  const std::string policies = " --policy none,every-layer,budget:9MiB";
+  auto r = run_cli(kSmall + policies + " --json " + a);
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_THAT(r.out, HasSubstr("[3/3] budget:9MiB: in its own process ... done"));
+  r = run_cli(kSmall + policies + " --isolation in-process --json " + b);
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  std::ifstream fa(a), fb(b);
+  auto ja = nlohmann::json::parse(fa), jb = nlohmann::json::parse(fb);
+  EXPECT_EQ(ja["config"]["isolation"], "process");
+  EXPECT_EQ(jb["config"]["isolation"], "in-process");
+  ASSERT_EQ(ja["runs"].size(), 3u);
+  ASSERT_EQ(jb["runs"].size(), 3u);
+  for (size_t k = 0; k < 3; ++k) {
+    const auto &x = ja["runs"][k], &y = jb["runs"][k];
+    EXPECT_EQ(x["policy"], y["policy"]);
+    ASSERT_TRUE(x["ok"].get<bool>()) << x;
+    for (const char* key : {"held_before_forward_bytes", "held_before_backward_bytes",
+                            "held_after_backward_bytes", "peak_bytes", "activation_bytes"}) {
+      EXPECT_EQ(x[key], y[key]) << x["policy"] << " " << key;
+    }
+    EXPECT_EQ(x["max_abs_grad_diff"].get<double>(), 0.0) << x["policy"];
+    EXPECT_EQ(x["step_seconds_all"].size(), 1u);
+  }
+  EXPECT_EQ(ja["runs"][2]["schedule"], jb["runs"][2]["schedule"]);
+}
+
+// A child that cannot run reports as a failed policy; the others still run.
+TEST(BenchCli, PolicyPerProcessReportsAChildsOutOfMemory) {
+  auto r = run_cli(kSmall + " --policy none,every-layer --memory-limit 200KiB");
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_THAT(r.out, HasSubstr("[1/2] none: in its own process ... failed"));
+  EXPECT_THAT(r.out, HasSubstr("OUT OF MEMORY"));
 }
 
 TEST(BenchCli, LlamaWithLoraBf16AndBlockwiseAttentionMatchesNoCheckpointing) {
