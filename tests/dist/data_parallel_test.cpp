@@ -521,6 +521,12 @@ TEST_F(GradReducerOverlapTest, UnusedParametersKeepNoGradient) {
       EXPECT_TRUE(torch::equal(g[1], torch::full({3}, 1.5))); // (0 + 3) / 2
       EXPECT_FALSE(g[2].defined());
       EXPECT_FALSE(g[3].defined());
+      if (bucket == 12) {
+        // One parameter a bucket, u's first: its hook ran, with no gradient,
+        // and started it; c's never runs, so the rest start in reduce().
+        EXPECT_EQ(overlapped[r].stats.bytes_in_backward, 12);
+        EXPECT_EQ(overlapped[r].stats.bytes_in_reduce, 36);
+      }
     }
   }
 }

@@ -108,15 +108,17 @@ class GradReducer {
   /// overlap(false).
   void prepare_for_backward(bool sync = true);
 
-  /// Every rank must call it after the same backward passes. Throws
+  /// Every rank must call it once per step, and between a synced backward
+  /// and reduce() use the group for nothing else (some ranks may still have
+  /// buckets to start, which would then come after that collective). Throws
   /// c10::Error when a peer rank died or timed out, or when a hook failed
-  /// during backward (the error it recorded).
+  /// during backward (the error it recorded); the next step starts afresh.
   void reduce();
 
   /// Indices into the parameter list, one vector per bucket.
   const std::vector<std::vector<size_t>>& buckets() const;
 
-  /// Of the last reduce().
+  /// Where the last reduce()'s all-reduces started (zeros before the first).
   GradReducerStats stats() const;
 
  private:
