@@ -9,6 +9,8 @@
 
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
+#include <torch/csrc/autograd/function.h>
+#include <torch/csrc/autograd/variable.h>
 #include <torch/torch.h>
 
 #include <atomic>
@@ -555,6 +557,30 @@ TEST_F(GradReducerOverlapTest, HookFailureIsRethrownByReduce) {
     EXPECT_THAT(after[r], HasSubstr("GradReducer: expected dense gradients, but parameter 0 "
                                     "has a Sparse one"));
   }
+}
+
+TEST_F(GradReducerOverlapTest, ReducerRemovesItsHooks) {
+  // The hooks live on the parameter's gradient accumulator, which outlives
+  // a reducer: each reducer takes its own off again.
+  auto group = std::make_shared<ProcessGroup>(DistOptions().store_path(store_));
+  auto p = torch::ones({4}).requires_grad_(true);
+  auto accumulator = torch::autograd::impl::grad_accumulator(p);
+  const size_t before = accumulator->post_hooks().size();
+  for (int i = 0; i < 2; ++i) {
+    GradReducer reducer(group, {p});
+    EXPECT_EQ(accumulator->post_hooks().size(), before + 1);
+    p.mutable_grad() = torch::Tensor();
+    reducer.prepare_for_backward(true);
+    (p * 3).sum().backward();
+    reducer.reduce();
+    EXPECT_EQ(reducer.stats().bytes_in_backward, 16);
+    EXPECT_TRUE(torch::equal(p.grad(), torch::full({4}, 3.0)));
+  }
+  EXPECT_EQ(accumulator->post_hooks().size(), before);
+  // With no reducer left, backward still works.
+  p.mutable_grad() = torch::Tensor();
+  (p * 2).sum().backward();
+  EXPECT_TRUE(torch::equal(p.grad(), torch::full({4}, 2.0)));
 }
 
 TEST_F(GradReducerOverlapTest, OptionsDefaultToOverlap) {
