@@ -46,13 +46,17 @@ class DataParallelTest : public ::testing::Test {
   // Runs `body(group)` as ranks 0 and 1 on two threads; rethrows the first
   // failure on the test's thread.
   void two_ranks(const std::function<void(ProcessGroup&)>& body, double timeout = 30) {
+    // A store file of its own: one left by an earlier group could hand this
+    // one that group's (closed) addresses.
+    const std::string store = store_ + "_" + std::to_string(groups_++);
+    std::remove(store.c_str());
     std::exception_ptr errors[2];
     std::vector<std::thread> threads;
     for (int r = 0; r < 2; ++r) {
       threads.emplace_back([&, r] {
         try {
           ProcessGroup group(
-              DistOptions().rank(r).world_size(2).store_path(store_).timeout_seconds(timeout));
+              DistOptions().rank(r).world_size(2).store_path(store).timeout_seconds(timeout));
           body(group);
         } catch (...) {
           errors[r] = std::current_exception();
@@ -62,6 +66,7 @@ class DataParallelTest : public ::testing::Test {
     for (auto& t : threads) {
       t.join();
     }
+    std::remove(store.c_str());
     std::string what;
     for (int r = 0; r < 2; ++r) {
       if (errors[r]) {
@@ -75,6 +80,7 @@ class DataParallelTest : public ::testing::Test {
   }
 
   std::string store_;
+  int groups_ = 0; ///< two_ranks calls so far
 };
 
 // What one rank holds after a reduced step.
@@ -546,6 +552,9 @@ TEST_F(GradReducerOverlapTest, HookFailureIsRethrownByReduce) {
       reducer.prepare_for_backward(true);
       torch::embedding(weight, torch::tensor({1, 2}), -1, false, /*sparse=*/true).sum().backward();
       auto message = remat_test::thrown_message([&] { reducer.reduce(); });
+      // No collective ran: neither rank may leave while the other is still
+      // connecting to it.
+      g.barrier();
       std::lock_guard<std::mutex> lock(m);
       (overlap ? overlapped : after)[g.rank()] = message;
     });
