@@ -6,11 +6,12 @@
 // parameter's gradient accumulator (the AccumulateGrad node, as PyTorch's
 // DDP does); it runs after the gradient has been added into .grad. In a
 // backward announced with prepare_for_backward(true), a bucket's all-reduce
-// starts as soon as every parameter in it has its gradient, while backward
-// goes on with the layers below; buckets start in order (0, 1, ...), so
-// every rank issues the same collectives in the same order. reduce() starts
-// the buckets that were not ready (a parameter that got no gradient), waits,
-// and writes the sums into .grad. Micro-batches before the last one call
+// starts (on Gloo's threads) as soon as every parameter in it has its
+// gradient, while backward goes on with the layers below. Buckets start in
+// order (0, 1, ...), so every rank issues the same collectives in the same
+// order; a bucket waits for those before it. reduce() starts the buckets
+// that were not started (one holds a parameter that got no gradient, or
+// comes after one that does), waits, and writes the sums into .grad. Micro-batches before the last one call
 // prepare_for_backward(false): their gradients only accumulate (DDP's
 // no_sync). Without prepare_for_backward, or with overlap(false), reduce()
 // packs and starts every bucket after backward, as before.
@@ -23,8 +24,9 @@
 // Checkpointing and DDP: remat's checkpoint takes a segment's parameters as
 // explicit autograd inputs, so each parameter's gradient arrives exactly
 // once per backward, under every policy (Python's reentrant checkpoint
-// breaks DDP there: "marked ready twice", pytorch/pytorch#24005).
-// tests/dist/data_parallel_test.cpp counts the hooks.
+// breaks DDP there: "marked ready twice", pytorch/pytorch#24005; here it
+// would cost a redone bucket, not a wrong sum). tests/dist/
+// data_parallel_test.cpp counts the hooks.
 //
 // Example (gradient accumulation over `micros`):
 //   auto group = std::make_shared<remat::dist::ProcessGroup>(options);
