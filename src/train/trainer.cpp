@@ -406,7 +406,13 @@ StepRecord Trainer::step() {
   memory::reset_peak();
   const auto t0 = Clock::now();
   double loss = 0;
-  for (const auto& m : micros) {
+  for (size_t i = 0; i < micros.size(); ++i) {
+    const auto& m = micros[i];
+    if (d.reducer) {
+      // Only the last micro-batch's backward starts the all-reduces (the
+      // others would reduce gradients that are still accumulating).
+      d.reducer->prepare_for_backward(/*sync=*/i + 1 == micros.size());
+    }
     torch::Tensor scaled;
     {
       AutocastScope autocast(autocast_for(d.options.dtype()));
