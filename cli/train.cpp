@@ -459,12 +459,17 @@ void print_data_parallel(
     out << line;
     return;
   }
+  double in_backward = 0, total = 0;
+  for (const auto& s : r.history.steps) {
+    in_backward += static_cast<double>(s.reduced_in_backward_bytes);
+    total += static_cast<double>(s.reduced_in_backward_bytes + s.reduced_after_backward_bytes);
+  }
   std::snprintf(line, sizeof(line),
                 "data parallel: %lld ranks, global batch %lld rows (%lld per rank), "
-                "%.1f samples/s\n",
+                "%.1f samples/s, %.0f%% of gradient bytes all-reduced during backward\n",
                 static_cast<long long>(world), static_cast<long long>(o.batch() * o.accumulate()),
                 static_cast<long long>((o.batch() * o.accumulate() + world - 1) / world),
-                seconds > 0 ? rows / seconds : 0.0);
+                seconds > 0 ? rows / seconds : 0.0, total > 0 ? 100.0 * in_backward / total : 0.0);
   out << line;
 }
 

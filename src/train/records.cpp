@@ -284,6 +284,10 @@ nlohmann::json StepRecord::to_json() const {
       {"step_seconds", step_seconds},
       {"policy", policy},
   };
+  if (reduced_in_backward_bytes > 0 || reduced_after_backward_bytes > 0) {
+    j["reduced_in_backward_bytes"] = reduced_in_backward_bytes;
+    j["reduced_after_backward_bytes"] = reduced_after_backward_bytes;
+  }
   if (compare_loss) {
     j["compare_loss"] = *compare_loss;
     j["loss_diff"] = std::abs(loss - *compare_loss);
@@ -304,6 +308,10 @@ StepRecord StepRecord::from_json(const nlohmann::json& j) {
   r.peak_bytes = get_int(j, "peak_bytes", what);
   r.step_seconds = get_double(j, "step_seconds", what);
   r.policy = get_string(j, "policy", what);
+  if (j.contains("reduced_in_backward_bytes")) {
+    r.reduced_in_backward_bytes = get_int(j, "reduced_in_backward_bytes", what);
+    r.reduced_after_backward_bytes = get_int(j, "reduced_after_backward_bytes", what);
+  }
   if (j.contains("compare_loss")) {
     r.compare_loss = get_double(j, "compare_loss", what);
   }

@@ -468,6 +468,10 @@ StepRecord Trainer::step() {
   r.grad_norm = grad_norm;
   r.tokens = batch->attention_mask.sum().item<int64_t>();
   r.step_seconds = seconds;
+  if (d.reducer) {
+    r.reduced_in_backward_bytes = d.reducer->stats().bytes_in_backward;
+    r.reduced_after_backward_bytes = d.reducer->stats().bytes_in_reduce;
+  }
   r.tokens_per_s = seconds > 0 ? static_cast<double>(r.tokens) / seconds : 0;
   r.peak_bytes = memory::peak_bytes();
   r.policy = d.options.policy().name();

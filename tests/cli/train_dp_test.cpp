@@ -79,9 +79,18 @@ TEST(TrainDataParallel, TwoProcessesFollowTheOneProcessLossCurve) {
   ASSERT_EQ(two.exit_code, 0) << two.err;
   EXPECT_THAT(two.out, HasSubstr("data parallel: 2 ranks, global batch 8 rows (4 per rank)"));
   EXPECT_THAT(two.err, HasSubstr("remat train: rank 1 of 2: 20 steps, peak"));
+  EXPECT_THAT(two.out, HasSubstr("of gradient bytes all-reduced during backward"));
   const auto a = steps_of(dir + "/one.jsonl");
   ASSERT_EQ(a.size(), 20u);
-  expect_same_curve(a, steps_of(dir + "/two.jsonl"));
+  const auto b = steps_of(dir + "/two.jsonl");
+  expect_same_curve(a, b);
+  // The all-reduce overlapped the backward pass: gradient buckets started
+  // from the hooks, not after backward.
+  for (const auto& s : b) {
+    ASSERT_TRUE(s.contains("reduced_in_backward_bytes")) << s;
+    EXPECT_GT(s["reduced_in_backward_bytes"].get<int64_t>(), 0) << s;
+  }
+  EXPECT_FALSE(a[0].contains("reduced_in_backward_bytes"));
   // Rank 0 alone wrote the state.
   EXPECT_TRUE(fs::exists(dir + "/two/state.safetensors"));
 }

@@ -168,6 +168,10 @@ struct StepRecord {
   int64_t peak_bytes = 0;    ///< remat::memory::peak_bytes() during the step
   double step_seconds = 0;   ///< forward, backward and optimizer, in seconds
   std::string policy;
+  /// Data parallel: bytes of gradient whose all-reduce started during the
+  /// last backward (overlapped), and after it, in GradReducer::reduce().
+  int64_t reduced_in_backward_bytes = 0;
+  int64_t reduced_after_backward_bytes = 0;
   /// Loss of the same step in the comparison run, when there is one.
   c10::optional<double> compare_loss;
 
