@@ -1,6 +1,7 @@
 #include "remat/nn/llama.h"
 
 #include "remat/checkpoint.h"
+#include "remat/nn/fused.h"
 #include "remat/nn/profile.h"
 #include "remat/plan/solver.h"
 #include "nn/stack.h"
@@ -71,9 +72,9 @@ void RMSNormImpl::reset() {
 }
 
 torch::Tensor RMSNormImpl::forward(const torch::Tensor& x) {
-  auto h = x.to(torch::kFloat);
-  h = h * torch::rsqrt(h.pow(2).mean(-1, /*keepdim=*/true) + eps);
-  return weight * h.to(x.scalar_type());
+  // Fused: keeps x and rstd where the eager ops kept x in float, its squares
+  // and the normalised tensor too.
+  return rms_norm(x, weight, eps);
 }
 
 std::pair<torch::Tensor, torch::Tensor> rotary_tables(
@@ -174,7 +175,15 @@ void LlamaMLPImpl::reset() {
 }
 
 torch::Tensor LlamaMLPImpl::forward(const torch::Tensor& x) {
-  return down_proj->forward(torch::silu(gate_proj->forward(x)) * up_proj->forward(x));
+  auto gate = gate_proj->forward(x);
+  auto up = up_proj->forward(x);
+  // Fused, keeping only gate and up: silu(gate) and the product are
+  // recomputed in backward. down_proj with an adapter or a bias runs its own
+  // forward on the product.
+  if (!down_proj->has_adapter() && !down_proj->bias.defined()) {
+    return swiglu_linear(gate, up, down_proj->weight);
+  }
+  return down_proj->forward(swiglu(gate, up));
 }
 
 LlamaDecoderLayerImpl::LlamaDecoderLayerImpl(LlamaOptions options_)

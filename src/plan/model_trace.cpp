@@ -5,10 +5,14 @@
 //                        the input requires grad (a parameter: not counted);
 //   LoRA                 A saves the (dropped) input, B saves A's output;
 //   layer_norm           saves input, mean and rstd (fp32, B*S each);
-//   RMSNorm (to fp32, pow, mean, add, rsqrt, mul, to dtype, mul weight)
-//                        saves the fp32 input (pow, mul), its squares
-//                        (mean, 1.13), rstd (B*S), and the normalised
-//                        tensor only if the weight trains;
+//   RMSNorm              remat::nn::rms_norm, a fused Function (to fp32,
+//                        pow, mean, add, rsqrt, mul, to dtype, mul weight,
+//                        all temporaries): saves its input in its own dtype
+//                        and rstd (fp32, B*S);
+//   SwiGLU MLP           remat::nn::swiglu_linear (silu, mul_ in place,
+//                        linear): saves gate and up only; with an adapter on
+//                        down_proj, swiglu (silu, mul: saves gate and up)
+//                        then down_proj's own linear;
 //   gelu, silu           save their input;      softmax saves its output;
 //   mul                  saves each operand whose partner requires grad;
 //   add, views, copies   save nothing;
@@ -186,38 +190,71 @@ class Builder {
     return y;
   }
 
-  // remat's RMSNorm: computed in fp32 (a bf16 input is cast up first, and
-  // the normalised tensor cast back before the weight).
+  // remat::nn::rms_norm: computed in fp32 (a bf16 input is cast up first,
+  // and the normalised tensor cast back before the weight), every
+  // intermediate a temporary; the Function saves x and rstd. The
+  // intermediates "require grad" so that backward holds temporaries of their
+  // sizes, as the fused backward does.
   int rms_norm(const std::string& name, int x) {
     const Shape sh = t.at(x).shape;
     const Shape stat = with_last(lead(x), 1);
     const bool xr = rg(x);
+    const bool any = xr || full;
     const std::vector<int> none;
+    // The first op saves x and rsqrt saves rstd: the trace then holds them
+    // through the whole fused backward, as the Function does.
+    const std::vector<int> saves_x = any ? std::vector<int>{x} : none;
     int h = x;
     if (e != 4) {
       h = t.value(name + ".float", sh, 4, xr);
-      t.op(name + " (to fp32)", {x}, none);
+      t.op(name + " (rms_norm: to fp32)", {x}, saves_x);
     }
     int sq = t.value(name + ".pow", sh, 4, xr);
-    t.op(name + " (pow)", {h}, xr ? std::vector<int>{h} : none);
+    t.op(name + " (rms_norm: pow)", {h}, e != 4 ? none : saves_x);
     int ms = t.value(name + ".mean", stat, 4, xr);
-    // LibTorch 1.13's MeanBackward1 saves its input (later versions keep
-    // only its sizes): here the squares stay until backward.
-    t.op(name + " (mean)", {sq}, xr && kMeanSavesInput ? std::vector<int>{sq} : none);
+    t.op(name + " (mean)", {sq}, none);
     int eps = t.value(name + ".mean_eps", stat, 4, xr);
     t.op(name + " (add eps)", {ms}, none);
     int rstd = t.value(name + ".rstd", stat, 4, xr);
-    t.op(name + " (rsqrt)", {eps}, xr ? std::vector<int>{rstd} : none);
+    t.op(name + " (rms_norm: rsqrt)", {eps}, any ? std::vector<int>{rstd} : none);
     int n = t.value(name + ".normalized", sh, 4, xr);
-    t.op(name + " (mul rstd)", {h, rstd}, xr ? std::vector<int>{h, rstd} : none);
+    t.op(name + " (mul rstd)", {h, rstd}, none);
     if (e != 4) {
       int cast = act(name + ".normalized_cast", sh, xr);
       t.op(name + " (to activation dtype)", {n}, none);
       n = cast;
     }
-    int y = act(name, sh, xr || full);
-    t.op(name + " (mul weight)", {n}, full ? std::vector<int>{n} : none, 0, 0,
-         full ? sh.back() * pe : 0);
+    int y = act(name, sh, any);
+    t.op(name + " (mul weight)", {n}, none, 0, 0, full ? sh.back() * pe : 0);
+    return y;
+  }
+
+  // remat::nn::swiglu: silu(gate) * up, saving gate and up.
+  int swiglu(const std::string& name, const std::string& silu_name, int gate, int up) {
+    const bool r = rg(gate) || rg(up);
+    int s = act(silu_name, t.at(gate).shape, rg(gate));
+    t.op(silu_name + " (silu)", {gate}, {});
+    int y = act(name, t.at(gate).shape, r);
+    t.op(name + " (swiglu)", {s, up}, r ? std::vector<int>{gate, up} : std::vector<int>{});
+    return y;
+  }
+
+  // remat::nn::swiglu_linear: silu(gate), times up in place, then the linear
+  // without a bias (the weight trains under full fine-tuning); saves gate
+  // and up, and recomputes the product in backward. The first op saves them,
+  // so that the trace holds them through the whole fused backward.
+  int swiglu_linear(const std::string& name, const std::string& gated_name,
+                    int gate, int up, int64_t out_features) {
+    const Shape sh = t.at(gate).shape;
+    const bool r = rg(gate) || rg(up);
+    const bool trainable = full;
+    int a = act(gated_name, sh, r);
+    t.op(name + " (swiglu_linear)", {gate, up},
+         r || trainable ? std::vector<int>{gate, up} : std::vector<int>{});
+    const double f = 2 * numel(lead(gate)) * sh.back() * out_features;
+    int y = act(name, with_last(lead(gate), out_features), r || trainable);
+    t.op(name + " (swiglu_linear: linear)", {a}, {}, f, (r ? f : 0) + (trainable ? f : 0),
+         trainable ? sh.back() * out_features * pe : 0);
     return y;
   }
 
@@ -429,9 +466,11 @@ Trace trace_layer(const ModelSpec& spec, bool input_requires_grad) {
   int n2 = b.rms_norm("post_attention_layernorm", h2);
   int gate = b.linear("mlp.gate_proj", n2, b.I, "gate");
   int up = b.linear("mlp.up_proj", n2, b.I, "up");
-  int act = b.unary_saving_input("mlp.act", "silu", gate);
-  int m = b.mul("mlp.gated", act, up);
-  int dn = b.linear("mlp.down_proj", m, H, "down");
+  // LlamaMLP: swiglu_linear, or swiglu and down_proj's own forward when it
+  // has an adapter.
+  int dn = b.lora_on("down")
+      ? b.linear("mlp.down_proj", b.swiglu("mlp.gated", "mlp.act", gate, up), H, "down")
+      : b.swiglu_linear("mlp.down_proj", "mlp.gated", gate, up, H);
   t.block(Block::kOther);
   t.output(b.add("output", h2, dn));
   return std::move(t);

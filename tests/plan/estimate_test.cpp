@@ -95,17 +95,21 @@ TEST(PlanEstimate, BreakdownNamesTensorsAndModes) {
 
 TEST(PlanEstimate, FrozenWeightsKeepLess) {
   // Under LoRA on attention only, the frozen MLP projections do not keep
-  // their inputs: the gated product feeding down_proj is not saved, while
-  // SiLU and the product still keep theirs.
+  // their input (the norm's output), while swiglu_linear still keeps gate
+  // and up; the gated product feeding down_proj is never saved.
   auto full = ModelSpec::llama2_7b().seq(256).precision(Precision::kBf16Mixed);
   auto lora = ModelSpec(full).lora_rank(16).lora_targets({"q", "k", "v", "o"});
   auto f = layer_activations(full);
   auto l = layer_activations(lora);
-  EXPECT_NE(find(f, "mlp.gated"), nullptr);
-  EXPECT_EQ(find(l, "mlp.gated"), nullptr);
-  EXPECT_NE(find(l, "mlp.gate_proj"), nullptr);
-  EXPECT_NE(find(l, "mlp.up_proj"), nullptr);
-  EXPECT_NE(find(l, "mlp.act"), nullptr);
+  EXPECT_NE(find(f, "post_attention_layernorm"), nullptr);
+  EXPECT_EQ(find(l, "post_attention_layernorm"), nullptr);
+  for (const auto* acts : {&f, &l}) {
+    EXPECT_EQ(find(*acts, "mlp.gated"), nullptr);
+    EXPECT_EQ(find(*acts, "mlp.act"), nullptr);
+    ASSERT_NE(find(*acts, "mlp.gate_proj"), nullptr);
+    EXPECT_EQ(find(*acts, "mlp.gate_proj")->saved_by, "mlp.down_proj (swiglu_linear)");
+    EXPECT_NE(find(*acts, "mlp.up_proj"), nullptr);
+  }
   EXPECT_LT(layer_bytes(lora), layer_bytes(full));
   // An adapter on down_proj makes its input saved again (by LoRA's A).
   auto down = layer_activations(ModelSpec(lora).lora_targets({"q", "v", "down"}));

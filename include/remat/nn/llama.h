@@ -104,7 +104,8 @@ struct KvCache {
   }
 };
 
-/// x * rsqrt(mean(x^2) + eps) * weight, computed in float32 ("LlamaRMSNorm").
+/// x * rsqrt(mean(x^2) + eps) * weight, computed in float32 ("LlamaRMSNorm"),
+/// by remat::nn::rms_norm (remat/nn/fused.h): keeps x and rstd for backward.
 class RMSNormImpl : public torch::nn::Cloneable<RMSNormImpl> {
  public:
   RMSNormImpl(int64_t hidden_size, double eps);
@@ -153,7 +154,9 @@ class LlamaAttentionImpl : public torch::nn::Cloneable<LlamaAttentionImpl> {
 };
 TORCH_MODULE(LlamaAttention);
 
-/// down_proj(silu(gate_proj(x)) * up_proj(x)).
+/// down_proj(silu(gate_proj(x)) * up_proj(x)), by remat::nn::swiglu_linear
+/// (remat/nn/fused.h; swiglu then down_proj when it has an adapter or a
+/// bias): keeps gate and up for backward.
 class LlamaMLPImpl : public torch::nn::Cloneable<LlamaMLPImpl> {
  public:
   explicit LlamaMLPImpl(LlamaOptions options);

@@ -21,6 +21,9 @@
 //     not keep its input, and LoRA's A keeps it instead; a mean over a
 //     dimension keeps its input on LibTorch 1.13 (the build's version
 //     decides);
+//   - Llama's RMSNorm and SwiGLU MLP are remat's fused Functions
+//     (remat/nn/fused.h): a norm keeps its input and an fp32 rstd, the MLP
+//     gate and up (not SiLU's output nor the product);
 //   - dropout: remat's models keep a 1-byte mask (remat::nn::dropout);
 //     LoRA's adapter dropout is LibTorch's, which on CPU keeps a noise tensor
 //     of the input's dtype and on CUDA a 1-byte mask;
