@@ -334,7 +334,7 @@ struct LlamaWorkload : Workload {
     finish(c, {"q_proj", "k_proj", "v_proj", "o_proj"});
   }
   torch::Tensor loss() override {
-    return model->loss(model->forward(input_ids).to(torch::kFloat), input_ids);
+    return model->forward_loss(input_ids, input_ids);
   }
   void set_policy(const CheckpointPolicy& p) override { model->gradient_checkpointing_enable(p); }
   torch::nn::Module& module() override { return *model; }

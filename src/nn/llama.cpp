@@ -2,6 +2,7 @@
 
 #include "remat/checkpoint.h"
 #include "remat/nn/fused.h"
+#include "remat/nn/loss.h"
 #include "remat/nn/profile.h"
 #include "remat/plan/solver.h"
 #include "nn/stack.h"
@@ -373,7 +374,7 @@ torch::Tensor LlamaImpl::lm_head_weight() const {
   return lm_head ? lm_head->weight : model->embed_tokens->weight;
 }
 
-torch::Tensor LlamaImpl::forward(
+torch::Tensor LlamaImpl::last_hidden_state(
     const torch::Tensor& input_ids,
     const torch::Tensor& attention_mask,
     KvCache* cache) {
@@ -384,9 +385,45 @@ torch::Tensor LlamaImpl::forward(
           *this, LlamaStep(input_ids).attention_mask(attention_mask), budget_bytes);
     });
   }
-  auto hidden = model->forward(input_ids, attention_mask, checkpointing_.schedule(), cache);
+  return model->forward(input_ids, attention_mask, checkpointing_.schedule(), cache);
+}
+
+torch::Tensor LlamaImpl::forward(
+    const torch::Tensor& input_ids,
+    const torch::Tensor& attention_mask,
+    KvCache* cache) {
+  auto hidden = last_hidden_state(input_ids, attention_mask, cache);
   return lm_head ? lm_head->forward(hidden)
                  : torch::nn::functional::linear(hidden, model->embed_tokens->weight);
+}
+
+torch::Tensor LlamaImpl::forward_loss(
+    const torch::Tensor& input_ids,
+    const torch::Tensor& labels,
+    const torch::Tensor& attention_mask) {
+  return head_loss(last_hidden_state(input_ids, attention_mask, nullptr), labels);
+}
+
+torch::Tensor LlamaImpl::head_loss(const torch::Tensor& hidden, const torch::Tensor& labels) {
+  TORCH_CHECK(
+      hidden.dim() == 3 && labels.dim() == 2 && hidden.size(0) == labels.size(0) &&
+          hidden.size(1) == labels.size(1) && hidden.size(2) == options.hidden_size(),
+      "remat::nn::Llama::head_loss: expected hidden [batch, seq, ", options.hidden_size(),
+      "] and labels [batch, seq], but got ", hidden.sizes(), " and ", labels.sizes());
+  if (lm_head && (lm_head->has_adapter() || lm_head->bias.defined())) {
+    return causal_lm_loss(lm_head->forward(hidden), labels);
+  }
+  // Position s predicts label s + 1. Shifting the labels rather than the
+  // hidden state keeps the [B * S, H] reshape a view, where narrowing the
+  // hidden state would copy it (and keep the copy until backward); the
+  // last position of each row gets ignore_index and adds nothing.
+  const auto batch = labels.size(0);
+  const auto seq = labels.size(1);
+  auto next = torch::cat(
+      {labels.narrow(1, 1, seq - 1), torch::full({batch, 1}, -100, labels.options())}, 1);
+  return linear_cross_entropy(
+      hidden.reshape({batch * seq, hidden.size(2)}), lm_head_weight(), next.reshape({-1}),
+      LinearCrossEntropyOptions().ignore_index(-100));
 }
 
 torch::Tensor causal_lm_loss(const torch::Tensor& logits, const torch::Tensor& labels) {

@@ -179,12 +179,9 @@ std::vector<plan::StageRunner> stage_runners(LlamaImpl& model, const LlamaStep& 
   plan::StageRunner head;
   head.name = "head";
   head.kind = plan::StageKind::kHead;
+  // What forward_loss runs after the layers: no [B, S, vocab] logits kept.
   head.forward = [m, labels](const torch::Tensor& h, SegmentMode) {
-    auto x = m->model->norm->forward(h);
-    auto logits = m->lm_head
-        ? m->lm_head->forward(x)
-        : torch::nn::functional::linear(x, m->model->embed_tokens->weight);
-    return m->loss(logits, labels);
+    return m->head_loss(m->model->norm->forward(h), labels);
   };
   head.parameters = model.model->norm->parameters();
   const auto out = model.lm_head ? model.lm_head->parameters()
@@ -267,7 +264,7 @@ StepMeasurement measure_step(
   const auto labels = step.labels().defined() ? step.labels() : step.input_ids();
   return measure(
       model,
-      [&] { return model.loss(model.forward(step.input_ids(), step.attention_mask()), labels); },
+      [&] { return model.forward_loss(step.input_ids(), labels, step.attention_mask()); },
       steps, warmup);
 }
 

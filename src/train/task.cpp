@@ -332,10 +332,12 @@ class CausalLmTask : public TaskModel {
   }
 
   torch::Tensor loss(const Batch& batch, torch::Tensor* logits) override {
-    auto out = model_->forward(batch.input_ids, batch.attention_mask);
-    if (logits != nullptr) {
-      *logits = out;
+    if (logits == nullptr) {
+      // Training: only the loss, so no [B, S, vocab] logits are kept.
+      return model_->forward_loss(batch.input_ids, batch.labels, batch.attention_mask);
     }
+    auto out = model_->forward(batch.input_ids, batch.attention_mask);
+    *logits = out;
     return nn::causal_lm_loss(out, batch.labels);
   }
 
@@ -361,8 +363,7 @@ class CausalLmTask : public TaskModel {
         m.decoder_layers, hidden, side,
         model_->checkpoint_policy().schedule(m.options.num_layers()), call);
     hidden = m.norm->forward(hidden);
-    auto logits = torch::nn::functional::linear(hidden, model_->lm_head_weight());
-    auto l = nn::causal_lm_loss(logits, batch.labels);
+    auto l = model_->head_loss(hidden, batch.labels);
     sample("loss");
     *in_backward = true;
     return l;

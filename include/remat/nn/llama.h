@@ -26,9 +26,9 @@
 //       .hidden_size(512).intermediate_size(1376).num_layers(8)
 //       .num_heads(8).num_kv_heads(2));
 //   model->gradient_checkpointing_enable(remat::CheckpointPolicy::every_layer());
+//   auto loss = model->forward_loss(input_ids, input_ids);  // next-token loss
+//   loss.backward();                                // no [B, S, vocab] kept
 //   auto logits = model->forward(input_ids);        // [B, S] -> [B, S, vocab]
-//   auto loss = model->loss(logits, input_ids);     // next-token loss
-//   loss.backward();
 //   model->eval();
 //   auto tokens = model->generate(prompt, 20);      // [B, S + 20]
 #pragma once
@@ -246,6 +246,29 @@ class LlamaImpl : public torch::nn::Cloneable<LlamaImpl> {
   /// predicted tokens.
   torch::Tensor loss(const torch::Tensor& logits, const torch::Tensor& labels) const;
 
+  /// loss(forward(input_ids, attention_mask), labels) without the logits:
+  /// the model runs to its final hidden state (checkpointed and planned as
+  /// in forward) and head_loss takes it from there. Use it for training
+  /// steps that need only the loss; forward and loss remain for logits.
+  /// input_ids, labels: [B, S] int64. Returns a 0-dim float32 tensor.
+  ///
+  /// Example:
+  ///   auto loss = model->forward_loss(input_ids, input_ids);
+  ///   loss.backward();
+  torch::Tensor forward_loss(
+      const torch::Tensor& input_ids,
+      const torch::Tensor& labels,
+      const torch::Tensor& attention_mask = {});
+
+  /// The next-token loss of the final hidden state [B, S, H] (model's
+  /// output, after the final norm) against labels [B, S], computed with
+  /// remat::nn::linear_cross_entropy (remat/nn/loss.h) on lm_head_weight():
+  /// until backward it keeps the hidden state and B * S * 4 bytes, where
+  /// logits and their log-softmax would keep B * (S - 1) * vocab * 4 or
+  /// more. An lm_head with a LoRA adapter or a bias is not a plain matrix:
+  /// then it falls back to loss(lm_head(hidden), labels), logits and all.
+  torch::Tensor head_loss(const torch::Tensor& hidden, const torch::Tensor& labels);
+
   /// Greedy decoding of `max_new_tokens` tokens after input_ids [B, S] (no
   /// padding). Runs under NoGradGuard; with `use_cache` each step feeds one
   /// token and reuses the KvCache, without it each step recomputes the whole
@@ -289,6 +312,13 @@ class LlamaImpl : public torch::nn::Cloneable<LlamaImpl> {
   Projection lm_head{nullptr}; ///< null when tie_word_embeddings
 
  private:
+  // Plans a budget policy when needed, then runs the model to its final
+  // hidden state [B, S, H]: what forward and forward_loss share.
+  torch::Tensor last_hidden_state(
+      const torch::Tensor& input_ids,
+      const torch::Tensor& attention_mask,
+      KvCache* cache);
+
   StackCheckpointing checkpointing_{"remat::nn::Llama", 0};
 };
 TORCH_MODULE(Llama);

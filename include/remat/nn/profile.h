@@ -72,7 +72,8 @@ struct BertStep {
   TORCH_ARG(BertLoss, loss) = nullptr;            ///< empty: default_bert_loss
 };
 
-/// One training step's batch for a Llama; the loss is LlamaImpl::loss.
+/// One training step's batch for a Llama; the loss is LlamaImpl::forward_loss's
+/// (no [B, S, vocab] logits kept).
 ///
 /// Example:
 ///   remat::nn::LlamaStep(input_ids).labels(labels)
