@@ -519,6 +519,23 @@ Trace trace_head(const ModelSpec& spec, bool input_requires_grad) {
     return std::move(t);
   }
   // Language model.
+  if (!bert && !b.lora_on("lm_head")) {
+    // remat::nn::linear_cross_entropy (Llama's forward_loss): keeps the
+    // normed hidden state and a float32 log-sum-exp per token, never the
+    // [B, S, vocab] logits; backward recomputes them chunk by chunk (one more
+    // head matmul), and the chunks are transients.
+    const bool xr = b.rg(x);
+    const bool trains = b.full;
+    const double f = 2.0 * static_cast<double>(B * S * H) * static_cast<double>(spec.vocab());
+    int lse = t.value("lm_head.lse", {B, S}, 4, false);
+    int loss = t.value("loss", {}, 4, xr || trains);
+    t.op("lm_head + cross_entropy (linear_cross_entropy)", {x},
+         xr || trains ? std::vector<int>{x, lse} : std::vector<int>{}, f,
+         xr || trains ? f + (xr ? f : 0) + (trains ? f : 0) : 0,
+         trains ? H * spec.vocab() * b.pe : 0);
+    t.output(loss);
+    return std::move(t);
+  }
   if (bert) {
     x = b.linear("cls.predictions.transform.dense", x, H, "");
     x = b.unary_saving_input("cls.predictions.transform.gelu", "gelu", x);

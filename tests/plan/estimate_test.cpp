@@ -244,19 +244,21 @@ TEST(PlanEstimate, ChainIsValidAndMatchesTheEstimate) {
             e.weight_bytes + e.gradient_bytes + e.optimizer_bytes + e.input_bytes);
 }
 
-TEST(PlanEstimate, LanguageModelHeadIsTheLargestTransient) {
-  // B*S*V fp32 log-probabilities and their gradients dominate a short,
-  // wide-vocabulary model once layers are checkpointed.
+TEST(PlanEstimate, LanguageModelHeadKeepsNoLogits) {
+  // Llama's loss is remat::nn::linear_cross_entropy: until backward its head
+  // keeps the normed hidden state and a float per token, never the B*S*V
+  // logits or log-probabilities.
   auto spec = ModelSpec::llama2_7b().layers(4).seq(4096).batch(2)
                   .precision(Precision::kBf16Mixed)
                   .attention(AttentionImpl::kBlockwise);
   auto chain = estimate_chain(spec);
   const auto& head = chain.stages.back();
   const int64_t logits = int64_t(2) * 4096 * 32000;
-  EXPECT_GE(head.stored_bytes(), 4 * logits);
-  EXPECT_GE(head.stored_bytes() + head.backward_transient_bytes(), 8 * logits);
+  const int64_t hidden = int64_t(2) * 4096 * 4096 * 2; // bf16
+  EXPECT_LT(head.stored_bytes(), logits);
+  EXPECT_GE(head.stored_bytes(), hidden + 2 * 4096 * 4);
   auto e = estimate(spec, CheckpointPolicy::every_layer());
-  EXPECT_EQ(e.peak_event, "backward of head");
+  EXPECT_NE(e.peak_event, "backward of head");
 }
 
 TEST(PlanEstimate, HarborComparison) {
