@@ -94,7 +94,13 @@ std::vector<torch::Tensor> checkpoint(
 
 /// How many checkpointed segments have been recomputed in this process
 /// (a count; tests and benchmarks use it to see that recompute happened).
+/// Kernels that recompute inside their own backward, such as
+/// remat::nn::checkpointed_attention, count themselves with count_recompute().
 int64_t recompute_count();
+
+/// Adds one to recompute_count(): for a custom autograd function that keeps
+/// its inputs and recomputes in backward instead of calling checkpoint().
+void count_recompute();
 
 namespace detail {
 

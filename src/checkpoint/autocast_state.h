@@ -33,6 +33,11 @@ struct AutocastState {
     return s;
   }
 
+  /// Autocast is on for some device.
+  bool any() const {
+    return cpu_enabled || cuda_enabled;
+  }
+
   void apply() const {
 #ifdef REMAT_AUTOCAST_DEVICE_API
     at::autocast::set_autocast_enabled(at::kCPU, cpu_enabled);

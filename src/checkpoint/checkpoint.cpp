@@ -439,4 +439,8 @@ int64_t recompute_count() {
   return recomputes.load(std::memory_order_relaxed);
 }
 
+void count_recompute() {
+  recomputes.fetch_add(1, std::memory_order_relaxed);
+}
+
 } // namespace remat

@@ -2,6 +2,8 @@
 
 #include "remat/nn/dropout.h"
 
+#include "remat/checkpoint.h"
+
 #include "checkpoint/autocast_state.h"
 
 #include <ATen/CPUGeneratorImpl.h>
@@ -63,12 +65,15 @@ torch::Tensor causal_bias(int64_t sq, int64_t sk, const torch::TensorOptions& o)
 }
 #endif
 
-torch::Tensor eager(
+// softmax(q k^T / sqrt(d) + mask), causally masked, then dropout with the
+// mask of `seed` when `dropout` > 0 (CPU) or a fresh draw (other devices).
+torch::Tensor eager_probs(
     const torch::Tensor& q,
     const torch::Tensor& k,
-    const torch::Tensor& v,
     const torch::Tensor& mask,
-    const AttentionOptions& o) {
+    bool causal,
+    double dropout,
+    uint64_t seed) {
   // Scaling q touches S x d elements instead of the S x S scores (in forward
   // and in backward), and hands matmul a contiguous operand it would
   // otherwise copy out of the heads' transposed view.
@@ -84,7 +89,7 @@ torch::Tensor eager(
       scores = scores + mask;
     }
   }
-  if (o.causal()) {
+  if (causal) {
     const auto sq = q.size(-2);
     const auto sk = k.size(-2);
     // Query i (offset by sk - sq when a cache precedes it) sees keys <= i.
@@ -93,10 +98,27 @@ torch::Tensor eager(
     scores.masked_fill_(drop, -kInf);
   }
   auto probs = torch::softmax(scores, -1);
-  if (o.training() && o.dropout() > 0) {
-    probs = remat::nn::dropout(probs, o.dropout(), /*training=*/true);
+  if (dropout > 0) {
+    probs = probs.is_cpu() && at::isFloatingType(probs.scalar_type())
+        ? remat::nn::seeded_dropout(probs, dropout, seed)
+        : remat::nn::dropout(probs, dropout, /*training=*/true);
   }
-  return torch::matmul(probs, v);
+  return probs;
+}
+
+double effective_dropout(const AttentionOptions& o) {
+  return o.training() ? o.dropout() : 0.0;
+}
+
+torch::Tensor eager(
+    const torch::Tensor& q,
+    const torch::Tensor& k,
+    const torch::Tensor& v,
+    const torch::Tensor& mask,
+    const AttentionOptions& o) {
+  const double p = effective_dropout(o);
+  const uint64_t seed = p > 0 && q.is_cpu() ? draw_dropout_seed() : 0;
+  return torch::matmul(eager_probs(q, k, mask, o.causal(), p, seed), v);
 }
 
 torch::Tensor sdpa(
@@ -335,11 +357,6 @@ torch::Tensor flat(const torch::Tensor& t) {
   return t.reshape({t.size(0) * t.size(1), t.size(2), t.size(3)}).contiguous();
 }
 
-uint64_t draw_seed() {
-  auto gen = at::detail::getDefaultCPUGenerator();
-  std::lock_guard<std::mutex> lock(gen.mutex());
-  return gen.get<at::CPUGeneratorImpl>()->random64();
-}
 
 struct BlockwiseFunction : torch::autograd::Function<BlockwiseFunction> {
   static torch::Tensor forward(
@@ -353,7 +370,7 @@ struct BlockwiseFunction : torch::autograd::Function<BlockwiseFunction> {
       double dropout) {
     // An optional, because an undefined tensor cannot be an input of apply.
     auto mask = mask_or_none.value_or(torch::Tensor());
-    const uint64_t seed = dropout > 0 ? draw_seed() : 0;
+    const uint64_t seed = dropout > 0 ? draw_dropout_seed() : 0;
     auto p = make_blocks(q, k, mask, causal, block, dropout, seed);
     auto res = blockwise_forward(p, flat(q), flat(k), flat(v));
     auto out = res.first.view({p.batch, p.heads, p.sq, v.size(3)});
@@ -449,13 +466,132 @@ torch::Tensor blockwise(
     out = BlockwiseFunction::apply(
         cast(q), cast(k), cast(v), m, o.causal(), o.block_size(), dropout);
   } else {
-    const uint64_t seed = dropout > 0 ? draw_seed() : 0;
+    const uint64_t seed = dropout > 0 ? draw_dropout_seed() : 0;
     auto p = make_blocks(q, k, cast(mask), o.causal(), o.block_size(), dropout, seed);
     out = blockwise_forward(p, flat(cast(q)), flat(cast(k)), flat(cast(v)))
               .first.view({p.batch, p.heads, p.sq, v.size(3)});
   }
   return upcast ? out.to(dtype) : out;
 }
+
+// Key/value head h / groups for query head h, as HF's repeat_kv.
+torch::Tensor repeat_heads(const torch::Tensor& x, int64_t groups) {
+  if (groups == 1) {
+    return x;
+  }
+  const auto s = x.sizes();
+  return x.unsqueeze(2)
+      .expand({s[0], s[1], groups, s[2], s[3]})
+      .reshape({s[0], s[1] * groups, s[2], s[3]});
+}
+
+// The backward of matmul(probs, values) without its forward: apply returns
+// an uninitialised tensor of the product's shape, whose gradient backward
+// turns into the product's two gradients with the bmm calls matmul's own
+// backward makes ([B*H, Sq, Sk] x [B*H, Sk, Dv]). The recompute of
+// RecomputedEagerFunction ends in it, so that autograd starts from a
+// [Sq, Dv] gradient and frees each [Sq, Sk] one as soon as it is used, as
+// for eager attention.
+struct ProductBackwardOnly : torch::autograd::Function<ProductBackwardOnly> {
+  static torch::Tensor forward(
+      AutogradContext* ctx, const torch::Tensor& probs, const torch::Tensor& values) {
+    ctx->save_for_backward({probs, values});
+    auto shape = probs.sizes().vec();
+    shape.back() = values.size(-1);
+    return at::empty(shape, values.options());
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    auto saved = ctx->get_saved_variables();
+    const auto& probs = saved[0];
+    const auto& values = saved[1];
+    const auto bh = probs.size(0) * probs.size(1);
+    const auto& grad = grads[0];
+    auto grad3 = grad.reshape({bh, grad.size(2), grad.size(3)});
+    variable_list result(2);
+    if (ctx->needs_input_grad(1)) {
+      auto probs3 = probs.reshape({bh, probs.size(2), probs.size(3)});
+      result[1] = at::bmm(probs3.transpose(1, 2), grad3).view(values.sizes());
+    }
+    if (ctx->needs_input_grad(0)) {
+      auto values3 = values.reshape({bh, values.size(2), values.size(3)});
+      result[0] = at::bmm(grad3, values3.transpose(1, 2)).view(probs.sizes());
+    }
+    return result;
+  }
+};
+
+// Eager attention that keeps only its inputs: the selective-attention core
+// without the generic checkpoint's second forward. Backward rebuilds the
+// probabilities through the same ops as eager() with grad on, but not their
+// product with v (ProductBackwardOnly stands in for it): bit for bit what
+// autograd does for eager(), with one recomputed matmul of the core's two.
+struct RecomputedEagerFunction : torch::autograd::Function<RecomputedEagerFunction> {
+  static torch::Tensor forward(
+      AutogradContext* ctx,
+      const torch::Tensor& q,
+      const torch::Tensor& k,
+      const torch::Tensor& v,
+      const c10::optional<torch::Tensor>& mask_or_none,
+      bool causal,
+      double dropout) {
+    auto mask = mask_or_none.value_or(torch::Tensor());
+    const int64_t groups = q.size(1) / k.size(1);
+    const uint64_t seed = dropout > 0 ? draw_dropout_seed() : 0;
+    auto out = torch::matmul(
+        eager_probs(q, repeat_heads(k, groups), mask, causal, dropout, seed),
+        repeat_heads(v, groups));
+    ctx->save_for_backward({q, k, v, mask});
+    ctx->saved_data["causal"] = causal;
+    ctx->saved_data["dropout"] = dropout;
+    ctx->saved_data["seed"] = static_cast<int64_t>(seed);
+    return out;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    TORCH_CHECK(
+        !torch::GradMode::is_enabled(),
+        "remat::nn::checkpointed_attention: eager attention kept for recompute "
+        "has no double backward; expected create_graph=false, but got true");
+    auto saved = ctx->get_saved_variables();
+    variable_list result(7);
+    std::vector<torch::Tensor> inputs;  // q, k, v, detached
+    std::vector<torch::Tensor> targets; // those whose gradient is asked for
+    std::vector<size_t> slots;
+    for (size_t i = 0; i < 3; ++i) {
+      inputs.push_back(saved[i].detach());
+      if (ctx->needs_input_grad(i)) {
+        inputs[i].requires_grad_(true);
+        targets.push_back(inputs[i]);
+        slots.push_back(i);
+      }
+    }
+    const auto& grad = grads[0];
+    if (targets.empty() || !grad.defined()) {
+      return result;
+    }
+    const auto& q = inputs[0];
+    const int64_t groups = q.size(1) / inputs[1].size(1);
+    torch::Tensor product;
+    {
+      torch::AutoGradMode grad_on(true);
+      product = ProductBackwardOnly::apply(
+          eager_probs(
+              q, repeat_heads(inputs[1], groups), saved[3], ctx->saved_data["causal"].toBool(),
+              ctx->saved_data["dropout"].toDouble(),
+              static_cast<uint64_t>(ctx->saved_data["seed"].toInt())),
+          repeat_heads(inputs[2], groups));
+    }
+    remat::count_recompute();
+    auto g = torch::autograd::grad(
+        {product}, targets, {grad}, /*retain_graph=*/false, /*create_graph=*/false,
+        /*allow_unused=*/true);
+    for (size_t i = 0; i < targets.size(); ++i) {
+      result[slots[i]] = g[i];
+    }
+    return result;
+  }
+};
 
 } // namespace
 
@@ -484,5 +620,54 @@ torch::Tensor attention(
   TORCH_INTERNAL_ASSERT(false, "unknown attention kind");
 }
 
+torch::Tensor checkpointed_attention(
+    const torch::Tensor& q,
+    const torch::Tensor& k,
+    const torch::Tensor& v,
+    const torch::Tensor& mask,
+    const AttentionOptions& options) {
+  TORCH_CHECK(
+      q.dim() == 4 && k.dim() == 4 && v.dim() == 4 && k.size(1) == v.size(1) &&
+          k.size(1) > 0 && q.size(1) % k.size(1) == 0,
+      "remat::nn::checkpointed_attention: expected q [batch, heads, seq, head_dim] "
+      "and k, v [batch, kv_heads, seq, head_dim] with heads a multiple of "
+      "kv_heads, but got ", q.sizes(), ", ", k.sizes(), ", ", v.sizes());
+  const int64_t groups = q.size(1) / k.size(1);
+  const double p = effective_dropout(options);
+  const bool differentiable = torch::GradMode::is_enabled() &&
+      (q.requires_grad() || k.requires_grad() || v.requires_grad());
+  // The kept-inputs kernel runs what eager() runs, so it is used where its
+  // recompute needs nothing eager() would take from the thread: no autocast
+  // state, and the dropout mask from a seed it keeps (CPU).
+  const bool lean = options.kind() == AttentionKind::kEager && differentiable &&
+      !(mask.defined() && mask.requires_grad()) && !AutocastState::capture().any() &&
+      (p == 0 || (q.is_cpu() && q.is_floating_point()));
+  if (lean) {
+    TORCH_CHECK(
+        options.dropout() >= 0 && options.dropout() < 1,
+        "remat::nn::attention: expected dropout in [0, 1), but got ",
+        options.dropout());
+    c10::optional<torch::Tensor> m;
+    if (mask.defined()) {
+      m = mask;
+    }
+    return RecomputedEagerFunction::apply(q, k, v, m, options.causal(), p);
+  }
+  auto core = [options, groups](const std::vector<torch::Tensor>& t) {
+    return std::vector<torch::Tensor>{attention(
+        t[0], repeat_heads(t[1], groups), repeat_heads(t[2], groups),
+        t.size() > 3 ? t[3] : torch::Tensor(), options)};
+  };
+  if (!differentiable) {
+    return core({q, k, v, mask})[0];
+  }
+  std::vector<torch::Tensor> in{q, k, v};
+  if (mask.defined()) {
+    in.push_back(mask);
+  }
+  return remat::checkpoint(core, in, CheckpointOptions().name("attention"))[0];
+}
+
 } // namespace nn
 } // namespace remat
+

@@ -124,21 +124,8 @@ torch::Tensor BertSelfAttentionImpl::forward(
                   .kind(options.attention())
                   .dropout(options.attention_dropout())
                   .training(is_training());
-  torch::Tensor ctx;
-  if (recompute_core) {
-    std::vector<torch::Tensor> in{q, k, v};
-    if (mask.defined()) {
-      in.push_back(mask);
-    }
-    ctx = checkpoint(
-        [attn](const std::vector<torch::Tensor>& t) {
-          return std::vector<torch::Tensor>{
-              attention(t[0], t[1], t[2], t.size() > 3 ? t[3] : torch::Tensor(), attn)};
-        },
-        in, CheckpointOptions().name("attention"))[0];
-  } else {
-    ctx = attention(q, k, v, mask, attn);
-  }
+  auto ctx = recompute_core ? checkpointed_attention(q, k, v, mask, attn)
+                            : attention(q, k, v, mask, attn);
   return ctx.transpose(1, 2).reshape({b, s, options.hidden_size()});
 }
 

@@ -43,12 +43,12 @@ using torch::autograd::variable_list;
 // where masked_fill + mul_ + a separate draw took three and allocated twice.
 // Saves only the 1-byte keep mask.
 struct CpuDropout : public torch::autograd::Function<CpuDropout> {
-  static torch::Tensor forward(AutogradContext* ctx, const torch::Tensor& input, double p) {
+  static torch::Tensor forward(
+      AutogradContext* ctx, const torch::Tensor& input, double p, uint64_t seed) {
     auto x = input.contiguous();
     auto out = torch::empty_like(x, at::MemoryFormat::Contiguous);
     auto keep = torch::empty(x.sizes(), x.options().dtype(torch::kBool));
     bool* k = keep.data_ptr<bool>();
-    const uint64_t seed = draw_seed();
     const auto threshold = static_cast<uint64_t>(p * 4294967296.0);
     const double scale = 1.0 / (1.0 - p);
     AT_DISPATCH_FLOATING_TYPES_AND2(
@@ -90,11 +90,27 @@ struct CpuDropout : public torch::autograd::Function<CpuDropout> {
             }
           });
         });
-    return {out, torch::Tensor()};
+    return {out, torch::Tensor(), torch::Tensor()};
   }
 };
 
 } // namespace
+
+uint64_t draw_dropout_seed() {
+  return draw_seed();
+}
+
+torch::Tensor seeded_dropout(const torch::Tensor& input, double p, uint64_t seed) {
+  TORCH_CHECK(p >= 0 && p < 1, "remat::nn::seeded_dropout: expected p in [0, 1), but got ", p);
+  TORCH_CHECK(
+      input.is_cpu() && at::isFloatingType(input.scalar_type()),
+      "remat::nn::seeded_dropout: expected a CPU floating-point tensor, but got ",
+      input.device(), " ", input.scalar_type());
+  if (p == 0) {
+    return input;
+  }
+  return CpuDropout::apply(input, p, seed);
+}
 
 torch::Tensor dropout(const torch::Tensor& input, double p, bool training) {
   TORCH_CHECK(p >= 0 && p < 1, "remat::nn::dropout: expected p in [0, 1), but got ", p);
@@ -102,7 +118,7 @@ torch::Tensor dropout(const torch::Tensor& input, double p, bool training) {
     return input;
   }
   if (input.is_cpu() && at::isFloatingType(input.scalar_type())) {
-    return CpuDropout::apply(input, p);
+    return CpuDropout::apply(input, p, draw_seed());
   }
   auto drop = torch::rand_like(input, input.options().dtype(torch::kFloat)) < p;
   // masked_fill saves only the bool mask for its backward.

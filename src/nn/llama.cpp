@@ -149,17 +149,9 @@ torch::Tensor LlamaAttentionImpl::forward(
                         .training(is_training())
                         .causal(true);
   // The core: repeat kv heads, scores, softmax, dropout, weighted sum.
-  auto core = [attn, groups](const std::vector<torch::Tensor>& t) {
-    return std::vector<torch::Tensor>{attention(
-        t[0], repeat_kv(t[1], groups), repeat_kv(t[2], groups),
-        t.size() > 3 ? t[3] : torch::Tensor(), attn)};
-  };
-  std::vector<torch::Tensor> in{q, k, v};
-  if (mask.defined()) {
-    in.push_back(mask);
-  }
-  auto ctx = recompute_core ? checkpoint(core, in, CheckpointOptions().name("attention"))[0]
-                            : core(in)[0];
+  auto ctx = recompute_core
+      ? checkpointed_attention(q, k, v, mask, attn)
+      : attention(q, repeat_kv(k, groups), repeat_kv(v, groups), mask, attn);
   return o_proj->forward(ctx.transpose(1, 2).reshape({b, s, heads * d}));
 }
 

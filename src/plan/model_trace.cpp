@@ -373,6 +373,12 @@ class Builder {
         probs = dropout(p + "probs_dropout", probs);
       }
       out = matmul(p + "attention_output", probs, v, {B, heads, S, d}, f);
+      // nn::checkpointed_attention's own kernel (no autocast; a dropout mask
+      // it can redraw from a seed on the CPU) recomputes the probabilities
+      // but not this product; otherwise remat::checkpoint replays it all.
+      if (s.precision() != Precision::kBf16Mixed && (!s.dropout() || s.backend() == Backend::kCpu)) {
+        t.skip_in_recompute();
+      }
     }
     t.block(Block::kOther);
     return out;

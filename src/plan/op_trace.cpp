@@ -333,7 +333,7 @@ TraceCost Trace::cost(SegmentMode mode) const {
     c.forward_flops += o.flops;
     c.backward_flops += o.backward_flops;
     c.parameter_gradient_bytes += o.weight_grad_bytes;
-    if (selective(mode) && o.block == recomputed_block(mode)) {
+    if (selective(mode) && o.block == recomputed_block(mode) && o.replayed) {
       c.recompute_flops += o.flops;
     }
   }

@@ -38,6 +38,10 @@ struct TraceOp {
   double flops = 0;          // forward FLOPs
   double backward_flops = 0; // FLOPs of its backward
   int64_t weight_grad_bytes = 0; // gradients of trainable weights it reads
+  // false: a selective recompute of its block does not run it again (the
+  // eager core's product with v: nn::checkpointed_attention recomputes the
+  // probabilities only).
+  bool replayed = true;
 };
 
 /// What a trace says about its stage in one mode (bytes, FLOPs).
@@ -68,6 +72,8 @@ class Trace {
   void op(std::string name, std::vector<int> inputs, std::vector<int> saved,
           double flops = 0, double backward_flops = 0,
           int64_t weight_grad_bytes = 0);
+  /// Marks the last op as one a selective recompute of its block skips.
+  void skip_in_recompute() { ops_.back().replayed = false; }
   /// Marks the stage output.
   void output(int v) { output_ = v; }
   int output() const { return output_; }

@@ -1,5 +1,8 @@
+#include "remat/checkpoint.h"
 #include "remat/memory.h"
 #include "remat/nn/attention.h"
+
+#include "checkpoint/autocast_state.h"
 
 #include <gtest/gtest.h>
 #include <torch/torch.h>
@@ -268,6 +271,212 @@ TEST_F(AttentionTest, BlockwiseHoldsAnEighthOfEagerAfterForward) {
   RecordProperty("blockwise_bytes", std::to_string(blocks));
   EXPECT_GT(eager, int64_t{8} * 1024 * 1024 * 4);  // at least one [H, S, S] fp32
   EXPECT_LE(blocks * 8, eager) << "blockwise " << blocks << " B, eager " << eager << " B";
+}
+
+// ---------------------------------------------------------------------------
+// checkpointed_attention: the selective-attention core.
+
+torch::Tensor repeat_heads(const torch::Tensor& x, int64_t groups) {
+  const auto s = x.sizes();
+  return x.unsqueeze(2)
+      .expand({s[0], s[1], groups, s[2], s[3]})
+      .reshape({s[0], s[1] * groups, s[2], s[3]});
+}
+
+struct CoreCase {
+  Shape shape;
+  int64_t kv_heads;
+  bool causal;
+  bool padded;
+  double dropout;
+};
+
+// Output and gradients of checkpointed_attention against attention() on
+// repeated heads, from the same RNG state: bit-equal for eager.
+void expect_bit_equal_to_attention(const CoreCase& c, AttentionKind kind) {
+  const auto& s = c.shape;
+  const int64_t groups = s.heads / c.kv_heads;
+  torch::manual_seed(1);
+  auto q0 = torch::randn({s.batch, s.heads, s.sq, s.dim});
+  auto k0 = torch::randn({s.batch, c.kv_heads, s.sk, s.dim});
+  auto v0 = torch::randn({s.batch, c.kv_heads, s.sk, s.dim});
+  auto grad = torch::randn({s.batch, s.heads, s.sq, s.dim});
+  torch::Tensor mask;
+  if (c.padded) {
+    mask = torch::zeros({s.batch, 1, 1, s.sk});
+    mask.index_put_({0, 0, 0, torch::indexing::Slice(s.sk - 3)}, -1e9);
+  }
+  auto o = AttentionOptions().kind(kind).causal(c.causal).dropout(c.dropout).training(true);
+  auto run = [&](bool kept) {
+    auto q = q0.clone().requires_grad_();
+    auto k = k0.clone().requires_grad_();
+    auto v = v0.clone().requires_grad_();
+    torch::manual_seed(7);
+    auto out = kept ? remat::nn::checkpointed_attention(q, k, v, mask, o)
+                    : attention(q, repeat_heads(k, groups), repeat_heads(v, groups), mask, o);
+    // The RNG stream after the call is the same too.
+    auto next = torch::rand({1});
+    out.backward(grad);
+    return std::vector<torch::Tensor>{out.detach(), q.grad(), k.grad(), v.grad(), next};
+  };
+  auto want = run(false);
+  auto got = run(true);
+  SCOPED_TRACE(
+      std::string(remat::nn::to_string(kind)) + " heads " + std::to_string(s.heads) +
+      " kv " + std::to_string(c.kv_heads) + " sq " + std::to_string(s.sq) + " sk " +
+      std::to_string(s.sk) + " causal " + std::to_string(c.causal) + " padded " +
+      std::to_string(c.padded) + " dropout " + std::to_string(c.dropout));
+  const char* names[] = {"out", "dq", "dk", "dv", "rng"};
+  for (size_t i = 0; i < want.size(); ++i) {
+    ASSERT_TRUE(got[i].defined()) << names[i];
+    EXPECT_TRUE(torch::equal(got[i], want[i]))
+        << names[i] << " differs by " << (got[i] - want[i]).abs().max().item<double>();
+  }
+}
+
+TEST_F(AttentionTest, CheckpointedEagerIsBitEqualToEager) {
+  for (const auto& c : std::vector<CoreCase>{
+           {{2, 4, 24, 24, 8}, 4, false, false, 0.0},
+           {{2, 4, 24, 24, 8}, 4, true, false, 0.0},
+           {{2, 4, 24, 24, 8}, 2, true, false, 0.0},   // grouped-query
+           {{2, 4, 24, 24, 8}, 1, true, true, 0.0},    // multi-query, padded
+           {{2, 4, 6, 20, 8}, 2, true, false, 0.0},    // queries after a cache
+           {{2, 4, 24, 24, 8}, 4, false, true, 0.2},   // BERT-like dropout
+           {{2, 4, 24, 24, 8}, 2, true, false, 0.3}}) {
+    expect_bit_equal_to_attention(c, AttentionKind::kEager);
+  }
+}
+
+TEST_F(AttentionTest, CheckpointedBlockwiseIsBitEqualToBlockwise) {
+  expect_bit_equal_to_attention({{2, 4, 40, 40, 8}, 2, true, false, 0.0}, AttentionKind::kBlockwise);
+  expect_bit_equal_to_attention({{2, 4, 40, 40, 8}, 4, false, true, 0.1}, AttentionKind::kBlockwise);
+}
+
+TEST_F(AttentionTest, CheckpointedEagerCountsItsRecompute) {
+  auto in = make({1, 2, 8, 8, 4});
+  auto q = in.q.clone().requires_grad_();
+  const auto before = remat::recompute_count();
+  auto out = remat::nn::checkpointed_attention(q, in.k, in.v, {}, AttentionOptions());
+  EXPECT_EQ(remat::recompute_count(), before);
+  out.backward(in.grad);
+  EXPECT_EQ(remat::recompute_count(), before + 1);
+}
+
+// A frozen k and v (a LoRA adapter only on q): only q gets a gradient, and
+// it is eager's.
+TEST_F(AttentionTest, CheckpointedEagerGivesOnlyTheGradientsAskedFor) {
+  auto in = make({2, 2, 16, 16, 8});
+  auto q1 = in.q.clone().requires_grad_();
+  attention(q1, in.k, in.v, {}, AttentionOptions().causal(true)).backward(in.grad);
+  auto q2 = in.q.clone().requires_grad_();
+  auto out = remat::nn::checkpointed_attention(q2, in.k, in.v, {}, AttentionOptions().causal(true));
+  out.backward(in.grad);
+  EXPECT_TRUE(torch::equal(q1.grad(), q2.grad()));
+
+  // Only v: the probabilities need no graph.
+  auto v = in.v.clone().requires_grad_();
+  auto v_ref = in.v.clone().requires_grad_();
+  remat::nn::checkpointed_attention(in.q, in.k, v, {}, AttentionOptions()).backward(in.grad);
+  attention(in.q, in.k, v_ref, {}, AttentionOptions()).backward(in.grad);
+  EXPECT_TRUE(torch::equal(v.grad(), v_ref.grad()));
+}
+
+// Under autocast it falls back to checkpoint(), which replays the autocast
+// state: still equal to attention() under the same autocast.
+TEST_F(AttentionTest, CheckpointedEagerUnderAutocastMatchesAttention) {
+  auto in = make({2, 2, 16, 16, 8});
+  auto run = [&](bool kept) {
+    auto q = in.q.clone().requires_grad_();
+    auto k = in.k.clone().requires_grad_();
+    auto v = in.v.clone().requires_grad_();
+    torch::Tensor out;
+    {
+      remat::AutocastScope bf16(remat::AutocastState{true, torch::kBFloat16, false, torch::kHalf});
+      out = kept ? remat::nn::checkpointed_attention(q, k, v, {}, AttentionOptions().causal(true))
+                 : attention(q, k, v, {}, AttentionOptions().causal(true));
+    }
+    EXPECT_EQ(out.scalar_type(), torch::kBFloat16);
+    out.backward(in.grad.to(torch::kBFloat16));
+    return std::vector<torch::Tensor>{out, q.grad(), k.grad(), v.grad()};
+  };
+  auto want = run(false);
+  auto got = run(true);
+  for (size_t i = 0; i < want.size(); ++i) {
+    EXPECT_TRUE(torch::equal(got[i], want[i])) << i;
+  }
+}
+
+TEST_F(AttentionTest, CheckpointedEagerRefusesDoubleBackward) {
+  auto in = make({1, 2, 8, 8, 4});
+  auto q = in.q.clone().requires_grad_();
+  auto out = remat::nn::checkpointed_attention(q, in.k, in.v, {}, AttentionOptions());
+  try {
+    torch::autograd::grad({out}, {q}, {in.grad}, /*retain_graph=*/true, /*create_graph=*/true);
+    FAIL() << "expected an error";
+  } catch (const c10::Error& e) {
+    EXPECT_NE(std::string(e.what()).find("no double backward; expected create_graph=false"),
+              std::string::npos) << e.what();
+  }
+}
+
+TEST_F(AttentionTest, CheckpointedAttentionRefusesHeadsThatDoNotGroup) {
+  auto q = torch::randn({1, 3, 8, 4});
+  auto kv = torch::randn({1, 2, 8, 4});
+  try {
+    remat::nn::checkpointed_attention(q, kv, kv, {}, AttentionOptions());
+    FAIL() << "expected an error";
+  } catch (const c10::Error& e) {
+    EXPECT_NE(std::string(e.what()).find("heads a multiple of kv_heads, but got [1, 3, 8, 4]"),
+              std::string::npos) << e.what();
+  }
+}
+
+// What selective-attention is for: after forward nothing [S, S] is held,
+// only the output (q, k and v are the caller's).
+TEST_F(AttentionTest, CheckpointedEagerHoldsOnlyItsOutputAfterForward) {
+  ASSERT_TRUE(remat::memory::installed());
+  auto in = make({1, 8, 512, 512, 64});
+  auto q = in.q.clone().requires_grad_();
+  auto k = in.k.clone().requires_grad_();
+  auto v = in.v.clone().requires_grad_();
+  const auto before = remat::memory::current_bytes();
+  auto out = remat::nn::checkpointed_attention(q, k, v, {}, AttentionOptions().causal(true));
+  const auto held = remat::memory::current_bytes() - before;
+  EXPECT_EQ(held, out.numel() * 4);
+  out.backward(in.grad);
+  EXPECT_TRUE(q.grad().defined() && k.grad().defined() && v.grad().defined());
+}
+
+// Its backward frees each [S, S] gradient as soon as it is used, as the
+// generic checkpoint's does: its peak is no higher.
+TEST_F(AttentionTest, CheckpointedEagerPeaksNoHigherThanACheckpointedCore) {
+  ASSERT_TRUE(remat::memory::installed());
+  auto in = make({1, 8, 256, 256, 64});
+  auto peak = [&](bool kept) {
+    auto q = in.q.clone().requires_grad_();
+    auto k = in.k.clone().requires_grad_();
+    auto v = in.v.clone().requires_grad_();
+    auto grad = in.grad.clone();
+    const auto o = AttentionOptions().causal(true);
+    remat::memory::reset_peak();
+    const auto before = remat::memory::current_bytes();
+    auto out = kept ? remat::nn::checkpointed_attention(q, k, v, {}, o)
+                    : remat::checkpoint(
+                          [o](const std::vector<torch::Tensor>& t) {
+                            return std::vector<torch::Tensor>{attention(t[0], t[1], t[2], {}, o)};
+                          },
+                          {q, k, v})[0];
+    out.backward(grad);
+    return remat::memory::peak_bytes() - before;
+  };
+  const auto generic = peak(false);
+  const auto lean = peak(true);
+  RecordProperty("checkpoint_peak_bytes", std::to_string(generic));
+  RecordProperty("checkpointed_attention_peak_bytes", std::to_string(lean));
+  EXPECT_LE(lean, generic);
+  // At most three [8, 256, 256] fp32 tensors at once (probabilities, their
+  // gradient, the scores' gradient) besides q, k, v and their gradients.
+  EXPECT_LE(lean, 3 * 8 * 256 * 256 * 4 + 7 * 8 * 256 * 64 * 4);
 }
 
 } // namespace

@@ -22,5 +22,19 @@ namespace nn {
 /// rest by 1 / (1 - p); returns `input` unchanged otherwise or when p == 0.
 torch::Tensor dropout(const torch::Tensor& input, double p, bool training);
 
+/// The seed that dropout() draws for a CPU tensor: one 64-bit number from
+/// the default CPU generator.
+uint64_t draw_dropout_seed();
+
+/// dropout() of a CPU floating-point tensor with the mask of `seed`, in
+/// training: the same seed and shape give the same mask, so a caller that
+/// keeps the seed (8 bytes) can apply the mask again in a recompute.
+/// dropout(x, p, true) equals seeded_dropout(x, p, draw_dropout_seed()).
+///
+/// Example:
+///   const uint64_t seed = remat::nn::draw_dropout_seed();
+///   auto y = remat::nn::seeded_dropout(x, 0.1, seed);
+torch::Tensor seeded_dropout(const torch::Tensor& input, double p, uint64_t seed);
+
 } // namespace nn
 } // namespace remat
