@@ -58,6 +58,9 @@ struct BenchConfig {
   /// "process": each policy in a process of its own (cli/isolate.h says
   /// why); "in-process": all in this one, timed in interleaved rounds.
   std::string isolation = "process";
+  /// "process" mode: how many times each policy's process runs, in
+  /// alternating order (see run_isolated).
+  int64_t rounds = 1;
   // A child of the "process" mode: where the reference gradients go to, or
   // come from (hidden flags).
   std::string grads_out, grads_ref;
@@ -83,6 +86,9 @@ struct RunResult {
   double predicted_step_seconds = 0;
   CheckpointPolicy applied;      ///< what the timed rounds set on the model
   std::vector<double> times, forward_times; ///< seconds, one per timed step
+  /// --rounds > 1: per round, the median step of this policy over none's
+  /// median step in the same round.
+  std::vector<double> round_ratios;
 };
 
 // Gradients of a reference run, kept outside remat's allocator so that they
@@ -225,6 +231,11 @@ void validate(const BenchConfig& c) {
           "expected a probability in [0, 1), but got " + std::to_string(c.dropout));
   require(c.isolation == "process" || c.isolation == "in-process", "--isolation",
           "expected process or in-process, but got '" + c.isolation + "'");
+  require(c.rounds >= 1, "--rounds", "expected a value >= 1, but got " +
+          std::to_string(c.rounds));
+  require(c.rounds == 1 || c.isolation == "process", "--rounds",
+          "expected 1 with --isolation in-process (it interleaves steps already), but got " +
+              std::to_string(c.rounds));
 }
 
 // The LoRA targets of "a,b,,c": empty items dropped.
@@ -555,6 +566,18 @@ void print_table(const std::vector<RunResult>& runs, std::ostream& out) {
     out << line;
   }
   for (const auto& r : runs) {
+    if (r.round_ratios.empty() || r.policy == "none") {
+      continue;
+    }
+    out << r.policy << ": step vs none per round (median of each round's steps):";
+    for (double x : r.round_ratios) {
+      char b[16];
+      std::snprintf(b, sizeof(b), " %.2fx", x);
+      out << b;
+    }
+    out << "\n";
+  }
+  for (const auto& r : runs) {
     if (r.planned && r.ok) {
       out << r.policy << ": planned " << r.schedule << " (predicted peak "
           << memory::format_size(r.predicted_peak) << ", measured "
@@ -598,6 +621,9 @@ nlohmann::json to_json(const RunResult& r) {
       r.max_abs_grad_diff >= 0 ? nlohmann::json(r.max_abs_grad_diff) : nlohmann::json();
   j["step_seconds_all"] = r.times;
   j["forward_seconds_all"] = r.forward_times;
+  if (!r.round_ratios.empty()) {
+    j["step_ratio_per_round"] = r.round_ratios;
+  }
   return j;
 }
 
@@ -662,47 +688,108 @@ std::vector<std::string> child_args(const BenchConfig& c, const std::string& pol
   return a;
 }
 
-// Each policy in a process of its own, one after another: warm-up, the
-// measured step and the timed steps, as the in-process mode does for one
-// policy. `none` runs first and leaves its gradients for the others.
+// One policy in a process of its own: warm-up, the measured step and the
+// timed steps, as the in-process mode does for one policy. `reference` is
+// where none's gradients go (write) or come from (read).
+RunResult run_child(
+    const BenchConfig& c, const PolicyItem& item, const std::string& json,
+    const std::string& reference, bool write_reference, bool read_reference) {
+  auto args = child_args(c, item.text);
+  args.insert(args.end(), {"--json", json});
+  if (write_reference) {
+    args.insert(args.end(), {"--grads-out", reference});
+  } else if (read_reference) {
+    args.insert(args.end(), {"--grads-ref", reference});
+  }
+  const auto outcome = run_self(args);
+  if (outcome.exit_code == 2) {
+    // The child refused a flag the parent let through (LoRA targets are
+    // only checked against a built model): the same mistake for all.
+    std::cout << "\n";
+    throw UsageError(strip_error_prefix(outcome.error));
+  }
+  std::ifstream f(json);
+  RunResult r;
+  if (f) {
+    r = from_json(nlohmann::json::parse(f).at("runs").at(0));
+  } else {
+    r.policy = item.policy.name();
+    r.ok = false;
+    r.error = "its process exited with status " + std::to_string(outcome.exit_code) +
+        (outcome.error.empty() ? "" : ": " + strip_error_prefix(outcome.error));
+  }
+  return r;
+}
+
+// Each policy in a process of its own, one after another; `none` runs first
+// and leaves its gradients for the others. With --rounds N every policy's
+// process runs N times, the order reversed every other round (none, A, B,
+// then B, A, none, ...): this machine's speed drifts by 10-20% over minutes,
+// and a fixed order charges the drift to whichever policy runs last. The
+// step samples of all rounds are pooled; the bytes are the first round's
+// (they repeat exactly), and each round's ratio to none is kept.
 std::vector<RunResult> run_isolated(const BenchConfig& c, const std::vector<PolicyItem>& policies) {
   TempDir dir("remat-bench");
   const std::string reference = dir.file("reference.grads");
   bool have_reference = false;
-  std::vector<RunResult> runs;
-  for (size_t k = 0; k < policies.size(); ++k) {
-    const auto& item = policies[k];
-    const std::string json = dir.file("run" + std::to_string(k) + ".json");
-    auto args = child_args(c, item.text);
-    args.insert(args.end(), {"--json", json});
-    const bool is_reference = !item.policy.enabled() && !have_reference;
-    if (is_reference) {
-      args.insert(args.end(), {"--grads-out", reference});
-    } else if (have_reference) {
-      args.insert(args.end(), {"--grads-ref", reference});
+  std::vector<RunResult> runs(policies.size());
+  std::vector<std::vector<double>> round_medians(policies.size());
+  const size_t total = policies.size() * static_cast<size_t>(c.rounds);
+  size_t done = 0;
+  for (int64_t round = 0; round < c.rounds; ++round) {
+    for (size_t n = 0; n < policies.size(); ++n) {
+      const size_t k = round % 2 == 0 ? n : policies.size() - 1 - n;
+      const auto& item = policies[k];
+      if (round > 0 && !runs[k].ok) {
+        continue; // failed in the first round: it fails the same way again
+      }
+      const bool is_reference = round == 0 && !item.policy.enabled() && !have_reference;
+      std::cout << "[" << ++done << "/" << total << "] " << item.policy.name()
+                << (c.rounds > 1 ? " (round " + std::to_string(round + 1) + ")" : "")
+                << ": in its own process ... " << std::flush;
+      const std::string json =
+          dir.file("run" + std::to_string(k) + "_" + std::to_string(round) + ".json");
+      auto r = run_child(c, item, json, reference, is_reference, have_reference);
+      std::cout << (r.ok ? "done" : "failed") << "\n";
+      have_reference = have_reference || (is_reference && r.ok);
+      if (round == 0) {
+        runs[k] = std::move(r);
+        round_medians[k].push_back(runs[k].step_seconds);
+        continue;
+      }
+      if (!r.ok) {
+        runs[k] = std::move(r);
+        continue;
+      }
+      auto& first = runs[k];
+      first.times.insert(first.times.end(), r.times.begin(), r.times.end());
+      first.forward_times.insert(
+          first.forward_times.end(), r.forward_times.begin(), r.forward_times.end());
+      round_medians[k].push_back(r.step_seconds);
     }
-    std::cout << "[" << k + 1 << "/" << policies.size() << "] " << item.policy.name()
-              << ": in its own process ... " << std::flush;
-    const auto outcome = run_self(args);
-    if (outcome.exit_code == 2) {
-      // The child refused a flag the parent let through (LoRA targets are
-      // only checked against a built model): the same mistake for all.
-      std::cout << "\n";
-      throw UsageError(strip_error_prefix(outcome.error));
+  }
+  if (c.rounds > 1) {
+    const RunResult* none = nullptr;
+    size_t none_index = 0;
+    for (size_t k = 0; k < runs.size(); ++k) {
+      auto& r = runs[k];
+      if (r.ok) {
+        r.step_seconds = median(r.times);
+        r.forward_seconds = median(r.forward_times);
+      }
+      if (r.ok && r.policy == "none" && none == nullptr) {
+        none = &r;
+        none_index = k;
+      }
     }
-    std::ifstream f(json);
-    RunResult r;
-    if (f) {
-      r = from_json(nlohmann::json::parse(f).at("runs").at(0));
-    } else {
-      r.policy = item.policy.name();
-      r.ok = false;
-      r.error = "its process exited with status " + std::to_string(outcome.exit_code) +
-          (outcome.error.empty() ? "" : ": " + strip_error_prefix(outcome.error));
+    for (size_t k = 0; none != nullptr && k < runs.size(); ++k) {
+      if (!runs[k].ok || round_medians[k].size() != round_medians[none_index].size()) {
+        continue;
+      }
+      for (size_t i = 0; i < round_medians[k].size(); ++i) {
+        runs[k].round_ratios.push_back(round_medians[k][i] / round_medians[none_index][i]);
+      }
     }
-    std::cout << (r.ok ? "done" : "failed") << "\n";
-    have_reference = have_reference || (is_reference && r.ok);
-    runs.push_back(std::move(r));
   }
   std::cout << "\n";
   return runs;
@@ -795,7 +882,8 @@ int run_bench(BenchConfig c) {
         {"vocab", c.vocab},    {"dropout", c.dropout}, {"steps", c.steps},
         {"warmup", c.warmup},  {"threads", torch::get_num_threads()},
         {"memory_limit_bytes", limit}, {"weight_bytes", weights},
-        {"seed", c.seed},      {"preset", c.preset}, {"isolation", c.isolation}};
+        {"seed", c.seed},      {"preset", c.preset}, {"isolation", c.isolation},
+        {"rounds", c.rounds}};
     nlohmann::json runs_json = nlohmann::json::array();
     for (const auto& r : runs) {
       runs_json.push_back(to_json(r));
@@ -842,6 +930,11 @@ Run add_bench(CLI::App& root) {
                   "process: each policy in its own process, one after another (steadier: "
                   "no policy inherits another's allocator state); in-process: all in this "
                   "one, timed in interleaved rounds")
+      ->capture_default_str();
+  app->add_option("--rounds", c->rounds,
+                  "process isolation: run each policy's process this many times, in "
+                  "alternating order, and pool the step times (steadier ratios on a "
+                  "machine whose speed drifts)")
       ->capture_default_str();
   // Hidden: how `process` mode hands the reference gradients between children.
   app->add_option("--grads-out", c->grads_out)->group("");

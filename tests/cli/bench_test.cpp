@@ -41,6 +41,8 @@ TEST(BenchCli, BadInputGetsOneLineNamingTheFlagAndExitCode2) {
            {"bench --model llama --heads 8 --kv-heads 3", "--kv-heads"},
            {"bench --lora-rank -1", "--lora-rank"},
            {"bench --isolation threads", "--isolation"},
+           {"bench --rounds 0", "--rounds"},
+           {"bench --rounds 2 --isolation in-process", "--rounds"},
        }) {
     auto r = run_cli(c.args);
     EXPECT_EQ(r.exit_code, 2) << c.args << "\n" << r.err;
@@ -102,6 +104,34 @@ TEST(BenchCli, PolicyPerProcessMeasuresWhatOneProcessDoes) {
     EXPECT_EQ(x["step_seconds_all"].size(), 1u);
   }
   EXPECT_EQ(ja["runs"][2]["schedule"], jb["runs"][2]["schedule"]);
+}
+
+// --rounds 3: each policy's process runs three times, the order reversed in
+// the middle round; samples pool, bytes and gradients stay exact.
+TEST(BenchCli, RoundsAlternateTheOrderAndPoolTheSamples) {
+  const std::string path = ::testing::TempDir() + "/bench_rounds.json";
+  auto r = run_cli(
+      "bench --layers 2 --hidden 32 --heads 4 --seq 16 --batch 2 --vocab 50 --warmup 0 "
+      "--threads 1 --policy none,every-layer --rounds 3 --steps 2 --json " + path);
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  const auto first = r.out.find("[1/6] none (round 1)");
+  const auto reversed = r.out.find("[3/6] every-layer (round 2)");
+  const auto last = r.out.find("[6/6] every-layer (round 3)");
+  EXPECT_NE(first, std::string::npos) << r.out;
+  EXPECT_NE(reversed, std::string::npos) << r.out;
+  EXPECT_NE(last, std::string::npos) << r.out;
+  EXPECT_THAT(r.out, HasSubstr("every-layer: step vs none per round"));
+  std::ifstream f(path);
+  auto j = nlohmann::json::parse(f);
+  EXPECT_EQ(j["config"]["rounds"], 3);
+  for (const auto& run : j["runs"]) {
+    ASSERT_TRUE(run["ok"].get<bool>()) << run.dump();
+    EXPECT_EQ(run["step_seconds_all"].size(), 6u) << run["policy"];
+    EXPECT_EQ(run["forward_seconds_all"].size(), 6u) << run["policy"];
+    EXPECT_EQ(run["max_abs_grad_diff"].get<double>(), 0.0) << run["policy"];
+    ASSERT_EQ(run["step_ratio_per_round"].size(), 3u) << run["policy"];
+  }
+  EXPECT_EQ(j["runs"][0]["step_ratio_per_round"][1].get<double>(), 1.0);
 }
 
 // A child that cannot run reports as a failed policy; the others still run.
