@@ -1,8 +1,11 @@
-// Eager against blockwise attention: bytes held after forward, and the time
-// of forward + backward (median of --runs after --warmup).
+// Eager against blockwise attention, and the selective-attention core
+// (remat::checkpoint around eager against nn::checkpointed_attention): bytes
+// held after forward, peak, and the time of forward + backward (median of
+// --runs after --warmup, the variants interleaved run by run).
 //
 //   ./build/attention_bench --seq 2048 --batch 1 --heads 8 --dim 64 \
 //       --blocks 64,128,256 [--causal]
+#include "remat/checkpoint.h"
 #include "remat/memory.h"
 #include "remat/nn/attention.h"
 
@@ -12,6 +15,7 @@
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
+#include <functional>
 #include <sstream>
 #include <string>
 #include <vector>
@@ -73,34 +77,47 @@ struct Figures {
   double seconds = 0;     ///< median forward + backward
 };
 
-Figures measure(const Args& a, const AttentionOptions& o) {
+using Core = std::function<torch::Tensor(
+    const torch::Tensor&, const torch::Tensor&, const torch::Tensor&)>;
+
+struct Variant {
+  std::string name;
+  Core core;
+  std::vector<double> times;
+  Figures figures;
+};
+
+// Forward + backward of every variant, one run of each per round so that
+// the machine's drift reaches them all alike.
+void measure(const Args& a, std::vector<Variant>& variants) {
   torch::manual_seed(0);
   auto q = torch::randn({a.batch, a.heads, a.seq, a.dim}).requires_grad_();
   auto k = torch::randn({a.batch, a.heads, a.seq, a.dim}).requires_grad_();
   auto v = torch::randn({a.batch, a.heads, a.seq, a.dim}).requires_grad_();
   auto grad = torch::randn({a.batch, a.heads, a.seq, a.dim});
-  Figures f;
-  std::vector<double> times;
   for (int r = 0; r < a.warmup + a.runs; ++r) {
-    q.mutable_grad() = torch::Tensor();
-    k.mutable_grad() = torch::Tensor();
-    v.mutable_grad() = torch::Tensor();
-    const auto before = remat::memory::current_bytes();
-    remat::memory::reset_peak();
-    const auto t0 = std::chrono::steady_clock::now();
-    auto out = remat::nn::attention(q, k, v, {}, o);
-    const auto held = remat::memory::current_bytes() - before;
-    out.backward(grad);
-    const auto t1 = std::chrono::steady_clock::now();
-    if (r >= a.warmup) {
-      times.push_back(std::chrono::duration<double>(t1 - t0).count());
-      f.held_bytes = held;
-      f.peak_bytes = remat::memory::peak_bytes() - before;
+    for (auto& x : variants) {
+      q.mutable_grad() = torch::Tensor();
+      k.mutable_grad() = torch::Tensor();
+      v.mutable_grad() = torch::Tensor();
+      const auto before = remat::memory::current_bytes();
+      remat::memory::reset_peak();
+      const auto t0 = std::chrono::steady_clock::now();
+      auto out = x.core(q, k, v);
+      const auto held = remat::memory::current_bytes() - before;
+      out.backward(grad);
+      const auto t1 = std::chrono::steady_clock::now();
+      if (r >= a.warmup) {
+        x.times.push_back(std::chrono::duration<double>(t1 - t0).count());
+        x.figures.held_bytes = held;
+        x.figures.peak_bytes = remat::memory::peak_bytes() - before;
+      }
     }
   }
-  std::sort(times.begin(), times.end());
-  f.seconds = times[times.size() / 2];
-  return f;
+  for (auto& x : variants) {
+    std::sort(x.times.begin(), x.times.end());
+    x.figures.seconds = x.times[x.times.size() / 2];
+  }
 }
 
 } // namespace
@@ -115,21 +132,42 @@ int main(int argc, char** argv) {
       static_cast<long long>(a.seq), static_cast<long long>(a.dim),
       a.causal ? "causal" : "no mask", at::get_num_threads(), a.runs);
   auto base = AttentionOptions().causal(a.causal);
-  const auto eager = measure(a, base);
-  std::printf(
-      "%-16s held %10s  peak %10s  time %8.1f ms\n", "eager",
-      remat::memory::format_size(eager.held_bytes).c_str(),
-      remat::memory::format_size(eager.peak_bytes).c_str(), eager.seconds * 1e3);
+  std::vector<Variant> variants;
+  variants.push_back({"eager", [base](const torch::Tensor& q, const torch::Tensor& k,
+                                      const torch::Tensor& v) {
+                        return remat::nn::attention(q, k, v, {}, base);
+                      }});
   for (int64_t block : a.blocks) {
-    const auto b = measure(
-        a, AttentionOptions(base).kind(AttentionKind::kBlockwise).block_size(block));
-    const std::string name = "blockwise/" + std::to_string(block);
+    const auto o = AttentionOptions(base).kind(AttentionKind::kBlockwise).block_size(block);
+    variants.push_back({"blockwise/" + std::to_string(block),
+                        [o](const torch::Tensor& q, const torch::Tensor& k,
+                            const torch::Tensor& v) { return remat::nn::attention(q, k, v, {}, o); }});
+  }
+  // The selective-attention core two ways: remat::checkpoint around eager
+  // (a second forward in backward), and checkpointed_attention (which
+  // recomputes the probabilities only).
+  variants.push_back({"checkpoint(eager)", [base](const torch::Tensor& q, const torch::Tensor& k,
+                                                  const torch::Tensor& v) {
+                        return remat::checkpoint(
+                            [base](const std::vector<torch::Tensor>& t) {
+                              return std::vector<torch::Tensor>{
+                                  remat::nn::attention(t[0], t[1], t[2], {}, base)};
+                            },
+                            {q, k, v})[0];
+                      }});
+  variants.push_back({"checkpointed", [base](const torch::Tensor& q, const torch::Tensor& k,
+                                             const torch::Tensor& v) {
+                        return remat::nn::checkpointed_attention(q, k, v, {}, base);
+                      }});
+  measure(a, variants);
+  const auto& eager = variants.front().figures;
+  for (const auto& x : variants) {
     std::printf(
-        "%-16s held %10s  peak %10s  time %8.1f ms   held %.4fx  time %.2fx eager\n",
-        name.c_str(), remat::memory::format_size(b.held_bytes).c_str(),
-        remat::memory::format_size(b.peak_bytes).c_str(), b.seconds * 1e3,
-        static_cast<double>(b.held_bytes) / static_cast<double>(eager.held_bytes),
-        b.seconds / eager.seconds);
+        "%-18s held %10s  peak %10s  time %8.1f ms   held %.4fx  time %.2fx eager\n",
+        x.name.c_str(), remat::memory::format_size(x.figures.held_bytes).c_str(),
+        remat::memory::format_size(x.figures.peak_bytes).c_str(), x.figures.seconds * 1e3,
+        static_cast<double>(x.figures.held_bytes) / static_cast<double>(eager.held_bytes),
+        x.figures.seconds / eager.seconds);
   }
   return 0;
 }
