@@ -13,7 +13,9 @@
 # Percentages are of the predicted peak without checkpointing (within ~1% of
 # the measured one; both are in the table). Timings need a quiet machine:
 # the schedules run one after another, so load that comes and goes slows
-# some more than others; raise --steps for steadier medians.
+# some more than others; `--rounds 2` (or more) runs every schedule's
+# process again in reverse order and pools the samples, which cancels a
+# steady drift.
 set -eu
 here=$(cd "$(dirname "$0")/.." && pwd)
 REMAT=${REMAT:-$here/build/remat}

@@ -45,6 +45,9 @@ struct PlanConfig {
   /// "process": each schedule measured in a process of its own (see
   /// cli/isolate.h); "in-process": all in this one, in interleaved rounds.
   std::string isolation = "process";
+  /// "process": how many times each schedule's process runs, in alternating
+  /// order (see measure_isolated).
+  int64_t rounds = 1;
   // A child of the "process" mode: the one schedule to measure (hidden).
   std::string child_schedule, child_name;
 };
@@ -90,6 +93,11 @@ void validate(const PlanConfig& c) {
           "expected a value >= 0 (0: all cores), but got " + std::to_string(c.threads));
   require(c.isolation == "process" || c.isolation == "in-process", "--isolation",
           "expected process or in-process, but got '" + c.isolation + "'");
+  require(c.rounds >= 1, "--rounds", "expected a value >= 1, but got " +
+          std::to_string(c.rounds));
+  require(c.rounds == 1 || c.isolation == "process", "--rounds",
+          "expected 1 with --isolation in-process (it interleaves steps already), but got " +
+              std::to_string(c.rounds));
 }
 
 // The model, its batch and the loss of a step.
@@ -369,33 +377,48 @@ std::vector<std::string> child_args(const PlanConfig& c, const Candidate& cand) 
           "--child-name", cand.name};
 }
 
-// Each candidate in a process of its own, one after another.
+// Each candidate in a process of its own, one after another. With
+// --rounds N every candidate's process runs N times, the order reversed
+// every other round: this machine's speed drifts over minutes, and a fixed
+// order charges the drift to the candidates that run later. Step samples
+// pool across rounds; the peak is the highest seen.
 void measure_isolated(std::vector<Candidate*>& cands, const PlanConfig& c) {
   TempDir dir("remat-plan");
-  for (size_t k = 0; k < cands.size(); ++k) {
-    auto& cand = *cands[k];
-    const std::string json = dir.file("cand" + std::to_string(k) + ".json");
-    auto args = child_args(c, cand);
-    args.insert(args.end(), {"--json", json});
-    std::printf("[%zu/%zu] %s: in its own process ... ", k + 1, cands.size(), cand.name.c_str());
-    std::fflush(stdout);
-    const auto outcome = run_self(args);
-    cand.measured = true;
-    std::ifstream f(json);
-    if (f) {
-      const auto j = nlohmann::json::parse(f);
-      cand.ok = j.at("ok").get<bool>();
-      cand.peak = j.at("peak_bytes").get<int64_t>();
-      cand.times = j.at("step_seconds_all").get<std::vector<double>>();
-      if (!cand.ok) {
-        cand.error = j.at("error").get<std::string>();
+  const size_t total = cands.size() * static_cast<size_t>(c.rounds);
+  size_t done = 0;
+  for (int64_t round = 0; round < c.rounds; ++round) {
+    for (size_t n = 0; n < cands.size(); ++n) {
+      const size_t k = round % 2 == 0 ? n : cands.size() - 1 - n;
+      auto& cand = *cands[k];
+      if (cand.measured && !cand.ok) {
+        continue; // failed in an earlier round: it fails the same way again
       }
-    } else {
-      cand.ok = false;
-      cand.error = "its process exited with status " + std::to_string(outcome.exit_code) +
-          (outcome.error.empty() ? "" : ": " + strip_error_prefix(outcome.error));
+      const std::string json =
+          dir.file("cand" + std::to_string(k) + "_" + std::to_string(round) + ".json");
+      auto args = child_args(c, cand);
+      args.insert(args.end(), {"--json", json});
+      std::printf("[%zu/%zu] %s%s: in its own process ... ", ++done, total, cand.name.c_str(),
+                  c.rounds > 1 ? (" (round " + std::to_string(round + 1) + ")").c_str() : "");
+      std::fflush(stdout);
+      const auto outcome = run_self(args);
+      cand.measured = true;
+      std::ifstream f(json);
+      if (f) {
+        const auto j = nlohmann::json::parse(f);
+        cand.ok = j.at("ok").get<bool>();
+        cand.peak = std::max(cand.peak, j.at("peak_bytes").get<int64_t>());
+        const auto times = j.at("step_seconds_all").get<std::vector<double>>();
+        cand.times.insert(cand.times.end(), times.begin(), times.end());
+        if (!cand.ok) {
+          cand.error = j.at("error").get<std::string>();
+        }
+      } else {
+        cand.ok = false;
+        cand.error = "its process exited with status " + std::to_string(outcome.exit_code) +
+            (outcome.error.empty() ? "" : ": " + strip_error_prefix(outcome.error));
+      }
+      std::printf("%s\n", cand.ok ? "done" : "failed");
     }
-    std::printf("%s\n", cand.ok ? "done" : "failed");
   }
   std::printf("\n");
 }
@@ -697,7 +720,8 @@ int run_plan(const PlanConfig& c) {
         {"warmup", c.warmup},
         {"selective", !c.no_selective},
         {"seed", c.seed},
-        {"isolation", c.isolation}};
+        {"isolation", c.isolation},
+        {"rounds", c.rounds}};
     nlohmann::json j{{"config", config},
                      {"profile_seconds", profile_seconds},
                      {"chain", chain_json(chain)},
@@ -743,6 +767,10 @@ Run add_plan(CLI::App& root) {
   app->add_option("--isolation", c->isolation,
                   "with --measure, process: each schedule in its own process (steadier); "
                   "in-process: all in this one, in interleaved rounds")
+      ->capture_default_str();
+  app->add_option("--rounds", c->rounds,
+                  "with --measure and process isolation: run each schedule's process this "
+                  "many times, in alternating order, and pool the step times")
       ->capture_default_str();
   // Hidden: the one schedule a child of --isolation process measures.
   app->add_option("--child-schedule", c->child_schedule)->group("");

@@ -107,6 +107,8 @@ TEST(PlanCli, BadInputGetsOneLineNamingTheFlagAndExitCode2) {
            {"plan --attention flash", "--attention"},
            {"plan --repeats 0", "--repeats"},
            {"plan --isolation threads", "--isolation"},
+           {"plan --rounds 0", "--rounds"},
+           {"plan --rounds 3 --isolation in-process", "--rounds"},
            {"plan --no-such-flag", "--no-such-flag"},
        }) {
     auto r = run_cli(c.args);
@@ -164,6 +166,26 @@ TEST(PlanCli, MeasureInProcessesPeaksAsInOneProcess) {
   EXPECT_NEAR(plan["measured_peak_bytes"].get<double>(), predicted, 0.05 * predicted);
   EXPECT_LE(plan["measured_peak_bytes"].get<int64_t>(),
             ja["budgets"][0]["budget_bytes"].get<int64_t>());
+}
+
+// --rounds 2: each schedule's process runs twice, the second round in
+// reverse order, and the step samples pool.
+TEST(PlanCli, MeasureRoundsPoolEachSchedulesSamples) {
+  const std::string path = ::testing::TempDir() + "/plan_rounds.json";
+  auto r = run_cli("plan " + kModel +
+                   " --repeats 1 --budget 70% --measure --steps 2 --warmup 0 --rounds 2 --json " +
+                   path);
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  auto j = read_json(path);
+  EXPECT_EQ(j["config"]["rounds"], 2);
+  const auto n = j["policies"].size();
+  EXPECT_THAT(r.out, HasSubstr("[1/"));
+  EXPECT_THAT(r.out, HasSubstr("(round 2)"));
+  for (const auto& p : j["policies"]) {
+    ASSERT_TRUE(p["measured_ok"].get<bool>()) << p;
+    EXPECT_EQ(p["measured_step_seconds_all"].size(), 4u) << p["name"];
+  }
+  EXPECT_GT(n, 1u);
 }
 
 // The budget halfway between the smallest feasible and no checkpointing,
