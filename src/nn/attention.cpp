@@ -549,19 +549,22 @@ struct RecomputedEagerFunction : torch::autograd::Function<RecomputedEagerFuncti
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    TORCH_CHECK(
-        !torch::GradMode::is_enabled(),
-        "remat::nn::checkpointed_attention: eager attention kept for recompute "
-        "has no double backward; expected create_graph=false, but got true");
+    // create_graph: the gradients need a graph of their own, so the product
+    // is recomputed for real and differentiated as eager's is.
+    const bool create_graph = torch::GradMode::is_enabled();
     auto saved = ctx->get_saved_variables();
     variable_list result(7);
-    std::vector<torch::Tensor> inputs;  // q, k, v, detached
+    std::vector<torch::Tensor> inputs;  // q, k, v
     std::vector<torch::Tensor> targets; // those whose gradient is asked for
     std::vector<size_t> slots;
     for (size_t i = 0; i < 3; ++i) {
-      inputs.push_back(saved[i].detach());
+      // With create_graph the recompute reads the saved tensors themselves,
+      // so that the gradients' graph leads back to the caller's q, k, v.
+      inputs.push_back(create_graph ? saved[i] : saved[i].detach());
       if (ctx->needs_input_grad(i)) {
-        inputs[i].requires_grad_(true);
+        if (!create_graph) {
+          inputs[i].requires_grad_(true);
+        }
         targets.push_back(inputs[i]);
         slots.push_back(i);
       }
@@ -575,17 +578,18 @@ struct RecomputedEagerFunction : torch::autograd::Function<RecomputedEagerFuncti
     torch::Tensor product;
     {
       torch::AutoGradMode grad_on(true);
-      product = ProductBackwardOnly::apply(
-          eager_probs(
-              q, repeat_heads(inputs[1], groups), saved[3], ctx->saved_data["causal"].toBool(),
-              ctx->saved_data["dropout"].toDouble(),
-              static_cast<uint64_t>(ctx->saved_data["seed"].toInt())),
-          repeat_heads(inputs[2], groups));
+      auto probs = eager_probs(
+          q, repeat_heads(inputs[1], groups), saved[3], ctx->saved_data["causal"].toBool(),
+          ctx->saved_data["dropout"].toDouble(),
+          static_cast<uint64_t>(ctx->saved_data["seed"].toInt()));
+      auto values = repeat_heads(inputs[2], groups);
+      product = create_graph ? torch::matmul(probs, values)
+                             : ProductBackwardOnly::apply(probs, values);
     }
     remat::count_recompute();
     auto g = torch::autograd::grad(
-        {product}, targets, {grad}, /*retain_graph=*/false, /*create_graph=*/false,
-        /*allow_unused=*/true);
+        {product}, targets, {grad}, /*retain_graph=*/create_graph,
+        /*create_graph=*/create_graph, /*allow_unused=*/true);
     for (size_t i = 0; i < targets.size(); ++i) {
       result[slots[i]] = g[i];
     }
