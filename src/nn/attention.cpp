@@ -474,17 +474,6 @@ torch::Tensor blockwise(
   return upcast ? out.to(dtype) : out;
 }
 
-// Key/value head h / groups for query head h, as HF's repeat_kv.
-torch::Tensor repeat_heads(const torch::Tensor& x, int64_t groups) {
-  if (groups == 1) {
-    return x;
-  }
-  const auto s = x.sizes();
-  return x.unsqueeze(2)
-      .expand({s[0], s[1], groups, s[2], s[3]})
-      .reshape({s[0], s[1] * groups, s[2], s[3]});
-}
-
 // The backward of matmul(probs, values) without its forward: apply returns
 // an uninitialised tensor of the product's shape, whose gradient backward
 // turns into the product's two gradients with the bmm calls matmul's own
@@ -539,8 +528,8 @@ struct RecomputedEagerFunction : torch::autograd::Function<RecomputedEagerFuncti
     const int64_t groups = q.size(1) / k.size(1);
     const uint64_t seed = dropout > 0 ? draw_dropout_seed() : 0;
     auto out = torch::matmul(
-        eager_probs(q, repeat_heads(k, groups), mask, causal, dropout, seed),
-        repeat_heads(v, groups));
+        eager_probs(q, repeat_kv(k, groups), mask, causal, dropout, seed),
+        repeat_kv(v, groups));
     ctx->save_for_backward({q, k, v, mask});
     ctx->saved_data["causal"] = causal;
     ctx->saved_data["dropout"] = dropout;
@@ -579,10 +568,10 @@ struct RecomputedEagerFunction : torch::autograd::Function<RecomputedEagerFuncti
     {
       torch::AutoGradMode grad_on(true);
       auto probs = eager_probs(
-          q, repeat_heads(inputs[1], groups), saved[3], ctx->saved_data["causal"].toBool(),
+          q, repeat_kv(inputs[1], groups), saved[3], ctx->saved_data["causal"].toBool(),
           ctx->saved_data["dropout"].toDouble(),
           static_cast<uint64_t>(ctx->saved_data["seed"].toInt()));
-      auto values = repeat_heads(inputs[2], groups);
+      auto values = repeat_kv(inputs[2], groups);
       product = create_graph ? torch::matmul(probs, values)
                              : ProductBackwardOnly::apply(probs, values);
     }
@@ -624,6 +613,19 @@ torch::Tensor attention(
   TORCH_INTERNAL_ASSERT(false, "unknown attention kind");
 }
 
+torch::Tensor repeat_kv(const torch::Tensor& x, int64_t groups) {
+  TORCH_CHECK(x.dim() == 4 && groups >= 1,
+              "repeat_kv: expected [batch, kv_heads, seq, dim] and groups >= 1, but got ",
+              x.sizes(), " and groups ", groups);
+  if (groups == 1) {
+    return x;
+  }
+  const auto s = x.sizes();
+  return x.unsqueeze(2)
+      .expand({s[0], s[1], groups, s[2], s[3]})
+      .reshape({s[0], s[1] * groups, s[2], s[3]});
+}
+
 torch::Tensor checkpointed_attention(
     const torch::Tensor& q,
     const torch::Tensor& k,
@@ -659,7 +661,7 @@ torch::Tensor checkpointed_attention(
   }
   auto core = [options, groups](const std::vector<torch::Tensor>& t) {
     return std::vector<torch::Tensor>{attention(
-        t[0], repeat_heads(t[1], groups), repeat_heads(t[2], groups),
+        t[0], repeat_kv(t[1], groups), repeat_kv(t[2], groups),
         t.size() > 3 ? t[3] : torch::Tensor(), options)};
   };
   if (!differentiable) {

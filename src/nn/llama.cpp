@@ -49,18 +49,6 @@ Projection projection(int64_t in, int64_t out) {
   return Projection(ProjectionOptions(in, out).bias(false));
 }
 
-// [B, kv_heads, S, D] -> [B, kv_heads * groups, S, D]; head h reads kv head
-// h / groups, as HF's repeat_kv.
-torch::Tensor repeat_kv(const torch::Tensor& x, int64_t groups) {
-  if (groups == 1) {
-    return x;
-  }
-  const auto s = x.sizes();
-  return x.unsqueeze(2)
-      .expand({s[0], s[1], groups, s[2], s[3]})
-      .reshape({s[0], s[1] * groups, s[2], s[3]});
-}
-
 } // namespace
 
 RMSNormImpl::RMSNormImpl(int64_t hidden_size_, double eps_)

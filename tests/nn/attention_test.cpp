@@ -15,6 +15,7 @@ namespace {
 using remat::nn::AttentionKind;
 using remat::nn::AttentionOptions;
 using remat::nn::attention;
+using remat::nn::repeat_kv;
 
 struct Shape {
   int64_t batch, heads, sq, sk, dim;
@@ -276,11 +277,22 @@ TEST_F(AttentionTest, BlockwiseHoldsAnEighthOfEagerAfterForward) {
 // ---------------------------------------------------------------------------
 // checkpointed_attention: the selective-attention core.
 
-torch::Tensor repeat_heads(const torch::Tensor& x, int64_t groups) {
-  const auto s = x.sizes();
-  return x.unsqueeze(2)
-      .expand({s[0], s[1], groups, s[2], s[3]})
-      .reshape({s[0], s[1] * groups, s[2], s[3]});
+TEST_F(AttentionTest, RepeatKvGivesEachQueryHeadItsGroupsKeyValueHead) {
+  auto kv = torch::randn({2, 3, 5, 4});
+  auto out = repeat_kv(kv, 4);
+  ASSERT_EQ(out.sizes(), torch::IntArrayRef({2, 12, 5, 4}));
+  for (int64_t h = 0; h < 12; ++h) {
+    EXPECT_TRUE(torch::equal(out.select(1, h), kv.select(1, h / 4))) << h;
+  }
+  EXPECT_TRUE(repeat_kv(kv, 1).is_same(kv));
+  try {
+    repeat_kv(torch::randn({3, 5, 4}), 2);
+    FAIL() << "expected an error";
+  } catch (const c10::Error& e) {
+    EXPECT_NE(std::string(e.what()).find(
+                  "expected [batch, kv_heads, seq, dim] and groups >= 1, but got [3, 5, 4]"),
+              std::string::npos) << e.what();
+  }
 }
 
 struct CoreCase {
@@ -313,7 +325,7 @@ void expect_bit_equal_to_attention(const CoreCase& c, AttentionKind kind) {
     auto v = v0.clone().requires_grad_();
     torch::manual_seed(7);
     auto out = kept ? remat::nn::checkpointed_attention(q, k, v, mask, o)
-                    : attention(q, repeat_heads(k, groups), repeat_heads(v, groups), mask, o);
+                    : attention(q, repeat_kv(k, groups), repeat_kv(v, groups), mask, o);
     // The RNG stream after the call is the same too.
     auto next = torch::rand({1});
     out.backward(grad);

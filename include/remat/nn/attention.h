@@ -85,6 +85,16 @@ torch::Tensor attention(
     const torch::Tensor& mask,
     const AttentionOptions& options = {});
 
+/// Repeats grouped key/value heads for the query heads that share them:
+/// [batch, kv_heads, seq, dim] -> [batch, kv_heads * groups, seq, dim],
+/// where query head h reads key/value head h / groups, as Hugging Face's
+/// repeat_kv. groups == 1 returns x itself.
+///
+/// Example:
+///   // k: [2, 2, 128, 64] for 8 query heads
+///   auto k8 = remat::nn::repeat_kv(k, /*groups=*/4);  // [2, 8, 128, 64]
+torch::Tensor repeat_kv(const torch::Tensor& x, int64_t groups);
+
 /// The attention core as the `selective-attention` policy runs it: the
 /// output of attention() on k and v repeated to q's heads, keeping only q, k,
 /// v and the mask for backward, which recomputes the rest. No [seq_q, seq_k]
