@@ -231,11 +231,7 @@ void validate(const BenchConfig& c) {
           "expected a probability in [0, 1), but got " + std::to_string(c.dropout));
   require(c.isolation == "process" || c.isolation == "in-process", "--isolation",
           "expected process or in-process, but got '" + c.isolation + "'");
-  require(c.rounds >= 1, "--rounds", "expected a value >= 1, but got " +
-          std::to_string(c.rounds));
-  require(c.rounds == 1 || c.isolation == "process", "--rounds",
-          "expected 1 with --isolation in-process (it interleaves steps already), but got " +
-              std::to_string(c.rounds));
+  require_rounds(c.rounds, c.isolation);
 }
 
 // The LoRA targets of "a,b,,c": empty items dropped.
@@ -715,8 +711,7 @@ RunResult run_child(
   } else {
     r.policy = item.policy.name();
     r.ok = false;
-    r.error = "its process exited with status " + std::to_string(outcome.exit_code) +
-        (outcome.error.empty() ? "" : ": " + strip_error_prefix(outcome.error));
+    r.error = describe_exit(outcome);
   }
   return r;
 }
@@ -737,16 +732,14 @@ std::vector<RunResult> run_isolated(const BenchConfig& c, const std::vector<Poli
   const size_t total = policies.size() * static_cast<size_t>(c.rounds);
   size_t done = 0;
   for (int64_t round = 0; round < c.rounds; ++round) {
-    for (size_t n = 0; n < policies.size(); ++n) {
-      const size_t k = round % 2 == 0 ? n : policies.size() - 1 - n;
+    for (const size_t k : round_order(round, policies.size())) {
       const auto& item = policies[k];
       if (round > 0 && !runs[k].ok) {
         continue; // failed in the first round: it fails the same way again
       }
       const bool is_reference = round == 0 && !item.policy.enabled() && !have_reference;
-      std::cout << "[" << ++done << "/" << total << "] " << item.policy.name()
-                << (c.rounds > 1 ? " (round " + std::to_string(round + 1) + ")" : "")
-                << ": in its own process ... " << std::flush;
+      std::cout << progress_label(++done, total, item.policy.name(), round, c.rounds)
+                << std::flush;
       const std::string json =
           dir.file("run" + std::to_string(k) + "_" + std::to_string(round) + ".json");
       auto r = run_child(c, item, json, reference, is_reference, have_reference);

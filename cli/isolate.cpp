@@ -1,6 +1,8 @@
 // run_self and TempDir: fork/exec of /proc/self/exe with posix_spawn.
 #include "isolate.h"
 
+#include "command.h"
+
 #include <fcntl.h>
 #include <spawn.h>
 #include <sys/stat.h>
@@ -84,6 +86,33 @@ TempDir::~TempDir() {
 std::string strip_error_prefix(const std::string& line) {
   const std::string prefix = "remat: error: ";
   return line.compare(0, prefix.size(), prefix) == 0 ? line.substr(prefix.size()) : line;
+}
+
+std::string describe_exit(const ChildOutcome& outcome) {
+  return "its process exited with status " + std::to_string(outcome.exit_code) +
+      (outcome.error.empty() ? "" : ": " + strip_error_prefix(outcome.error));
+}
+
+void require_rounds(int64_t rounds, const std::string& isolation) {
+  require(rounds >= 1, "--rounds", "expected a value >= 1, but got " + std::to_string(rounds));
+  require(rounds == 1 || isolation == "process", "--rounds",
+          "expected 1 with --isolation in-process (it interleaves steps already), but got " +
+              std::to_string(rounds));
+}
+
+std::vector<size_t> round_order(int64_t round, size_t count) {
+  std::vector<size_t> order(count);
+  for (size_t n = 0; n < count; ++n) {
+    order[n] = round % 2 == 0 ? n : count - 1 - n;
+  }
+  return order;
+}
+
+std::string progress_label(size_t done, size_t total, const std::string& name,
+                           int64_t round, int64_t rounds) {
+  return "[" + std::to_string(done) + "/" + std::to_string(total) + "] " + name +
+      (rounds > 1 ? " (round " + std::to_string(round + 1) + ")" : "") +
+      ": in its own process ... ";
 }
 
 } // namespace cli

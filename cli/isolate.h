@@ -15,6 +15,8 @@
 //   if (r.exit_code != 0) { ... r.error ... }
 #pragma once
 
+#include <cstddef>
+#include <cstdint>
 #include <string>
 #include <vector>
 
@@ -52,6 +54,25 @@ class TempDir {
 /// "remat: error: --x: ..." -> "--x: ...": a child's one-line error without
 /// the program's prefix.
 std::string strip_error_prefix(const std::string& line);
+
+/// "its process exited with status N: <its error>": why a child that left
+/// no result failed, for a table's error column.
+std::string describe_exit(const ChildOutcome& outcome);
+
+/// Checks --rounds against --isolation (throws UsageError): at least 1, and
+/// 1 unless each item runs in a process of its own.
+void require_rounds(int64_t rounds, const std::string& isolation);
+
+/// The order in which `count` items run in round `round` (from 0) of
+/// --rounds: as given in even rounds, reversed in odd ones, so that a
+/// machine whose speed drifts over minutes does not charge the drift to the
+/// items that always run last.
+std::vector<size_t> round_order(int64_t round, size_t count);
+
+/// "[done/total] name (round r): in its own process ... ", the progress
+/// line's start; "(round r)" only when rounds > 1.
+std::string progress_label(size_t done, size_t total, const std::string& name,
+                           int64_t round, int64_t rounds);
 
 } // namespace cli
 } // namespace remat

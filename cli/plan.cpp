@@ -93,11 +93,7 @@ void validate(const PlanConfig& c) {
           "expected a value >= 0 (0: all cores), but got " + std::to_string(c.threads));
   require(c.isolation == "process" || c.isolation == "in-process", "--isolation",
           "expected process or in-process, but got '" + c.isolation + "'");
-  require(c.rounds >= 1, "--rounds", "expected a value >= 1, but got " +
-          std::to_string(c.rounds));
-  require(c.rounds == 1 || c.isolation == "process", "--rounds",
-          "expected 1 with --isolation in-process (it interleaves steps already), but got " +
-              std::to_string(c.rounds));
+  require_rounds(c.rounds, c.isolation);
 }
 
 // The model, its batch and the loss of a step.
@@ -387,8 +383,7 @@ void measure_isolated(std::vector<Candidate*>& cands, const PlanConfig& c) {
   const size_t total = cands.size() * static_cast<size_t>(c.rounds);
   size_t done = 0;
   for (int64_t round = 0; round < c.rounds; ++round) {
-    for (size_t n = 0; n < cands.size(); ++n) {
-      const size_t k = round % 2 == 0 ? n : cands.size() - 1 - n;
+    for (const size_t k : round_order(round, cands.size())) {
       auto& cand = *cands[k];
       if (cand.measured && !cand.ok) {
         continue; // failed in an earlier round: it fails the same way again
@@ -397,8 +392,7 @@ void measure_isolated(std::vector<Candidate*>& cands, const PlanConfig& c) {
           dir.file("cand" + std::to_string(k) + "_" + std::to_string(round) + ".json");
       auto args = child_args(c, cand);
       args.insert(args.end(), {"--json", json});
-      std::printf("[%zu/%zu] %s%s: in its own process ... ", ++done, total, cand.name.c_str(),
-                  c.rounds > 1 ? (" (round " + std::to_string(round + 1) + ")").c_str() : "");
+      std::printf("%s", progress_label(++done, total, cand.name, round, c.rounds).c_str());
       std::fflush(stdout);
       const auto outcome = run_self(args);
       cand.measured = true;
@@ -414,8 +408,7 @@ void measure_isolated(std::vector<Candidate*>& cands, const PlanConfig& c) {
         }
       } else {
         cand.ok = false;
-        cand.error = "its process exited with status " + std::to_string(outcome.exit_code) +
-            (outcome.error.empty() ? "" : ": " + strip_error_prefix(outcome.error));
+        cand.error = describe_exit(outcome);
       }
       std::printf("%s\n", cand.ok ? "done" : "failed");
     }
