@@ -99,7 +99,7 @@ torch::Tensor eager_probs(
   }
   auto probs = torch::softmax(scores, -1);
   if (dropout > 0) {
-    probs = probs.is_cpu() && at::isFloatingType(probs.scalar_type())
+    probs = seeded_dropout_supports(probs)
         ? remat::nn::seeded_dropout(probs, dropout, seed)
         : remat::nn::dropout(probs, dropout, /*training=*/true);
   }
@@ -117,7 +117,7 @@ torch::Tensor eager(
     const torch::Tensor& mask,
     const AttentionOptions& o) {
   const double p = effective_dropout(o);
-  const uint64_t seed = p > 0 && q.is_cpu() ? draw_dropout_seed() : 0;
+  const uint64_t seed = p > 0 && seeded_dropout_supports(q) ? draw_dropout_seed() : 0;
   return torch::matmul(eager_probs(q, k, mask, o.causal(), p, seed), v);
 }
 
@@ -542,7 +542,7 @@ struct RecomputedEagerFunction : torch::autograd::Function<RecomputedEagerFuncti
     // is recomputed for real and differentiated as eager's is.
     const bool create_graph = torch::GradMode::is_enabled();
     auto saved = ctx->get_saved_variables();
-    variable_list result(7);
+    variable_list result(6); // q, k, v, mask, causal, dropout
     std::vector<torch::Tensor> inputs;  // q, k, v
     std::vector<torch::Tensor> targets; // those whose gradient is asked for
     std::vector<size_t> slots;
@@ -647,7 +647,7 @@ torch::Tensor checkpointed_attention(
   // state, and the dropout mask from a seed it keeps (CPU).
   const bool lean = options.kind() == AttentionKind::kEager && differentiable &&
       !(mask.defined() && mask.requires_grad()) && !AutocastState::capture().any() &&
-      (p == 0 || (q.is_cpu() && q.is_floating_point()));
+      (p == 0 || seeded_dropout_supports(q));
   if (lean) {
     TORCH_CHECK(
         options.dropout() >= 0 && options.dropout() < 1,

@@ -12,14 +12,6 @@ namespace remat {
 namespace nn {
 namespace {
 
-// One 64-bit draw from the default CPU generator per call: seeding and
-// checkpoint recompute (which restores that generator) see the same masks.
-uint64_t draw_seed() {
-  auto gen = at::detail::getDefaultCPUGenerator();
-  std::lock_guard<std::mutex> lock(gen.mutex());
-  return gen.get<at::CPUGeneratorImpl>()->random64();
-}
-
 // splitmix64 of a counter: a strong enough hash for dropout masks, and each
 // element is independent, so the mask is built in parallel and does not
 // depend on the thread count. LibTorch 1.13's CPU uniform_ is a serial
@@ -96,14 +88,22 @@ struct CpuDropout : public torch::autograd::Function<CpuDropout> {
 
 } // namespace
 
+// One 64-bit draw from the default CPU generator per call: seeding and
+// checkpoint recompute (which restores that generator) see the same masks.
 uint64_t draw_dropout_seed() {
-  return draw_seed();
+  auto gen = at::detail::getDefaultCPUGenerator();
+  std::lock_guard<std::mutex> lock(gen.mutex());
+  return gen.get<at::CPUGeneratorImpl>()->random64();
+}
+
+bool seeded_dropout_supports(const torch::Tensor& input) {
+  return input.is_cpu() && at::isFloatingType(input.scalar_type());
 }
 
 torch::Tensor seeded_dropout(const torch::Tensor& input, double p, uint64_t seed) {
   TORCH_CHECK(p >= 0 && p < 1, "remat::nn::seeded_dropout: expected p in [0, 1), but got ", p);
   TORCH_CHECK(
-      input.is_cpu() && at::isFloatingType(input.scalar_type()),
+      seeded_dropout_supports(input),
       "remat::nn::seeded_dropout: expected a CPU floating-point tensor, but got ",
       input.device(), " ", input.scalar_type());
   if (p == 0) {
@@ -117,8 +117,8 @@ torch::Tensor dropout(const torch::Tensor& input, double p, bool training) {
   if (!training || p == 0) {
     return input;
   }
-  if (input.is_cpu() && at::isFloatingType(input.scalar_type())) {
-    return CpuDropout::apply(input, p, draw_seed());
+  if (seeded_dropout_supports(input)) {
+    return CpuDropout::apply(input, p, draw_dropout_seed());
   }
   auto drop = torch::rand_like(input, input.options().dtype(torch::kFloat)) < p;
   // masked_fill saves only the bool mask for its backward.

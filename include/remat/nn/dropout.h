@@ -26,6 +26,11 @@ torch::Tensor dropout(const torch::Tensor& input, double p, bool training);
 /// the default CPU generator.
 uint64_t draw_dropout_seed();
 
+/// Whether seeded_dropout() takes `input`: a CPU floating-point tensor.
+/// dropout() of any other tensor draws its mask with rand_like, which no
+/// seed replays.
+bool seeded_dropout_supports(const torch::Tensor& input);
+
 /// dropout() of a CPU floating-point tensor with the mask of `seed`, in
 /// training: the same seed and shape give the same mask, so a caller that
 /// keeps the seed (8 bytes) can apply the mask again in a recompute.
