@@ -303,11 +303,18 @@ Chain profile(
           run_once(st, x, SegmentMode::kStore, meter, /*grouped=*/true).backward_transient);
     }
     const double store_seconds = total_seconds(base);
+    // A recompute runs ops a second time, so it is never free. Where it costs
+    // less than the noise (checkpointed_attention's lean recompute of a small
+    // layer), a difference <= 0 would make it tie with storing, and the
+    // solver breaks ties by memory: a budget that storing fits would get a
+    // recompute on some runs and not on others. A nanosecond keeps storing
+    // ahead on such ties and changes no step time anyone can see.
+    constexpr double kLeastRecomputeSeconds = 1e-9;
     for (size_t k = 1; k < modes.size(); ++k) {
       const auto& v = samples[k];
       auto sel = SelectiveCost(
                      std::max(largest(v, &Sample::stored), cost.output_bytes()),
-                     std::max(0.0, total_seconds(v) - store_seconds))
+                     std::max(kLeastRecomputeSeconds, total_seconds(v) - store_seconds))
                      .forward_transient_bytes(largest(v, &Sample::forward_transient))
                      .backward_transient_bytes(largest(v, &Sample::backward_transient));
       if (modes[k] == SegmentMode::kRecomputeAttention) {

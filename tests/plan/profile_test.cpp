@@ -214,6 +214,29 @@ TEST_F(PlanProfile, BudgetPolicyIsPlannedAtTheFirstForward) {
   EXPECT_EQ(bert_->checkpoint_schedule().str(), planned.str());
 }
 
+// A measured recompute costs more than nothing, even where it hides in the
+// noise: a budget that storing everything fits plans to store everything,
+// every time, instead of breaking a tie by memory.
+TEST_F(PlanProfile, RecomputeIsNeverFreeSoABudgetThatStoringFitsStores) {
+  // One model at a time: each builds on this fixture's inputs.
+  auto check = [](const Subject& s) {
+    const auto chain = s.profile();
+    for (const auto& stage : chain.stages) {
+      for (auto mode : {remat::SegmentMode::kRecomputeAttention,
+                        remat::SegmentMode::kRecomputeMlp}) {
+        if (const auto sel = stage.selective(mode)) {
+          EXPECT_GT(sel->recompute_seconds(), 0.0) << s.name << " " << stage.name();
+        }
+      }
+    }
+    const auto store = CheckpointPolicy::none().schedule(s.layers);
+    const auto plan = remat::plan::solve(chain, remat::plan::peak(chain, store));
+    EXPECT_EQ(plan.schedule.str(), store.str()) << s.name;
+  };
+  check(llama());
+  check(bert());
+}
+
 TEST_F(PlanProfile, ProfilingLeavesGradientsAlone) {
   auto s = llama();
   auto params = llama_->parameters();
