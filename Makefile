@@ -1,27 +1,62 @@
 # Two commands for a fresh Debian 12 machine: `make demo` and `make test`.
-BUILD ?= build
+#
+# TORCH picks the LibTorch:
+#   TORCH=1  Debian's libtorch-dev 1.13.1 (CPU), the default
+#   TORCH=2  PyPI's torch 2.15.0 wheel (a CUDA 13.2 build; runs on the CPU
+#            where there is no GPU), installed by scripts/setup into
+#            REMAT_VENV with transformers, the peer the tests compare with
+# Each leg has its own build folder, so both can be built side by side.
+TORCH ?= 1
 JOBS ?= $(shell nproc)
 CMAKE_ARGS ?=
+REMAT_VENV ?= $(HOME)/.cache/remat/torch2-venv
+export REMAT_VENV
 
-.PHONY: all setup build test demo bench clean
+ifeq ($(TORCH),1)
+BUILD ?= build
+TORCH_CMAKE_ARGS :=
+else ifeq ($(TORCH),2)
+BUILD ?= build-torch2
+# Evaluated by the shell when cmake runs, after setup made the venv.
+TORCH_CMAKE_ARGS := -DCMAKE_PREFIX_PATH="$$($(REMAT_VENV)/bin/python -c 'import torch; print(torch.utils.cmake_prefix_path)')" \
+  -DREMAT_PYTHON=$(REMAT_VENV)/bin/python
+else
+$(error TORCH: expected 1 (LibTorch 1.13) or 2 (LibTorch 2.15), but got '$(TORCH)')
+endif
+
+.PHONY: all setup configure build test demo consumer bench clean
 
 all: build
 
 setup:
-	@bash scripts/setup
+	@bash scripts/setup $(TORCH)
 
 $(BUILD)/CMakeCache.txt:
-	cmake -S . -B $(BUILD) -DCMAKE_BUILD_TYPE=Release $(CMAKE_ARGS)
+	cmake -S . -B $(BUILD) -DCMAKE_BUILD_TYPE=Release $(TORCH_CMAKE_ARGS) $(CMAKE_ARGS)
 
-build: setup $(BUILD)/CMakeCache.txt
+configure: setup $(BUILD)/CMakeCache.txt
+
+build: configure
 	cmake --build $(BUILD) -j $(JOBS)
 
 test: build
 	cd $(BUILD) && ctest --output-on-failure -j 1
+	@$(MAKE) --no-print-directory consumer
+
+# Installs remat into $(BUILD)/install and builds examples/consumer, a project
+# of its own, against it with find_package(remat); then runs it.
+consumer: build
+	cmake --install $(BUILD) --prefix $(BUILD)/install >/dev/null
+	cmake -S examples/consumer -B $(BUILD)/consumer -DCMAKE_BUILD_TYPE=Release \
+	  -DCMAKE_PREFIX_PATH="$(abspath $(BUILD))/install" \
+	  -DTorch_DIR="$$(sed -n 's/^Torch_DIR:PATH=//p' $(BUILD)/CMakeCache.txt)" >/dev/null
+	cmake --build $(BUILD)/consumer -j $(JOBS)
+	$(BUILD)/consumer/consumer
 
 # The main job: how much memory checkpointing saves on a BERT encoder, and
-# what it costs in time (sized for a 2-core CPU, about half a minute).
-demo: build
+# what it costs in time (sized for a 2-core CPU). Builds only the CLI.
+demo: configure
+	cmake --build $(BUILD) -j $(JOBS) --target remat_cli
 	$(BUILD)/remat bench --layers 12 --hidden 256 --heads 4 --seq 256 --batch 8 \
 	  --policy none,every-layer,every-2,sqrt,selective-attention --steps 3 --warmup 1
 

@@ -209,13 +209,8 @@ void validate(const BenchConfig& c) {
           std::to_string(c.lora_rank));
   require(c.model == "bert" || c.model == "llama", "--model",
           "expected bert or llama, but got '" + c.model + "'");
-#if TORCH_VERSION_MAJOR < 2
-  require(c.attention != "sdpa", "--attention",
-          "sdpa needs LibTorch >= 2.0, but this build has " TORCH_VERSION
-          "; use eager or blockwise");
-#endif
   try {
-    nn::parse_attention(c.attention);
+    nn::check_attention_supported(nn::parse_attention(c.attention));
   } catch (const c10::Error& e) {
     throw UsageError("--attention: " + std::string(e.what_without_backtrace()));
   }

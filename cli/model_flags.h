@@ -97,10 +97,11 @@ inline void validate(const ModelFlags& f) {
               std::to_string(f.hidden / f.heads));
   require(f.attention == "eager" || f.attention == "blockwise" || f.attention == "sdpa",
           "--attention", "expected eager, blockwise or sdpa, but got '" + f.attention + "'");
-#if TORCH_VERSION_MAJOR < 2
-  require(f.attention != "sdpa", "--attention",
-          "sdpa needs LibTorch >= 2.0, but this build has " TORCH_VERSION "; use eager or blockwise");
-#endif
+  try {
+    nn::check_attention_supported(nn::parse_attention(f.attention));
+  } catch (const c10::Error& e) {
+    throw UsageError("--attention: " + std::string(e.what_without_backtrace()));
+  }
   require(f.dtype == "fp32" || f.dtype == "bf16", "--dtype",
           "expected fp32 or bf16, but got '" + f.dtype + "'");
   require(f.dropout == -1 || (f.dropout >= 0 && f.dropout < 1), "--dropout",

@@ -44,10 +44,12 @@ class Optimizer;
 
 namespace remat {
 
-/// Thrown when an allocation would take the counted bytes past the limit set
-/// with `memory::set_limit`. Distinct from LibTorch's own errors so that a
-/// caller can tell "does not fit" from "is broken".
-class OutOfMemoryError : public c10::Error {
+/// Thrown when an allocation would take the counted CPU bytes past the limit
+/// set with `memory::set_limit`. A c10::OutOfMemoryError, as LibTorch's CUDA
+/// allocator throws when a device (or a CUDA limit) is full, so one
+/// `catch (const c10::OutOfMemoryError&)` tells "does not fit" from "is
+/// broken" on either device.
+class OutOfMemoryError : public c10::OutOfMemoryError {
  public:
   OutOfMemoryError(int64_t requested, int64_t held, int64_t limit);
 
@@ -90,6 +92,17 @@ int64_t set_limit(int64_t limit_bytes);
 /// The current CPU limit in bytes (0: none).
 int64_t limit();
 
+/// Caps what `device` may hold. For the CPU this is `set_limit(limit_bytes)`.
+/// For a CUDA device (CUDA builds) it sets the caching allocator's memory
+/// fraction to `limit_bytes` / the device's total bytes, so reserving past
+/// the limit throws c10::OutOfMemoryError, as a device of that size would
+/// (the allocator counts reserved bytes, a little above `current_bytes`).
+/// 0 removes the cap. Returns the previous limit (bytes, 0 for none).
+int64_t set_limit(int64_t limit_bytes, c10::Device device);
+
+/// The limit of `device` in bytes (0: none).
+int64_t limit(c10::Device device);
+
 /// Bytes of freed CPU blocks kept for reuse (not counted in current_bytes).
 /// Under a limit, the cache is emptied before held + cached bytes would pass
 /// it, so the process stays within the device it stands for.
@@ -101,15 +114,18 @@ void empty_cache();
 /// Turns the CPU block cache on (the default) or off; off empties it.
 void set_caching(bool enabled);
 
-/// Sets a limit for the lifetime of the guard, then restores the previous one.
+/// Sets a limit (bytes) on `device` for the lifetime of the guard, then
+/// restores the previous one.
 class LimitGuard {
  public:
-  explicit LimitGuard(int64_t limit_bytes) : previous_(set_limit(limit_bytes)) {}
-  ~LimitGuard() { set_limit(previous_); }
+  explicit LimitGuard(int64_t limit_bytes, c10::Device device = c10::kCPU)
+      : device_(device), previous_(set_limit(limit_bytes, device)) {}
+  ~LimitGuard() { set_limit(previous_, device_); }
   LimitGuard(const LimitGuard&) = delete;
   LimitGuard& operator=(const LimitGuard&) = delete;
 
  private:
+  c10::Device device_;
   int64_t previous_;
 };
 

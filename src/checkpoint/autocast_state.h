@@ -2,14 +2,11 @@
 // and put back around its recompute, across LibTorch 1.13 and 2.x APIs.
 #pragma once
 
+#include "compat/torch.h"
+
 #include <ATen/autocast_mode.h>
-#include <torch/version.h>
 
 namespace remat {
-
-#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 4)
-#define REMAT_AUTOCAST_DEVICE_API 1
-#endif
 
 struct AutocastState {
   bool cpu_enabled = false;
@@ -19,17 +16,10 @@ struct AutocastState {
 
   static AutocastState capture() {
     AutocastState s;
-#ifdef REMAT_AUTOCAST_DEVICE_API
-    s.cpu_enabled = at::autocast::is_autocast_enabled(at::kCPU);
-    s.cpu_dtype = at::autocast::get_autocast_dtype(at::kCPU);
-    s.cuda_enabled = at::autocast::is_autocast_enabled(at::kCUDA);
-    s.cuda_dtype = at::autocast::get_autocast_dtype(at::kCUDA);
-#else
-    s.cpu_enabled = at::autocast::is_cpu_enabled();
-    s.cpu_dtype = at::autocast::get_autocast_cpu_dtype();
-    s.cuda_enabled = at::autocast::is_enabled();
-    s.cuda_dtype = at::autocast::get_autocast_gpu_dtype();
-#endif
+    s.cpu_enabled = compat::autocast_enabled(c10::DeviceType::CPU);
+    s.cpu_dtype = compat::autocast_dtype(c10::DeviceType::CPU);
+    s.cuda_enabled = compat::autocast_enabled(c10::DeviceType::CUDA);
+    s.cuda_dtype = compat::autocast_dtype(c10::DeviceType::CUDA);
     return s;
   }
 
@@ -39,17 +29,10 @@ struct AutocastState {
   }
 
   void apply() const {
-#ifdef REMAT_AUTOCAST_DEVICE_API
-    at::autocast::set_autocast_enabled(at::kCPU, cpu_enabled);
-    at::autocast::set_autocast_dtype(at::kCPU, cpu_dtype);
-    at::autocast::set_autocast_enabled(at::kCUDA, cuda_enabled);
-    at::autocast::set_autocast_dtype(at::kCUDA, cuda_dtype);
-#else
-    at::autocast::set_cpu_enabled(cpu_enabled);
-    at::autocast::set_autocast_cpu_dtype(cpu_dtype);
-    at::autocast::set_enabled(cuda_enabled);
-    at::autocast::set_autocast_gpu_dtype(cuda_dtype);
-#endif
+    compat::set_autocast_enabled(c10::DeviceType::CPU, cpu_enabled);
+    compat::set_autocast_dtype(c10::DeviceType::CPU, cpu_dtype);
+    compat::set_autocast_enabled(c10::DeviceType::CUDA, cuda_enabled);
+    compat::set_autocast_dtype(c10::DeviceType::CUDA, cuda_dtype);
   }
 };
 

@@ -1,6 +1,8 @@
 // GradReducer: gradients packed into flat buckets, summed across the group.
 #include "remat/dist/data_parallel.h"
 
+#include "compat/torch.h"
+
 #include <c10/util/Exception.h>
 #include <torch/csrc/autograd/function.h>
 #include <torch/csrc/autograd/function_hook.h>
@@ -25,7 +27,7 @@ struct GradReducer::State {
   std::vector<std::vector<size_t>> buckets;
   std::vector<size_t> bucket_of; ///< parameter -> bucket
   /// The accumulators carry the hooks; autograd caches them only weakly.
-  std::vector<std::shared_ptr<torch::autograd::Node>> accumulators;
+  std::vector<compat::GradAccumulatorPtr> accumulators;
   std::vector<uintptr_t> hook_keys;
 
   // The step so far, guarded by `mutex` (hooks run on autograd's threads).

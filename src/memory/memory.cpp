@@ -1,14 +1,18 @@
 #include "remat/memory.h"
 
+#include "compat/torch.h"
+
 #include <c10/core/Allocator.h>
 #include <c10/core/CPUAllocator.h>
 #include <c10/core/impl/alloc_cpu.h>
 #include <torch/nn/module.h>
 #include <torch/optim.h>
-#include <torch/version.h>
 
 #ifdef REMAT_WITH_CUDA
 #include <c10/cuda/CUDACachingAllocator.h>
+#include <c10/cuda/CUDAFunctions.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <cuda_runtime_api.h>
 #endif
 
 #include <algorithm>
@@ -35,7 +39,7 @@ std::string oom_message(int64_t requested, int64_t held, int64_t limit) {
 } // namespace
 
 OutOfMemoryError::OutOfMemoryError(int64_t requested, int64_t held, int64_t limit)
-    : c10::Error(
+    : c10::OutOfMemoryError(
           c10::SourceLocation{__func__, __FILE__, static_cast<uint32_t>(__LINE__)},
           oom_message(requested, held, limit)),
       requested_(requested),
@@ -147,9 +151,9 @@ void counted_free(void* payload) {
   }
 }
 
-class CountingAllocator final : public c10::Allocator {
+class CountingAllocator final : public compat::CpuAllocatorBase {
  public:
-  c10::DataPtr allocate(size_t nbytes) const override {
+  c10::DataPtr allocate_bytes(size_t nbytes) const override {
     auto& c = counters();
     const auto n = static_cast<int64_t>(nbytes);
     const int64_t now = c.current.fetch_add(n, std::memory_order_relaxed) + n;
@@ -182,12 +186,6 @@ class CountingAllocator final : public c10::Allocator {
   c10::DeleterFnPtr raw_deleter() const override {
     return &counted_free;
   }
-
-#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 3)
-  void copy_data(void* dest, const void* src, std::size_t count) const override {
-    default_copy_data(dest, src, count);
-  }
-#endif
 };
 
 CountingAllocator& counting_allocator() {
@@ -197,14 +195,6 @@ CountingAllocator& counting_allocator() {
 
 std::once_flag install_once;
 std::atomic<bool> is_installed{false};
-
-#ifdef REMAT_WITH_CUDA
-const c10::cuda::CUDACachingAllocator::Stat& cuda_allocated(
-    const c10::cuda::CUDACachingAllocator::DeviceStats& stats) {
-  return stats.allocated_bytes[static_cast<size_t>(
-      c10::cuda::CUDACachingAllocator::StatType::AGGREGATE)];
-}
-#endif
 
 bool is_cuda(c10::Device device) {
 #ifdef REMAT_WITH_CUDA
@@ -217,6 +207,19 @@ bool is_cuda(c10::Device device) {
   return false;
 #endif
 }
+
+#ifdef REMAT_WITH_CUDA
+c10::DeviceIndex cuda_index(c10::Device device) {
+  return device.index() < 0 ? c10::cuda::current_device() : device.index();
+}
+
+// Limits set per CUDA device (bytes, 0: none), for limit(device).
+std::mutex cuda_limits_mutex;
+std::unordered_map<c10::DeviceIndex, int64_t>& cuda_limits() {
+  static std::unordered_map<c10::DeviceIndex, int64_t> limits;
+  return limits;
+}
+#endif
 
 } // namespace
 
@@ -235,9 +238,7 @@ bool installed() {
 int64_t current_bytes(c10::Device device) {
   if (is_cuda(device)) {
 #ifdef REMAT_WITH_CUDA
-    return cuda_allocated(c10::cuda::CUDACachingAllocator::getDeviceStats(
-                              device.index() < 0 ? 0 : device.index()))
-        .current;
+    return compat::cuda_memory_stats(cuda_index(device)).current_bytes;
 #endif
   }
   return counters().current.load();
@@ -246,9 +247,7 @@ int64_t current_bytes(c10::Device device) {
 int64_t peak_bytes(c10::Device device) {
   if (is_cuda(device)) {
 #ifdef REMAT_WITH_CUDA
-    return cuda_allocated(c10::cuda::CUDACachingAllocator::getDeviceStats(
-                              device.index() < 0 ? 0 : device.index()))
-        .peak;
+    return compat::cuda_memory_stats(cuda_index(device)).peak_bytes;
 #endif
   }
   return counters().peak.load();
@@ -257,8 +256,7 @@ int64_t peak_bytes(c10::Device device) {
 void reset_peak(c10::Device device) {
   if (is_cuda(device)) {
 #ifdef REMAT_WITH_CUDA
-    c10::cuda::CUDACachingAllocator::resetPeakStats(
-        device.index() < 0 ? 0 : device.index());
+    c10::cuda::CUDACachingAllocator::resetPeakStats(cuda_index(device));
     return;
 #endif
   }
@@ -269,11 +267,7 @@ void reset_peak(c10::Device device) {
 int64_t allocation_count(c10::Device device) {
   if (is_cuda(device)) {
 #ifdef REMAT_WITH_CUDA
-    auto stats = c10::cuda::CUDACachingAllocator::getDeviceStats(
-        device.index() < 0 ? 0 : device.index());
-    return stats.allocation[static_cast<size_t>(
-                                c10::cuda::CUDACachingAllocator::StatType::AGGREGATE)]
-        .allocated;
+    return compat::cuda_memory_stats(cuda_index(device)).allocations;
 #endif
   }
   return counters().count.load();
@@ -288,8 +282,61 @@ int64_t set_limit(int64_t limit_bytes) {
   return counters().limit.exchange(limit_bytes);
 }
 
+int64_t set_limit(int64_t limit_bytes, c10::Device device) {
+  if (!is_cuda(device)) {
+    return set_limit(limit_bytes);
+  }
+#ifdef REMAT_WITH_CUDA
+  TORCH_CHECK(
+      limit_bytes >= 0,
+      "remat::memory::set_limit: expected a limit >= 0 bytes (0 for none), but got ",
+      limit_bytes);
+  const auto index = cuda_index(device);
+  size_t free_bytes = 0;
+  size_t total_bytes = 0;
+  {
+    c10::cuda::CUDAGuard guard(index);
+    const auto err = cudaMemGetInfo(&free_bytes, &total_bytes);
+    TORCH_CHECK(
+        err == cudaSuccess,
+        "remat::memory::set_limit: expected to read the size of cuda:", int(index),
+        ", but cudaMemGetInfo failed: ", cudaGetErrorString(err));
+  }
+  TORCH_CHECK(
+      limit_bytes <= static_cast<int64_t>(total_bytes),
+      "remat::memory::set_limit: expected a limit of at most cuda:", int(index),
+      "'s ", total_bytes, " bytes (", format_size(static_cast<int64_t>(total_bytes)),
+      "), but got ", limit_bytes);
+  // The caching allocator refuses to reserve past a fraction of the device
+  // and then raises c10::OutOfMemoryError, as remat's CPU limit does.
+  const double fraction = limit_bytes == 0
+      ? 1.0
+      : static_cast<double>(limit_bytes) / static_cast<double>(total_bytes);
+  c10::cuda::CUDACachingAllocator::setMemoryFraction(fraction, index);
+  std::lock_guard<std::mutex> lock(cuda_limits_mutex);
+  const int64_t previous = cuda_limits()[index];
+  cuda_limits()[index] = limit_bytes;
+  return previous;
+#else
+  return 0;
+#endif
+}
+
 int64_t limit() {
   return counters().limit.load();
+}
+
+int64_t limit(c10::Device device) {
+  if (!is_cuda(device)) {
+    return limit();
+  }
+#ifdef REMAT_WITH_CUDA
+  std::lock_guard<std::mutex> lock(cuda_limits_mutex);
+  auto it = cuda_limits().find(cuda_index(device));
+  return it == cuda_limits().end() ? 0 : it->second;
+#else
+  return 0;
+#endif
 }
 
 int64_t cached_bytes() {

@@ -5,6 +5,7 @@
 #include "remat/checkpoint.h"
 
 #include "checkpoint/autocast_state.h"
+#include "compat/torch.h"
 
 #include <ATen/CPUGeneratorImpl.h>
 #include <torch/autograd.h>
@@ -34,6 +35,13 @@ AttentionKind parse_attention(const std::string& text) {
       text, "'");
 }
 
+void check_attention_supported(AttentionKind kind) {
+  TORCH_CHECK(
+      kind != AttentionKind::kSdpa || compat::kHasSdpa,
+      "sdpa needs LibTorch >= 2.0, but this build has ", compat::torch_version(),
+      "; use eager or blockwise");
+}
+
 const char* to_string(AttentionKind kind) {
   switch (kind) {
     case AttentionKind::kEager:
@@ -57,13 +65,11 @@ double softmax_scale(const torch::Tensor& q) {
   return 1.0 / std::sqrt(static_cast<double>(q.size(-1)));
 }
 
-#if TORCH_VERSION_MAJOR >= 2
 // Additive bias with -inf where key j is after query i + (sk - sq).
 torch::Tensor causal_bias(int64_t sq, int64_t sk, const torch::TensorOptions& o) {
   auto hide = torch::ones({sq, sk}, o.dtype(torch::kBool)).triu(sk - sq + 1);
   return torch::zeros({sq, sk}, o).masked_fill_(hide, -kInf);
 }
-#endif
 
 // softmax(q k^T / sqrt(d) + mask), causally masked, then dropout with the
 // mask of `seed` when `dropout` > 0 (CPU) or a fresh draw (other devices).
@@ -127,7 +133,7 @@ torch::Tensor sdpa(
     const torch::Tensor& v,
     const torch::Tensor& mask,
     const AttentionOptions& o) {
-#if TORCH_VERSION_MAJOR >= 2
+  check_attention_supported(AttentionKind::kSdpa);
   // is_causal aligns the mask top-left; ours is bottom-right (a KV cache
   // precedes the queries), so an explicit bias carries it when they differ.
   const auto sq = q.size(-2);
@@ -146,14 +152,8 @@ torch::Tensor sdpa(
   if (bias.defined()) {
     attn_mask = bias.to(q.scalar_type());
   }
-  return at::scaled_dot_product_attention(
+  return compat::scaled_dot_product_attention(
       q, k, v, attn_mask, o.training() ? o.dropout() : 0.0, is_causal);
-#else
-  TORCH_CHECK(
-      false, "remat::nn::attention: sdpa needs LibTorch >= 2.0, but this build "
-      "has ", TORCH_VERSION_MAJOR, ".", TORCH_VERSION_MINOR,
-      "; use the eager or blockwise attention kind");
-#endif
 }
 
 // ---------------------------------------------------------------------------

@@ -39,6 +39,8 @@
 // PlanEstimate.BertLayerMatchesKorthikanti checks this.
 #include "plan/model_trace.h"
 
+#include "compat/torch.h"
+
 #include <c10/util/Exception.h>
 #include <torch/version.h>
 
@@ -49,11 +51,7 @@ namespace plan {
 namespace detail {
 namespace {
 
-#if TORCH_VERSION_MAJOR < 2
-constexpr bool kMeanSavesInput = true;
-#else
-constexpr bool kMeanSavesInput = false;
-#endif
+using compat::kMeanSavesInput;
 
 using Shape = std::vector<int64_t>;
 

@@ -52,6 +52,10 @@ enum class AttentionKind {
 AttentionKind parse_attention(const std::string& text);
 const char* to_string(AttentionKind kind);
 
+/// Throws c10::Error when this build's LibTorch cannot run `kind` (sdpa
+/// before 2.0), naming the version and what to use instead.
+void check_attention_supported(AttentionKind kind);
+
 /// Options of one attention call.
 ///
 /// Example:
