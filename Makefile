@@ -24,7 +24,7 @@ else
 $(error TORCH: expected 1 (LibTorch 1.13) or 2 (LibTorch 2.15), but got '$(TORCH)')
 endif
 
-.PHONY: all setup configure build test demo consumer bench clean
+.PHONY: all setup configure build test demo consumer clean print-build
 
 all: build
 
@@ -62,3 +62,6 @@ demo: configure
 
 clean:
 	rm -rf $(BUILD)
+
+print-build:
+	@echo $(BUILD)
