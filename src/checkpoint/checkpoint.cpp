@@ -1,6 +1,7 @@
 #include "remat/checkpoint.h"
 
 #include "checkpoint/autocast_state.h"
+#include "compat/torch.h"
 
 #include <ATen/CPUGeneratorImpl.h>
 #include <ATen/SequenceNumber.h>
@@ -387,6 +388,11 @@ struct CheckpointFunction : torch::autograd::Function<CheckpointFunction> {
     if (outs.empty() || targets.empty()) {
       return result;
     }
+    // The parameters and the detached inputs are leaves of the recompute's
+    // graph. Their hooks run when the outer backward takes what this returns
+    // (a parameter's when its gradient accumulates), not in this capture:
+    // once per backward, as without checkpointing, on 1.13 and 2.x alike.
+    compat::TensorHooksSuspended quiet(targets);
     auto grads = torch::autograd::grad(
         outs, targets, grads_out,
         /*retain_graph=*/create_graph,

@@ -18,6 +18,9 @@
 //     the shape), not in 2.x (it saves the sizes): kMeanSavesInput.
 //   - impl::grad_accumulator returns a shared_ptr in 1.13 and an
 //     intrusive_ptr in 2.x: GradAccumulatorPtr.
+//   - autograd::grad runs the tensor hooks of a leaf whose gradient it
+//     captures (2.0; 1.13 runs none), so a checkpoint's recompute would fire
+//     a parameter's hooks once more than a plain backward: TensorHooksSuspended.
 //   - CUDA allocator statistics (Stat, StatType, DeviceStats) moved out of
 //     c10::cuda::CUDACachingAllocator in 2.x: cuda_memory_stats (CUDA builds).
 //   - LibTorch 2.10 and later need C++20; CMake takes that from Torch's
@@ -35,7 +38,9 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <memory>
 #include <utility>
+#include <vector>
 
 /// True when the LibTorch being compiled against is `major.minor` or newer.
 #define REMAT_TORCH_AT_LEAST(major, minor) \
@@ -146,6 +151,47 @@ constexpr bool kMeanSavesInput = !REMAT_TORCH_AT_LEAST(2, 0);
 /// What torch::autograd::impl::grad_accumulator returns.
 using GradAccumulatorPtr = decltype(torch::autograd::impl::grad_accumulator(
     std::declval<const at::Tensor&>()));
+
+/// While alive, the tensor hooks (Tensor::register_hook) of `leaves` do not
+/// run; they are put back, in order, when it goes. The recompute of a
+/// checkpoint holds one around its torch::autograd::grad, so a parameter's
+/// hooks fire once per backward, when the outer engine accumulates its
+/// gradient, as without checkpointing. Nothing to suspend on 1.13, whose
+/// autograd::grad runs no hooks of the leaves it captures.
+class TensorHooksSuspended {
+ public:
+  explicit TensorHooksSuspended(const std::vector<at::Tensor>& leaves) {
+#if REMAT_TORCH_AT_LEAST(2, 0)
+    for (const auto& t : leaves) {
+      if (t.defined() && t.is_leaf() && !torch::autograd::impl::hooks(t).empty()) {
+        stashed_.emplace_back(t, std::move(torch::autograd::impl::hooks(t)));
+        torch::autograd::impl::hooks(t).clear();
+      }
+    }
+#endif
+  }
+  ~TensorHooksSuspended() {
+#if REMAT_TORCH_AT_LEAST(2, 0)
+    for (auto& [t, hooks] : stashed_) {
+      auto& now = torch::autograd::impl::hooks(t);
+      // Hooks registered meanwhile run after the ones that were there.
+      for (auto& h : now) {
+        hooks.push_back(std::move(h));
+      }
+      now = std::move(hooks);
+    }
+#endif
+  }
+  TensorHooksSuspended(const TensorHooksSuspended&) = delete;
+  TensorHooksSuspended& operator=(const TensorHooksSuspended&) = delete;
+
+ private:
+#if REMAT_TORCH_AT_LEAST(2, 0)
+  std::vector<std::pair<at::Tensor,
+                        std::vector<std::unique_ptr<torch::autograd::FunctionPreHook>>>>
+      stashed_;
+#endif
+};
 
 // ------------------------------------------------------------ CUDA
 

@@ -135,6 +135,29 @@ TEST(CompatTest, GradAccumulatorPtrHoldsTheLeafsAccumulator) {
   EXPECT_EQ(y.grad_fn()->next_edges()[0].function->next_edges()[0].function.get(), acc.get());
 }
 
+TEST(CompatTest, CapturedLeafHooksRunOnlyOutsideASuspension) {
+  auto w = torch::ones({3}).requires_grad_();
+  int calls = 0;
+  w.register_hook([&](const torch::Tensor&) { ++calls; });
+  auto grad_of = [&] {
+    auto y = (w * w).sum();
+    return torch::autograd::grad({y}, {w})[0];
+  };
+  // What differs: 2.x runs the hook of a leaf autograd::grad captures.
+  auto g = grad_of();
+  EXPECT_EQ(calls, TORCH_VERSION_MAJOR >= 2 ? 1 : 0);
+  EXPECT_TRUE(torch::equal(g, torch::full({3}, 2.0f)));
+  calls = 0;
+  {
+    remat::compat::TensorHooksSuspended quiet({w});
+    EXPECT_TRUE(torch::equal(grad_of(), g));
+  }
+  EXPECT_EQ(calls, 0);
+  // Put back: a plain backward runs the hook again.
+  (w * w).sum().backward();
+  EXPECT_EQ(calls, 1);
+}
+
 TEST(CompatTest, CudaMemoryStatsCountATensor) {
   REMAT_REQUIRE_CUDA();
 #ifdef REMAT_WITH_CUDA
