@@ -158,10 +158,22 @@ say "(b) CUDA tests: remat_tests --gtest_filter=$TEST_FILTER"
 if [[ -x "$BUILD/remat_tests" ]]; then
   run_stage "cuda tests" 150 "$BUILD/remat_tests" --gtest_filter="$TEST_FILTER" \
     --gtest_output="json:$OUT/cuda_tests.json" > "$OUT/cuda_tests.log" 2>&1
-  grep -E '^\[  (FAILED|SKIPPED) |^\[  PASSED|^\[==========\]' "$OUT/cuda_tests.log" | sort -u || true
-  "$PY" - "$OUT/cuda_tests.json" <<'EOF' || echo "no test results (see cuda_tests.log)"
-import json, sys
+  "$PY" - "$OUT/cuda_tests.json" "$OUT/cuda_tests.log" <<'EOF' || echo "no test results (see cuda_tests.log)"
+import json, re, sys
 d = json.load(open(sys.argv[1]))
+# gtest's JSON has no skip message: take it from the text log, the lines
+# between "[ RUN      ] name" and "[  SKIPPED ] name" but gtest's own.
+reasons, current, lines = {}, None, []
+for line in open(sys.argv[2], errors="replace"):
+    line = line.rstrip("\n")
+    m = re.match(r"\[ RUN      \] (\S+)", line)
+    if m:
+        current, lines = m.group(1), []
+    elif line.startswith("[  SKIPPED ] ") and current and line[13:].startswith(current):
+        reasons[current] = " ".join(l for l in lines if not l.endswith(": Skipped"))
+        current = None
+    elif current:
+        lines.append(line.strip())
 passed, skipped, failed = [], [], []
 for suite in d["testsuites"]:
     for t in suite["testsuite"]:
@@ -169,8 +181,7 @@ for suite in d["testsuites"]:
         if t.get("failures"):
             failed.append(name)
         elif t.get("result") == "SKIPPED":
-            why = " ".join(f.get("message", "") for f in t.get("skipped", []) if isinstance(f, dict))
-            skipped.append(name + (": " + why.strip().splitlines()[-1] if why.strip() else ""))
+            skipped.append(name + (": " + reasons[name] if reasons.get(name) else ""))
         else:
             passed.append(name)
 print(f"CUDA tests: {len(passed)} passed, {len(skipped)} skipped, {len(failed)} failed")
@@ -221,7 +232,7 @@ else
 fi
 
 # ------------------------------------------------------------- (d) summary
-say "(d) peak memory (CUDA caching allocator) and step time per row"
+say "(d) peak memory (on cuda: the CUDA caching allocator's) and step time per row"
 "$PY" - "$OUT" <<'EOF' || echo "no summary"
 import glob, json, os, sys
 out = sys.argv[1]
