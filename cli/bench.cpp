@@ -4,6 +4,7 @@
 #include "isolate.h"
 #include "model_flags.h"
 
+#include "remat/device.h"
 #include "remat/memory.h"
 #include "checkpoint/autocast_state.h"
 #include "remat/nn/attention.h"
@@ -55,6 +56,9 @@ struct BenchConfig {
   std::string memory_limit;
   std::string json_path;
   uint64_t seed = 0;
+  /// --device as typed; `dev` is it resolved ("cuda" -> cuda:0) and checked.
+  std::string device = "cpu";
+  c10::Device dev = c10::kCPU;
   /// "process": each policy in a process of its own (cli/isolate.h says
   /// why); "in-process": all in this one, timed in interleaved rounds.
   std::string isolation = "process";
@@ -102,7 +106,7 @@ GradCopy copy_grads(const std::vector<torch::Tensor>& params) {
     if (!p.grad().defined()) {
       continue;
     }
-    auto g = p.grad().to(torch::kFloat).contiguous();
+    auto g = p.grad().to(torch::kCPU, torch::kFloat).contiguous();
     out.back().assign(g.data_ptr<float>(), g.data_ptr<float>() + g.numel());
   }
   return out;
@@ -158,7 +162,12 @@ double median(std::vector<double> v) {
   return n == 0 ? 0 : (n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]));
 }
 
-const AutocastState kBf16Autocast{true, c10::kBFloat16, false, c10::kHalf};
+// --dtype bf16: autocast to bfloat16 on the device the step runs on
+// (FP32 master weights), nothing on the other.
+AutocastState bf16_autocast(c10::Device device) {
+  return device.is_cuda() ? AutocastState{false, c10::kBFloat16, true, c10::kBFloat16}
+                          : AutocastState{true, c10::kBFloat16, false, c10::kHalf};
+}
 
 int64_t physical_memory_bytes() {
   return static_cast<int64_t>(sysconf(_SC_PHYS_PAGES)) * sysconf(_SC_PAGE_SIZE);
@@ -253,7 +262,8 @@ struct Workload {
   /// budget, when nothing fits.
   virtual plan::Plan plan(int64_t budget_bytes) = 0;
 
-  /// After construction: LoRA if asked, and the trainable parameters.
+  /// After construction: LoRA if asked, the model on --device, and the
+  /// trainable parameters.
   void finish(const BenchConfig& c, const std::vector<std::string>& default_targets) {
     if (c.lora_rank > 0) {
       auto targets = c.lora_targets.empty() ? default_targets : split_targets(c.lora_targets);
@@ -266,6 +276,9 @@ struct Workload {
         throw UsageError("--lora-targets: " + std::string(e.what_without_backtrace()));
       }
     }
+    // Built and initialised on the CPU, from the same seed, then moved: the
+    // same weights on every device.
+    module().to(c.dev);
     params = nn::trainable_parameters(module()).values();
     module().train();
   }
@@ -292,9 +305,9 @@ struct BertWorkload : Workload {
                          .hidden_dropout(c.dropout)
                          .attention_dropout(c.dropout)
                          .attention(nn::parse_attention(c.attention)));
-    input_ids = torch::randint(c.vocab, {c.batch, c.seq}, torch::kLong);
-    attention_mask = torch::ones({c.batch, c.seq}, torch::kLong);
-    target = torch::randn({c.batch, c.seq, c.hidden});
+    input_ids = torch::randint(c.vocab, {c.batch, c.seq}, torch::kLong).to(c.dev);
+    attention_mask = torch::ones({c.batch, c.seq}, torch::kLong).to(c.dev);
+    target = torch::randn({c.batch, c.seq, c.hidden}).to(c.dev);
     finish(c, {"query", "key", "value", "attention.output.dense"});
   }
   torch::Tensor loss() override {
@@ -332,7 +345,7 @@ struct LlamaWorkload : Workload {
                           .max_position_embeddings(std::max<int64_t>(4096, c.seq))
                           .attention_dropout(c.dropout)
                           .attention(nn::parse_attention(c.attention)));
-    input_ids = torch::randint(c.vocab, {c.batch, c.seq}, torch::kLong);
+    input_ids = torch::randint(c.vocab, {c.batch, c.seq}, torch::kLong).to(c.dev);
     finish(c, {"q_proj", "k_proj", "v_proj", "o_proj"});
   }
   torch::Tensor loss() override {
@@ -380,24 +393,29 @@ struct StepBytes {
 std::pair<double, double> train_step(
     Workload& w, const BenchConfig& c, bool bf16, int64_t limit, StepBytes* bytes) {
   w.module().zero_grad(/*set_to_none=*/true);
-  torch::manual_seed(c.seed + 1);
+  torch::manual_seed(c.seed + 1); // the CPU's and every GPU's generator
+  // A GPU runs the step asynchronously: each clock is read once the device
+  // has finished the work queued before it.
+  synchronize(c.dev);
   if (bytes != nullptr) {
-    bytes->before_forward = memory::current_bytes();
-    memory::reset_peak();
+    bytes->before_forward = memory::current_bytes(c.dev);
+    memory::reset_peak(c.dev);
   }
-  memory::LimitGuard guard(limit);
+  memory::LimitGuard guard(limit, c.dev);
   const auto t0 = std::chrono::steady_clock::now();
   torch::Tensor loss;
   {
-    AutocastScope autocast(bf16 ? kBf16Autocast : AutocastState{});
+    AutocastScope autocast(bf16 ? bf16_autocast(c.dev) : AutocastState{});
     loss = w.loss();
   }
+  synchronize(c.dev);
   const auto t_mid = std::chrono::steady_clock::now();
   if (bytes != nullptr) {
-    bytes->before_backward = memory::current_bytes();
+    bytes->before_backward = memory::current_bytes(c.dev);
   }
   loss.backward();
   at::autocast::clear_cache();
+  synchronize(c.dev);
   const auto t1 = std::chrono::steady_clock::now();
   return {std::chrono::duration<double>(t_mid - t0).count(),
           std::chrono::duration<double>(t1 - t0).count()};
@@ -406,7 +424,8 @@ std::pair<double, double> train_step(
 void fail(RunResult& r, const c10::Error& e) {
   std::string what = e.what_without_backtrace();
   r.ok = false;
-  r.out_of_memory = dynamic_cast<const OutOfMemoryError*>(&e) != nullptr;
+  // remat's CPU limit and CUDA's caching allocator both throw this.
+  r.out_of_memory = dynamic_cast<const c10::OutOfMemoryError*>(&e) != nullptr;
   r.error = what.substr(0, what.find('\n'));
 }
 
@@ -433,8 +452,8 @@ RunResult run_policy(
     w.module().zero_grad(/*set_to_none=*/true);
     torch::manual_seed(c.seed + 1);
     try {
-      memory::LimitGuard guard(limit);
-      AutocastScope autocast(bf16 ? kBf16Autocast : AutocastState{});
+      memory::LimitGuard guard(limit, c.dev);
+      AutocastScope autocast(bf16 ? bf16_autocast(c.dev) : AutocastState{});
       const auto p = w.plan(policy.budget_bytes());
       r.schedule = p.schedule.str();
       r.predicted_peak = p.peak_bytes;
@@ -461,13 +480,13 @@ RunResult run_policy(
     } catch (const c10::Error& e) {
       fail(r, e);
       r.held_before_forward = bytes.before_forward;
-      r.peak = memory::peak_bytes();
+      r.peak = memory::peak_bytes(c.dev);
       w.module().zero_grad(true);
       return r;
     }
     if (measured) {
-      r.held_after_backward = memory::current_bytes();
-      r.peak = memory::peak_bytes();
+      r.held_after_backward = memory::current_bytes(c.dev);
+      r.peak = memory::peak_bytes(c.dev);
       auto grads = copy_grads(w.params);
       if (reference != nullptr) {
         r.max_abs_grad_diff = max_abs_diff(*reference, grads);
@@ -665,8 +684,8 @@ std::vector<std::string> child_args(const BenchConfig& c, const std::string& pol
       num(c.intermediate), "--dtype", c.dtype, "--attention", c.attention, "--lora-rank",
       num(c.lora_rank), "--seq", num(c.seq), "--batch", num(c.batch), "--vocab", num(c.vocab),
       "--dropout", num(c.dropout), "--policy", policy, "--steps", num(c.steps), "--warmup",
-      num(c.warmup), "--threads", num(c.threads), "--seed", num(c.seed), "--isolation",
-      "in-process"};
+      num(c.warmup), "--threads", num(c.threads), "--seed", num(c.seed), "--device",
+      c.dev.str(), "--isolation", "in-process"};
   if (c.lora_alpha > 0) {
     a.insert(a.end(), {"--lora-alpha", num(c.lora_alpha)});
   }
@@ -796,9 +815,12 @@ int run_bench(BenchConfig c) {
   }
   apply_family_defaults(c);
   validate(c);
+  c.dev = parse_device_flag(c.device);
+  make_current(c.dev);
   auto policies = parse_policies(c.policies);
   int64_t limit = c.memory_limit.empty() ? 0 : parse_size_flag(c.memory_limit, "--memory-limit");
-  const bool default_limit = limit == 0;
+  // A GPU's own size is its limit: its allocator throws c10::OutOfMemoryError.
+  const bool default_limit = limit == 0 && c.dev.is_cpu();
   if (default_limit) {
     // Without a limit, a policy that does not fit would meet the kernel's
     // OOM killer; stop it at 90% of physical memory with a clean error.
@@ -809,7 +831,7 @@ int run_bench(BenchConfig c) {
       c.threads > 0 ? c.threads : std::max(1u, std::thread::hardware_concurrency())));
 
   auto w = make_workload(c);
-  const int64_t weights = memory::breakdown(w->module()).weights;
+  const int64_t weights = memory::breakdown(w->module(), nullptr, c.dev).weights;
   int64_t trainable = 0;
   for (const auto& p : w->params) {
     trainable += p.numel();
@@ -820,9 +842,10 @@ int run_bench(BenchConfig c) {
             << ", " << c.attention << " attention"
             << (c.model == "llama" ? ", kv-heads " + std::to_string(c.kv_heads ? c.kv_heads : c.heads) : "")
             << (c.lora_rank ? ", LoRA rank " + std::to_string(c.lora_rank) : "") << "\n"
-            << "trainable parameters " << trainable << ", "
-            << "weights " << memory::format_size(weights) << ", threads "
-            << torch::get_num_threads() << ", limit " << memory::format_size(limit)
+            << "device " << describe_device(c.dev) << ", trainable parameters " << trainable
+            << ", weights " << memory::format_size(weights) << ", threads "
+            << torch::get_num_threads() << ", limit "
+            << (limit > 0 ? memory::format_size(limit) : std::string("the device's size"))
             << (default_limit ? " (90% of RAM)" : "") << ", steps " << c.steps
             << " after " << c.warmup << " warm-up\n\n";
 
@@ -871,7 +894,11 @@ int run_bench(BenchConfig c) {
         {"warmup", c.warmup},  {"threads", torch::get_num_threads()},
         {"memory_limit_bytes", limit}, {"weight_bytes", weights},
         {"seed", c.seed},      {"preset", c.preset}, {"isolation", c.isolation},
-        {"rounds", c.rounds}};
+        {"rounds", c.rounds},  {"device", c.dev.str()},
+        {"device_name", describe_device(c.dev)},
+        // Where the byte counts of the runs come from.
+        {"memory_source", c.dev.is_cuda() ? "cuda caching allocator (allocated bytes)"
+                                          : "remat counting CPU allocator"}};
     nlohmann::json runs_json = nlohmann::json::array();
     for (const auto& r : runs) {
       runs_json.push_back(to_json(r));
@@ -894,7 +921,7 @@ Run add_bench(CLI::App& root) {
   app->add_option("--heads", c->heads, "attention heads")->capture_default_str();
   app->add_option("--kv-heads", c->kv_heads, "llama key/value heads (0: --heads)")->capture_default_str();
   app->add_option("--intermediate", c->intermediate, "MLP width (0: BERT 4h, Llama 8h/3 rounded to 256)")->capture_default_str();
-  app->add_option("--dtype", c->dtype, "fp32, or bf16 (CPU autocast, FP32 master weights)")->capture_default_str();
+  app->add_option("--dtype", c->dtype, "fp32, or bf16 (autocast on --device, FP32 master weights)")->capture_default_str();
   app->add_option("--attention", c->attention, "eager, blockwise (memory-efficient) or sdpa (LibTorch >= 2.0)")->capture_default_str();
   app->add_option("--lora-rank", c->lora_rank, "LoRA rank; 0 trains every weight")->capture_default_str();
   app->add_option("--lora-alpha", c->lora_alpha, "LoRA alpha (0: 2 * rank)");
@@ -914,6 +941,10 @@ Run add_bench(CLI::App& root) {
                   "(default: 90% of RAM)");
   app->add_option("--json", c->json_path, "also write the results as JSON to FILE");
   app->add_option("--seed", c->seed, "seed for weights, inputs and dropout")->capture_default_str();
+  app->add_option("--device", c->device,
+                  "cpu, cuda or cuda:N (a CUDA build and a visible GPU); bytes are then the "
+                  "CUDA caching allocator's")
+      ->capture_default_str();
   app->add_option("--isolation", c->isolation,
                   "process: each policy in its own process, one after another (steadier: "
                   "no policy inherits another's allocator state); in-process: all in this "

@@ -5,6 +5,8 @@
 
 #include "command.h"
 
+#include "device_flag.h"
+
 #include "remat/memory.h"
 #include "remat/nn/attention.h"
 

@@ -4,6 +4,7 @@
 #include "command.h"
 
 #include "launch.h"
+#include "device_flag.h"
 
 #include "remat/dist/process_group.h"
 #include "remat/memory.h"
@@ -15,6 +16,7 @@
 
 #include <c10/util/Exception.h>
 #include <nlohmann/json.hpp>
+#include <torch/cuda.h>
 
 #include <unistd.h>
 
@@ -56,6 +58,7 @@ struct TrainFlags {
   std::string compare_policy;
   int64_t compare_steps = defaults.compare_steps();
   int64_t threads = defaults.threads();
+  std::string device = defaults.device();
   int64_t log_every = 10;
   int64_t stop_after_step = 0;
   int64_t stop_rank = -1; ///< with stop_after_step: only this rank stops
@@ -205,6 +208,7 @@ TrainOptions apply_flags(const TrainFlags& f, TrainOptions o, const CLI::App& ap
   }
   if (given("--compare-steps")) o.compare_steps(f.compare_steps);
   if (given("--threads")) o.threads(f.threads);
+  if (given("--device")) o.device(f.device);
   o.memory_timeline(!f.report.empty());
   return o;
 }
@@ -305,9 +309,10 @@ void print_summary(const train::TrainResult& r, const TrainOptions& o, std::ostr
   }
   char line[512];
   std::snprintf(line, sizeof(line),
-                "remat train: %lld steps under %s, %.1f s of steps (median %.4f s/step, "
+                "remat train: %lld steps under %s on %s, %.1f s of steps (median %.4f s/step, "
                 "%.0f tokens/s), peak %s\n",
-                static_cast<long long>(r.steps), o.policy().name().c_str(), seconds,
+                static_cast<long long>(r.steps), o.policy().name().c_str(),
+                describe_device(parse_device(o.device())).c_str(), seconds,
                 median_seconds(h.steps, n), seconds > 0 ? tokens / seconds : 0.0,
                 mib(max_peak(h.steps, n)).c_str());
   out << line;
@@ -415,6 +420,9 @@ TrainOptions prepare(const TrainFlags& f, const CLI::App& app) {
   } catch (const c10::Error& e) {
     rethrow_as_flag_error(e);
   }
+  // A GPU that is not there is refused now, in one line, before any data
+  // is read or any worker starts.
+  parse_device_flag(options.device());
   check_data(options);
   check_outputs(f, options);
   return options;
@@ -480,12 +488,27 @@ int run_train(const TrainFlags& f, const CLI::App& app) {
           "this process was started as rank " + std::to_string(place ? place->rank() : 0) +
               " of a group (WORLD_SIZE is set); start it either way, not both");
   TrainOptions options = prepare(f, app);
+  if (f.nproc > 1 && parse_device(options.device()).is_cuda()) {
+    const int64_t gpus = torch::cuda::device_count();
+    require(f.nproc <= gpus, "--nproc",
+            "data parallel on CUDA runs one rank per GPU (NCCL), but " +
+                std::to_string(f.nproc) + " ranks were asked for and " + std::to_string(gpus) +
+                " GPU" + (gpus == 1 ? " is" : "s are") + " visible");
+  }
   if (f.nproc > 1) {
     // Checked above, once; each worker checks again, quickly.
     return launch_workers(f.nproc, "--nproc");
   }
   std::shared_ptr<dist::ProcessGroup> group;
   if (place) {
+    // On CUDA the group is NCCL's too, rank r on cuda:(r % GPUs).
+    place->device(parse_device_flag(options.device()));
+    try {
+      place->validate();
+    } catch (const c10::Error& e) {
+      std::string what = e.what_without_backtrace();
+      throw UsageError("--device: data parallel: " + what.substr(0, what.find('\n')));
+    }
     group = std::make_shared<dist::ProcessGroup>(*place);
   }
   const bool writer = !group || group->rank() == 0;
@@ -606,7 +629,7 @@ Run add_train(CLI::App& root) {
   app->add_option("--save", f->save, "write model.safetensors + config.json here at the end");
   app->add_option("--policy", f->policy, "checkpoint policy: " + CheckpointPolicy::names())
       ->capture_default_str();
-  app->add_option("--dtype", f->dtype, "f32, or bf16 (CPU autocast, float32 master weights)")
+  app->add_option("--dtype", f->dtype, "f32, or bf16 (autocast on --device, float32 master weights)")
       ->capture_default_str();
   app->add_option("--lr", f->lr, "peak learning rate")->capture_default_str();
   app->add_option("--weight-decay", f->weight_decay, "AdamW weight decay")
@@ -637,6 +660,10 @@ Run add_train(CLI::App& root) {
   app->add_option("--metrics", f->metrics, "JSONL: one line per step and evaluation");
   app->add_option("--report", f->report, "self-contained HTML report");
   app->add_option("--threads", f->threads, "intra-op threads (0: all cores)")
+      ->capture_default_str();
+  app->add_option("--device", f->device,
+                  "cpu, cuda or cuda:N (a CUDA build and a visible GPU); data parallel on "
+                  "CUDA: rank r on cuda:(r % GPUs), NCCL")
       ->capture_default_str();
   app->add_option("--log-every", f->log_every, "plain-line progress every N steps")
       ->capture_default_str();

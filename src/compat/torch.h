@@ -23,6 +23,8 @@
 //     a parameter's hooks once more than a plain backward: TensorHooksSuspended.
 //   - CUDA allocator statistics (Stat, StatType, DeviceStats) moved out of
 //     c10::cuda::CUDACachingAllocator in 2.x: cuda_memory_stats (CUDA builds).
+//   - c10d's ProcessGroupNCCL has shutdown() in 2.x (its destructor warns
+//     when it was not called), not in 1.13: shutdown_backend.
 //   - LibTorch 2.10 and later need C++20; CMake takes that from Torch's
 //     target (cxx_std_20), so nothing here.
 #pragma once
@@ -38,6 +40,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <exception>
 #include <memory>
 #include <utility>
 #include <vector>
@@ -192,6 +195,29 @@ class TensorHooksSuspended {
       stashed_;
 #endif
 };
+
+// ------------------------------------------------------------ c10d
+
+namespace detail {
+template <typename B>
+auto shutdown_backend(B& backend, int) -> decltype(backend.shutdown(), void()) {
+  try {
+    backend.shutdown();
+  } catch (const std::exception&) {
+    // Called on the way out (a destructor): nothing better to do with it.
+  }
+}
+template <typename B>
+void shutdown_backend(B&, long) {}
+} // namespace detail
+
+/// Calls `backend.shutdown()` where its type has one (a c10d backend whose
+/// communicators must be closed before its store goes), and swallows what it
+/// throws; does nothing for a type without.
+template <typename B>
+void shutdown_backend(B& backend) {
+  detail::shutdown_backend(backend, 0);
+}
 
 // ------------------------------------------------------------ CUDA
 

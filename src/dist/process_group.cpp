@@ -1,16 +1,31 @@
-// ProcessGroup over c10d: TCPStore/FileStore rendezvous, Gloo collectives.
+// ProcessGroup over c10d: TCPStore/FileStore rendezvous, Gloo collectives,
+// and NCCL's for CUDA tensors where the build has both (REMAT_WITH_NCCL:
+// a CUDA LibTorch, and CMake found nccl.h, the wheel's or the toolkit's).
 // The c10d headers stay in this file: they need USE_C10D_GLOO and Gloo's
-// headers (libgloo-dev), which no user of remat should have to set up.
+// headers (libgloo-dev), USE_C10D_NCCL and nccl.h, which no user of remat
+// should have to set up.
 #ifndef USE_C10D_GLOO
 #define USE_C10D_GLOO
 #endif
+#ifdef REMAT_WITH_NCCL
+#ifndef USE_C10D_NCCL
+#define USE_C10D_NCCL
+#endif
+#endif
 #include "remat/dist/process_group.h"
+
+#include "compat/torch.h"
 
 #include <c10/util/Exception.h>
 #include <torch/csrc/distributed/c10d/FileStore.hpp>
 #include <torch/csrc/distributed/c10d/PrefixStore.hpp>
 #include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
+
+#ifdef REMAT_WITH_NCCL
+#include <c10/cuda/CUDAFunctions.h>
+#include <torch/csrc/distributed/c10d/ProcessGroupNCCL.hpp>
+#endif
 
 #include <chrono>
 #include <cstdlib>
@@ -61,6 +76,14 @@ bool is_loopback(const std::string& addr) {
 
 } // namespace
 
+bool nccl_available() {
+#ifdef REMAT_WITH_NCCL
+  return true;
+#else
+  return false;
+#endif
+}
+
 c10::optional<DistOptions> DistOptions::from_env() {
   if (std::getenv("WORLD_SIZE") == nullptr) {
     return c10::nullopt;
@@ -90,6 +113,18 @@ void DistOptions::validate() const {
   TORCH_CHECK(
       !master_addr().empty() || !store_path().empty(),
       "master_addr: expected a host name or address, but got an empty one");
+  TORCH_CHECK(
+      device().is_cpu() || device().is_cuda(), "device: expected cpu or a CUDA device, but got ",
+      device());
+  TORCH_CHECK(
+      device().is_cpu() || nccl_available(), "device: a group on ", device(),
+      " needs NCCL, but this remat was built without it (",
+#ifdef REMAT_WITH_CUDA
+      "a CUDA build, but CMake found no nccl.h",
+#else
+      "its LibTorch has no CUDA",
+#endif
+      "); use device cpu (Gloo)");
 }
 
 void Pending::wait() {
@@ -105,7 +140,51 @@ struct ProcessGroup::Impl {
   std::chrono::milliseconds timeout{0};
   c10::intrusive_ptr<c10d::Store> store;
   c10::intrusive_ptr<c10d::ProcessGroupGloo> gloo;
+  c10::Device device = c10::kCPU; ///< NCCL's device; cpu: no NCCL
+#ifdef REMAT_WITH_NCCL
+  c10::intrusive_ptr<c10d::ProcessGroupNCCL> nccl;
+#endif
   int64_t strings = 0; ///< broadcast_string calls so far: the key of the next
+
+  ~Impl() {
+#ifdef REMAT_WITH_NCCL
+    if (nccl) {
+      compat::shutdown_backend(*nccl); // before the store goes
+    }
+#endif
+  }
+
+  // Checks that `tensors` are all CPU tensors or all on the group's CUDA
+  // device (and contiguous, when asked); returns true for CUDA ones.
+  bool check_tensors(
+      const std::vector<torch::Tensor>& tensors, const char* what, bool contiguous) const {
+    const bool cuda = !tensors.empty() && tensors[0].defined() && tensors[0].is_cuda();
+    for (const auto& t : tensors) {
+      TORCH_CHECK(
+          t.defined() && (cuda ? t.device() == device : t.device().is_cpu()) &&
+              (!contiguous || t.is_contiguous()),
+          what, ": expected defined", contiguous ? ", contiguous" : "",
+          " tensors, all on the CPU or all on the group's device (", device, "), but got ",
+          t.defined() ? t.toString() + " on " + t.device().str()
+                      : std::string("an undefined tensor"));
+    }
+    return cuda;
+  }
+
+  // Runs f(backend) on Gloo for CPU tensors, on NCCL for CUDA ones (the
+  // backends' common base differs between LibTorch versions, so no type
+  // is named here).
+  template <typename F>
+  auto with_backend(bool cuda, F&& f) {
+#ifdef REMAT_WITH_NCCL
+    if (cuda) {
+      return f(*nccl);
+    }
+#else
+    TORCH_INTERNAL_ASSERT(!cuda, "a CUDA tensor passed the device check without NCCL");
+#endif
+    return f(*gloo);
+  }
 
   // Runs a collective; a failure becomes one c10::Error that says what
   // went wrong in terms of ranks and the timeout.
@@ -155,6 +234,19 @@ ProcessGroup::ProcessGroup(DistOptions options) : impl_(std::make_unique<Impl>()
     go->threads = 2;
     d.gloo = c10::make_intrusive<c10d::ProcessGroupGloo>(
         c10::make_intrusive<c10d::PrefixStore>("gloo", d.store), rank, size, go);
+#ifdef REMAT_WITH_NCCL
+    if (options.device().is_cuda()) {
+      const int gpus = c10::cuda::device_count();
+      TORCH_CHECK(gpus > 0, "a group on ", options.device(), " needs a GPU, but none is visible");
+      // One GPU per rank. NCCL's communicators are made on the first
+      // collective, on the device of its tensors.
+      d.device = c10::Device(c10::kCUDA, static_cast<c10::DeviceIndex>(rank % gpus));
+      auto no = c10d::ProcessGroupNCCL::Options::create();
+      no->timeout = d.timeout;
+      d.nccl = c10::make_intrusive<c10d::ProcessGroupNCCL>(
+          c10::make_intrusive<c10d::PrefixStore>("nccl", d.store), rank, size, no);
+    }
+#endif
   } catch (const std::exception& e) {
     TORCH_CHECK(
         false, "data parallel: rank ", rank, " of ", size, " could not join the group at ",
@@ -176,17 +268,17 @@ int64_t ProcessGroup::world_size() const {
 const DistOptions& ProcessGroup::options() const {
   return impl_->options;
 }
+c10::Device ProcessGroup::device() const {
+  return impl_->device;
+}
 
 Pending ProcessGroup::all_reduce_sum_async(std::vector<torch::Tensor> tensors) {
-  for (const auto& t : tensors) {
-    TORCH_CHECK(
-        t.defined() && t.device().is_cpu() && t.is_contiguous(),
-        "all_reduce_sum: expected defined, contiguous CPU tensors, but got ",
-        t.defined() ? t.toString() : std::string("an undefined tensor"));
-  }
   auto* d = impl_.get();
-  // Gloo sums a list of same-shaped tensors as replicas of one; each of ours
-  // is a collective of its own, all started before any is waited for.
+  const bool cuda = d->check_tensors(tensors, "all_reduce_sum", /*contiguous=*/true);
+  // Gloo sums a list of same-shaped tensors as replicas of one (NCCL takes
+  // one tensor a call); each of ours is a collective of its own, all started
+  // before any is waited for. NCCL's wait() orders the caller's CUDA stream
+  // after the sum.
   auto holder = std::make_shared<std::vector<std::vector<torch::Tensor>>>();
   auto works = std::make_shared<std::vector<c10::intrusive_ptr<c10d::Work>>>();
   for (auto& t : tensors) {
@@ -197,7 +289,7 @@ Pending ProcessGroup::all_reduce_sum_async(std::vector<torch::Tensor> tensors) {
     ao.reduceOp = c10d::ReduceOp::SUM;
     ao.timeout = d->timeout;
     for (auto& one : *holder) {
-      works->push_back(d->gloo->allreduce(one, ao));
+      works->push_back(d->with_backend(cuda, [&](auto& b) { return b.allreduce(one, ao); }));
     }
   });
   return Pending([d, works, holder] {
@@ -218,14 +310,15 @@ void ProcessGroup::broadcast(std::vector<torch::Tensor>& tensors, int64_t root) 
   TORCH_CHECK(
       root >= 0 && root < world_size(), "broadcast: expected a root rank in [0, ",
       world_size(), "), but got ", root);
+  const bool cuda = d.check_tensors(tensors, "broadcast", /*contiguous=*/false);
   d.guard("broadcast", [&] {
     c10d::BroadcastOptions bo;
     bo.rootRank = root;
     bo.timeout = d.timeout;
-    // Gloo broadcasts one contiguous tensor per call.
+    // Gloo and NCCL broadcast one contiguous tensor per call.
     for (auto& t : tensors) {
       std::vector<torch::Tensor> one{t.is_contiguous() ? t : t.contiguous()};
-      d.gloo->broadcast(one, bo)->wait();
+      d.with_backend(cuda, [&](auto& b) { return b.broadcast(one, bo); })->wait();
       if (!one[0].is_same(t)) {
         t.copy_(one[0]);
       }

@@ -209,8 +209,16 @@ bool is_cuda(c10::Device device) {
 }
 
 #ifdef REMAT_WITH_CUDA
+// The device's index, once LibTorch has initialised CUDA (its first CUDA
+// tensor does it, on every LibTorch): the caching allocator's per-device
+// statistics and memory fraction exist only after that.
 c10::DeviceIndex cuda_index(c10::Device device) {
-  return device.index() < 0 ? c10::cuda::current_device() : device.index();
+  const auto index = device.index() < 0 ? c10::cuda::current_device() : device.index();
+  static std::once_flag once;
+  std::call_once(once, [index] {
+    (void)at::empty({0}, at::TensorOptions().device(c10::kCUDA, index));
+  });
+  return index;
 }
 
 // Limits set per CUDA device (bytes, 0: none), for limit(device).

@@ -3,6 +3,7 @@
 #include "remat/train/trainer.h"
 
 #include "io/json_text.h"
+#include "remat/device.h"
 
 #include <c10/util/Exception.h>
 #include <nlohmann/json.hpp>
@@ -137,6 +138,11 @@ void TrainOptions::validate() const {
   at_least(save_every_, 0, "save_every");
   at_least(compare_steps_, 1, "compare_steps");
   at_least(threads_, 0, "threads");
+  try {
+    parse_device(device_);
+  } catch (const c10::Error& e) {
+    TORCH_CHECK(false, "device: ", e.what_without_backtrace());
+  }
   TORCH_CHECK(!train_path_.empty(), "train_path: expected a JSONL file, but got none");
   TORCH_CHECK(
       hidden_ % heads_ == 0, "hidden: expected a multiple of heads (", heads_,
@@ -219,6 +225,7 @@ nlohmann::json TrainOptions::to_json() const {
       {"compare_steps", compare_steps_},
       {"memory_timeline", memory_timeline_},
       {"threads", threads_},
+      {"device", device_},
   };
 }
 
@@ -261,6 +268,10 @@ TrainOptions TrainOptions::from_json(const nlohmann::json& j) {
   const auto& targets = field(j, "lora_targets", what);
   TORCH_CHECK(targets.is_array(), what, ": expected an array \"lora_targets\"");
   o.lora_targets(targets.get<std::vector<std::string>>());
+  // States saved before --device existed trained on the CPU.
+  if (j.contains("device")) {
+    o.device(get_string(j, "device", what));
+  }
   const auto& compare = field(j, "compare_policy", what);
   if (!compare.is_null()) {
     o.compare_policy(CheckpointPolicy::parse(compare.get<std::string>()));

@@ -132,8 +132,9 @@ class ClassificationTask : public TaskModel {
       int64_t reserve_bytes) override {
     // Token values do not change what a step costs; zeros draw no random
     // numbers, so the run stays the same as without planning.
-    auto ids = torch::zeros({batch, seq}, torch::kLong);
-    auto labels = torch::zeros({batch, model_->num_labels});
+    const auto device = model_->classifier->weight.device();
+    auto ids = torch::zeros({batch, seq}, torch::TensorOptions(torch::kLong).device(device));
+    auto labels = torch::zeros({batch, model_->num_labels}, torch::TensorOptions().device(device));
     auto* m = model_.get();
     const auto p = nn::plan_checkpointing(
         *model_->bert,
@@ -314,7 +315,8 @@ class CausalLmTask : public TaskModel {
       int64_t batch,
       int64_t seq,
       int64_t reserve_bytes) override {
-    auto ids = torch::zeros({batch, seq}, torch::kLong);
+    const auto device = model_->parameters().front().device();
+    auto ids = torch::zeros({batch, seq}, torch::TensorOptions(torch::kLong).device(device));
     const auto p = nn::plan_checkpointing(
         *model_, nn::LlamaStep(ids).attention_mask(torch::ones_like(ids)),
         policy.budget_bytes(), nn::PlanOptions().reserve_bytes(reserve_bytes));

@@ -4,6 +4,7 @@
 
 #include "checkpoint/autocast_state.h"
 #include "remat/dist/data_parallel.h"
+#include "remat/device.h"
 #include "remat/dist/process_group.h"
 #include "remat/io/file.h"
 #include "remat/io/tokenizer.h"
@@ -47,14 +48,31 @@ void set_rng_state(const torch::Tensor& state) {
 /// it), then stores what became of it back into `state` when `advance`, and
 /// gives the generator back the state it had. Each trainer thus has a
 /// random stream of its own: two trainers in one process, a comparison run
-/// or an instrumented step, do not draw from each other's.
+/// or an instrumented step, do not draw from each other's. On a CUDA device
+/// the same for its generator, from `cuda_state` (dropout on CUDA draws
+/// from that one).
 class RngScope {
  public:
   RngScope(torch::Tensor& state, bool advance)
       : state_(state), advance_(advance), outer_(rng_state()) {
     set_rng_state(state_);
   }
+  RngScope(torch::Tensor& state, torch::Tensor& cuda_state, c10::Device device, bool advance)
+      : RngScope(state, advance) {
+    if (device.is_cuda() && cuda_state.defined()) {
+      cuda_state_ = &cuda_state;
+      device_ = device;
+      cuda_outer_ = cuda_rng_state(device);
+      set_cuda_rng_state(device, cuda_state);
+    }
+  }
   ~RngScope() {
+    if (cuda_state_ != nullptr) {
+      if (advance_) {
+        *cuda_state_ = cuda_rng_state(device_);
+      }
+      set_cuda_rng_state(device_, cuda_outer_);
+    }
     if (advance_) {
       state_ = rng_state();
     }
@@ -67,13 +85,33 @@ class RngScope {
   torch::Tensor& state_;
   bool advance_;
   torch::Tensor outer_;
+  torch::Tensor* cuda_state_ = nullptr;
+  c10::Device device_ = c10::kCPU;
+  torch::Tensor cuda_outer_;
 };
 
-AutocastState autocast_for(torch::Dtype dtype) {
+// BF16 autocast on the device the model is on (CPU or CUDA), float32
+// master weights.
+AutocastState autocast_for(torch::Dtype dtype, c10::Device device) {
   AutocastState s = AutocastState::capture();
-  s.cpu_enabled = dtype == torch::kBFloat16;
-  s.cpu_dtype = torch::kBFloat16;
+  if (device.is_cuda()) {
+    s.cuda_enabled = dtype == torch::kBFloat16;
+    s.cuda_dtype = torch::kBFloat16;
+  } else {
+    s.cpu_enabled = dtype == torch::kBFloat16;
+    s.cpu_dtype = torch::kBFloat16;
+  }
   return s;
+}
+
+// A batch's tensors on `device` (batches are cut and sharded on the CPU).
+Batch to_device(Batch batch, c10::Device device) {
+  if (!device.is_cpu()) {
+    batch.input_ids = batch.input_ids.to(device);
+    batch.attention_mask = batch.attention_mask.to(device);
+    batch.labels = batch.labels.to(device);
+  }
+  return batch;
 }
 
 // Rows [begin, end) of `batch`, cut to their longest row: micro-batches of
@@ -162,6 +200,8 @@ struct Trainer::Impl {
   History history;
   std::string init_note; ///< what --init loaded
   torch::Tensor rng; ///< this run's CPU generator state (see RngScope)
+  torch::Tensor cuda_rng; ///< and its CUDA device's (undefined on the CPU)
+  c10::Device device = c10::kCPU; ///< resolved: cuda -> cuda:N
   /// Data parallelism (both null when alone).
   std::shared_ptr<dist::ProcessGroup> group;
   std::unique_ptr<dist::GradReducer> reducer;
@@ -250,6 +290,16 @@ Trainer::Trainer(TrainOptions options, std::shared_ptr<dist::ProcessGroup> group
     d.group = std::move(group);
     d.check_same_options_as_rank0();
   }
+  d.device = require_device(parse_device(options.device()));
+  if (d.device.is_cuda() && d.group) {
+    // One GPU per rank, as NCCL wants: the group's, cuda:(rank % GPUs).
+    TORCH_CHECK(
+        d.group->device().is_cuda(), "device: data parallel training on ", d.device,
+        " needs a ProcessGroup on CUDA (DistOptions::device, NCCL), but this one is on ",
+        d.group->device(), " (Gloo only)");
+    d.device = d.group->device();
+  }
+  make_current(d.device);
   d.tokenizer = io::make_tokenizer(options.vocab_path());
 
   // Data: the validation set is a file, a seeded split, or nothing.
@@ -293,7 +343,8 @@ Trainer::Trainer(TrainOptions options, std::shared_ptr<dist::ProcessGroup> group
   // fixed order, so that the same options build the same model. The
   // caller's generator state is given back afterwards.
   const torch::Tensor caller_rng = rng_state();
-  torch::manual_seed(options.seed());
+  const torch::Tensor caller_cuda_rng = cuda_rng_state(d.device);
+  torch::manual_seed(options.seed()); // the CPU's generator and every GPU's
   d.task = make_task_model(options, d.tokenizer->vocab_size(), d.train_set->num_labels());
   if (!options.init_dir().empty()) {
     d.init_note = d.task->load_pretrained(options.init_dir());
@@ -311,6 +362,8 @@ Trainer::Trainer(TrainOptions options, std::shared_ptr<dist::ProcessGroup> group
       }
     }
   }
+  // Built on the CPU (the same weights on every device), then moved.
+  d.task->module().to(d.device);
   d.task->set_policy(options.policy());
   d.task->module().train();
   for (const auto& p : d.task->module().parameters()) {
@@ -336,7 +389,7 @@ Trainer::Trainer(TrainOptions options, std::shared_ptr<dist::ProcessGroup> group
     std::string schedule;
     std::string error;
     if (!d.group || d.group->rank() == 0) {
-      AutocastScope autocast(autocast_for(options.dtype()));
+      AutocastScope autocast(autocast_for(options.dtype(), d.device));
       try {
         schedule = d.task->plan_policy(options.policy(), rows, options.seq(), moments)
                        .custom_schedule()
@@ -359,6 +412,8 @@ Trainer::Trainer(TrainOptions options, std::shared_ptr<dist::ProcessGroup> group
   }
   d.rng = rng_state();
   set_rng_state(caller_rng);
+  d.cuda_rng = cuda_rng_state(d.device);
+  set_cuda_rng_state(d.device, caller_cuda_rng);
   if (d.group) {
     // The same seed builds the same weights everywhere; the broadcast makes
     // sure of it (an --init folder read differently, another build).
@@ -399,11 +454,16 @@ StepRecord Trainer::step() {
     }
   }
 
+  for (auto& m : micros) {
+    m = to_device(std::move(m), d.device);
+  }
+
   for (auto& p : d.trainable) {
     p.mutable_grad() = torch::Tensor();
   }
-  RngScope rng(d.rng, /*advance=*/true);
-  memory::reset_peak();
+  RngScope rng(d.rng, d.cuda_rng, d.device, /*advance=*/true);
+  synchronize(d.device);
+  memory::reset_peak(d.device);
   const auto t0 = Clock::now();
   double loss = 0;
   for (size_t i = 0; i < micros.size(); ++i) {
@@ -415,7 +475,7 @@ StepRecord Trainer::step() {
     }
     torch::Tensor scaled;
     {
-      AutocastScope autocast(autocast_for(d.options.dtype()));
+      AutocastScope autocast(autocast_for(d.options.dtype(), d.device));
       // Each micro-batch's mean, weighted by its share of the step's rows
       // (or predicted tokens): the sum is the mean over the whole batch.
       const double weight = units > 0
@@ -457,6 +517,7 @@ StepRecord Trainer::step() {
     static_cast<torch::optim::AdamWOptions&>(group.options()).lr(lr);
   }
   d.optimizer->step();
+  synchronize(d.device); // the clock stops when the GPU is done
   const double seconds = std::chrono::duration<double>(Clock::now() - t0).count();
   ++d.step;
 
@@ -473,7 +534,7 @@ StepRecord Trainer::step() {
     r.reduced_after_backward_bytes = d.reducer->stats().bytes_in_reduce;
   }
   r.tokens_per_s = seconds > 0 ? static_cast<double>(r.tokens) / seconds : 0;
-  r.peak_bytes = memory::peak_bytes();
+  r.peak_bytes = memory::peak_bytes(d.device);
   r.policy = d.options.policy().name();
   const auto& compared = d.history.compare_steps;
   if (static_cast<size_t>(r.step) <= compared.size()) {
@@ -490,12 +551,12 @@ bool Trainer::has_validation() const {
 EvalRecord Trainer::evaluate() {
   auto& d = *impl_;
   TORCH_CHECK(has_validation(), "evaluate: this run has no validation set");
-  RngScope rng(d.rng, /*advance=*/false);
+  RngScope rng(d.rng, d.cuda_rng, d.device, /*advance=*/false);
   torch::NoGradGuard no_grad;
   auto& module = d.task->module();
   const bool was_training = module.is_training();
   module.eval();
-  AutocastScope autocast(autocast_for(d.options.dtype()));
+  AutocastScope autocast(autocast_for(d.options.dtype(), d.device));
 
   const auto& valid = *d.valid_set;
   MultilabelF1 f1(std::max<int64_t>(valid.num_labels(), 1));
@@ -507,7 +568,9 @@ EvalRecord Trainer::evaluate() {
     for (int64_t i = begin; i < std::min(valid.size(), begin + d.options.batch()); ++i) {
       indices.push_back(i);
     }
-    auto batch = collate(valid, indices, *d.tokenizer, CollateOptions().max_len(d.options.seq()));
+    auto batch = to_device(
+        collate(valid, indices, *d.tokenizer, CollateOptions().max_len(d.options.seq())),
+        d.device);
     torch::Tensor logits;
     auto loss = d.task->loss(batch, &logits);
     const int64_t n = d.task->loss_units(batch);
@@ -539,12 +602,12 @@ MemoryTimeline Trainer::memory_timeline() {
   auto& d = *impl_;
   // Nothing of this step may reach the run: RNG, data position and
   // gradients are put back afterwards.
-  RngScope rng(d.rng, /*advance=*/false);
+  RngScope rng(d.rng, d.cuda_rng, d.device, /*advance=*/false);
   const auto position = d.loader->position();
   auto batch = d.next_batch();
   d.loader->set_position(position);
   TORCH_INTERNAL_ASSERT(batch);
-  auto micro = d.micro_batches(*batch).front();
+  auto micro = to_device(d.micro_batches(*batch).front(), d.device);
 
   std::vector<torch::Tensor> grads;
   for (auto& p : d.trainable) {
@@ -554,13 +617,14 @@ MemoryTimeline Trainer::memory_timeline() {
   MemoryTimeline timeline;
   timeline.policy = d.options.policy().name();
   auto points = std::make_shared<std::vector<TimelinePoint>>();
-  Sample sample = [points](const std::string& label) {
-    points->push_back({label, memory::current_bytes()});
+  const auto device = d.device;
+  Sample sample = [points, device](const std::string& label) {
+    points->push_back({label, memory::current_bytes(device)});
   };
   {
     torch::Tensor loss;
     {
-      AutocastScope autocast(autocast_for(d.options.dtype()));
+      AutocastScope autocast(autocast_for(d.options.dtype(), d.device));
       loss = d.task->instrumented_loss(micro, sample);
     }
     loss.backward();
@@ -579,11 +643,12 @@ MemoryTimeline Trainer::memory_timeline() {
 void Trainer::save_state(const std::string& dir) {
   auto& d = *impl_;
   TrainState state;
+  // The state file holds CPU tensors, whatever the device.
   for (const auto& kv : d.task->module().named_parameters()) {
-    state.tensors["model." + kv.key()] = kv.value().detach();
+    state.tensors["model." + kv.key()] = kv.value().detach().to(torch::kCPU);
   }
   for (const auto& kv : d.task->module().named_buffers()) {
-    state.tensors["model." + kv.key()] = kv.value().detach();
+    state.tensors["model." + kv.key()] = kv.value().detach().to(torch::kCPU);
   }
   torch::serialize::OutputArchive archive;
   d.optimizer->save(archive);
@@ -596,6 +661,9 @@ void Trainer::save_state(const std::string& dir) {
       torch::from_blob(bytes.data(), {static_cast<int64_t>(bytes.size())}, torch::kUInt8)
           .clone();
   state.tensors["rng.cpu"] = d.rng.clone();
+  if (d.cuda_rng.defined()) {
+    state.tensors["rng.cuda"] = d.cuda_rng.clone();
+  }
   state.info = {
       {"step", d.step},
       {"epoch", epoch()},
@@ -678,6 +746,10 @@ void Trainer::load_state(const std::string& path) {
   }
   d.optimizer = std::move(optimizer);
   d.rng = rng_it->second.clone();
+  auto cuda_it = state.tensors.find("rng.cuda");
+  if (d.device.is_cuda() && cuda_it != state.tensors.end()) {
+    d.cuda_rng = cuda_it->second.clone();
+  }
   d.step = step;
   history.label_names = d.history.label_names;
   d.history = std::move(history);

@@ -781,3 +781,50 @@ TEST_F(CheckpointTest, UndefinedInputIsRefused) {
 }
 
 } // namespace
+
+namespace {
+
+// The MLP above, on the GPU (the weights drawn on the CPU, then moved).
+TEST(CheckpointCudaTest, OutputsAndGradientsBitIdenticalWithDropoutOnCuda) {
+  REMAT_REQUIRE_CUDA();
+#ifdef REMAT_WITH_CUDA
+  const c10::Device cuda(c10::kCUDA, 0);
+  torch::manual_seed(0);
+  Mlp mlp;
+  for (auto* p : {&mlp.w1, &mlp.b1, &mlp.w2, &mlp.b2}) {
+    *p = p->detach().to(cuda).requires_grad_();
+  }
+  auto x = torch::randn({64, 8}).to(cuda).requires_grad_();
+
+  // run_step seeds with torch::manual_seed (every GPU's generator too) and
+  // draws from the CPU's between forward and backward; draw on the GPU's as
+  // well, so a recompute that did not restore the CUDA state would differ.
+  auto step = [&](bool use_checkpoint) {
+    mlp.zero_grad();
+    x.mutable_grad() = Tensor();
+    torch::manual_seed(123);
+    Step s;
+    s.out = use_checkpoint
+        ? remat::checkpoint(mlp.fn(), {x}, remat::CheckpointOptions().parameters(mlp.params()))[0]
+        : mlp.forward(x);
+    torch::randn({1024}, torch::TensorOptions().device(cuda));
+    s.out.pow(2).sum().backward();
+    s.grads = grads_of({x, mlp.w1, mlp.b1, mlp.w2, mlp.b2});
+    return s;
+  };
+  auto plain = step(false);
+  mlp.calls = 0;
+  auto ckpt = step(true);
+
+  EXPECT_EQ(mlp.calls, 2) << "once in forward, once in the recompute";
+  EXPECT_TRUE(plain.out.is_cuda());
+  EXPECT_TRUE(torch::equal(plain.out, ckpt.out));
+  expect_all_equal(plain.grads, ckpt.grads);
+
+  // Dropout is really active on the GPU: another seed, another output.
+  torch::manual_seed(124);
+  EXPECT_FALSE(torch::equal(mlp.forward(x), plain.out));
+#endif
+}
+
+} // namespace

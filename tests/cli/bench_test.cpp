@@ -1,6 +1,7 @@
 // The `remat bench` program as a user runs it: exit codes, one-line errors,
 // and the JSON report.
 #include "cli_runner.h"
+#include "testing.h"
 
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
@@ -178,6 +179,60 @@ TEST(BenchCli, MemoryLimitFailsNoneCleanlyAndEveryLayerStillRuns) {
   EXPECT_THAT(j["runs"][0]["error"].get<std::string>(), HasSubstr("out of memory"));
   EXPECT_TRUE(j["runs"][1]["ok"].get<bool>());
   EXPECT_LE(j["runs"][1]["peak_bytes"].get<int64_t>(), 8 << 20);
+}
+
+// --device: refused in one line (exit 2) where it cannot run. This runs on
+// every build: without a GPU "cuda" is refused, with one a GPU past the last.
+TEST(BenchCli, DeviceThatIsNotThereIsRefusedInOneLine) {
+  const bool have_gpu = remat_test::no_cuda_reason().empty();
+  for (const std::string& device :
+       {std::string(have_gpu ? "cuda:99" : "cuda"), std::string("cuda:0x"), std::string("tpu")}) {
+    auto r = run_cli(kSmall + " --device " + device);
+    EXPECT_EQ(r.exit_code, 2) << device << "\n" << r.err;
+    EXPECT_THAT(r.err, StartsWith("remat: error: --device: ")) << device;
+    EXPECT_EQ(std::count(r.err.begin(), r.err.end(), '\n'), 1) << device << "\n" << r.err;
+  }
+  if (!have_gpu) {
+    auto r = run_cli(kSmall + " --device cuda");
+    EXPECT_THAT(r.err, ::testing::AnyOf(HasSubstr("needs a CUDA build"), HasSubstr("needs a GPU")));
+  }
+  // cpu is the default, and says so in the report.
+  const std::string path = ::testing::TempDir() + "/bench_cpu_device.json";
+  auto r = run_cli(kSmall + " --policy none --device cpu --json " + path);
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  std::ifstream f(path);
+  auto j = nlohmann::json::parse(f);
+  EXPECT_EQ(j["config"]["device"], "cpu");
+  EXPECT_THAT(j["config"]["memory_source"].get<std::string>(), HasSubstr("CPU"));
+}
+
+// On a GPU: each policy in its own process on cuda:0, bytes from the CUDA
+// caching allocator, gradients as without checkpointing, fp32 and bf16.
+TEST(BenchCli, CudaRunsEachPolicyAndReportsCudaPeaks) {
+  REMAT_REQUIRE_CUDA();
+  for (const std::string dtype : {"fp32", "bf16"}) {
+    const std::string path = ::testing::TempDir() + "/bench_cuda_" + dtype + ".json";
+    auto r = run_cli(kSmall + " --device cuda --dtype " + dtype +
+                     " --policy none,every-layer,selective-attention --json " + path);
+    ASSERT_EQ(r.exit_code, 0) << r.err;
+    EXPECT_THAT(r.out, HasSubstr("device cuda:0 ("));
+    std::ifstream f(path);
+    auto j = nlohmann::json::parse(f);
+    EXPECT_EQ(j["config"]["device"], "cuda:0");
+    EXPECT_THAT(j["config"]["memory_source"].get<std::string>(), HasSubstr("cuda"));
+    EXPECT_GT(j["config"]["weight_bytes"].get<int64_t>(), 0);
+    ASSERT_EQ(j["runs"].size(), 3u);
+    for (const auto& run : j["runs"]) {
+      ASSERT_TRUE(run["ok"].get<bool>()) << run.dump();
+      EXPECT_GT(run["peak_bytes"].get<int64_t>(), 0) << run["policy"];
+      EXPECT_GT(run["step_seconds"].get<double>(), 0.0) << run["policy"];
+      // CUDA's embedding backward adds with atomics: equal up to rounding.
+      EXPECT_LT(run["max_abs_grad_diff"].get<double>(), dtype == "fp32" ? 1e-4 : 1e-2)
+          << run["policy"];
+    }
+    EXPECT_LT(j["runs"][1]["activation_bytes"].get<int64_t>(),
+              j["runs"][0]["activation_bytes"].get<int64_t>());
+  }
 }
 
 } // namespace

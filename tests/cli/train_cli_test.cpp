@@ -1,11 +1,14 @@
 // `remat train` as a user runs it: one-line errors with exit code 2, the
 // metrics file, the HTML report, the LM task, export.
 #include "cli_runner.h"
+#include "testing.h"
 
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 #include <nlohmann/json.hpp>
 
+#include <algorithm>
+#include <cmath>
 #include <filesystem>
 #include <fstream>
 #include <regex>
@@ -211,6 +214,56 @@ TEST(TrainCli, TrainsALanguageModelOnBytes) {
   EXPECT_THAT(r.err, HasSubstr("remat::nn::Llama(layers=1"));
   EXPECT_THAT(r.err, HasSubstr("vocab=259")); // bytes and three special ids
   EXPECT_THAT(r.out, HasSubstr("perplexity"));
+}
+
+// --device: refused in one line (exit 2) where it cannot run, before any
+// data is read. Runs on every build.
+TEST(TrainCli, DeviceThatIsNotThereIsRefusedInOneLine) {
+  const bool have_gpu = remat_test::no_cuda_reason().empty();
+  for (const std::string& device : {std::string(have_gpu ? "cuda:99" : "cuda"), std::string("gpu")}) {
+    auto r = run_cli(kTiny + "--max-steps 1 --device " + device);
+    EXPECT_EQ(r.exit_code, 2) << device << "\n" << r.err;
+    EXPECT_THAT(r.err, StartsWith("remat: error: --device: ")) << device;
+    EXPECT_EQ(std::count(r.err.begin(), r.err.end(), '\n'), 1) << device << "\n" << r.err;
+  }
+}
+
+// On a GPU: a short run on cuda:0 in fp32 and bf16, its peaks the CUDA
+// allocator's, and the same losses whatever the policy.
+TEST(TrainCli, CudaTrainsAndReportsCudaPeaks) {
+  REMAT_REQUIRE_CUDA();
+  for (const std::string dtype : {"f32", "bf16"}) {
+    const auto dir = temp_dir("cuda_" + dtype);
+    auto r = run_cli(kTiny + "--max-steps 3 --dropout 0.1 --device cuda --dtype " + dtype +
+                     " --compare-policy none --compare-steps 2 --metrics " + dir + "/m.jsonl");
+    ASSERT_EQ(r.exit_code, 0) << r.err;
+    EXPECT_THAT(r.out, HasSubstr("on cuda:0"));
+    EXPECT_THAT(r.out, HasSubstr("largest |loss difference|: "));
+    std::istringstream lines(slurp(dir + "/m.jsonl"));
+    std::string line;
+    int steps = 0;
+    while (std::getline(lines, line)) {
+      auto j = nlohmann::json::parse(line);
+      if (j["type"] == "step") {
+        ++steps;
+        EXPECT_GT(j["peak_bytes"].get<int64_t>(), 0) << line;
+        EXPECT_TRUE(std::isfinite(j["loss"].get<double>())) << line;
+      }
+    }
+    EXPECT_EQ(steps, 3);
+  }
+}
+
+// Two ranks on two GPUs over NCCL give the losses of one process.
+TEST(TrainCli, CudaDataParallelOverNccl) {
+  REMAT_REQUIRE_CUDA();
+  if (remat_test::cuda_device_count() < 2) {
+    GTEST_SKIP() << "needs 2 GPUs for --nproc 2 on CUDA (one per rank), but "
+                 << remat_test::cuda_device_count() << " is visible";
+  }
+  auto r = run_cli(kTiny + "--max-steps 3 --device cuda --nproc 2");
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_THAT(r.out, HasSubstr("data parallel: 2 ranks"));
 }
 
 } // namespace

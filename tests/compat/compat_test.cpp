@@ -12,6 +12,7 @@
 #include <c10/core/impl/alloc_cpu.h>
 
 #include <atomic>
+#include <stdexcept>
 #include <string>
 
 namespace {
@@ -169,6 +170,31 @@ TEST(CompatTest, CudaMemoryStatsCountATensor) {
   EXPECT_EQ(after.allocations, before.allocations + 1);
   EXPECT_GE(after.reserved_bytes, after.current_bytes);
 #endif
+}
+
+// ProcessGroupNCCL has shutdown() on 2.x only; the call is made where the
+// type has one, and what it throws goes no further.
+struct WithShutdown {
+  int calls = 0;
+  bool fail = false;
+  void shutdown() {
+    ++calls;
+    if (fail) {
+      throw std::runtime_error("already aborted");
+    }
+  }
+};
+struct WithoutShutdown {};
+
+TEST(CompatTest, ShutdownBackendCallsShutdownWhereThereIsOne) {
+  WithShutdown a;
+  remat::compat::shutdown_backend(a);
+  EXPECT_EQ(a.calls, 1);
+  a.fail = true;
+  EXPECT_NO_THROW(remat::compat::shutdown_backend(a));
+  EXPECT_EQ(a.calls, 2);
+  WithoutShutdown b;
+  remat::compat::shutdown_backend(b); // compiles, does nothing
 }
 
 } // namespace

@@ -43,6 +43,9 @@ class DataParallelTest : public ::testing::Test {
     std::remove(store_.c_str());
   }
 
+  /// The device two_ranks' groups are on: cpu (Gloo), or CUDA (NCCL too).
+  c10::Device device_ = c10::kCPU;
+
   // Runs `body(group)` as ranks 0 and 1 on two threads; rethrows the first
   // failure on the test's thread.
   void two_ranks(const std::function<void(ProcessGroup&)>& body, double timeout = 30) {
@@ -55,8 +58,12 @@ class DataParallelTest : public ::testing::Test {
     for (int r = 0; r < 2; ++r) {
       threads.emplace_back([&, r] {
         try {
-          ProcessGroup group(
-              DistOptions().rank(r).world_size(2).store_path(store).timeout_seconds(timeout));
+          ProcessGroup group(DistOptions()
+                                 .rank(r)
+                                 .world_size(2)
+                                 .store_path(store)
+                                 .timeout_seconds(timeout)
+                                 .device(device_));
           body(group);
         } catch (...) {
           errors[r] = std::current_exception();
@@ -595,6 +602,92 @@ TEST_F(GradReducerOverlapTest, ReducerRemovesItsHooks) {
 TEST_F(GradReducerOverlapTest, OptionsDefaultToOverlap) {
   EXPECT_TRUE(GradReducerOptions().overlap());
   EXPECT_FALSE(GradReducerOptions().overlap(false).overlap());
+}
+
+
+
+// ---------------------------------------------------------------- NCCL
+// A group on a CUDA device sums CUDA tensors through NCCL (rank r on
+// cuda:(r % GPUs)) and CPU tensors through Gloo, as before.
+
+TEST_F(DataParallelTest, CudaGroupNeedsNccl) {
+  const auto options = DistOptions().store_path(store_).device(c10::Device(c10::kCUDA));
+  if (remat::dist::nccl_available()) {
+    EXPECT_NO_THROW(options.validate());
+  } else {
+    EXPECT_THROW_WITH(options.validate(), "needs NCCL");
+  }
+  EXPECT_THROW_WITH(
+      DistOptions().device(c10::Device(c10::kMeta)).validate(),
+      "device: expected cpu or a CUDA device");
+}
+
+TEST_F(DataParallelTest, NcclAllReduceWithOneRank) {
+  REMAT_REQUIRE_CUDA();
+  if (!remat::dist::nccl_available()) {
+    GTEST_SKIP() << "needs NCCL: this CUDA build found no nccl.h when it was configured";
+  }
+  ProcessGroup g(DistOptions().store_path(store_).device(c10::Device(c10::kCUDA)));
+  const c10::Device cuda0(c10::kCUDA, 0);
+  EXPECT_EQ(g.device(), cuda0);
+  std::vector<torch::Tensor> t{torch::full({3}, 2.0f, torch::TensorOptions().device(cuda0)),
+                               torch::full({2, 2}, 5.0f, torch::TensorOptions().device(cuda0))};
+  g.all_reduce_sum(t);
+  EXPECT_TRUE(t[0].is_cuda());
+  EXPECT_TRUE(torch::equal(t[0].cpu(), torch::full({3}, 2.0f)));
+  EXPECT_TRUE(torch::equal(t[1].cpu(), torch::full({2, 2}, 5.0f)));
+  std::vector<torch::Tensor> b{torch::arange(4, torch::TensorOptions().device(cuda0))};
+  g.broadcast(b, 0);
+  EXPECT_TRUE(torch::equal(b[0].cpu(), torch::arange(4)));
+  // CPU tensors still go through Gloo; mixing the two in one call is refused.
+  std::vector<torch::Tensor> c{torch::ones({2})};
+  g.all_reduce_sum(c);
+  EXPECT_TRUE(torch::equal(c[0], torch::ones({2})));
+  g.barrier();
+  std::vector<torch::Tensor> mixed{torch::ones({2}), torch::ones({2}, torch::TensorOptions().device(cuda0))};
+  EXPECT_THROW_WITH(g.all_reduce_sum(mixed), "all on the CPU or all on the group's device");
+}
+
+TEST_F(DataParallelTest, NcclAllReduceAndReducerWithTwoRanks) {
+  REMAT_REQUIRE_CUDA();
+  if (!remat::dist::nccl_available()) {
+    GTEST_SKIP() << "needs NCCL: this CUDA build found no nccl.h when it was configured";
+  }
+  if (remat_test::cuda_device_count() < 2) {
+    GTEST_SKIP() << "needs 2 GPUs for 2 NCCL ranks (NCCL refuses two ranks on one GPU), but "
+                 << remat_test::cuda_device_count() << " is visible";
+  }
+  device_ = c10::Device(c10::kCUDA);
+  std::map<int64_t, std::vector<float>> sums, grads;
+  std::map<int64_t, std::string> devices;
+  std::mutex m;
+  two_ranks([&](ProcessGroup& g) {
+    const auto dev = g.device();
+    const float r = static_cast<float>(g.rank());
+    std::vector<torch::Tensor> t{torch::full({3}, r + 1, torch::TensorOptions().device(dev))};
+    g.all_reduce_sum(t);
+    // The reducer over a layer on this rank's GPU: the sum of both ranks'.
+    torch::manual_seed(0);
+    torch::nn::Linear layer(4, 2);
+    layer->to(dev);
+    auto group = std::shared_ptr<ProcessGroup>(&g, [](ProcessGroup*) {});
+    remat::dist::broadcast_parameters(g, *layer);
+    GradReducer reducer(group, layer->parameters(), GradReducerOptions().average(false));
+    reducer.prepare_for_backward(true);
+    layer->forward(torch::full({1, 4}, r + 1, torch::TensorOptions().device(dev))).sum().backward();
+    reducer.reduce();
+    std::lock_guard<std::mutex> lock(m);
+    sums[g.rank()] = {t[0][0].item<float>()};
+    grads[g.rank()] = {layer->weight.grad()[0][0].item<float>()};
+    devices[g.rank()] = dev.str();
+  });
+  for (int64_t r : {0, 1}) {
+    EXPECT_EQ(sums[r], (std::vector<float>{3}));
+    // d(sum)/dW[0][0] = input, 1 on rank 0 and 2 on rank 1: summed, 3.
+    EXPECT_EQ(grads[r], (std::vector<float>{3}));
+  }
+  EXPECT_EQ(devices[0], "cuda:0");
+  EXPECT_EQ(devices[1], "cuda:1");
 }
 
 } // namespace

@@ -11,6 +11,10 @@
 #include <string>
 #include <vector>
 
+#ifdef REMAT_WITH_CUDA
+#include <c10/cuda/CUDACachingAllocator.h>
+#endif
+
 namespace {
 
 namespace mem = remat::memory;
@@ -298,3 +302,63 @@ TEST_F(MemoryTest, FormatSize) {
 }
 
 } // namespace
+
+// ---------------------------------------------------------------- CUDA
+// On a GPU the same functions read the caching allocator's statistics and
+// cap it through its memory fraction. Without a GPU these skip, saying why.
+
+TEST(MemoryCudaTest, StatsEqualATensorsBytes) {
+  REMAT_REQUIRE_CUDA();
+#ifdef REMAT_WITH_CUDA
+  const c10::Device cuda(c10::kCUDA, 0);
+  const int64_t before = mem::current_bytes(cuda);
+  const int64_t count_before = mem::allocation_count(cuda);
+  // 4 MiB: a multiple of the allocator's 512-byte rounding, so the bytes it
+  // reports allocated are the tensor's exactly.
+  auto t = torch::empty({1 << 20}, torch::TensorOptions().device(cuda));
+  const int64_t bytes = static_cast<int64_t>(t.nbytes());
+  EXPECT_EQ(mem::current_bytes(cuda) - before, bytes);
+  EXPECT_GE(mem::peak_bytes(cuda), before + bytes);
+  EXPECT_EQ(mem::allocation_count(cuda) - count_before, 1);
+  t = torch::Tensor();
+  EXPECT_EQ(mem::current_bytes(cuda), before);
+  mem::reset_peak(cuda);
+  EXPECT_EQ(mem::peak_bytes(cuda), before);
+  // The CPU's counts do not move for a CUDA tensor.
+  const int64_t cpu_before = mem::current_bytes();
+  auto u = torch::empty({1 << 20}, torch::TensorOptions().device(cuda));
+  EXPECT_EQ(mem::current_bytes(), cpu_before);
+#endif
+}
+
+TEST(MemoryCudaTest, LimitMakesAnOversizeAllocationThrowAndTheGuardRestores) {
+  REMAT_REQUIRE_CUDA();
+#ifdef REMAT_WITH_CUDA
+  const c10::Device cuda(c10::kCUDA, 0);
+  const int64_t limit = int64_t(256) << 20;
+  ASSERT_EQ(mem::limit(cuda), 0);
+  // The allocator counts what it reserves: start from nothing cached.
+  c10::cuda::CUDACachingAllocator::emptyCache();
+  {
+    mem::LimitGuard guard(limit, cuda);
+    EXPECT_EQ(mem::limit(cuda), limit);
+    // 1 GiB does not fit under 256 MiB: the caching allocator refuses it.
+    bool caught = false;
+    try {
+      auto big = torch::empty({int64_t(1) << 28}, torch::TensorOptions().device(cuda));
+    } catch (const c10::OutOfMemoryError&) {
+      caught = true;
+    }
+    EXPECT_TRUE(caught) << "a 1 GiB allocation under a 256 MiB limit did not throw";
+    // Within the limit still works.
+    auto small = torch::ones({1 << 20}, torch::TensorOptions().device(cuda));
+    EXPECT_EQ(small.sum().item<float>(), float(1 << 20));
+  }
+  EXPECT_EQ(mem::limit(cuda), 0);
+  // Restored: the same 1 GiB now fits (an H200 or any GPU of > 2 GiB).
+  auto big = torch::empty({int64_t(1) << 28}, torch::TensorOptions().device(cuda));
+  EXPECT_EQ(static_cast<int64_t>(big.nbytes()), int64_t(1) << 30);
+  // The CPU limit was not touched.
+  EXPECT_EQ(mem::limit(), 0);
+#endif
+}

@@ -292,3 +292,46 @@ TEST(Trainer, OptionsRoundTripThroughJsonAndNameTheFieldWhenBad) {
 }
 
 } // namespace
+
+namespace {
+
+TEST(Trainer, DeviceIsAnOptionThatRoundTripsAndDefaultsToCpu) {
+  EXPECT_EQ(tiny().device(), "cpu");
+  auto o = tiny().device("cuda:1");
+  EXPECT_EQ(TrainOptions::from_json(o.to_json()).device(), "cuda:1");
+  auto old = tiny().to_json();
+  old.erase("device"); // a state saved before --device existed
+  EXPECT_EQ(TrainOptions::from_json(old).device(), "cpu");
+  EXPECT_THROW_WITH(tiny().device("gpu").validate(), "device: expected cpu, cuda or cuda:N");
+  if (!remat_test::no_cuda_reason().empty()) {
+    // Valid text, but no GPU here: the Trainer refuses it, saying why.
+    EXPECT_THROW_WITH(Trainer t(tiny().device("cuda")), "cuda");
+  }
+}
+
+// On a GPU: the same loss curve under checkpointing as without (dropout's
+// masks come from the CUDA generator, which checkpoint restores), and the
+// step peaks are the GPU's.
+TEST(TrainerCuda, CheckpointingLeavesTheLossCurveOnCuda) {
+  REMAT_REQUIRE_CUDA();
+  auto curve = [](const CheckpointPolicy& p) {
+    Trainer t(tiny().device("cuda").dropout(0.1).policy(p));
+    std::vector<double> out;
+    for (int i = 0; i < 3; ++i) {
+      auto r = t.step();
+      EXPECT_GT(r.peak_bytes, 0);
+      out.push_back(r.loss);
+    }
+    EXPECT_TRUE(t.model().parameters().front().is_cuda());
+    return out;
+  };
+  const auto none = curve(CheckpointPolicy::none());
+  const auto every = curve(CheckpointPolicy::every_layer());
+  ASSERT_EQ(none.size(), every.size());
+  for (size_t i = 0; i < none.size(); ++i) {
+    // CUDA's embedding backward adds with atomics: equal up to rounding.
+    EXPECT_NEAR(none[i], every[i], 1e-5) << "step " << i + 1;
+  }
+}
+
+} // namespace

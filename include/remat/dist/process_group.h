@@ -1,6 +1,9 @@
 // A group of training processes that talk through PyTorch's c10d: the
-// rendezvous through a TCPStore (or a FileStore), and Gloo's collectives on
-// CPU tensors. It is the transport of data-parallel training
+// rendezvous through a TCPStore (or a FileStore), Gloo's collectives on CPU
+// tensors and, for a group on a CUDA device (DistOptions::device, CUDA
+// builds with NCCL), ProcessGroupNCCL's on CUDA tensors: rank r then uses
+// cuda:(r % the GPUs visible). A collective goes to NCCL or Gloo by where its
+// tensors are. It is the transport of data-parallel training
 // (remat/dist/data_parallel.h); remat has no transport of its own.
 //
 // Every collective is bounded by DistOptions::timeout_seconds: a rank that
@@ -15,6 +18,7 @@
 //   group->all_reduce_sum(t);  // t[0] is 2 everywhere
 #pragma once
 
+#include <c10/core/Device.h>
 #include <c10/util/Optional.h>
 #include <torch/arg.h>
 #include <torch/types.h>
@@ -44,6 +48,9 @@ struct DistOptions {
   /// A file that every rank can reach: a FileStore instead of the TCPStore
   /// (tests; ranks as threads of one process). Empty: TCP.
   TORCH_ARG(std::string, store_path);
+  /// cpu: Gloo only. A CUDA device (any index): also NCCL, on
+  /// cuda:(rank % the GPUs visible); needs nccl_available().
+  TORCH_ARG(c10::Device, device) = c10::kCPU;
 
  public:
   /// From RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT; nullopt when
@@ -66,6 +73,10 @@ class Pending {
   std::function<void()> wait_;
 };
 
+/// True when this build can make a group on a CUDA device: LibTorch with
+/// CUDA, and NCCL's header found when remat was built.
+bool nccl_available();
+
 /// The ranks of one data-parallel run. Construction is the rendezvous: it
 /// returns once all world_size ranks have joined, or throws after
 /// timeout_seconds. Collectives must be called by every rank, in the same
@@ -80,12 +91,16 @@ class ProcessGroup {
   int64_t rank() const;
   int64_t world_size() const;
   const DistOptions& options() const;
+  /// This rank's CUDA device for NCCL (cuda:(rank % GPUs)), or cpu for a
+  /// Gloo-only group.
+  c10::Device device() const;
 
-  /// Sums dense CPU tensors across the ranks, in place.
+  /// Sums dense tensors across the ranks, in place: CPU tensors through
+  /// Gloo, tensors on device() through NCCL (one call takes one kind).
   void all_reduce_sum(std::vector<torch::Tensor>& tensors);
   /// Starts the sum; the tensors must stay alive until wait() returns.
   Pending all_reduce_sum_async(std::vector<torch::Tensor> tensors);
-  /// Copies `root`'s tensors into every rank's, in place.
+  /// Copies `root`'s tensors into every rank's, in place (CPU or device()).
   void broadcast(std::vector<torch::Tensor>& tensors, int64_t root = 0);
   /// Rank `root`'s `text`, on every rank (through the store).
   std::string broadcast_string(const std::string& text, int64_t root = 0);

@@ -146,6 +146,13 @@ struct TrainOptions {
   TORCH_ARG(bool, memory_timeline) = false;
   /// Intra-op threads (0: every core).
   TORCH_ARG(int64_t, threads) = 0;
+  /// Where the model, its batches and its optimizer state live: "cpu",
+  /// "cuda" or "cuda:N" (remat/device.h). With data parallelism on CUDA,
+  /// rank r trains on cuda:(r % the GPUs visible) whatever the index given,
+  /// and its ProcessGroup uses NCCL. step_bytes, peaks and timelines are the
+  /// device's (on CUDA, the caching allocator's allocated bytes); --dtype
+  /// bf16 autocasts on that device.
+  TORCH_ARG(std::string, device) = "cpu";
 
  public:
   /// Throws c10::Error whose message starts with the field's name ("batch:
