@@ -518,6 +518,27 @@ LlamaConfig llama_config_from_json(const nlohmann::json& j) {
   c.max_position_embeddings =
       get_int(j, "max_position_embeddings", c.max_position_embeddings);
   c.rope_theta = get_double(j, "rope_theta", c.rope_theta);
+  // transformers 5 writes RoPE settings as "rope_parameters": {"rope_type":
+  // "default", "rope_theta": ...} instead of a top-level rope_theta; reading
+  // only the latter would run such a model with the default theta, silently.
+  if (const auto* rope = field(j, "rope_parameters")) {
+    TORCH_CHECK(
+        rope->is_object(),
+        "config field \"rope_parameters\": expected an object, but got ",
+        describe_json(*rope));
+    const auto type = get_string(*rope, "rope_type", "default");
+    TORCH_CHECK(
+        type == "default",
+        "config field \"rope_parameters\": expected rope_type \"default\" "
+        "(remat's Llama has plain RoPE), but got \"",
+        type, "\"");
+    const auto theta = get_double(*rope, "rope_theta", c.rope_theta);
+    TORCH_CHECK(
+        field(j, "rope_theta") == nullptr || theta == c.rope_theta,
+        "config fields \"rope_theta\" ", c.rope_theta,
+        " and \"rope_parameters\".rope_theta ", theta, " disagree");
+    c.rope_theta = theta;
+  }
   c.rms_norm_eps = get_double(j, "rms_norm_eps", c.rms_norm_eps);
   c.tie_word_embeddings =
       get_bool(j, "tie_word_embeddings", c.tie_word_embeddings);
