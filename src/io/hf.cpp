@@ -407,6 +407,10 @@ nn::BertOptions bert_options_from_json(const nlohmann::json& j) {
           .intermediate_size(get_int(j, "intermediate_size", 3072))
           .max_position_embeddings(get_int(j, "max_position_embeddings", 512))
           .type_vocab_size(get_int(j, "type_vocab_size", 2))
+          .pad_token_id(
+              field(j, "pad_token_id") ? get_int(j, "pad_token_id", 0)
+                  : j.contains("pad_token_id") ? -1 // null: no padding token
+                                               : 0)
           .hidden_dropout(get_double(j, "hidden_dropout_prob", 0.1))
           .attention_dropout(get_double(j, "attention_probs_dropout_prob", 0.1))
           .layer_norm_eps(get_double(j, "layer_norm_eps", 1e-12));
@@ -435,7 +439,8 @@ nlohmann::json bert_config_to_json(const nn::BertOptions& o) {
       {"type_vocab_size", o.type_vocab_size()},
       {"initializer_range", 0.02},
       {"layer_norm_eps", o.layer_norm_eps()},
-      {"pad_token_id", 0},
+      {"pad_token_id",
+       o.pad_token_id() >= 0 ? nlohmann::json(o.pad_token_id()) : nlohmann::json()},
       {"position_embedding_type", "absolute"},
       {"torch_dtype", "float32"},
   };
