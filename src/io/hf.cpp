@@ -407,6 +407,10 @@ nn::BertOptions bert_options_from_json(const nlohmann::json& j) {
           .intermediate_size(get_int(j, "intermediate_size", 3072))
           .max_position_embeddings(get_int(j, "max_position_embeddings", 512))
           .type_vocab_size(get_int(j, "type_vocab_size", 2))
+          .pad_token_id(
+              field(j, "pad_token_id") ? get_int(j, "pad_token_id", 0)
+                  : j.contains("pad_token_id") ? -1 // null: no padding token
+                                               : 0)
           .hidden_dropout(get_double(j, "hidden_dropout_prob", 0.1))
           .attention_dropout(get_double(j, "attention_probs_dropout_prob", 0.1))
           .layer_norm_eps(get_double(j, "layer_norm_eps", 1e-12));
@@ -435,7 +439,8 @@ nlohmann::json bert_config_to_json(const nn::BertOptions& o) {
       {"type_vocab_size", o.type_vocab_size()},
       {"initializer_range", 0.02},
       {"layer_norm_eps", o.layer_norm_eps()},
-      {"pad_token_id", 0},
+      {"pad_token_id",
+       o.pad_token_id() >= 0 ? nlohmann::json(o.pad_token_id()) : nlohmann::json()},
       {"position_embedding_type", "absolute"},
       {"torch_dtype", "float32"},
   };
@@ -518,6 +523,27 @@ LlamaConfig llama_config_from_json(const nlohmann::json& j) {
   c.max_position_embeddings =
       get_int(j, "max_position_embeddings", c.max_position_embeddings);
   c.rope_theta = get_double(j, "rope_theta", c.rope_theta);
+  // transformers 5 writes RoPE settings as "rope_parameters": {"rope_type":
+  // "default", "rope_theta": ...} instead of a top-level rope_theta; reading
+  // only the latter would run such a model with the default theta, silently.
+  if (const auto* rope = field(j, "rope_parameters")) {
+    TORCH_CHECK(
+        rope->is_object(),
+        "config field \"rope_parameters\": expected an object, but got ",
+        describe_json(*rope));
+    const auto type = get_string(*rope, "rope_type", "default");
+    TORCH_CHECK(
+        type == "default",
+        "config field \"rope_parameters\": expected rope_type \"default\" "
+        "(remat's Llama has plain RoPE), but got \"",
+        type, "\"");
+    const auto theta = get_double(*rope, "rope_theta", c.rope_theta);
+    TORCH_CHECK(
+        field(j, "rope_theta") == nullptr || theta == c.rope_theta,
+        "config fields \"rope_theta\" ", c.rope_theta,
+        " and \"rope_parameters\".rope_theta ", theta, " disagree");
+    c.rope_theta = theta;
+  }
   c.rms_norm_eps = get_double(j, "rms_norm_eps", c.rms_norm_eps);
   c.tie_word_embeddings =
       get_bool(j, "tie_word_embeddings", c.tie_word_embeddings);

@@ -30,6 +30,10 @@ void BertOptions::validate() const {
       "expected max_position_embeddings > 0, but got ", max_position_embeddings_);
   TORCH_CHECK(type_vocab_size_ > 0, "expected type_vocab_size > 0, but got ", type_vocab_size_);
   TORCH_CHECK(
+      pad_token_id_ >= -1 && pad_token_id_ < vocab_size_,
+      "expected pad_token_id in [0, vocab_size ", vocab_size_, ") or -1 (none), but got ",
+      pad_token_id_);
+  TORCH_CHECK(
       hidden_dropout_ >= 0 && hidden_dropout_ < 1 && attention_dropout_ >= 0 &&
           attention_dropout_ < 1,
       "expected dropout probabilities in [0, 1), but got hidden_dropout ",
@@ -70,7 +74,11 @@ BertEmbeddingsImpl::BertEmbeddingsImpl(BertOptions options_) : options(std::move
 
 void BertEmbeddingsImpl::reset() {
   const auto h = options.hidden_size();
-  word_embeddings = register_module("word_embeddings", torch::nn::Embedding(options.vocab_size(), h));
+  auto word = torch::nn::EmbeddingOptions(options.vocab_size(), h);
+  if (options.pad_token_id() >= 0) {
+    word.padding_idx(options.pad_token_id());
+  }
+  word_embeddings = register_module("word_embeddings", torch::nn::Embedding(word));
   position_embeddings = register_module(
       "position_embeddings", torch::nn::Embedding(options.max_position_embeddings(), h));
   token_type_embeddings = register_module(

@@ -159,6 +159,13 @@ TEST_F(HfTest, BertConfigRoundTripsWithHuggingFaceNames) {
   EXPECT_DOUBLE_EQ(back.hidden_dropout(), 0.1);
   EXPECT_DOUBLE_EQ(back.attention_dropout(), 0.2);
   EXPECT_DOUBLE_EQ(back.layer_norm_eps(), 1e-7);
+  EXPECT_EQ(back.pad_token_id(), 0);
+  // pad_token_id: BertConfig's default 0; null means no padding token.
+  EXPECT_EQ(
+      remat::io::bert_options_from_json({{"pad_token_id", 3}}).pad_token_id(), 3);
+  EXPECT_EQ(
+      remat::io::bert_options_from_json({{"pad_token_id", nullptr}}).pad_token_id(),
+      -1);
 
   // Absent fields take BertConfig's defaults (bert-base).
   auto base = remat::io::bert_options_from_json(nlohmann::json::object());
@@ -374,6 +381,21 @@ TEST_F(HfTest, LlamaConfigReadsHuggingFaceFields) {
       remat::io::llama_config_from_json(
           {{"rope_scaling", {{"rope_type", "llama3"}, {"factor", 8.0}}}}),
       "config field \"rope_scaling\": expected null");
+  // transformers 5 writes rope_theta inside "rope_parameters".
+  EXPECT_DOUBLE_EQ(
+      remat::io::llama_config_from_json(nlohmann::json::parse(
+                                            R"({"rope_parameters":
+          {"rope_theta": 500000.0, "rope_type": "default"}})"))
+          .rope_theta,
+      500000.0);
+  EXPECT_ERROR_CONTAINS(
+      remat::io::llama_config_from_json(nlohmann::json::parse(
+          R"({"rope_parameters": {"rope_theta": 5e5, "rope_type": "llama3"}})")),
+      "config field \"rope_parameters\": expected rope_type \"default\"");
+  EXPECT_ERROR_CONTAINS(
+      remat::io::llama_config_from_json(nlohmann::json::parse(
+          R"({"rope_theta": 1e4, "rope_parameters": {"rope_theta": 5e5}})")),
+      "config fields \"rope_theta\" 10000 and \"rope_parameters\".rope_theta 500000 disagree");
   EXPECT_ERROR_CONTAINS(
       remat::io::llama_config_from_json(
           {{"num_attention_heads", 32}, {"num_key_value_heads", 3}}),

@@ -122,10 +122,13 @@ struct LlamaConfig {
   void validate() const;
 };
 
-/// LlamaConfig from config.json content. Throws c10::Error naming the field
-/// for a wrong type, an invalid size, and for what the fields above cannot
-/// express: hidden_act other than "silu", a non-null rope_scaling,
-/// attention_bias or mlp_bias true, a head_dim other than hidden / heads.
+/// LlamaConfig from config.json content. rope_theta is read at the top level
+/// (transformers 4) or from "rope_parameters" (transformers 5). Throws
+/// c10::Error naming the field for a wrong type, an invalid size, two
+/// rope_theta that disagree, and for what the fields above cannot express:
+/// hidden_act other than "silu", a non-null rope_scaling, a rope_type other
+/// than "default", attention_bias or mlp_bias true, a head_dim other than
+/// hidden / heads.
 LlamaConfig llama_config_from_json(const nlohmann::json& config);
 LlamaConfig read_llama_config(const std::string& path);
 /// A LlamaConfig JSON ("model_type": "llama").

@@ -43,6 +43,9 @@ struct BertOptions {
   TORCH_ARG(int64_t, intermediate_size) = 0;
   TORCH_ARG(int64_t, max_position_embeddings) = 512;
   TORCH_ARG(int64_t, type_vocab_size) = 2;
+  /// The padding token's id, whose embedding gets no gradient (Hugging Face's
+  /// padding_idx: BertConfig.pad_token_id, 0 by default); -1: none.
+  TORCH_ARG(int64_t, pad_token_id) = 0;
   TORCH_ARG(double, hidden_dropout) = 0.1;
   TORCH_ARG(double, attention_dropout) = 0.1;
   TORCH_ARG(double, layer_norm_eps) = 1e-12;
