@@ -14,8 +14,8 @@
 //     autocast_enabled / set_autocast_enabled / autocast_dtype /
 //     set_autocast_dtype.
 //   - at::scaled_dot_product_attention exists (2.0): kHasSdpa.
-//   - mean()'s backward keeps its input alive in 1.13 (it saves `self` for
-//     the shape), not in 2.x (it saves the sizes): kMeanSavesInput.
+//   - mean over a dimension keeps its input for backward in 1.13, only its
+//     sizes in 2.x (a full mean() keeps sizes on both): kMeanSavesInput.
 //   - impl::grad_accumulator returns a shared_ptr in 1.13 and an
 //     intrusive_ptr in 2.x: GradAccumulatorPtr.
 //   - autograd::grad runs the tensor hooks of a leaf whose gradient it
@@ -145,8 +145,8 @@ inline at::Tensor scaled_dot_product_attention(
 #endif
 }
 
-/// x.mean()'s autograd node keeps x alive until backward (the estimator
-/// counts it).
+/// x.mean(dim)'s autograd node keeps x alive until backward: memory an
+/// eager RMSNorm holds on 1.13 and not on 2.x.
 constexpr bool kMeanSavesInput = !REMAT_TORCH_AT_LEAST(2, 0);
 
 // ------------------------------------------------------------ autograd

@@ -39,8 +39,6 @@
 // PlanEstimate.BertLayerMatchesKorthikanti checks this.
 #include "plan/model_trace.h"
 
-#include "compat/torch.h"
-
 #include <c10/util/Exception.h>
 #include <torch/version.h>
 
@@ -50,8 +48,6 @@ namespace remat {
 namespace plan {
 namespace detail {
 namespace {
-
-using compat::kMeanSavesInput;
 
 using Shape = std::vector<int64_t>;
 
