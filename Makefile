@@ -40,16 +40,16 @@ build: configure
 	cmake --build $(BUILD) -j $(JOBS)
 
 test: build
-	cd $(BUILD) && ctest --output-on-failure -j 1
+	cd $(BUILD) && ctest --output-on-failure -j $(JOBS)
 	@$(MAKE) --no-print-directory consumer
 
 # Installs remat into $(BUILD)/install and builds examples/consumer, a project
-# of its own, against it with find_package(remat); then runs it.
+# of its own, against it with find_package(remat) (which finds the LibTorch
+# remat was built with); then runs it.
 consumer: build
 	cmake --install $(BUILD) --prefix $(BUILD)/install >/dev/null
 	cmake -S examples/consumer -B $(BUILD)/consumer -DCMAKE_BUILD_TYPE=Release \
-	  -DCMAKE_PREFIX_PATH="$(abspath $(BUILD))/install" \
-	  -DTorch_DIR="$$(sed -n 's/^Torch_DIR:PATH=//p' $(BUILD)/CMakeCache.txt)" >/dev/null
+	  -DCMAKE_PREFIX_PATH="$(abspath $(BUILD))/install" >/dev/null
 	cmake --build $(BUILD)/consumer -j $(JOBS)
 	$(BUILD)/consumer/consumer
 
