@@ -9,19 +9,12 @@
 namespace remat {
 namespace compat {
 
-namespace {
-
-// The caching allocator has per-device state only once LibTorch has
-// initialised CUDA, which its first CUDA tensor does (on every LibTorch);
-// statistics asked for before that would be refused.
 void initialise_cuda(c10::DeviceIndex device) {
   static std::once_flag once;
   std::call_once(once, [device] {
     (void)at::empty({0}, at::TensorOptions().device(c10::kCUDA, device));
   });
 }
-
-} // namespace
 
 CudaMemoryStats cuda_memory_stats(c10::DeviceIndex device) {
   initialise_cuda(device);

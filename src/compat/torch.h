@@ -230,7 +230,13 @@ struct CudaMemoryStats {
 };
 
 #ifdef REMAT_WITH_CUDA
-/// Statistics of `device` (an index >= 0). CUDA builds only.
+/// Makes LibTorch initialise CUDA (as its first CUDA tensor does, on every
+/// version) once per process: the caching allocator's per-device statistics
+/// and memory fraction exist only after that. CUDA builds only.
+void initialise_cuda(c10::DeviceIndex device);
+
+/// Statistics of `device` (an index >= 0), CUDA initialised first. CUDA
+/// builds only.
 CudaMemoryStats cuda_memory_stats(c10::DeviceIndex device);
 #endif
 

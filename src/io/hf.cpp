@@ -589,5 +589,34 @@ void write_llama_config(const std::string& path, const LlamaConfig& config) {
   write_json_file(path, llama_config_to_json(config));
 }
 
+nn::LlamaOptions llama_options(const LlamaConfig& c) {
+  return nn::LlamaOptions()
+      .vocab_size(c.vocab_size)
+      .hidden_size(c.hidden_size)
+      .intermediate_size(c.intermediate_size)
+      .num_layers(c.num_hidden_layers)
+      .num_heads(c.num_attention_heads)
+      .num_kv_heads(c.num_key_value_heads)
+      .max_position_embeddings(c.max_position_embeddings)
+      .rope_theta(c.rope_theta)
+      .rms_norm_eps(c.rms_norm_eps)
+      .tie_word_embeddings(c.tie_word_embeddings);
+}
+
+LlamaConfig llama_config(const nn::LlamaOptions& o) {
+  LlamaConfig c;
+  c.vocab_size = o.vocab_size();
+  c.hidden_size = o.hidden_size();
+  c.intermediate_size = o.intermediate_size();
+  c.num_hidden_layers = o.num_layers();
+  c.num_attention_heads = o.num_heads();
+  c.num_key_value_heads = o.kv_heads();
+  c.max_position_embeddings = o.max_position_embeddings();
+  c.rope_theta = o.rope_theta();
+  c.rms_norm_eps = o.rms_norm_eps();
+  c.tie_word_embeddings = o.tie_word_embeddings();
+  return c;
+}
+
 } // namespace io
 } // namespace remat

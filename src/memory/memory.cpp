@@ -209,15 +209,10 @@ bool is_cuda(c10::Device device) {
 }
 
 #ifdef REMAT_WITH_CUDA
-// The device's index, once LibTorch has initialised CUDA (its first CUDA
-// tensor does it, on every LibTorch): the caching allocator's per-device
-// statistics and memory fraction exist only after that.
+// The device's index, once LibTorch has initialised CUDA.
 c10::DeviceIndex cuda_index(c10::Device device) {
   const auto index = device.index() < 0 ? c10::cuda::current_device() : device.index();
-  static std::once_flag once;
-  std::call_once(once, [index] {
-    (void)at::empty({0}, at::TensorOptions().device(c10::kCUDA, index));
-  });
+  compat::initialise_cuda(index);
   return index;
 }
 
@@ -282,23 +277,19 @@ int64_t allocation_count(c10::Device device) {
 }
 
 int64_t set_limit(int64_t limit_bytes) {
-  TORCH_CHECK(
-      limit_bytes >= 0,
-      "remat::memory::set_limit: expected a limit >= 0 bytes (0 for none), but got ",
-      limit_bytes);
-  install();
-  return counters().limit.exchange(limit_bytes);
+  return set_limit(limit_bytes, c10::kCPU);
 }
 
 int64_t set_limit(int64_t limit_bytes, c10::Device device) {
-  if (!is_cuda(device)) {
-    return set_limit(limit_bytes);
-  }
-#ifdef REMAT_WITH_CUDA
   TORCH_CHECK(
       limit_bytes >= 0,
       "remat::memory::set_limit: expected a limit >= 0 bytes (0 for none), but got ",
       limit_bytes);
+  if (!is_cuda(device)) {
+    install();
+    return counters().limit.exchange(limit_bytes);
+  }
+#ifdef REMAT_WITH_CUDA
   const auto index = cuda_index(device);
   size_t free_bytes = 0;
   size_t total_bytes = 0;

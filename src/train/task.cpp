@@ -268,35 +268,6 @@ class ClassificationTask : public TaskModel {
 
 // ------------------------------------------------------------ causal LM
 
-nn::LlamaOptions llama_options(const io::LlamaConfig& c) {
-  return nn::LlamaOptions()
-      .vocab_size(c.vocab_size)
-      .hidden_size(c.hidden_size)
-      .intermediate_size(c.intermediate_size)
-      .num_layers(c.num_hidden_layers)
-      .num_heads(c.num_attention_heads)
-      .num_kv_heads(c.num_key_value_heads)
-      .max_position_embeddings(c.max_position_embeddings)
-      .rope_theta(c.rope_theta)
-      .rms_norm_eps(c.rms_norm_eps)
-      .tie_word_embeddings(c.tie_word_embeddings);
-}
-
-io::LlamaConfig llama_config(const nn::LlamaOptions& o) {
-  io::LlamaConfig c;
-  c.vocab_size = o.vocab_size();
-  c.hidden_size = o.hidden_size();
-  c.intermediate_size = o.intermediate_size();
-  c.num_hidden_layers = o.num_layers();
-  c.num_attention_heads = o.num_heads();
-  c.num_key_value_heads = o.kv_heads();
-  c.max_position_embeddings = o.max_position_embeddings();
-  c.rope_theta = o.rope_theta();
-  c.rms_norm_eps = o.rms_norm_eps();
-  c.tie_word_embeddings = o.tie_word_embeddings();
-  return c;
-}
-
 class CausalLmTask : public TaskModel {
  public:
   explicit CausalLmTask(nn::LlamaOptions options) : model_(std::move(options)) {}
@@ -389,7 +360,7 @@ class CausalLmTask : public TaskModel {
     TORCH_INTERNAL_ASSERT(copy);
     nn::merge_lora(*copy);
     io::save_state(*copy, dir + "/model.safetensors");
-    auto config = io::llama_config_to_json(llama_config(model_->options));
+    auto config = io::llama_config_to_json(io::llama_config(model_->options));
     io::write_file_atomic(dir + "/config.json", config.dump(2) + "\n");
   }
 
@@ -426,7 +397,7 @@ std::unique_ptr<TaskModel> make_task_model(
   }
   nn::LlamaOptions l;
   if (init) {
-    l = llama_options(io::read_llama_config(config_path));
+    l = io::llama_options(io::read_llama_config(config_path));
   } else {
     int64_t inter = o.intermediate();
     if (inter == 0) {

@@ -217,20 +217,6 @@ TEST_F(HfPeerTest, BertStepMatchesTransformersWithAndWithoutCheckpointing) {
   }
 }
 
-remat::nn::LlamaOptions llama_options(const remat::io::LlamaConfig& c) {
-  return remat::nn::LlamaOptions()
-      .vocab_size(c.vocab_size)
-      .hidden_size(c.hidden_size)
-      .intermediate_size(c.intermediate_size)
-      .num_layers(c.num_hidden_layers)
-      .num_heads(c.num_attention_heads)
-      .num_kv_heads(c.num_key_value_heads)
-      .max_position_embeddings(c.max_position_embeddings)
-      .rope_theta(c.rope_theta)
-      .rms_norm_eps(c.rms_norm_eps)
-      .tie_word_embeddings(c.tie_word_embeddings);
-}
-
 TEST_F(HfPeerTest, LlamaStepMatchesTransformersWithAndWithoutCheckpointing) {
   TempDir dir;
   RUN_PEER_OR_SKIP(peer, "step llama " + dir.path());
@@ -238,7 +224,7 @@ TEST_F(HfPeerTest, LlamaStepMatchesTransformersWithAndWithoutCheckpointing) {
   // transformers 5 writes rope_theta inside "rope_parameters".
   const auto config = remat::io::read_llama_config(dir.file("config.json"));
   EXPECT_EQ(config.rope_theta, 500000.0);
-  remat::nn::Llama llama(llama_options(config));
+  remat::nn::Llama llama(remat::io::llama_options(config));
   load_strict(*llama, dir.path());
   llama->train();
   auto in = remat::io::load_safetensors(dir.file("inputs.safetensors"));

@@ -16,6 +16,7 @@
 #pragma once
 
 #include "remat/nn/bert.h"
+#include "remat/nn/llama.h"
 
 #include <nlohmann/json_fwd.hpp>
 #include <torch/arg.h>
@@ -134,6 +135,11 @@ LlamaConfig read_llama_config(const std::string& path);
 /// A LlamaConfig JSON ("model_type": "llama").
 nlohmann::json llama_config_to_json(const LlamaConfig& config);
 void write_llama_config(const std::string& path, const LlamaConfig& config);
+
+/// The Llama a LlamaConfig describes (field for field; LlamaOptions' other
+/// settings keep their defaults), and the LlamaConfig of a Llama's options.
+nn::LlamaOptions llama_options(const LlamaConfig& config);
+LlamaConfig llama_config(const nn::LlamaOptions& options);
 
 } // namespace io
 } // namespace remat
