@@ -94,13 +94,40 @@ void write_file_atomic(const std::string& path, const std::string& bytes) {
   file.commit();
 }
 
-std::string read_file(const std::string& path) {
+void require_regular_file(const std::string& path, const std::string& what) {
+  const std::string prefix = what.empty() ? "" : what + " ";
+  struct stat st;
+  TORCH_CHECK(
+      ::stat(path.c_str(), &st) == 0, "could not read ", prefix, "'", path, "': ",
+      errno_text());
+  const char* kind = S_ISDIR(st.st_mode) ? "a folder"
+      : S_ISCHR(st.st_mode)              ? "a character device"
+      : S_ISBLK(st.st_mode)              ? "a block device"
+      : S_ISFIFO(st.st_mode)             ? "a FIFO"
+      : S_ISSOCK(st.st_mode)             ? "a socket"
+                                         : nullptr;
+  TORCH_CHECK(
+      S_ISREG(st.st_mode), "could not read ", prefix, "'", path,
+      "': expected a regular file, but it is ", kind ? kind : "not one");
+}
+
+std::string read_file(const std::string& path, int64_t max_bytes) {
+  require_regular_file(path);
   std::ifstream in(path, std::ios::binary);
   TORCH_CHECK(in, "could not open '", path, "': ", errno_text());
-  std::ostringstream buffer;
-  buffer << in.rdbuf();
-  TORCH_CHECK(!in.bad(), "could not read '", path, "'");
-  return buffer.str();
+  in.seekg(0, std::ios::end);
+  const auto size = static_cast<int64_t>(in.tellg());
+  TORCH_CHECK(size >= 0, "could not find the size of '", path, "'");
+  TORCH_CHECK(
+      max_bytes < 0 || size <= max_bytes, "'", path, "' is ", size,
+      " bytes; expected at most ", max_bytes, " bytes for this kind of file");
+  in.seekg(0, std::ios::beg);
+  std::string out(static_cast<size_t>(size), '\0');
+  in.read(&out[0], static_cast<std::streamsize>(size));
+  TORCH_CHECK(
+      !in.bad() && in.gcount() == size, "could not read '", path,
+      "' (did it change while being read?)");
+  return out;
 }
 
 } // namespace io

@@ -144,15 +144,18 @@ std::string get_string(
   return v->get<std::string>();
 }
 
+// A config.json or shard index is a few kilobytes; past this it is not one.
+constexpr int64_t kMaxJsonBytes = 16 << 20;
+
 nlohmann::json read_json_file(const std::string& path) {
-  auto text = read_file(path);
+  auto text = read_file(path, kMaxJsonBytes);
   try {
     auto j = nlohmann::json::parse(text);
     TORCH_CHECK(
         j.is_object(), "config file '", path, "': expected a JSON object");
     return j;
   } catch (const nlohmann::json::exception& e) {
-    TORCH_CHECK(false, "config file '", path, "': invalid JSON: ", e.what());
+    TORCH_CHECK(false, "config file '", path, "': invalid JSON: ", json_error_text(e));
   }
 }
 

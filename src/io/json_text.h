@@ -34,5 +34,36 @@ inline std::string describe_json(
   return text.size() > max_chars ? out + "..." : out;
 }
 
+/// The text of a nlohmann::json error without its "[json.exception.NAME]"
+/// tag, one line of printable ASCII (a hostile file's bytes are quoted in
+/// "last read: ..."), cut to `max_chars`. When `drop_position`, a parse
+/// error's "parse error at line L, column C: " is removed too, for callers
+/// that say where themselves (a JSONL reader parses one line at a time, so
+/// "line 1" would mislead).
+inline std::string json_error_text(
+    const std::exception& e,
+    bool drop_position = false,
+    size_t max_chars = 160) {
+  std::string text = e.what();
+  if (text.compare(0, 16, "[json.exception.") == 0) {
+    auto close = text.find("] ");
+    if (close != std::string::npos) {
+      text.erase(0, close + 2);
+    }
+  }
+  if (drop_position && text.compare(0, 15, "parse error at ") == 0) {
+    auto colon = text.find(": ");
+    if (colon != std::string::npos) {
+      text.erase(0, colon + 2);
+    }
+  }
+  std::string out;
+  for (char c : text.substr(0, max_chars)) {
+    const auto u = static_cast<unsigned char>(c);
+    out.push_back(u < 0x20 || u >= 0x7f ? '?' : c);
+  }
+  return text.size() > max_chars ? out + "..." : out;
+}
+
 } // namespace io
 } // namespace remat

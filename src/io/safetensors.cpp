@@ -88,7 +88,8 @@ class Source {
 class FileSource : public Source {
  public:
   explicit FileSource(const std::string& path)
-      : path_(path), in_(path, std::ios::binary) {
+      : path_((require_regular_file(path, "safetensors file"), path)),
+        in_(path, std::ios::binary) {
     TORCH_CHECK(
         in_, "could not open safetensors file '", path,
         "': ", std::strerror(errno));
@@ -301,7 +302,7 @@ Header read_header(Source& src, const std::string& file) {
   } catch (const nlohmann::json::exception& e) {
     TORCH_CHECK(
         false, "safetensors file '", file,
-        "': invalid JSON header: ", printable(e.what(), 200));
+        "': invalid JSON header: ", json_error_text(e, false, 200));
   }
   TORCH_CHECK(
       duplicate.empty(), "safetensors file '", file, "': tensor '",

@@ -10,6 +10,16 @@ namespace io {
 
 namespace u = unicode;
 
+namespace {
+
+std::string hex_byte(char c) {
+  const char* digits = "0123456789ABCDEF";
+  const auto u = static_cast<unsigned char>(c);
+  return {digits[u >> 4], digits[u & 0xF]};
+}
+
+} // namespace
+
 Encoding Tokenizer::encode(const std::string& text, int64_t max_len, bool pad)
     const {
   TORCH_CHECK(
@@ -69,7 +79,10 @@ WordPieceTokenizer::WordPieceTokenizer(
 WordPieceTokenizer WordPieceTokenizer::from_file(
     const std::string& path,
     WordPieceOptions options) {
-  const auto text = read_file(path);
+  // The largest vocabularies in use hold a few hundred thousand tokens, a
+  // few megabytes.
+  constexpr int64_t kMaxVocabBytes = 256 << 20;
+  const auto text = read_file(path, kMaxVocabBytes);
   std::vector<std::string> vocab;
   size_t start = 0;
   while (start < text.size()) {
@@ -81,6 +94,18 @@ WordPieceTokenizer WordPieceTokenizer::from_file(
     if (!line.empty() && line.back() == '\r') {
       line.pop_back();
     }
+    // A token that cannot be UTF-8 text never matches a word of the input:
+    // such a file is not a vocabulary (a binary, a damaged download).
+    const auto line_no = vocab.size() + 1;
+    const auto nul = line.find('\0');
+    TORCH_CHECK(
+        nul == std::string::npos, "vocabulary '", path, "': line ", line_no,
+        ": expected a token of UTF-8 text, but byte ", nul + 1, " is NUL");
+    const auto bad = u::invalid_utf8_offset(line);
+    TORCH_CHECK(
+        bad == std::string::npos, "vocabulary '", path, "': line ", line_no,
+        ": expected a token of UTF-8 text, but byte ", bad + 1,
+        " (0x", hex_byte(line[bad]), ") is not UTF-8");
     vocab.push_back(std::move(line));
     start = end + 1;
   }

@@ -31,6 +31,10 @@ extern const size_t kNonSpacingMark_size;
 extern const CodeMap kFold[];
 extern const size_t kFold_size;
 
+/// The byte offset of the first byte that is not part of well-formed UTF-8
+/// (a stray continuation, a truncated, overlong or surrogate sequence, a code
+/// point past U+10FFFF), or std::string::npos when all of `text` is UTF-8.
+size_t invalid_utf8_offset(const std::string& text);
 /// Decodes UTF-8; every invalid or truncated sequence becomes U+FFFD.
 std::u32string decode_utf8(const std::string& text);
 /// Encodes code points as UTF-8 (invalid ones as U+FFFD).

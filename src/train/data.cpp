@@ -67,12 +67,16 @@ void for_each_json_line(const std::string& path, F&& f) {
     nlohmann::json j;
     try {
       j = nlohmann::json::parse(line);
+    } catch (const nlohmann::json::parse_error& e) {
+      TORCH_CHECK(
+          false, where(path, line_no),
+          ": expected a JSON object, but the line is not valid JSON (at column ",
+          e.byte, ": ", io::json_error_text(e, /*drop_position=*/true), ")");
     } catch (const nlohmann::json::exception& e) {
       TORCH_CHECK(
           false, where(path, line_no),
-          ": expected a JSON object, but the line is not "
-          "valid JSON (",
-          shorten(e.what(), 160), ")");
+          ": expected a JSON object, but the line is not valid JSON (",
+          io::json_error_text(e), ")");
     }
     TORCH_CHECK(
         j.is_object(), where(path, line_no),

@@ -3,6 +3,7 @@
 #include "remat/train/trainer.h"
 
 #include "checkpoint/autocast_state.h"
+#include "io/json_text.h"
 #include "remat/dist/data_parallel.h"
 #include "remat/device.h"
 #include "remat/dist/process_group.h"
@@ -691,14 +692,39 @@ void Trainer::load_state(const std::string& path) {
         key, "\")");
     return info.at(key);
   };
+  // A field of the state document, read by `read`: whatever it throws (a
+  // check of ours, or nlohmann's type errors) becomes one line naming the
+  // file and the field.
+  auto read_field = [&](const char* key, auto&& read) {
+    const auto& value = need(key);
+    try {
+      return read(value);
+    } catch (const c10::Error& e) {
+      const std::string what = e.what_without_backtrace();
+      TORCH_CHECK(
+          false, "'", path, "' is damaged: field \"", key, "\": ",
+          what.substr(0, what.find('\n')));
+    } catch (const nlohmann::json::exception& e) {
+      TORCH_CHECK(
+          false, "'", path, "' is damaged: field \"", key, "\": ", io::json_error_text(e));
+    }
+  };
   // Everything is read and checked before anything changes.
-  check_resume_options(TrainOptions::from_json(need("options")), d.options, path);
-  const int64_t step = need("step").get<int64_t>();
+  auto saved = read_field(
+      "options", [](const nlohmann::json& j) { return TrainOptions::from_json(j); });
+  check_resume_options(saved, d.options, path);
+  const int64_t step = read_field("step", [](const nlohmann::json& j) {
+    TORCH_CHECK(
+        j.is_number_integer(), "expected an integer, but got ", io::describe_json(j));
+    return j.get<int64_t>();
+  });
   TORCH_CHECK(
       step >= 0 && step <= d.total_steps, "'", path, "' is at step ", step,
       ", outside this run's ", d.total_steps, " steps");
-  auto position = LoaderPosition::from_json(need("loader"));
-  auto history = History::from_json(need("history"));
+  auto position = read_field(
+      "loader", [](const nlohmann::json& j) { return LoaderPosition::from_json(j); });
+  auto history =
+      read_field("history", [](const nlohmann::json& j) { return History::from_json(j); });
 
   std::vector<std::pair<torch::Tensor, torch::Tensor>> copies;
   auto take = [&](const std::string& name, const torch::Tensor& target) {
@@ -723,17 +749,40 @@ void Trainer::load_state(const std::string& path) {
   TORCH_CHECK(
       opt_it != state.tensors.end() && rng_it != state.tensors.end(), "'", path,
       "' lacks the optimizer or RNG state");
+  // The records are bytes: a 1-D uint8 tensor each.
+  auto check_bytes = [&](const char* name, const torch::Tensor& t) {
+    TORCH_CHECK(
+        t.scalar_type() == torch::kByte && t.dim() == 1, "'", path,
+        "' is damaged: the ", name, " record must be a 1-D U8 tensor, but it is ",
+        t.scalar_type(), " with shape ", t.sizes());
+  };
+  check_bytes("optimizer", opt_it->second);
+  check_bytes("RNG", rng_it->second);
   auto optimizer = d.make_optimizer();
-  {
+  try {
     torch::serialize::InputArchive archive;
     const auto& bytes = opt_it->second;
     archive.load_from(
         static_cast<const char*>(bytes.data_ptr()), static_cast<size_t>(bytes.numel()));
     optimizer->load(archive);
+  } catch (const std::exception& e) {
+    // LibTorch's reader says "PytorchStreamReader failed ..." and the like.
+    TORCH_CHECK(
+        false, "'", path, "' is damaged: its optimizer record (", opt_it->second.numel(),
+        " bytes) is not an AdamW state this model can load");
   }
   {
+    const int64_t expected = rng_state().numel();
+    TORCH_CHECK(
+        rng_it->second.numel() == expected, "'", path,
+        "' is damaged: its RNG record holds ", rng_it->second.numel(),
+        " bytes, but a CPU generator state is ", expected);
     torch::Tensor probe = rng_it->second.clone();
-    RngScope check(probe, /*advance=*/false); // throws for a malformed state
+    try {
+      RngScope check(probe, /*advance=*/false); // throws for a malformed state
+    } catch (const c10::Error& e) {
+      TORCH_CHECK(false, "'", path, "' is damaged: its RNG record is not a CPU generator state");
+    }
   }
   d.loader->set_position(position);
 

@@ -48,8 +48,20 @@ class AtomicFile {
 /// Writes `bytes` to `path` through an AtomicFile.
 void write_file_atomic(const std::string& path, const std::string& bytes);
 
-/// The whole content of `path`. Throws c10::Error naming the path on failure.
-std::string read_file(const std::string& path);
+/// Checks that `path` names a regular file (or a link to one) before it is
+/// opened, so a folder, a device such as /dev/zero, or a FIFO (whose open
+/// would block) is refused with a one-line error naming it, e.g.
+/// "'/dev/null' is not a regular file (it is a character device)".
+/// `what` starts the message (e.g. "training data"); empty: nothing.
+void require_regular_file(const std::string& path, const std::string& what = "");
+
+/// The whole content of `path`, a regular file of at most `max_bytes` bytes
+/// (-1: no limit but the file's size). Throws c10::Error naming the path on
+/// failure, and before reading anything when the file is larger than
+/// `max_bytes`:
+///
+///   auto text = remat::io::read_file("config.json", 16 << 20); // 16 MiB
+std::string read_file(const std::string& path, int64_t max_bytes = -1);
 
 } // namespace io
 } // namespace remat
