@@ -98,7 +98,7 @@ void require_regular_file(const std::string& path, const std::string& what) {
   const std::string prefix = what.empty() ? "" : what + " ";
   struct stat st;
   TORCH_CHECK(
-      ::stat(path.c_str(), &st) == 0, "could not read ", prefix, "'", path, "': ",
+      ::stat(path.c_str(), &st) == 0, "could not open ", prefix, "'", path, "': ",
       errno_text());
   const char* kind = S_ISDIR(st.st_mode) ? "a folder"
       : S_ISCHR(st.st_mode)              ? "a character device"
@@ -107,7 +107,7 @@ void require_regular_file(const std::string& path, const std::string& what) {
       : S_ISSOCK(st.st_mode)             ? "a socket"
                                          : nullptr;
   TORCH_CHECK(
-      S_ISREG(st.st_mode), "could not read ", prefix, "'", path,
+      S_ISREG(st.st_mode), "could not open ", prefix, "'", path,
       "': expected a regular file, but it is ", kind ? kind : "not one");
 }
 

@@ -8,6 +8,8 @@
 #include <cstring>
 #include <filesystem>
 
+#include <sys/stat.h>
+
 namespace {
 
 using remat_io_test::TempDir;
@@ -305,6 +307,29 @@ TEST_F(SafetensorsTest, RefusesWhatTheFormatCannotHold) {
   EXPECT_ERROR_CONTAINS(
       remat::io::encode_safetensors({{"u", torch::Tensor()}}),
       "tensor 'u' is undefined");
+}
+
+// Files a user names can be anything: a device that never ends, a FIFO whose
+// open would block, a folder. They are refused before they are opened.
+TEST(ReadFileTest, RefusesWhatIsNotARegularFileAndFilesPastTheirBound) {
+  TempDir dir;
+  EXPECT_ERROR_CONTAINS(
+      remat::io::read_file("/dev/zero"),
+      "could not open '/dev/zero': expected a regular file, but it is a character device");
+  EXPECT_ERROR_CONTAINS(
+      remat::io::read_file(dir.path()), "expected a regular file, but it is a folder");
+  const auto fifo = dir.file("fifo");
+  ASSERT_EQ(::mkfifo(fifo.c_str(), 0600), 0);
+  EXPECT_ERROR_CONTAINS(
+      remat::io::read_file(fifo), "expected a regular file, but it is a FIFO");
+  EXPECT_ERROR_CONTAINS(
+      remat::io::load_safetensors(fifo),
+      "could not open safetensors file '" + fifo + "': expected a regular file");
+  remat_io_test::write_text(dir.file("big"), std::string(100, 'x'));
+  EXPECT_EQ(remat::io::read_file(dir.file("big"), 100).size(), 100u);
+  EXPECT_ERROR_CONTAINS(
+      remat::io::read_file(dir.file("big"), 99),
+      "is 100 bytes; expected at most 99 bytes");
 }
 
 TEST(AtomicFileTest, ReplacesOrLeavesTheOldFile) {

@@ -135,6 +135,24 @@ TEST(WordPieceFileTest, ReadsVocabFilesAndNamesMissingSpecials) {
       WordPieceTokenizer::from_file(dir.file("bad.txt")),
       "vocabulary '" + dir.file("bad.txt") +
           "': WordPieceTokenizer: expected the special token '[UNK]'");
+  // A token that is not UTF-8 text, or holds a NUL, is a damaged file.
+  const std::string specials = "[PAD]\n[UNK]\n[CLS]\n[SEP]\n";
+  remat_io_test::write_text(dir.file("latin1.txt"), specials + "ok\ncaf\xe9\n");
+  EXPECT_ERROR_CONTAINS(
+      WordPieceTokenizer::from_file(dir.file("latin1.txt")),
+      "vocabulary '" + dir.file("latin1.txt") +
+          "': line 6: expected a token of UTF-8 text, but byte 4 (0xE9) is not UTF-8");
+  remat_io_test::write_text(
+      dir.file("nul.txt"), specials + std::string("a\0b\n", 4));
+  EXPECT_ERROR_CONTAINS(
+      WordPieceTokenizer::from_file(dir.file("nul.txt")),
+      "line 5: expected a token of UTF-8 text, but byte 2 is NUL");
+  remat_io_test::write_text(dir.file("overlong.txt"), specials + "\xc0\xaf\n");
+  EXPECT_ERROR_CONTAINS(
+      WordPieceTokenizer::from_file(dir.file("overlong.txt")), "byte 1 (0xC0) is not UTF-8");
+  remat_io_test::write_text(dir.file("surrogate.txt"), specials + "\xed\xa0\x80\n");
+  EXPECT_ERROR_CONTAINS(
+      WordPieceTokenizer::from_file(dir.file("surrogate.txt")), "byte 1 (0xED) is not UTF-8");
   EXPECT_EQ(remat::io::make_tokenizer("")->vocab_size(), 259);
   EXPECT_EQ(remat::io::make_tokenizer(dir.file("vocab.txt"))->vocab_size(), 5);
 }

@@ -103,6 +103,15 @@ TEST(DataTest, MalformedLinesNameFileAndLine) {
   fails(
       ok + ok + "{\"text\": \"broken\", \n",
       path + ":3: expected a JSON object, but the line is not valid JSON");
+  // nlohmann's own "[json.exception...]" tag and its "line 1" (each line is
+  // parsed alone) never reach the user.
+  fails(
+      ok + "{\"text\": tru}\n",
+      path + ":2: expected a JSON object, but the line is not valid JSON (at column ");
+  fails(
+      "{\"text\": \"x\", \"labels\": [1e999]}\n",
+      path + ":1: expected a JSON object, but the line is not valid JSON (number "
+             "overflow parsing '1e999')");
   fails(ok + "[1, 2]\n", path + ":2: expected a JSON object, but got array");
   fails(
       ok + "{\"labels\": [\"ops\"]}\n",

@@ -3,12 +3,14 @@
 // damaged state is refused without being touched.
 #include "cli/cli_runner.h"
 #include "remat/io/file.h"
+#include "remat/train/train_state.h"
 
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 #include <nlohmann/json.hpp>
 
 #include <chrono>
+#include <functional>
 #include <iostream>
 #include <csignal>
 #include <fcntl.h>
@@ -24,6 +26,7 @@ namespace {
 namespace fs = std::filesystem;
 using remat::test::run_cli;
 using ::testing::HasSubstr;
+using ::testing::Not;
 using ::testing::StartsWith;
 
 // A tiny model on the bundled data: each run takes about a second.
@@ -178,6 +181,64 @@ TEST(TrainResume, DamagedStateIsRefusedAndLeftAsItIs) {
   auto resumed = run_cli("train --resume --out " + dir);
   EXPECT_EQ(resumed.exit_code, 0) << resumed.err;
   EXPECT_THAT(resumed.err, HasSubstr("at step 2 of 4"));
+}
+
+// A state crafted by someone else carries a valid checksum, so every field
+// and record is reached: each wrong one is refused in one line naming the
+// file and the field, with none of LibTorch's or nlohmann's own text.
+TEST(TrainResume, CraftedStateNamesTheFileAndField) {
+  const auto dir = temp_dir("crafted");
+  auto r = run_cli(kRun + "--max-steps 4 --save-every 1 --stop-after-step 2 --out " + dir);
+  ASSERT_EQ(r.exit_code, 137) << r.err;
+  const auto good = remat::train::load_train_state(dir + "/state.safetensors");
+  struct Craft {
+    std::string name;
+    std::function<void(remat::train::TrainState&)> change;
+    std::string expected;
+  };
+  const std::vector<Craft> crafts = {
+      {"string step", [](auto& s) { s.info["step"] = "2"; },
+       "is damaged: field \"step\": expected an integer, but got \"2\""},
+      {"fractional step", [](auto& s) { s.info["step"] = 1.5; },
+       "is damaged: field \"step\": expected an integer, but got 1.5"},
+      {"loader of strings", [](auto& s) { s.info["loader"]["epoch"] = "0"; },
+       "is damaged: field \"loader\": loader position: expected an integer field"},
+      {"history not an object", [](auto& s) { s.info["history"] = 5; },
+       "is damaged: field \"history\""},
+      {"optimizer record garbage",
+       [](auto& s) { s.tensors["optimizer"] = torch::randint(0, 255, {64}, torch::kByte); },
+       "is damaged: its optimizer record (64 bytes) is not an AdamW state"},
+      {"optimizer record of floats",
+       [](auto& s) { s.tensors["optimizer"] = s.tensors["optimizer"].to(torch::kFloat); },
+       "is damaged: the optimizer record must be a 1-D U8 tensor, but it is Float"},
+      {"RNG record short",
+       [](auto& s) { s.tensors["rng.cpu"] = s.tensors["rng.cpu"].slice(0, 0, 100).clone(); },
+       "is damaged: its RNG record holds 100 bytes, but a CPU generator state is"},
+  };
+  for (const auto& craft : crafts) {
+    SCOPED_TRACE(craft.name);
+    const auto run = temp_dir("crafted_run");
+    auto state = good;
+    state.tensors = {};
+    for (const auto& kv : good.tensors) {
+      state.tensors[kv.first] = kv.second.clone();
+    }
+    craft.change(state);
+    remat::train::save_train_state(run, state);
+    const auto path = run + "/state.safetensors";
+    const auto bytes = remat::io::read_file(path);
+    auto resumed = run_cli("train --resume --out " + run);
+    EXPECT_EQ(resumed.exit_code, 1) << resumed.err;
+    // The model's summary line comes first; the error is the last line.
+    auto error = resumed.err.substr(0, resumed.err.size() - 1);
+    error = error.substr(error.rfind('\n') + 1);
+    EXPECT_THAT(error, StartsWith("remat: error: '" + path + "'"));
+    EXPECT_THAT(error, HasSubstr(craft.expected));
+    EXPECT_THAT(resumed.err, Not(HasSubstr("json.exception")));
+    EXPECT_THAT(resumed.err, Not(HasSubstr("PytorchStreamReader")));
+    EXPECT_THAT(resumed.err, Not(HasSubstr("CPUGeneratorImpl")));
+    EXPECT_EQ(remat::io::read_file(path), bytes) << "the refused state was changed";
+  }
 }
 
 TEST(TrainResume, NeverOverwritesAStateByMistake) {

@@ -51,7 +51,8 @@ void write_file_atomic(const std::string& path, const std::string& bytes);
 /// Checks that `path` names a regular file (or a link to one) before it is
 /// opened, so a folder, a device such as /dev/zero, or a FIFO (whose open
 /// would block) is refused with a one-line error naming it, e.g.
-/// "'/dev/null' is not a regular file (it is a character device)".
+/// "could not open '/dev/null': expected a regular file, but it is a
+/// character device".
 /// `what` starts the message (e.g. "training data"); empty: nothing.
 void require_regular_file(const std::string& path, const std::string& what = "");
 
