@@ -16,6 +16,29 @@ std::string first_line(const std::string& text) {
   return text.substr(0, text.find('\n'));
 }
 
+// CLI11 says "Could not convert: --layers = abc"; the user gets what the
+// flag expects, from the flag's own type.
+std::string conversion_message(const CLI::App& app, const std::string& what) {
+  const std::string head = "Could not convert: ";
+  const auto eq = what.find(" = ");
+  if (what.compare(0, head.size(), head) != 0 || eq == std::string::npos) {
+    return what;
+  }
+  const std::string flag = what.substr(head.size(), eq - head.size());
+  const std::string value = what.substr(eq + 3);
+  std::string type;
+  for (const auto* sub : app.get_subcommands()) {
+    if (const auto* option = sub->get_option_no_throw(flag)) {
+      type = option->get_type_name();
+    }
+  }
+  const std::string expected = type == "INT" ? "an integer"
+      : type == "UINT"                       ? "an integer >= 0"
+      : type == "FLOAT"                      ? "a number"
+                                             : "a value of its type";
+  return flag + ": expected " + expected + ", but got '" + value + "'";
+}
+
 } // namespace
 
 int main(int argc, char** argv) {
@@ -36,6 +59,9 @@ int main(int argc, char** argv) {
     return app.exit(e);
   } catch (const CLI::CallForVersion& e) {
     return app.exit(e);
+  } catch (const CLI::ConversionError& e) {
+    std::cerr << "remat: error: " << conversion_message(app, first_line(e.what())) << "\n";
+    return 2;
   } catch (const CLI::ParseError& e) {
     std::cerr << "remat: error: " << first_line(e.what()) << "\n";
     return 2;

@@ -24,6 +24,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <limits>
 #include <sstream>
 
 namespace remat {
@@ -336,6 +337,13 @@ Trainer::Trainer(TrainOptions options, std::shared_ptr<dist::ProcessGroup> group
       DataLoaderOptions(options.batch() * options.accumulate())
           .seed(options.seed())
           .max_len(options.seq()));
+  TORCH_CHECK(
+      options.max_steps() > 0 ||
+          options.epochs() <= std::numeric_limits<int64_t>::max() / d.loader->batches_per_epoch(),
+      "epochs: expected at most ",
+      std::numeric_limits<int64_t>::max() / d.loader->batches_per_epoch(), " epochs of ",
+      d.loader->batches_per_epoch(), " steps (the step count is a 64-bit integer), but got ",
+      options.epochs());
   d.total_steps = options.max_steps() > 0
       ? options.max_steps()
       : options.epochs() * d.loader->batches_per_epoch();
@@ -348,7 +356,18 @@ Trainer::Trainer(TrainOptions options, std::shared_ptr<dist::ProcessGroup> group
   torch::manual_seed(options.seed()); // the CPU's generator and every GPU's
   d.task = make_task_model(options, d.tokenizer->vocab_size(), d.train_set->num_labels());
   if (!options.init_dir().empty()) {
-    d.init_note = d.task->load_pretrained(options.init_dir());
+    try {
+      d.init_note = d.task->load_pretrained(options.init_dir());
+    } catch (const c10::Error& e) {
+      // The safetensors reader names its file already; a mismatch between
+      // the weights and the model config.json describes does not.
+      std::string what = e.what_without_backtrace();
+      what = what.substr(0, what.find('\n'));
+      TORCH_CHECK(
+          what.find(options.init_dir()) != std::string::npos, "'", options.init_dir(),
+          "': its weights do not fit the model its config.json describes: ", what);
+      throw;
+    }
   }
   if (options.lora_rank() > 0) {
     auto targets = options.lora_targets().empty() ? d.task->default_lora_targets()
