@@ -31,25 +31,15 @@ namespace {
 struct BenchConfig {
   std::string preset;
   ModelFlags model; ///< the shared model flags (cli/model_flags.h)
+  RunFlags run;     ///< and the shared run flags
   int64_t lora_rank = 0;
   double lora_alpha = 0;      ///< 0: 2 * rank
   std::string lora_targets;   ///< empty: the attention projections
   std::string policies = "none,every-layer";
-  int64_t steps = 3;
-  int64_t warmup = 1;
-  int64_t threads = 0;
   std::string memory_limit;
-  std::string json_path;
-  uint64_t seed = 0;
   /// --device as typed; `dev` is it resolved ("cuda" -> cuda:0) and checked.
   std::string device = "cpu";
   c10::Device dev = c10::kCPU;
-  /// "process": each policy in a process of its own (cli/isolate.h says
-  /// why); "in-process": all in this one, timed in interleaved rounds.
-  std::string isolation = "process";
-  /// "process" mode: how many times each policy's process runs, in
-  /// alternating order (see run_isolated).
-  int64_t rounds = 1;
   // A child of the "process" mode: where the reference gradients go to, or
   // come from (hidden flags).
   std::string grads_out, grads_ref;
@@ -94,24 +84,18 @@ void apply_family_defaults(BenchConfig& c) {
 
 void validate(const BenchConfig& c) {
   model_config(c); // the model's flags
-  require_count(c.steps, 1, "--steps");
-  require_count(c.warmup, 0, "--warmup");
+  validate(c.run);
   require(c.lora_rank >= 0 && c.lora_rank <= limits::kMaxLoraRank, "--lora-rank",
           "expected a rank in [0, " + std::to_string(limits::kMaxLoraRank) +
               "] (0: no LoRA), but got " + std::to_string(c.lora_rank));
-  require(c.threads >= 0 && c.threads <= 4096, "--threads",
-          "expected a count in [0, 4096] (0: all cores), but got " + std::to_string(c.threads));
-  require(c.isolation == "process" || c.isolation == "in-process", "--isolation",
-          "expected process or in-process, but got '" + c.isolation + "'");
-  require_rounds(c.rounds, c.isolation);
 }
 
 nn::BenchOptions bench_options(const BenchConfig& c, int64_t limit) {
   auto o = nn::BenchOptions()
                .device(c.dev)
-               .seed(c.seed)
-               .warmup(c.warmup)
-               .steps(c.steps)
+               .seed(c.run.seed)
+               .warmup(c.run.warmup)
+               .steps(c.run.steps)
                .limit_bytes(limit)
                .lora_rank(c.lora_rank)
                .lora_alpha(c.lora_alpha);
@@ -135,8 +119,8 @@ std::vector<std::string> child_args(const BenchConfig& c, const std::string& pol
       "--heads", num(m.heads), "--kv-heads", num(m.kv_heads), "--intermediate",
       num(m.intermediate), "--dtype", m.dtype, "--attention", m.attention, "--lora-rank",
       num(c.lora_rank), "--seq", num(m.seq), "--batch", num(m.batch), "--vocab", num(m.vocab),
-      "--dropout", num(m.dropout), "--policy", policy, "--steps", num(c.steps), "--warmup",
-      num(c.warmup), "--threads", num(c.threads), "--seed", num(c.seed), "--device",
+      "--dropout", num(m.dropout), "--policy", policy, "--steps", num(c.run.steps), "--warmup",
+      num(c.run.warmup), "--threads", num(c.run.threads), "--seed", num(c.run.seed), "--device",
       c.dev.str(), "--isolation", "in-process"};
   if (c.lora_alpha > 0) {
     a.insert(a.end(), {"--lora-alpha", num(c.lora_alpha)});
@@ -195,16 +179,16 @@ std::vector<nn::PolicyRun> run_isolated(const BenchConfig& c, const std::vector<
   bool have_reference = false;
   std::vector<nn::PolicyRun> runs(policies.size());
   std::vector<std::vector<double>> round_medians(policies.size());
-  const size_t total = policies.size() * static_cast<size_t>(c.rounds);
+  const size_t total = policies.size() * static_cast<size_t>(c.run.rounds);
   size_t done = 0;
-  for (int64_t round = 0; round < c.rounds; ++round) {
+  for (int64_t round = 0; round < c.run.rounds; ++round) {
     for (const size_t k : round_order(round, policies.size())) {
       const auto& item = policies[k];
       if (round > 0 && !runs[k].ok) {
         continue; // failed in the first round: it fails the same way again
       }
       const bool is_reference = round == 0 && !item.policy.enabled() && !have_reference;
-      std::cout << progress_label(++done, total, item.policy.name(), round, c.rounds)
+      std::cout << progress_label(++done, total, item.policy.name(), round, c.run.rounds)
                 << std::flush;
       const std::string json =
           dir.file("run" + std::to_string(k) + "_" + std::to_string(round) + ".json");
@@ -227,7 +211,7 @@ std::vector<nn::PolicyRun> run_isolated(const BenchConfig& c, const std::vector<
       round_medians[k].push_back(r.step_seconds);
     }
   }
-  if (c.rounds > 1) {
+  if (c.run.rounds > 1) {
     const nn::PolicyRun* none = nullptr;
     size_t none_index = 0;
     for (size_t k = 0; k < runs.size(); ++k) {
@@ -286,7 +270,7 @@ int run_bench(BenchConfig c, const CLI::App& app) {
   }
   // OpenMP's default here can be a single thread; 0 means every core.
   torch::set_num_threads(static_cast<int>(
-      c.threads > 0 ? c.threads : std::max(1u, std::thread::hardware_concurrency())));
+      c.run.threads > 0 ? c.run.threads : std::max(1u, std::thread::hardware_concurrency())));
 
   // Refused before anything is built when even the leanest schedule would
   // not fit (the step runs no optimizer).
@@ -309,14 +293,14 @@ int run_bench(BenchConfig c, const CLI::App& app) {
             << ", weights " << memory::format_size(weights) << ", threads "
             << torch::get_num_threads() << ", limit "
             << (limit > 0 ? memory::format_size(limit) : std::string("the device's size"))
-            << (default_limit ? " (90% of RAM)" : "") << ", steps " << c.steps
-            << " after " << c.warmup << " warm-up\n\n";
+            << (default_limit ? " (90% of RAM)" : "") << ", steps " << c.run.steps
+            << " after " << c.run.warmup << " warm-up\n\n";
 
   // Run `none` first when present: it is the reference for gradients.
   std::stable_partition(policies.begin(), policies.end(),
                         [](const PolicyItem& p) { return !p.policy.enabled(); });
   std::vector<nn::PolicyRun> runs;
-  if (c.isolation == "process") {
+  if (c.run.isolation == "process") {
     w.reset();
     memory::empty_cache();
     runs = run_isolated(c, policies);
@@ -344,17 +328,17 @@ int run_bench(BenchConfig c, const CLI::App& app) {
   }
   std::cout << nn::policy_table(runs);
 
-  if (!c.json_path.empty()) {
+  if (!c.run.json_path.empty()) {
     nlohmann::json config = model_json(c.model);
     config.update({
         {"lora_rank", c.lora_rank},
         {"trainable_parameters", trainable},
-        {"steps", c.steps},
-        {"warmup", c.warmup},
+        {"steps", c.run.steps},
+        {"warmup", c.run.warmup},
         {"threads", torch::get_num_threads()},
         {"memory_limit_bytes", limit}, {"weight_bytes", weights},
-        {"seed", c.seed},      {"preset", c.preset}, {"isolation", c.isolation},
-        {"rounds", c.rounds},  {"device", c.dev.str()},
+        {"seed", c.run.seed},      {"preset", c.preset}, {"isolation", c.run.isolation},
+        {"rounds", c.run.rounds},  {"device", c.dev.str()},
         {"device_name", describe_device(c.dev)},
         // Where the byte counts of the runs come from.
         {"memory_source", c.dev.is_cuda() ? "cuda caching allocator (allocated bytes)"
@@ -363,7 +347,7 @@ int run_bench(BenchConfig c, const CLI::App& app) {
     for (const auto& r : runs) {
       runs_json.push_back(r.to_json());
     }
-    write_json_file(c.json_path, {{"config", config}, {"runs", runs_json}});
+    write_json_file(c.run.json_path, {{"config", config}, {"runs", runs_json}});
   }
   return 0;
 }
@@ -376,33 +360,19 @@ Run add_bench(CLI::App& root) {
       "bench", "Run training steps under each checkpoint policy and compare memory and time");
   app->add_option("--preset", c->preset, "seed-bert: the seed's 24-layer, hidden-1024, batch-64 BERT");
   add_model_flags(app, c->model);
+  add_run_flags(app, c->run, "policy");
   app->add_option("--lora-rank", c->lora_rank, "LoRA rank; 0 trains every weight")->capture_default_str();
   app->add_option("--lora-alpha", c->lora_alpha, "LoRA alpha (0: 2 * rank)");
   app->add_option("--lora-targets", c->lora_targets, "comma-separated projections (default: the attention projections)");
   app->add_option("--policy", c->policies,
                   "comma-separated policies: " + CheckpointPolicy::names())
       ->capture_default_str();
-  app->add_option("--steps", c->steps, "timed steps per policy")->capture_default_str();
-  app->add_option("--warmup", c->warmup, "warm-up steps per policy")->capture_default_str();
-  app->add_option("--threads", c->threads, "intra-op threads (0: all cores)")->capture_default_str();
   app->add_option("--memory-limit", c->memory_limit,
                   "fail a policy cleanly past this many bytes, e.g. 512MiB, 80GiB "
                   "(default: 90% of RAM)");
-  app->add_option("--json", c->json_path, "also write the results as JSON to FILE");
-  app->add_option("--seed", c->seed, "seed for weights, inputs and dropout")->capture_default_str();
   app->add_option("--device", c->device,
                   "cpu, cuda or cuda:N (a CUDA build and a visible GPU); bytes are then the "
                   "CUDA caching allocator's")
-      ->capture_default_str();
-  app->add_option("--isolation", c->isolation,
-                  "process: each policy in its own process, one after another (steadier: "
-                  "no policy inherits another's allocator state); in-process: all in this "
-                  "one, timed in interleaved rounds")
-      ->capture_default_str();
-  app->add_option("--rounds", c->rounds,
-                  "process isolation: run each policy's process this many times, in "
-                  "alternating order, and pool the step times (steadier ratios on a "
-                  "machine whose speed drifts)")
       ->capture_default_str();
   // Hidden: how `process` mode hands the reference gradients between children.
   app->add_option("--grads-out", c->grads_out)->group("");

@@ -8,6 +8,7 @@
 #include "command.h"
 
 #include "device_flag.h"
+#include "isolate.h"
 
 #include "remat/memory.h"
 #include "remat/model_sizes.h"
@@ -180,6 +181,55 @@ inline void require_fits(const plan::ModelSpec& spec, int64_t limit_bytes) {
     throw UsageError(std::string(given ? "--memory-limit" : "--model") + ": " +
                      what.substr(0, what.find('\n')));
   }
+}
+
+/// The flags of a measured run, shared by `remat bench` (its policies) and
+/// `remat plan --measure` (its schedules): the other half of the flag table.
+struct RunFlags {
+  int64_t steps = 3;   ///< timed steps per item
+  int64_t warmup = 1;  ///< untimed steps per item
+  int64_t threads = 0; ///< intra-op threads; 0: all cores
+  uint64_t seed = 0;
+  std::string json_path;
+  /// "process": each item in a process of its own (cli/isolate.h says why);
+  /// "in-process": all in this one, timed in interleaved rounds.
+  std::string isolation = "process";
+  /// "process": how many times each item's process runs, in alternating
+  /// order.
+  int64_t rounds = 1;
+};
+
+/// Adds the run flags; `item` names what is measured ("policy", "schedule
+/// with --measure").
+inline void add_run_flags(CLI::App* app, RunFlags& r, const std::string& item) {
+  app->add_option("--steps", r.steps, "timed steps per " + item)->capture_default_str();
+  app->add_option("--warmup", r.warmup, "warm-up steps per " + item)->capture_default_str();
+  app->add_option("--threads", r.threads, "intra-op threads (0: all cores)")
+      ->capture_default_str();
+  app->add_option("--json", r.json_path, "also write the results as JSON to FILE");
+  app->add_option("--seed", r.seed, "seed for weights, inputs and dropout")
+      ->capture_default_str();
+  app->add_option("--isolation", r.isolation,
+                  "process: each " + item + " in its own process, one after another "
+                  "(steadier: none inherits another's allocator state); in-process: all in "
+                  "this one, timed in interleaved rounds")
+      ->capture_default_str();
+  app->add_option("--rounds", r.rounds,
+                  "process isolation: run each " + item + "'s process this many times, in "
+                  "alternating order, and pool the step times (steadier ratios on a machine "
+                  "whose speed drifts)")
+      ->capture_default_str();
+}
+
+/// Throws UsageError naming the first bad run flag.
+inline void validate(const RunFlags& r) {
+  require_count(r.steps, 1, "--steps");
+  require_count(r.warmup, 0, "--warmup");
+  require(r.threads >= 0 && r.threads <= 4096, "--threads",
+          "expected a count in [0, 4096] (0: all cores), but got " + std::to_string(r.threads));
+  require(r.isolation == "process" || r.isolation == "in-process", "--isolation",
+          "expected process or in-process, but got '" + r.isolation + "'");
+  require_rounds(r.rounds, r.isolation);
 }
 
 /// Parses a size flag ("2GiB", "512MiB", bytes), throwing UsageError.

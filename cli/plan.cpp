@@ -34,21 +34,15 @@ namespace {
 
 struct PlanConfig {
   ModelFlags model;
+  RunFlags run = [] {
+    RunFlags r;
+    r.steps = 2;
+    return r;
+  }();
   std::string budgets = "50%";
   bool measure = false;
-  int64_t steps = 2;
-  int64_t warmup = 1;
   int64_t repeats = 3;
-  int64_t threads = 0;
   bool no_selective = false;
-  std::string json_path;
-  uint64_t seed = 0;
-  /// "process": each schedule measured in a process of its own (see
-  /// cli/isolate.h); "in-process": all in this one, in interleaved rounds.
-  std::string isolation = "process";
-  /// "process": how many times each schedule's process runs, in alternating
-  /// order (see measure_isolated).
-  int64_t rounds = 1;
   // A child of the "process" mode: the one schedule to measure (hidden).
   std::string child_schedule, child_name;
 };
@@ -86,14 +80,8 @@ std::vector<BudgetSpec> parse_budgets(const std::string& list) {
 
 void validate(const PlanConfig& c) {
   validate(c.model);
-  require_count(c.steps, 1, "--steps");
-  require_count(c.warmup, 0, "--warmup");
+  validate(c.run);
   require_count(c.repeats, 1, "--repeats");
-  require(c.threads >= 0, "--threads",
-          "expected a value >= 0 (0: all cores), but got " + std::to_string(c.threads));
-  require(c.isolation == "process" || c.isolation == "in-process", "--isolation",
-          "expected process or in-process, but got '" + c.isolation + "'");
-  require_rounds(c.rounds, c.isolation);
 }
 
 // The model, its batch and the loss of a step.
@@ -105,7 +93,7 @@ struct Workload {
   explicit Workload(const PlanConfig& c) {
     const auto& f = c.model;
     const auto config = f.config();
-    torch::manual_seed(c.seed);
+    torch::manual_seed(c.run.seed);
     const auto dtype = config.dtype();
     ids = torch::randint(config.vocab_size(), {f.batch, f.seq}, torch::kLong);
     if (config.llama()) {
@@ -218,7 +206,7 @@ void measure_round(Workload& w, Candidate& cand, const PlanConfig& c, bool timed
   cand.measured = true;
   w.drop_gradients();
   // Every schedule draws the same dropout masks.
-  torch::manual_seed(c.seed + 1);
+  torch::manual_seed(c.run.seed + 1);
   try {
     memory::LimitGuard guard(limit);
     const auto m = w.measure(cand.schedule, cand.name);
@@ -236,10 +224,10 @@ void measure_round(Workload& w, Candidate& cand, const PlanConfig& c, bool timed
 // In-process: every candidate's step in turn, `warmup + steps` rounds, so
 // that a machine whose load changes slows them alike.
 void measure_interleaved(Workload& w, std::vector<Candidate*>& cands, const PlanConfig& c) {
-  for (int64_t round = 0; round < c.warmup + c.steps; ++round) {
+  for (int64_t round = 0; round < c.run.warmup + c.run.steps; ++round) {
     for (auto* cand : cands) {
       if (cand->ok) {
-        measure_round(w, *cand, c, round >= c.warmup);
+        measure_round(w, *cand, c, round >= c.run.warmup);
       }
     }
   }
@@ -258,8 +246,8 @@ std::vector<std::string> child_args(const PlanConfig& c, const Candidate& cand) 
           "--heads", num(f.heads), "--kv-heads", num(f.kv_heads), "--intermediate",
           num(f.intermediate), "--vocab", num(f.vocab), "--seq", num(f.seq), "--batch",
           num(f.batch), "--attention", f.attention, "--dtype", f.dtype, "--dropout",
-          num(f.dropout), "--steps", num(c.steps), "--warmup", num(c.warmup), "--threads",
-          num(c.threads), "--seed", num(c.seed), "--child-schedule", cand.schedule.str(),
+          num(f.dropout), "--steps", num(c.run.steps), "--warmup", num(c.run.warmup), "--threads",
+          num(c.run.threads), "--seed", num(c.run.seed), "--child-schedule", cand.schedule.str(),
           "--child-name", cand.name};
 }
 
@@ -270,9 +258,9 @@ std::vector<std::string> child_args(const PlanConfig& c, const Candidate& cand) 
 // pool across rounds; the peak is the highest seen.
 void measure_isolated(std::vector<Candidate*>& cands, const PlanConfig& c) {
   TempDir dir("remat-plan");
-  const size_t total = cands.size() * static_cast<size_t>(c.rounds);
+  const size_t total = cands.size() * static_cast<size_t>(c.run.rounds);
   size_t done = 0;
-  for (int64_t round = 0; round < c.rounds; ++round) {
+  for (int64_t round = 0; round < c.run.rounds; ++round) {
     for (const size_t k : round_order(round, cands.size())) {
       auto& cand = *cands[k];
       if (cand.measured && !cand.ok) {
@@ -282,7 +270,7 @@ void measure_isolated(std::vector<Candidate*>& cands, const PlanConfig& c) {
           dir.file("cand" + std::to_string(k) + "_" + std::to_string(round) + ".json");
       auto args = child_args(c, cand);
       args.insert(args.end(), {"--json", json});
-      std::printf("%s", progress_label(++done, total, cand.name, round, c.rounds).c_str());
+      std::printf("%s", progress_label(++done, total, cand.name, round, c.run.rounds).c_str());
       std::fflush(stdout);
       const auto outcome = run_self(args);
       cand.measured = true;
@@ -307,7 +295,7 @@ void measure_isolated(std::vector<Candidate*>& cands, const PlanConfig& c) {
 }
 
 void measure_all(Workload& w, std::vector<Candidate*>& cands, const PlanConfig& c) {
-  if (c.isolation == "process") {
+  if (c.run.isolation == "process") {
     measure_isolated(cands, c);
   } else {
     measure_interleaved(w, cands, c);
@@ -330,15 +318,15 @@ int run_child(const PlanConfig& c) {
   Candidate cand;
   cand.name = c.child_name;
   cand.schedule = schedule;
-  for (int64_t round = 0; round < c.warmup + c.steps && cand.ok; ++round) {
-    measure_round(w, cand, c, round >= c.warmup);
+  for (int64_t round = 0; round < c.run.warmup + c.run.steps && cand.ok; ++round) {
+    measure_round(w, cand, c, round >= c.run.warmup);
   }
   nlohmann::json j{{"ok", cand.ok}, {"peak_bytes", cand.peak}, {"step_seconds_all", cand.times}};
   if (!cand.ok) {
     j["error"] = cand.error;
   }
-  if (!c.json_path.empty()) {
-    write_json_file(c.json_path, j);
+  if (!c.run.json_path.empty()) {
+    write_json_file(c.run.json_path, j);
   }
   return cand.ok ? 0 : 1;
 }
@@ -346,7 +334,7 @@ int run_child(const PlanConfig& c) {
 int run_plan(const PlanConfig& c) {
   validate(c);
   torch::set_num_threads(static_cast<int>(
-      c.threads > 0 ? c.threads : std::max(1u, std::thread::hardware_concurrency())));
+      c.run.threads > 0 ? c.run.threads : std::max(1u, std::thread::hardware_concurrency())));
   if (!c.child_schedule.empty()) {
     return run_child(c);
   }
@@ -441,8 +429,8 @@ int run_plan(const PlanConfig& c) {
     }
     std::printf("measuring %zu schedules %s: %lld warm-up and %lld timed steps each\n\n",
                 todo.size(),
-                c.isolation == "process" ? "each in its own process" : "in interleaved rounds",
-                static_cast<long long>(c.warmup), static_cast<long long>(c.steps));
+                c.run.isolation == "process" ? "each in its own process" : "in interleaved rounds",
+                static_cast<long long>(c.run.warmup), static_cast<long long>(c.run.steps));
     measure_all(w, todo, c);
     for (auto& cand : plans) {
       if (cand.ok && !cand.aliases.empty()) {
@@ -579,18 +567,18 @@ int run_plan(const PlanConfig& c) {
                  "(weights, gradients, batch, activations) as remat's allocator counts them.\n";
   }
 
-  if (!c.json_path.empty()) {
+  if (!c.run.json_path.empty()) {
     nlohmann::json config = model_json(f);
     config.update({
         {"parameters", w.parameter_count()},
         {"threads", torch::get_num_threads()},
         {"repeats", c.repeats},
-        {"steps", c.steps},
-        {"warmup", c.warmup},
+        {"steps", c.run.steps},
+        {"warmup", c.run.warmup},
         {"selective", !c.no_selective},
-        {"seed", c.seed},
-        {"isolation", c.isolation},
-        {"rounds", c.rounds}});
+        {"seed", c.run.seed},
+        {"isolation", c.run.isolation},
+        {"rounds", c.run.rounds}});
     nlohmann::json j{{"config", config},
                      {"profile_seconds", profile_seconds},
                      {"chain", plan::chain_json(chain)},
@@ -598,7 +586,7 @@ int run_plan(const PlanConfig& c) {
                      {"min_feasible_budget_bytes", min_budget},
                      {"budgets", budgets_json},
                      {"policies", policies_json}};
-    write_json_file(c.json_path, j);
+    write_json_file(c.run.json_path, j);
   }
   for (const auto& r : refused) {
     std::cerr << "remat: error: " << r << "\n";
@@ -614,33 +602,17 @@ Run add_plan(CLI::App& root) {
       "plan",
       "Profile a model here and plan its checkpointing to a memory budget");
   add_model_flags(app, c->model);
+  add_run_flags(app, c->run, "schedule (with --measure)");
   app->add_option("--budget", c->budgets,
                   "comma-separated budgets: total bytes (2GiB, 512MiB) or a percentage of "
                   "the predicted peak without checkpointing (50%)")
       ->capture_default_str();
   app->add_flag("--measure", c->measure,
                 "also run every schedule and print measured peak and step time");
-  app->add_option("--steps", c->steps, "timed steps per schedule with --measure")
-      ->capture_default_str();
-  app->add_option("--warmup", c->warmup, "warm-up steps per schedule with --measure")
-      ->capture_default_str();
   app->add_option("--repeats", c->repeats, "timed profiling runs per stage and mode")
-      ->capture_default_str();
-  app->add_option("--threads", c->threads, "intra-op threads (0: all cores)")
       ->capture_default_str();
   app->add_flag("--no-selective", c->no_selective,
                 "plan without selective-attention and selective-mlp layers");
-  app->add_option("--json", c->json_path, "also write the results as JSON to FILE");
-  app->add_option("--seed", c->seed, "seed for weights, inputs and dropout")
-      ->capture_default_str();
-  app->add_option("--isolation", c->isolation,
-                  "with --measure, process: each schedule in its own process (steadier); "
-                  "in-process: all in this one, in interleaved rounds")
-      ->capture_default_str();
-  app->add_option("--rounds", c->rounds,
-                  "with --measure and process isolation: run each schedule's process this "
-                  "many times, in alternating order, and pool the step times")
-      ->capture_default_str();
   // Hidden: the one schedule a child of --isolation process measures.
   app->add_option("--child-schedule", c->child_schedule)->group("");
   app->add_option("--child-name", c->child_name)->group("");

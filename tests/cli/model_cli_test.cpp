@@ -32,7 +32,7 @@ TEST(ModelCli, TheSameFlagsGiveTheSameLlamaInBenchPlanEstimateAndTrain) {
   const std::string flags =
       " --model llama --layers 1 --hidden 128 --heads 4 --vocab 259 --seq 16 --batch 2";
   const auto estimate = run_json("estimate" + flags, "same_estimate");
-  const auto plan = run_json("plan --threads 1 --repeats 1 --budget 90%" + flags, "same_plan");
+  const auto plan = run_json("plan --threads 1 --repeats 1 --budget 1GiB" + flags, "same_plan");
   const auto bench = run_json(
       "bench --threads 1 --steps 1 --warmup 0 --policy none --isolation in-process" + flags,
       "same_bench");
