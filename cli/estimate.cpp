@@ -4,6 +4,7 @@
 // seed's 13B comparison; and, for models that run here, a check against
 // measured bytes.
 #include "command.h"
+#include "harbor.h"
 #include "model_flags.h"
 
 #include "remat/memory.h"
@@ -146,30 +147,20 @@ plan::ModelSpec make_spec(const EstimateConfig& c, const CLI::App& app) {
     s.lora_rank(c.lora_rank);
   }
   if (given("--lora-targets")) {
-    s.lora_targets(split_list(c.lora_targets));
+    s.lora_targets(split_list(c.lora_targets, "--lora-targets"));
   }
   if (given("--lora-dropout")) {
     s.lora_dropout(c.lora_dropout);
   }
+  // The spec names the field it refuses; the flag is its spelling.
   try {
     s.validate();
-  } catch (const c10::Error& e) {
-    // The spec names the field; the flags are its spelling with dashes.
+  } catch (const FieldError& e) {
     std::string what = e.what_without_backtrace();
-    what = what.substr(0, what.find('\n'));
-    const auto field_flag = [&]() -> std::string {
-      for (const char* f : {"lora_targets", "lora_rank", "kv_heads", "intermediate", "layers",
-                            "hidden", "heads", "vocab", "seq", "batch", "num_labels"}) {
-        if (what.find(std::string("expected ") + f) != std::string::npos ||
-            what.find(std::string(f) + " ") != std::string::npos) {
-          std::string flag = f;
-          std::replace(flag.begin(), flag.end(), '_', '-');
-          return "--" + (flag == "num-labels" ? std::string("labels") : flag);
-        }
-      }
-      return "--model";
-    }();
-    throw UsageError(field_flag + ": " + what);
+    const std::string flag = e.field() == "num_labels"      ? "--labels"
+        : e.field() == "max_positions" ? "--seq"
+                                       : flag_of_field(e.field());
+    throw UsageError(flag + ": " + what.substr(0, what.find('\n')));
   }
   return s;
 }
@@ -214,7 +205,7 @@ std::string percent_cell(double v) {
 int run_estimate(const EstimateConfig& c, const CLI::App& app) {
   const auto spec = make_spec(c, app);
   std::vector<CheckpointPolicy> policies;
-  for (const auto& item : split_list(c.policies)) {
+  for (const auto& item : split_list(c.policies, "--policy")) {
     policies.push_back(parse_flag("--policy", item, CheckpointPolicy::parse));
   }
   require(!policies.empty(), "--policy", "expected at least one policy, but got '" + c.policies + "'");
@@ -307,9 +298,9 @@ int run_estimate(const EstimateConfig& c, const CLI::App& app) {
   nlohmann::json harbor;
   if (c.preset == "harbor-13b") {
     std::cout << "\nThe seed's Harbor 13B fine-tune against this estimate (docs/estimate.md):\n\n"
-              << plan::harbor_comparison_table();
+              << harbor_comparison_table();
     harbor = nlohmann::json::array();
-    for (const auto& r : plan::harbor_comparison()) {
+    for (const auto& r : harbor_comparison()) {
       harbor.push_back({{"quantity", r.quantity},
                         {"unit", r.unit},
                         {"seed", r.seed < 0 ? nlohmann::json() : nlohmann::json(r.seed)},

@@ -94,7 +94,9 @@ std::string describe_exit(const ChildOutcome& outcome) {
 }
 
 void require_rounds(int64_t rounds, const std::string& isolation) {
-  require(rounds >= 1, "--rounds", "expected a value >= 1, but got " + std::to_string(rounds));
+  // Each round starts a process per item: 10000 is days of work already.
+  require(rounds >= 1 && rounds <= 10000, "--rounds",
+          "expected a count in [1, 10000], but got " + std::to_string(rounds));
   require(rounds == 1 || isolation == "process", "--rounds",
           "expected 1 with --isolation in-process (it interleaves steps already), but got " +
               std::to_string(rounds));

@@ -1,18 +1,25 @@
-// The flags that describe a model and its batch, shared by the commands that
-// build one (`remat plan`, `remat estimate --check`), and small helpers the
-// commands share: sizes on the command line, JSON reports.
+// The one table of the flags that describe a model and its batch, shared by
+// `remat bench` and `remat plan` (they become a remat::nn::ModelConfig, which
+// owns every default and bound), and what the commands share: typed library
+// errors turned into their flag, bounded counts, the estimator's check before
+// a model is built, sizes on the command line, lists, JSON reports.
 #pragma once
 
 #include "command.h"
 
 #include "device_flag.h"
+#include "isolate.h"
 
 #include "remat/memory.h"
+#include "remat/model_sizes.h"
 #include "remat/nn/attention.h"
+#include "remat/nn/model_config.h"
+#include "remat/plan/estimate.h"
 
 #include <nlohmann/json.hpp>
 #include <torch/version.h>
 
+#include <algorithm>
 #include <cstdio>
 #include <fstream>
 #include <sstream>
@@ -22,16 +29,36 @@
 namespace remat {
 namespace cli {
 
-/// A Bert or Llama and its batch, as given on the command line. Sizes left
-/// at 0 take the family's default.
+/// The flag of a library field: "kv_heads" -> "--kv-heads". A
+/// remat::FieldError names the field it is about; this is its spelling.
+inline std::string flag_of_field(const std::string& field) {
+  std::string flag = "--" + field;
+  std::replace(flag.begin(), flag.end(), '_', '-');
+  return flag;
+}
+
+/// Runs `f`, turning a remat::FieldError into the UsageError of its flag
+/// ("--layers: expected layers in [1, 1024], but got 5000").
+template <typename F>
+auto with_flag_errors(F&& f) -> decltype(f()) {
+  try {
+    return f();
+  } catch (const FieldError& e) {
+    std::string what = e.what_without_backtrace();
+    throw UsageError(flag_of_field(e.field()) + ": " + what.substr(0, what.find('\n')));
+  }
+}
+
+/// A Bert or Llama and its batch, as given on the command line: the flags
+/// of a remat::nn::ModelConfig, which owns every default and bound. Sizes
+/// left at 0 take the family's default.
 struct ModelFlags {
   std::string model = "bert";
   int64_t layers = 12;
   int64_t hidden = 256;
   int64_t heads = 4;
   int64_t kv_heads = 0;     ///< 0: as many as heads
-  int64_t intermediate = 0; ///< 0: 4 x hidden (bert), 8/3 x hidden rounded
-                            ///< up to 256 (llama)
+  int64_t intermediate = 0; ///< 0: the family's rule (remat/model_sizes.h)
   int64_t vocab = 0;        ///< 0: 30522 (bert), 32000 (llama)
   int64_t seq = 256;
   int64_t batch = 8;
@@ -40,20 +67,75 @@ struct ModelFlags {
   double dropout = -1;      ///< < 0: 0.1 (bert), 0 (llama)
 
   bool llama() const { return model == "llama"; }
-  int64_t vocab_or_default() const { return vocab > 0 ? vocab : (llama() ? 32000 : 30522); }
-  double dropout_or_default() const { return dropout >= 0 ? dropout : (llama() ? 0.0 : 0.1); }
-  int64_t intermediate_or_default() const {
-    if (intermediate > 0) {
-      return intermediate;
+
+  /// The model description. Throws UsageError naming the flag.
+  nn::ModelConfig config() const {
+    require(model == "bert" || model == "llama", "--model",
+            "expected bert or llama, but got '" + model + "'");
+    nn::AttentionKind kind = nn::AttentionKind::kEager;
+    try {
+      kind = nn::parse_attention(attention);
+      nn::check_attention_supported(kind);
+    } catch (const c10::Error& e) {
+      std::string what = e.what_without_backtrace();
+      throw UsageError("--attention: " + what.substr(0, what.find('\n')));
     }
-    return llama() ? (8 * hidden / 3 + 255) / 256 * 256 : 4 * hidden;
+    return with_flag_errors([&] {
+      return nn::ModelConfig(llama() ? plan::Family::kLlama : plan::Family::kBert)
+          .layers(layers)
+          .hidden(hidden)
+          .heads(heads)
+          .kv_heads(kv_heads)
+          .intermediate(intermediate)
+          .vocab(vocab)
+          .seq(seq)
+          .batch(batch)
+          .attention(kind)
+          .dtype(nn::parse_model_dtype(dtype))
+          .dropout(dropout);
+    });
   }
 };
 
+/// "bert, 12 layers, hidden 256, 4 heads, intermediate 1024, vocab 30522,
+/// seq 256, batch 8, eager attention, fp32, dropout 0.1": the model line the
+/// commands print, defaults filled in.
+inline std::string model_line(const ModelFlags& f) {
+  const auto c = f.config();
+  std::ostringstream o;
+  o << f.model << ", " << f.layers << " layers, hidden " << f.hidden << ", " << f.heads
+    << " heads";
+  if (c.llama()) {
+    o << " (" << (f.kv_heads > 0 ? f.kv_heads : f.heads) << " kv)";
+  }
+  o << ", intermediate " << c.mlp_size() << ", vocab " << c.vocab_size() << ", seq " << f.seq
+    << ", batch " << f.batch << ", " << f.attention << " attention, "
+    << nn::model_dtype_name(c.dtype()) << ", dropout " << c.dropout_p();
+  return o.str();
+}
+
+/// The model's flags in a JSON report, defaults filled in.
+inline nlohmann::json model_json(const ModelFlags& f) {
+  const auto c = f.config();
+  return {{"model", f.model},
+          {"layers", f.layers},
+          {"hidden", f.hidden},
+          {"heads", f.heads},
+          {"kv_heads", f.kv_heads > 0 ? f.kv_heads : f.heads},
+          {"intermediate", c.mlp_size()},
+          {"vocab", c.vocab_size()},
+          {"seq", f.seq},
+          {"batch", f.batch},
+          {"attention", f.attention},
+          {"dtype", nn::model_dtype_name(c.dtype())},
+          {"dropout", c.dropout_p()}};
+}
+
 inline void add_model_flags(CLI::App* app, ModelFlags& f) {
   app->add_option("--model", f.model, "bert or llama")->capture_default_str();
-  app->add_option("--layers", f.layers, "transformer layers")->capture_default_str();
-  app->add_option("--hidden", f.hidden, "hidden size")->capture_default_str();
+  app->add_option("--layers", f.layers, "transformer layers (at most 1024)")
+      ->capture_default_str();
+  app->add_option("--hidden", f.hidden, "hidden size (at most 65536)")->capture_default_str();
   app->add_option("--heads", f.heads, "attention heads")->capture_default_str();
   app->add_option("--kv-heads", f.kv_heads, "key/value heads, llama (0: --heads)")
       ->capture_default_str();
@@ -65,7 +147,9 @@ inline void add_model_flags(CLI::App* app, ModelFlags& f) {
   app->add_option("--seq", f.seq, "sequence length (tokens)")->capture_default_str();
   app->add_option("--batch", f.batch, "batch size (sequences)")->capture_default_str();
   app->add_option("--attention", f.attention, "eager, blockwise or sdpa")->capture_default_str();
-  app->add_option("--dtype", f.dtype, "fp32 or bf16 (weights and activations)")
+  app->add_option("--dtype", f.dtype,
+                  "fp32 or bf16 (f32 accepted; bench runs bf16 as autocast with fp32 master "
+                  "weights, plan casts the model)")
       ->capture_default_str();
   app->add_option("--dropout", f.dropout,
                   "hidden and attention dropout (default 0.1 bert, 0 llama)");
@@ -73,41 +157,79 @@ inline void add_model_flags(CLI::App* app, ModelFlags& f) {
 
 /// Throws UsageError naming the first bad flag.
 inline void validate(const ModelFlags& f) {
-  require(f.model == "bert" || f.model == "llama", "--model",
-          "expected bert or llama, but got '" + f.model + "'");
-  auto positive = [](int64_t v, const char* flag) {
-    require(v > 0, flag, "expected a value above 0, but got " + std::to_string(v));
-  };
-  positive(f.layers, "--layers");
-  positive(f.hidden, "--hidden");
-  positive(f.heads, "--heads");
-  positive(f.seq, "--seq");
-  positive(f.batch, "--batch");
-  require(f.vocab >= 0, "--vocab", "expected a value above 0, but got " + std::to_string(f.vocab));
-  require(f.intermediate >= 0, "--intermediate",
-          "expected a value >= 0 (0: the default), but got " + std::to_string(f.intermediate));
-  require(f.hidden % f.heads == 0, "--hidden",
-          "expected a multiple of --heads (" + std::to_string(f.heads) + "), but got " +
-              std::to_string(f.hidden));
-  require(f.kv_heads >= 0 && (f.kv_heads == 0 || f.heads % f.kv_heads == 0), "--kv-heads",
-          "expected a divisor of --heads (" + std::to_string(f.heads) + "), but got " +
-              std::to_string(f.kv_heads));
-  require(f.kv_heads == 0 || f.kv_heads == f.heads || f.llama(), "--kv-heads",
-          "expected --kv-heads only with --model llama, but got " + std::to_string(f.kv_heads));
-  require(!f.llama() || (f.hidden / f.heads) % 2 == 0, "--heads",
-          "expected an even head size (hidden / heads) for rotary embeddings, but got " +
-              std::to_string(f.hidden / f.heads));
-  require(f.attention == "eager" || f.attention == "blockwise" || f.attention == "sdpa",
-          "--attention", "expected eager, blockwise or sdpa, but got '" + f.attention + "'");
+  const auto config = f.config();
+  with_flag_errors([&] { config.validate(); });
+}
+
+/// Refuses a count of work (steps, rounds, repeats) past remat's bound.
+inline void require_count(int64_t value, int64_t least, const std::string& flag) {
+  require(value >= least && value <= limits::kMaxCount, flag,
+          "expected a count in [" + std::to_string(least) + ", " +
+              std::to_string(limits::kMaxCount) + "], but got " + std::to_string(value));
+}
+
+/// Asks the estimator whether the smallest peak of this model's step fits
+/// `limit_bytes` (or, at 0, this machine's physical memory), before
+/// anything is built. Throws UsageError naming --memory-limit.
+inline void require_fits(const plan::ModelSpec& spec, int64_t limit_bytes) {
+  const bool given = limit_bytes > 0;
+  const int64_t limit = given ? limit_bytes : memory::physical_bytes();
   try {
-    nn::check_attention_supported(nn::parse_attention(f.attention));
-  } catch (const c10::Error& e) {
-    throw UsageError("--attention: " + std::string(e.what_without_backtrace()));
+    plan::check_fits(spec, limit, given ? "the --memory-limit" : "this machine's memory");
+  } catch (const FieldError& e) {
+    std::string what = e.what_without_backtrace();
+    throw UsageError(std::string(given ? "--memory-limit" : "--model") + ": " +
+                     what.substr(0, what.find('\n')));
   }
-  require(f.dtype == "fp32" || f.dtype == "bf16", "--dtype",
-          "expected fp32 or bf16, but got '" + f.dtype + "'");
-  require(f.dropout == -1 || (f.dropout >= 0 && f.dropout < 1), "--dropout",
-          "expected a probability in [0, 1), but got " + std::to_string(f.dropout));
+}
+
+/// The flags of a measured run, shared by `remat bench` (its policies) and
+/// `remat plan --measure` (its schedules): the other half of the flag table.
+struct RunFlags {
+  int64_t steps = 3;   ///< timed steps per item
+  int64_t warmup = 1;  ///< untimed steps per item
+  int64_t threads = 0; ///< intra-op threads; 0: all cores
+  uint64_t seed = 0;
+  std::string json_path;
+  /// "process": each item in a process of its own (cli/isolate.h says why);
+  /// "in-process": all in this one, timed in interleaved rounds.
+  std::string isolation = "process";
+  /// "process": how many times each item's process runs, in alternating
+  /// order.
+  int64_t rounds = 1;
+};
+
+/// Adds the run flags; `item` names what is measured ("policy", "schedule
+/// with --measure").
+inline void add_run_flags(CLI::App* app, RunFlags& r, const std::string& item) {
+  app->add_option("--steps", r.steps, "timed steps per " + item)->capture_default_str();
+  app->add_option("--warmup", r.warmup, "warm-up steps per " + item)->capture_default_str();
+  app->add_option("--threads", r.threads, "intra-op threads (0: all cores)")
+      ->capture_default_str();
+  app->add_option("--json", r.json_path, "also write the results as JSON to FILE");
+  app->add_option("--seed", r.seed, "seed for weights, inputs and dropout")
+      ->capture_default_str();
+  app->add_option("--isolation", r.isolation,
+                  "process: each " + item + " in its own process, one after another "
+                  "(steadier: none inherits another's allocator state); in-process: all in "
+                  "this one, timed in interleaved rounds")
+      ->capture_default_str();
+  app->add_option("--rounds", r.rounds,
+                  "process isolation: run each " + item + "'s process this many times, in "
+                  "alternating order, and pool the step times (steadier ratios on a machine "
+                  "whose speed drifts)")
+      ->capture_default_str();
+}
+
+/// Throws UsageError naming the first bad run flag.
+inline void validate(const RunFlags& r) {
+  require_count(r.steps, 1, "--steps");
+  require_count(r.warmup, 0, "--warmup");
+  require(r.threads >= 0 && r.threads <= 4096, "--threads",
+          "expected a count in [0, 4096] (0: all cores), but got " + std::to_string(r.threads));
+  require(r.isolation == "process" || r.isolation == "in-process", "--isolation",
+          "expected process or in-process, but got '" + r.isolation + "'");
+  require_rounds(r.rounds, r.isolation);
 }
 
 /// Parses a size flag ("2GiB", "512MiB", bytes), throwing UsageError.
@@ -122,8 +244,9 @@ inline int64_t parse_size_flag(const std::string& text, const std::string& flag)
   return bytes;
 }
 
-/// Splits "a,b,c"; empty items are kept (and refused by their parser).
-inline std::vector<std::string> split_list(const std::string& text) {
+/// Splits "a,b,c" for `flag`; an empty item ("a,,b", "a,") is refused,
+/// the same way for every list flag.
+inline std::vector<std::string> split_list(const std::string& text, const std::string& flag) {
   std::vector<std::string> out;
   std::stringstream in(text);
   std::string item;
@@ -132,6 +255,10 @@ inline std::vector<std::string> split_list(const std::string& text) {
   }
   if (!text.empty() && text.back() == ',') {
     out.emplace_back();
+  }
+  for (const auto& i : out) {
+    require(!i.empty(), flag, "expected a comma-separated list without empty items, but got '" +
+                                  text + "'");
   }
   return out;
 }

@@ -8,6 +8,7 @@
 #include "model_flags.h"
 
 #include "remat/memory.h"
+#include "remat/timing.h"
 #include "remat/nn/profile.h"
 #include "remat/plan/solver.h"
 #include "remat/policy.h"
@@ -33,21 +34,15 @@ namespace {
 
 struct PlanConfig {
   ModelFlags model;
+  RunFlags run = [] {
+    RunFlags r;
+    r.steps = 2;
+    return r;
+  }();
   std::string budgets = "50%";
   bool measure = false;
-  int64_t steps = 2;
-  int64_t warmup = 1;
   int64_t repeats = 3;
-  int64_t threads = 0;
   bool no_selective = false;
-  std::string json_path;
-  uint64_t seed = 0;
-  /// "process": each schedule measured in a process of its own (see
-  /// cli/isolate.h); "in-process": all in this one, in interleaved rounds.
-  std::string isolation = "process";
-  /// "process": how many times each schedule's process runs, in alternating
-  /// order (see measure_isolated).
-  int64_t rounds = 1;
   // A child of the "process" mode: the one schedule to measure (hidden).
   std::string child_schedule, child_name;
 };
@@ -63,7 +58,7 @@ struct BudgetSpec {
 
 std::vector<BudgetSpec> parse_budgets(const std::string& list) {
   std::vector<BudgetSpec> out;
-  for (const auto& item : split_list(list)) {
+  for (const auto& item : split_list(list, "--budget")) {
     BudgetSpec b;
     b.text = item;
     if (!item.empty() && item.back() == '%') {
@@ -85,15 +80,8 @@ std::vector<BudgetSpec> parse_budgets(const std::string& list) {
 
 void validate(const PlanConfig& c) {
   validate(c.model);
-  require(c.steps >= 1, "--steps", "expected a value above 0, but got " + std::to_string(c.steps));
-  require(c.warmup >= 0, "--warmup", "expected a value >= 0, but got " + std::to_string(c.warmup));
-  require(c.repeats >= 1, "--repeats",
-          "expected a value above 0, but got " + std::to_string(c.repeats));
-  require(c.threads >= 0, "--threads",
-          "expected a value >= 0 (0: all cores), but got " + std::to_string(c.threads));
-  require(c.isolation == "process" || c.isolation == "in-process", "--isolation",
-          "expected process or in-process, but got '" + c.isolation + "'");
-  require_rounds(c.rounds, c.isolation);
+  validate(c.run);
+  require_count(c.repeats, 1, "--repeats");
 }
 
 // The model, its batch and the loss of a step.
@@ -104,35 +92,17 @@ struct Workload {
 
   explicit Workload(const PlanConfig& c) {
     const auto& f = c.model;
-    torch::manual_seed(c.seed);
-    const auto dtype = f.dtype == "bf16" ? torch::kBFloat16 : torch::kFloat;
-    const auto kind = nn::parse_attention(f.attention);
-    ids = torch::randint(f.vocab_or_default(), {f.batch, f.seq}, torch::kLong);
-    if (f.llama()) {
-      llama = nn::Llama(nn::LlamaOptions()
-                            .vocab_size(f.vocab_or_default())
-                            .hidden_size(f.hidden)
-                            .intermediate_size(f.intermediate_or_default())
-                            .num_layers(f.layers)
-                            .num_heads(f.heads)
-                            .num_kv_heads(f.kv_heads)
-                            .max_position_embeddings(std::max<int64_t>(4096, f.seq))
-                            .attention(kind)
-                            .attention_dropout(f.dropout_or_default()));
+    const auto config = f.config();
+    torch::manual_seed(c.run.seed);
+    const auto dtype = config.dtype();
+    ids = torch::randint(config.vocab_size(), {f.batch, f.seq}, torch::kLong);
+    if (config.llama()) {
+      llama = nn::Llama(config.llama_options());
       llama->to(dtype);
       llama->train();
       return;
     }
-    bert = nn::Bert(nn::BertOptions()
-                        .vocab_size(f.vocab_or_default())
-                        .hidden_size(f.hidden)
-                        .intermediate_size(f.intermediate_or_default())
-                        .num_layers(f.layers)
-                        .num_heads(f.heads)
-                        .max_position_embeddings(std::max<int64_t>(512, f.seq))
-                        .hidden_dropout(f.dropout_or_default())
-                        .attention_dropout(f.dropout_or_default())
-                        .attention(kind));
+    bert = nn::Bert(config.bert_options());
     bert->to(dtype);
     bert->train();
     mask = torch::ones({f.batch, f.seq}, torch::kLong);
@@ -161,6 +131,15 @@ struct Workload {
     return nn::measure_step(*bert, bert_step());
   }
 
+  int64_t parameter_count() {
+    auto& m = llama ? static_cast<torch::nn::Module&>(*llama) : *bert;
+    int64_t n = 0;
+    for (const auto& p : m.parameters()) {
+      n += p.numel();
+    }
+    return n;
+  }
+
   void drop_gradients() {
     auto& m = llama ? static_cast<torch::nn::Module&>(*llama) : *bert;
     m.zero_grad(/*set_to_none=*/true);
@@ -182,65 +161,6 @@ struct Candidate {
   std::vector<double> times;
 };
 
-std::vector<std::pair<std::string, Schedule>> fixed_policies(int64_t layers) {
-  std::vector<std::string> names{"none"};
-  for (int64_t k = 1; k < layers; ++k) {
-    if (k <= 4 || layers % k == 0) {
-      names.push_back(CheckpointPolicy::every(k).name());
-    }
-  }
-  for (const char* n : {"sqrt", "full", "selective-attention", "selective-mlp"}) {
-    names.push_back(n);
-  }
-  std::vector<std::pair<std::string, Schedule>> out;
-  for (const auto& n : names) {
-    out.emplace_back(n, CheckpointPolicy::parse(n).schedule(layers));
-  }
-  return out;
-}
-
-// Stage by stage, what a plan keeps and recomputes.
-std::vector<std::string> describe(const plan::Chain& chain, const Schedule& schedule) {
-  std::vector<std::string> lines;
-  char line[256];
-  auto name = [&](int64_t stage) { return chain.stages[stage].name(); };
-  const int64_t first = chain.first_layer();
-  for (int64_t i = 0; i < first; ++i) {
-    std::snprintf(line, sizeof(line), "  %-22s runs normally", name(i).c_str());
-    lines.push_back(line);
-  }
-  for (const auto& seg : schedule.segments) {
-    const int64_t a = first + seg.begin;
-    const int64_t b = first + seg.end - 1;
-    const std::string range = a == b ? name(a) : name(a) + " .. " + name(b);
-    const char* what = "";
-    switch (seg.mode) {
-      case SegmentMode::kStore:
-        what = "keeps every activation";
-        break;
-      case SegmentMode::kRecompute:
-        what = a == b ? "checkpointed: keeps its input only, recomputed in backward"
-                      : "checkpointed as one group: keeps its input only, all recomputed "
-                        "in backward";
-        break;
-      case SegmentMode::kRecomputeAttention:
-        what = "keeps all but the attention core (scores, softmax, dropout, weighted "
-               "sum), recomputed in backward";
-        break;
-      case SegmentMode::kRecomputeMlp:
-        what = "keeps all but the MLP, recomputed in backward";
-        break;
-    }
-    std::snprintf(line, sizeof(line), "  %-22s %s", range.c_str(), what);
-    lines.push_back(line);
-  }
-  for (int64_t i = first + chain.num_layers(); i < static_cast<int64_t>(chain.stages.size()); ++i) {
-    std::snprintf(line, sizeof(line), "  %-22s runs normally", name(i).c_str());
-    lines.push_back(line);
-  }
-  return lines;
-}
-
 std::string seconds_cell(double s) {
   char b[32];
   std::snprintf(b, sizeof(b), "%.3f", s);
@@ -254,45 +174,6 @@ std::string ratio_cell(double a, double b) {
   char c[32];
   std::snprintf(c, sizeof(c), "%.2fx", a / b);
   return c;
-}
-
-double median(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  const size_t n = v.size();
-  return n == 0 ? 0 : (n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]));
-}
-
-nlohmann::json chain_json(const plan::Chain& chain) {
-  nlohmann::json stages = nlohmann::json::array();
-  for (const auto& s : chain.stages) {
-    nlohmann::json j{
-        {"name", s.name()},
-        {"kind", plan::to_string(s.kind())},
-        {"forward_seconds", s.forward_seconds()},
-        {"backward_seconds", s.backward_seconds()},
-        {"output_bytes", s.output_bytes()},
-        {"stored_bytes", s.stored_bytes()},
-        {"forward_transient_bytes", s.forward_transient_bytes()},
-        {"nograd_transient_bytes", s.nograd_transient_bytes()},
-        {"backward_transient_bytes", s.backward_transient_bytes()},
-        {"parameter_gradient_bytes", s.parameter_gradient_bytes()}};
-    if (s.group_backward_transient_bytes()) {
-      j["group_backward_transient_bytes"] = *s.group_backward_transient_bytes();
-    }
-    for (auto mode : {SegmentMode::kRecomputeAttention, SegmentMode::kRecomputeMlp}) {
-      if (auto sel = s.selective(mode)) {
-        j[to_string(mode)] = {
-            {"stored_bytes", sel->stored_bytes()},
-            {"recompute_seconds", sel->recompute_seconds()},
-            {"forward_transient_bytes", sel->forward_transient_bytes()},
-            {"backward_transient_bytes", sel->backward_transient_bytes()}};
-      }
-    }
-    stages.push_back(j);
-  }
-  return {{"base_bytes", chain.base_bytes},
-          {"checkpoint_bytes", chain.checkpoint_bytes},
-          {"stages", stages}};
 }
 
 nlohmann::json candidate_json(const Candidate& c) {
@@ -318,17 +199,14 @@ nlohmann::json candidate_json(const Candidate& c) {
   return j;
 }
 
-int64_t physical_memory_bytes() {
-  return static_cast<int64_t>(sysconf(_SC_PHYS_PAGES)) * sysconf(_SC_PAGE_SIZE);
-}
 
 // One step of `cand` (the first `warmup` rounds untimed); a failure marks it.
 void measure_round(Workload& w, Candidate& cand, const PlanConfig& c, bool timed) {
-  const int64_t limit = physical_memory_bytes() / 10 * 9;
+  const int64_t limit = memory::physical_bytes() / 10 * 9;
   cand.measured = true;
   w.drop_gradients();
   // Every schedule draws the same dropout masks.
-  torch::manual_seed(c.seed + 1);
+  torch::manual_seed(c.run.seed + 1);
   try {
     memory::LimitGuard guard(limit);
     const auto m = w.measure(cand.schedule, cand.name);
@@ -346,10 +224,10 @@ void measure_round(Workload& w, Candidate& cand, const PlanConfig& c, bool timed
 // In-process: every candidate's step in turn, `warmup + steps` rounds, so
 // that a machine whose load changes slows them alike.
 void measure_interleaved(Workload& w, std::vector<Candidate*>& cands, const PlanConfig& c) {
-  for (int64_t round = 0; round < c.warmup + c.steps; ++round) {
+  for (int64_t round = 0; round < c.run.warmup + c.run.steps; ++round) {
     for (auto* cand : cands) {
       if (cand->ok) {
-        measure_round(w, *cand, c, round >= c.warmup);
+        measure_round(w, *cand, c, round >= c.run.warmup);
       }
     }
   }
@@ -368,8 +246,8 @@ std::vector<std::string> child_args(const PlanConfig& c, const Candidate& cand) 
           "--heads", num(f.heads), "--kv-heads", num(f.kv_heads), "--intermediate",
           num(f.intermediate), "--vocab", num(f.vocab), "--seq", num(f.seq), "--batch",
           num(f.batch), "--attention", f.attention, "--dtype", f.dtype, "--dropout",
-          num(f.dropout), "--steps", num(c.steps), "--warmup", num(c.warmup), "--threads",
-          num(c.threads), "--seed", num(c.seed), "--child-schedule", cand.schedule.str(),
+          num(f.dropout), "--steps", num(c.run.steps), "--warmup", num(c.run.warmup), "--threads",
+          num(c.run.threads), "--seed", num(c.run.seed), "--child-schedule", cand.schedule.str(),
           "--child-name", cand.name};
 }
 
@@ -380,9 +258,9 @@ std::vector<std::string> child_args(const PlanConfig& c, const Candidate& cand) 
 // pool across rounds; the peak is the highest seen.
 void measure_isolated(std::vector<Candidate*>& cands, const PlanConfig& c) {
   TempDir dir("remat-plan");
-  const size_t total = cands.size() * static_cast<size_t>(c.rounds);
+  const size_t total = cands.size() * static_cast<size_t>(c.run.rounds);
   size_t done = 0;
-  for (int64_t round = 0; round < c.rounds; ++round) {
+  for (int64_t round = 0; round < c.run.rounds; ++round) {
     for (const size_t k : round_order(round, cands.size())) {
       auto& cand = *cands[k];
       if (cand.measured && !cand.ok) {
@@ -392,7 +270,7 @@ void measure_isolated(std::vector<Candidate*>& cands, const PlanConfig& c) {
           dir.file("cand" + std::to_string(k) + "_" + std::to_string(round) + ".json");
       auto args = child_args(c, cand);
       args.insert(args.end(), {"--json", json});
-      std::printf("%s", progress_label(++done, total, cand.name, round, c.rounds).c_str());
+      std::printf("%s", progress_label(++done, total, cand.name, round, c.run.rounds).c_str());
       std::fflush(stdout);
       const auto outcome = run_self(args);
       cand.measured = true;
@@ -417,7 +295,7 @@ void measure_isolated(std::vector<Candidate*>& cands, const PlanConfig& c) {
 }
 
 void measure_all(Workload& w, std::vector<Candidate*>& cands, const PlanConfig& c) {
-  if (c.isolation == "process") {
+  if (c.run.isolation == "process") {
     measure_isolated(cands, c);
   } else {
     measure_interleaved(w, cands, c);
@@ -440,15 +318,15 @@ int run_child(const PlanConfig& c) {
   Candidate cand;
   cand.name = c.child_name;
   cand.schedule = schedule;
-  for (int64_t round = 0; round < c.warmup + c.steps && cand.ok; ++round) {
-    measure_round(w, cand, c, round >= c.warmup);
+  for (int64_t round = 0; round < c.run.warmup + c.run.steps && cand.ok; ++round) {
+    measure_round(w, cand, c, round >= c.run.warmup);
   }
   nlohmann::json j{{"ok", cand.ok}, {"peak_bytes", cand.peak}, {"step_seconds_all", cand.times}};
   if (!cand.ok) {
     j["error"] = cand.error;
   }
-  if (!c.json_path.empty()) {
-    write_json_file(c.json_path, j);
+  if (!c.run.json_path.empty()) {
+    write_json_file(c.run.json_path, j);
   }
   return cand.ok ? 0 : 1;
 }
@@ -456,23 +334,19 @@ int run_child(const PlanConfig& c) {
 int run_plan(const PlanConfig& c) {
   validate(c);
   torch::set_num_threads(static_cast<int>(
-      c.threads > 0 ? c.threads : std::max(1u, std::thread::hardware_concurrency())));
+      c.run.threads > 0 ? c.run.threads : std::max(1u, std::thread::hardware_concurrency())));
   if (!c.child_schedule.empty()) {
     return run_child(c);
   }
   auto budgets = parse_budgets(c.budgets);
   const auto& f = c.model;
+  // Refused before anything is built when even the leanest schedule would
+  // not fit this machine (the step runs no optimizer).
+  require_fits(f.config().spec().optimizer(plan::Optimizer::kSgd), 0);
 
   Workload w(c);
-  std::cout << "remat plan: " << f.model << ", " << f.layers << " layers, hidden " << f.hidden
-            << ", " << f.heads << " heads";
-  if (f.llama()) {
-    std::cout << " (" << (f.kv_heads > 0 ? f.kv_heads : f.heads) << " kv)";
-  }
-  std::cout << ", intermediate " << f.intermediate_or_default() << ", vocab "
-            << f.vocab_or_default() << ", seq " << f.seq << ", batch " << f.batch << ", "
-            << f.attention << " attention, " << f.dtype << ", dropout "
-            << f.dropout_or_default() << ", threads " << torch::get_num_threads() << "\n";
+  std::cout << "remat plan: " << model_line(f) << ", threads " << torch::get_num_threads()
+            << "\n";
 
   const auto t0 = std::chrono::steady_clock::now();
   auto chain = w.profile(plan::ProfileOptions().warmup(1).repeats(c.repeats));
@@ -496,7 +370,7 @@ int run_plan(const PlanConfig& c) {
   // The fixed policies, each schedule once.
   std::vector<Candidate> fixed;
   std::map<std::string, size_t> by_schedule;
-  for (const auto& [name, schedule] : fixed_policies(layers)) {
+  for (const auto& [name, schedule] : plan::fixed_policy_schedules(layers)) {
     auto it = by_schedule.find(schedule.str());
     if (it != by_schedule.end()) {
       auto& a = fixed[it->second].aliases;
@@ -555,8 +429,8 @@ int run_plan(const PlanConfig& c) {
     }
     std::printf("measuring %zu schedules %s: %lld warm-up and %lld timed steps each\n\n",
                 todo.size(),
-                c.isolation == "process" ? "each in its own process" : "in interleaved rounds",
-                static_cast<long long>(c.warmup), static_cast<long long>(c.steps));
+                c.run.isolation == "process" ? "each in its own process" : "in interleaved rounds",
+                static_cast<long long>(c.run.warmup), static_cast<long long>(c.run.steps));
     measure_all(w, todo, c);
     for (auto& cand : plans) {
       if (cand.ok && !cand.aliases.empty()) {
@@ -591,7 +465,7 @@ int run_plan(const PlanConfig& c) {
     bj["feasible"] = true;
     std::printf(": %s%s\n", cand.schedule.str().c_str(),
                 cand.aliases.empty() ? "" : (" (the schedule of " + cand.aliases + ")").c_str());
-    for (const auto& line : describe(chain, cand.schedule)) {
+    for (const auto& line : plan::describe_schedule(chain, cand.schedule)) {
       std::cout << line << "\n";
     }
     std::printf("  predicted: peak %s, step %.3f s (%s none's); peak at %s\n",
@@ -693,36 +567,26 @@ int run_plan(const PlanConfig& c) {
                  "(weights, gradients, batch, activations) as remat's allocator counts them.\n";
   }
 
-  if (!c.json_path.empty()) {
-    nlohmann::json config{
-        {"model", f.model},
-        {"layers", f.layers},
-        {"hidden", f.hidden},
-        {"heads", f.heads},
-        {"kv_heads", f.kv_heads > 0 ? f.kv_heads : f.heads},
-        {"intermediate", f.intermediate_or_default()},
-        {"vocab", f.vocab_or_default()},
-        {"seq", f.seq},
-        {"batch", f.batch},
-        {"attention", f.attention},
-        {"dtype", f.dtype},
-        {"dropout", f.dropout_or_default()},
+  if (!c.run.json_path.empty()) {
+    nlohmann::json config = model_json(f);
+    config.update({
+        {"parameters", w.parameter_count()},
         {"threads", torch::get_num_threads()},
         {"repeats", c.repeats},
-        {"steps", c.steps},
-        {"warmup", c.warmup},
+        {"steps", c.run.steps},
+        {"warmup", c.run.warmup},
         {"selective", !c.no_selective},
-        {"seed", c.seed},
-        {"isolation", c.isolation},
-        {"rounds", c.rounds}};
+        {"seed", c.run.seed},
+        {"isolation", c.run.isolation},
+        {"rounds", c.run.rounds}});
     nlohmann::json j{{"config", config},
                      {"profile_seconds", profile_seconds},
-                     {"chain", chain_json(chain)},
+                     {"chain", plan::chain_json(chain)},
                      {"none_predicted_peak_bytes", none.peak_bytes},
                      {"min_feasible_budget_bytes", min_budget},
                      {"budgets", budgets_json},
                      {"policies", policies_json}};
-    write_json_file(c.json_path, j);
+    write_json_file(c.run.json_path, j);
   }
   for (const auto& r : refused) {
     std::cerr << "remat: error: " << r << "\n";
@@ -738,33 +602,17 @@ Run add_plan(CLI::App& root) {
       "plan",
       "Profile a model here and plan its checkpointing to a memory budget");
   add_model_flags(app, c->model);
+  add_run_flags(app, c->run, "schedule (with --measure)");
   app->add_option("--budget", c->budgets,
                   "comma-separated budgets: total bytes (2GiB, 512MiB) or a percentage of "
                   "the predicted peak without checkpointing (50%)")
       ->capture_default_str();
   app->add_flag("--measure", c->measure,
                 "also run every schedule and print measured peak and step time");
-  app->add_option("--steps", c->steps, "timed steps per schedule with --measure")
-      ->capture_default_str();
-  app->add_option("--warmup", c->warmup, "warm-up steps per schedule with --measure")
-      ->capture_default_str();
   app->add_option("--repeats", c->repeats, "timed profiling runs per stage and mode")
-      ->capture_default_str();
-  app->add_option("--threads", c->threads, "intra-op threads (0: all cores)")
       ->capture_default_str();
   app->add_flag("--no-selective", c->no_selective,
                 "plan without selective-attention and selective-mlp layers");
-  app->add_option("--json", c->json_path, "also write the results as JSON to FILE");
-  app->add_option("--seed", c->seed, "seed for weights, inputs and dropout")
-      ->capture_default_str();
-  app->add_option("--isolation", c->isolation,
-                  "with --measure, process: each schedule in its own process (steadier); "
-                  "in-process: all in this one, in interleaved rounds")
-      ->capture_default_str();
-  app->add_option("--rounds", c->rounds,
-                  "with --measure and process isolation: run each schedule's process this "
-                  "many times, in alternating order, and pool the step times")
-      ->capture_default_str();
   // Hidden: the one schedule a child of --isolation process measures.
   app->add_option("--child-schedule", c->child_schedule)->group("");
   app->add_option("--child-name", c->child_name)->group("");

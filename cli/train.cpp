@@ -4,10 +4,12 @@
 #include "command.h"
 
 #include "launch.h"
+#include "model_flags.h"
 #include "device_flag.h"
 
 #include "remat/dist/process_group.h"
 #include "remat/memory.h"
+#include "remat/timing.h"
 #include "remat/train/data.h"
 #include "remat/train/log.h"
 #include "remat/train/report.h"
@@ -45,7 +47,7 @@ struct TrainFlags {
   int64_t kv_heads = defaults.kv_heads(), intermediate = defaults.intermediate();
   double dropout = defaults.dropout();
   std::string policy = defaults.policy().name();
-  std::string dtype = "f32";
+  std::string dtype = "fp32";
   double lr = defaults.lr(), weight_decay = defaults.weight_decay(), clip = defaults.clip();
   int64_t warmup = defaults.warmup();
   std::string schedule = "linear";
@@ -84,6 +86,19 @@ std::string flag_of(const std::string& field) {
 // A library error whose message starts with an option name ("batch: ...")
 // is a bad flag: "--batch: ...".
 [[noreturn]] void rethrow_as_flag_error(const c10::Error& e) {
+  if (const auto* field = dynamic_cast<const FieldError*>(&e)) {
+    // A typed error names its field; its message may carry "field: " already.
+    std::string what = e.what_without_backtrace();
+    what = what.substr(0, what.find('\n'));
+    const std::string prefix = field->field() + ": ";
+    if (what.compare(0, prefix.size(), prefix) == 0) {
+      what = what.substr(prefix.size());
+    }
+    // The estimator's refusal of a step too large for this machine: the
+    // batch is the first knob to turn.
+    const std::string flag = field->field() == "memory_limit" ? "--batch" : flag_of(field->field());
+    throw UsageError(flag + ": " + what);
+  }
   std::string what = e.what_without_backtrace();
   what = what.substr(0, what.find('\n'));
   const auto colon = what.find(':');
@@ -104,18 +119,6 @@ auto as_flag(const std::string& flag, F&& f) -> decltype(f()) {
     std::string what = e.what_without_backtrace();
     throw UsageError(flag + ": " + what.substr(0, what.find('\n')));
   }
-}
-
-std::vector<std::string> split_list(const std::string& text) {
-  std::vector<std::string> out;
-  std::stringstream in(text);
-  std::string item;
-  while (std::getline(in, item, ',')) {
-    if (!item.empty()) {
-      out.push_back(item);
-    }
-  }
-  return out;
 }
 
 // The bundled data set: data/routing above the current folder, above the
@@ -180,9 +183,8 @@ TrainOptions apply_flags(const TrainFlags& f, TrainOptions o, const CLI::App& ap
     o.policy(as_flag("--policy", [&] { return CheckpointPolicy::parse(f.policy); }));
   }
   if (given("--dtype")) {
-    require(f.dtype == "f32" || f.dtype == "bf16", "--dtype",
-            "expected f32 or bf16, but got '" + f.dtype + "'");
-    o.dtype(f.dtype == "bf16" ? torch::kBFloat16 : torch::kFloat);
+    // One spelling with bench and plan ("fp32"); "f32" stays an alias.
+    o.dtype(with_flag_errors([&] { return nn::parse_model_dtype(f.dtype); }));
   }
   if (given("--lr")) o.lr(f.lr);
   if (given("--weight-decay")) o.weight_decay(f.weight_decay);
@@ -193,7 +195,7 @@ TrainOptions apply_flags(const TrainFlags& f, TrainOptions o, const CLI::App& ap
   if (given("--clip")) o.clip(f.clip);
   if (given("--lora-rank")) o.lora_rank(f.lora_rank);
   if (given("--lora-alpha")) o.lora_alpha(f.lora_alpha);
-  if (given("--lora-targets")) o.lora_targets(split_list(f.lora_targets));
+  if (given("--lora-targets")) o.lora_targets(split_list(f.lora_targets, "--lora-targets"));
   if (given("--seed")) o.seed(f.seed);
   if (given("--eval-every")) o.eval_every(f.eval_every);
   if (given("--out")) o.out_dir(f.out);
@@ -283,11 +285,7 @@ double median_seconds(const std::vector<train::StepRecord>& steps, size_t n) {
   for (size_t i = 0; i < steps.size() && i < n; ++i) {
     t.push_back(steps[i].step_seconds);
   }
-  if (t.empty()) {
-    return 0;
-  }
-  std::sort(t.begin(), t.end());
-  return t[t.size() / 2];
+  return median(t);
 }
 
 int64_t max_peak(const std::vector<train::StepRecord>& steps, size_t n) {
@@ -363,30 +361,11 @@ TrainOptions prepare(const TrainFlags& f, const CLI::App& app) {
   if (f.resume) {
     require(!f.out.empty(), "--resume", "expected --out DIR, the folder of the run to continue");
     const auto path = train::state_path(f.out);
-    require(fs::exists(path), "--resume", "no training state in '" + f.out + "' (expected " +
-                                               path + ")");
-    train::TrainState state;
-    try {
-      state = train::load_train_state(path);
-    } catch (const c10::Error& e) {
-      std::string what = e.what_without_backtrace();
-      what = what.substr(0, what.find('\n'));
-      const auto prev = train::previous_state_path(f.out);
-      const auto prev_step = train::peek_train_state_step(prev);
-      if (prev_step >= 0) {
-        what += "; it was left as it is. The state before it, " + prev + " (step " +
-            std::to_string(prev_step) + "), is readable: copy it over " + path +
-            " to resume from there";
-      } else {
-        what += "; it was left as it is";
-      }
-      TORCH_CHECK(false, what);
-    }
     TrainOptions saved;
     try {
-      saved = TrainOptions::from_json(state.info.at("options"));
-    } catch (const std::exception& e) {
-      TORCH_CHECK(false, "'", path, "' holds no usable run options: ", e.what());
+      saved = train::saved_run_options(f.out);
+    } catch (const c10::Error& e) {
+      rethrow_as_flag_error(e);
     }
     options = apply_flags(f, saved, app, /*all=*/false);
     options.out_dir(f.out);
@@ -560,6 +539,11 @@ int run_train(const TrainFlags& f, const CLI::App& app) {
   train::TrainResult result;
   try {
     result = train::run_training(options, cb, f.resume, stops ? f.stop_after_step : 0, group);
+  } catch (const FieldError& e) {
+    // What the trainer refuses before training (the model's sizes, a step
+    // too large for this machine) is about a flag.
+    progress.finish();
+    rethrow_as_flag_error(e);
   } catch (...) {
     progress.finish(); // the error goes on a line of its own
     throw;
@@ -629,7 +613,7 @@ Run add_train(CLI::App& root) {
   app->add_option("--save", f->save, "write model.safetensors + config.json here at the end");
   app->add_option("--policy", f->policy, "checkpoint policy: " + CheckpointPolicy::names())
       ->capture_default_str();
-  app->add_option("--dtype", f->dtype, "f32, or bf16 (autocast on --device, float32 master weights)")
+  app->add_option("--dtype", f->dtype, "fp32 (f32 accepted), or bf16 (autocast on --device, float32 master weights)")
       ->capture_default_str();
   app->add_option("--lr", f->lr, "peak learning rate")->capture_default_str();
   app->add_option("--weight-decay", f->weight_decay, "AdamW weight decay")

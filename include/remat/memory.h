@@ -156,5 +156,9 @@ int64_t parse_size(const std::string& text);
 /// Formats bytes for people: "1.50 GiB", "12.0 MiB", "512 B".
 std::string format_size(int64_t bytes);
 
+/// This machine's physical memory (bytes), from sysconf; what a step that
+/// sets no limit of its own must fit.
+int64_t physical_bytes();
+
 } // namespace memory
 } // namespace remat

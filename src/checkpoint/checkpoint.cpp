@@ -1,6 +1,6 @@
 #include "remat/checkpoint.h"
 
-#include "checkpoint/autocast_state.h"
+#include "remat/autocast.h"
 #include "compat/torch.h"
 
 #include <ATen/CPUGeneratorImpl.h>

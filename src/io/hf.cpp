@@ -1,6 +1,6 @@
 #include "remat/io/hf.h"
 
-#include "io/json_text.h"
+#include "remat/io/json_text.h"
 #include "remat/io/file.h"
 #include "remat/io/safetensors.h"
 
@@ -610,7 +610,7 @@ LlamaConfig llama_config(const nn::LlamaOptions& o) {
   LlamaConfig c;
   c.vocab_size = o.vocab_size();
   c.hidden_size = o.hidden_size();
-  c.intermediate_size = o.intermediate_size();
+  c.intermediate_size = o.mlp_size();
   c.num_hidden_layers = o.num_layers();
   c.num_attention_heads = o.num_heads();
   c.num_key_value_heads = o.kv_heads();

@@ -1,6 +1,6 @@
 #include "remat/io/safetensors.h"
 
-#include "io/json_text.h"
+#include "remat/io/json_text.h"
 #include "remat/io/file.h"
 
 #include <c10/util/Exception.h>

@@ -15,6 +15,8 @@
 #include <cuda_runtime_api.h>
 #endif
 
+#include <unistd.h>
+
 #include <algorithm>
 #include <atomic>
 #include <cctype>
@@ -480,6 +482,10 @@ int64_t parse_size(const std::string& text) {
       text,
       "'");
   return static_cast<int64_t>(std::llround(bytes));
+}
+
+int64_t physical_bytes() {
+  return static_cast<int64_t>(sysconf(_SC_PHYS_PAGES)) * sysconf(_SC_PAGE_SIZE);
 }
 
 std::string format_size(int64_t bytes) {

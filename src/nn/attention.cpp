@@ -4,7 +4,7 @@
 
 #include "remat/checkpoint.h"
 
-#include "checkpoint/autocast_state.h"
+#include "remat/autocast.h"
 #include "compat/torch.h"
 
 #include <ATen/CPUGeneratorImpl.h>

@@ -4,7 +4,6 @@
 #include "remat/nn/dropout.h"
 #include "remat/nn/profile.h"
 #include "remat/plan/solver.h"
-#include "nn/stack.h"
 
 #include <torch/torch.h>
 
@@ -14,25 +13,14 @@ namespace remat {
 namespace nn {
 
 void BertOptions::validate() const {
-  TORCH_CHECK(vocab_size_ > 0, "expected vocab_size > 0, but got ", vocab_size_);
-  TORCH_CHECK(hidden_size_ > 0, "expected hidden_size > 0, but got ", hidden_size_);
-  TORCH_CHECK(num_layers_ > 0, "expected num_layers > 0, but got ", num_layers_);
-  TORCH_CHECK(num_heads_ > 0, "expected num_heads > 0, but got ", num_heads_);
-  TORCH_CHECK(
-      hidden_size_ % num_heads_ == 0,
-      "expected hidden_size divisible by num_heads, but got hidden_size ",
-      hidden_size_, " and num_heads ", num_heads_);
-  TORCH_CHECK(
-      intermediate_size_ >= 0,
-      "expected intermediate_size >= 0 (0: 4 * hidden), but got ", intermediate_size_);
-  TORCH_CHECK(
-      max_position_embeddings_ > 0,
-      "expected max_position_embeddings > 0, but got ", max_position_embeddings_);
-  TORCH_CHECK(type_vocab_size_ > 0, "expected type_vocab_size > 0, but got ", type_vocab_size_);
-  TORCH_CHECK(
-      pad_token_id_ >= -1 && pad_token_id_ < vocab_size_,
-      "expected pad_token_id in [0, vocab_size ", vocab_size_, ") or -1 (none), but got ",
-      pad_token_id_);
+  check_transformer_sizes(
+      vocab_size_, hidden_size_, num_layers_, num_heads_, intermediate_size_,
+      max_position_embeddings_);
+  check_size("type_vocab_size", type_vocab_size_, 1, limits::kMaxVocab);
+  check_field(
+      pad_token_id_ >= -1 && pad_token_id_ < vocab_size_, "pad_token_id",
+      "expected pad_token_id in [0, vocab_size " + std::to_string(vocab_size_) +
+          ") or -1 (none), but got " + std::to_string(pad_token_id_));
   TORCH_CHECK(
       hidden_dropout_ >= 0 && hidden_dropout_ < 1 && attention_dropout_ >= 0 &&
           attention_dropout_ < 1,
@@ -237,7 +225,7 @@ torch::Tensor BertEncoderImpl::forward(
   if (mask.defined()) {
     side.push_back(mask);
   }
-  return detail::run_stack(
+  return run_stack(
       layers, hidden, side, schedule,
       [](BertLayer layer, const torch::Tensor& h,
          const std::vector<torch::Tensor>& side, SegmentMode mode) {

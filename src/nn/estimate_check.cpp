@@ -4,6 +4,7 @@
 
 #include "remat/memory.h"
 #include "remat/nn/lora.h"
+#include "remat/nn/model_config.h"
 #include "remat/nn/profile.h"
 
 #include <torch/torch.h>
@@ -36,11 +37,6 @@ std::vector<std::string> lora_targets(const plan::ModelSpec& s) {
   return out;
 }
 
-AttentionKind attention_of(const plan::ModelSpec& s) {
-  return s.attention() == plan::AttentionImpl::kEager ? AttentionKind::kEager
-                                                       : AttentionKind::kBlockwise;
-}
-
 } // namespace
 
 std::vector<EstimateCheck> check_estimate(
@@ -70,39 +66,21 @@ std::vector<EstimateCheck> check_estimate(
   const int64_t held_before = memory::current_bytes();
   torch::manual_seed(seed);
   const auto dtype = spec.precision() == plan::Precision::kFp32 ? torch::kFloat : torch::kBFloat16;
-  const double dropout = spec.dropout() ? 0.1 : 0.0;
   auto ids = torch::randint(spec.vocab(), {spec.batch(), spec.seq()}, torch::kLong);
   Bert b{nullptr};
   Llama l{nullptr};
   torch::nn::Module* module = nullptr;
   torch::Tensor mask, types;
+  // The model the spec describes, through the one description every
+  // command builds from.
+  const auto config = ModelConfig::from_spec(spec);
   if (bert) {
-    b = Bert(BertOptions()
-                 .vocab_size(spec.vocab())
-                 .hidden_size(spec.hidden())
-                 .num_layers(spec.layers())
-                 .num_heads(spec.heads())
-                 .intermediate_size(spec.mlp_size())
-                 .max_position_embeddings(spec.max_positions())
-                 .type_vocab_size(spec.type_vocab())
-                 .hidden_dropout(dropout)
-                 .attention_dropout(dropout)
-                 .attention(attention_of(spec)));
+    b = Bert(config.bert_options().type_vocab_size(spec.type_vocab()));
     module = b.get();
     mask = torch::ones_like(ids);
     types = torch::zeros_like(ids);
   } else {
-    l = Llama(LlamaOptions()
-                  .vocab_size(spec.vocab())
-                  .hidden_size(spec.hidden())
-                  .intermediate_size(spec.mlp_size())
-                  .num_layers(spec.layers())
-                  .num_heads(spec.heads())
-                  .num_kv_heads(spec.kv_heads())
-                  .max_position_embeddings(std::max<int64_t>(spec.seq(), 1))
-                  .tie_word_embeddings(spec.tie_embeddings())
-                  .attention(attention_of(spec))
-                  .attention_dropout(dropout));
+    l = Llama(config.llama_options());
     module = l.get();
   }
   module->to(dtype);

@@ -1,6 +1,6 @@
 #include "remat/nn/fused.h"
 
-#include "checkpoint/autocast_state.h"
+#include "remat/autocast.h"
 
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <c10/util/Optional.h>

@@ -5,7 +5,6 @@
 #include "remat/nn/loss.h"
 #include "remat/nn/profile.h"
 #include "remat/plan/solver.h"
-#include "nn/stack.h"
 
 #include <torch/torch.h>
 
@@ -15,27 +14,18 @@ namespace remat {
 namespace nn {
 
 void LlamaOptions::validate() const {
-  TORCH_CHECK(vocab_size_ > 0, "expected vocab_size > 0, but got ", vocab_size_);
-  TORCH_CHECK(hidden_size_ > 0, "expected hidden_size > 0, but got ", hidden_size_);
-  TORCH_CHECK(
-      intermediate_size_ > 0, "expected intermediate_size > 0, but got ", intermediate_size_);
-  TORCH_CHECK(num_layers_ > 0, "expected num_layers > 0, but got ", num_layers_);
-  TORCH_CHECK(num_heads_ > 0, "expected num_heads > 0, but got ", num_heads_);
-  TORCH_CHECK(
-      hidden_size_ % num_heads_ == 0,
-      "expected hidden_size divisible by num_heads, but got hidden_size ",
-      hidden_size_, " and num_heads ", num_heads_);
-  TORCH_CHECK(
-      head_dim() % 2 == 0,
-      "expected an even head_dim (hidden_size / num_heads) for rotary "
-      "embeddings, but got ", head_dim());
-  TORCH_CHECK(
-      num_kv_heads_ >= 0 && num_heads_ % kv_heads() == 0,
-      "expected num_kv_heads dividing num_heads (0: num_heads), but got "
-      "num_kv_heads ", num_kv_heads_, " and num_heads ", num_heads_);
-  TORCH_CHECK(
-      max_position_embeddings_ > 0,
-      "expected max_position_embeddings > 0, but got ", max_position_embeddings_);
+  check_transformer_sizes(
+      vocab_size_, hidden_size_, num_layers_, num_heads_, intermediate_size_,
+      max_position_embeddings_);
+  check_field(
+      head_dim() % 2 == 0, "num_heads",
+      "expected an even head_dim (hidden_size / num_heads) for rotary embeddings, but got " +
+          std::to_string(head_dim()));
+  check_field(
+      num_kv_heads_ >= 0 && num_kv_heads_ <= num_heads_ && num_heads_ % kv_heads() == 0,
+      "num_kv_heads",
+      "expected num_kv_heads dividing num_heads (0: num_heads), but got num_kv_heads " +
+          std::to_string(num_kv_heads_) + " and num_heads " + std::to_string(num_heads_));
   TORCH_CHECK(rope_theta_ > 0, "expected rope_theta > 0, but got ", rope_theta_);
   TORCH_CHECK(rms_norm_eps_ > 0, "expected rms_norm_eps > 0, but got ", rms_norm_eps_);
   TORCH_CHECK(
@@ -149,7 +139,7 @@ LlamaMLPImpl::LlamaMLPImpl(LlamaOptions options_) : options(std::move(options_))
 
 void LlamaMLPImpl::reset() {
   const auto h = options.hidden_size();
-  const auto m = options.intermediate_size();
+  const auto m = options.mlp_size();
   gate_proj = register_module("gate_proj", projection(h, m));
   up_proj = register_module("up_proj", projection(h, m));
   down_proj = register_module("down_proj", projection(m, h));
@@ -272,7 +262,7 @@ torch::Tensor LlamaModelImpl::forward(
           &cache->keys[i], &cache->values[i]);
     }
   } else {
-    hidden = detail::run_stack(
+    hidden = run_stack(
         decoder_layers, hidden, side, schedule,
         [](LlamaDecoderLayer layer, const torch::Tensor& h,
            const std::vector<torch::Tensor>& side, SegmentMode mode) {
@@ -343,7 +333,7 @@ void LlamaImpl::pretty_print(std::ostream& stream) const {
   stream << "remat::nn::Llama(layers=" << options.num_layers()
          << ", hidden=" << options.hidden_size() << ", heads=" << options.num_heads()
          << ", kv_heads=" << options.kv_heads()
-         << ", intermediate=" << options.intermediate_size()
+         << ", intermediate=" << options.mlp_size()
          << ", vocab=" << options.vocab_size()
          << ", tied=" << (options.tie_word_embeddings() ? "true" : "false")
          << ", attention=" << to_string(options.attention())

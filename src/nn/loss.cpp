@@ -1,6 +1,6 @@
 #include "remat/nn/loss.h"
 
-#include "checkpoint/autocast_state.h"
+#include "remat/autocast.h"
 
 #include <torch/torch.h>
 

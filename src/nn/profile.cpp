@@ -5,6 +5,8 @@
 #include "remat/nn/profile.h"
 
 #include "remat/memory.h"
+#include "remat/nn/step.h"
+#include "remat/timing.h"
 
 #include <torch/torch.h>
 
@@ -27,32 +29,11 @@ void check_ids(const torch::Tensor& ids, const char* model) {
       ids.defined() ? "" : " (undefined)");
 }
 
-double median(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  const size_t n = v.size();
-  return n == 0 ? 0 : (n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]));
-}
-
-// Zeroes every trainable parameter's gradient in place, allocating it where
-// missing: a training loop's zero_grad that keeps the buffers.
-void zero_gradients(torch::nn::Module& model) {
-  torch::NoGradGuard no_grad;
-  for (auto& p : model.parameters()) {
-    if (!p.requires_grad()) {
-      continue;
-    }
-    if (p.grad().defined()) {
-      p.mutable_grad().zero_();
-    } else {
-      p.mutable_grad() = torch::zeros_like(p);
-    }
-  }
-}
-
-template <typename Loss>
+// warmup + steps measured steps (remat/nn/step.h), gradients zeroed as the
+// planner predicts.
 StepMeasurement measure(
     torch::nn::Module& model,
-    const Loss& loss_of_step,
+    const std::function<torch::Tensor()>& loss_of_step,
     int64_t steps,
     int64_t warmup) {
   TORCH_CHECK(
@@ -62,26 +43,18 @@ StepMeasurement measure(
   TORCH_CHECK(
       memory::installed(),
       "remat::nn::measure_step: expected remat::memory::install() to have run, but it has not");
-  torch::AutoGradMode grad_on(true);
   StepMeasurement m;
   std::vector<double> times;
   for (int64_t i = 0; i < warmup + steps; ++i) {
-    zero_gradients(model);
-    const int64_t base = memory::current_bytes();
-    memory::reset_peak();
-    const auto t0 = std::chrono::steady_clock::now();
-    auto loss = loss_of_step();
-    const int64_t after_forward = memory::current_bytes();
-    loss.backward();
-    const auto t1 = std::chrono::steady_clock::now();
-    loss = torch::Tensor();
+    const auto s = measured_step(model, loss_of_step);
     if (i < warmup) {
       continue;
     }
-    m.base_bytes = std::max(m.base_bytes, base);
-    m.peak_bytes = std::max(m.peak_bytes, memory::peak_bytes());
-    m.activation_bytes = std::max(m.activation_bytes, after_forward - base);
-    times.push_back(std::chrono::duration<double>(t1 - t0).count());
+    m.base_bytes = std::max(m.base_bytes, s.before_forward_bytes);
+    m.peak_bytes = std::max(m.peak_bytes, s.peak_bytes);
+    m.activation_bytes =
+        std::max(m.activation_bytes, s.before_backward_bytes - s.before_forward_bytes);
+    times.push_back(s.step_seconds);
   }
   m.step_seconds = median(times);
   return m;

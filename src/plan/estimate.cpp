@@ -2,6 +2,7 @@
 
 #include "plan/model_trace.h"
 #include "remat/memory.h"
+#include "remat/model_sizes.h"
 #include "remat/plan/solver.h"
 
 #include <c10/util/Exception.h>
@@ -92,12 +93,7 @@ int64_t ModelSpec::mlp_size() const {
   if (intermediate_ > 0) {
     return intermediate_;
   }
-  if (family_ == Family::kBert) {
-    return 4 * hidden_;
-  }
-  // Llama: 2/3 of 4h, rounded up to a multiple of 256 (11008 for h = 4096).
-  const int64_t raw = 8 * hidden_ / 3;
-  return (raw + 255) / 256 * 256;
+  return family_ == Family::kBert ? bert_mlp_size(hidden_) : llama_mlp_size(hidden_);
 }
 
 int64_t ModelSpec::activation_bytes_per_element() const {
@@ -105,35 +101,57 @@ int64_t ModelSpec::activation_bytes_per_element() const {
 }
 
 void ModelSpec::validate() const {
-  TORCH_CHECK(layers_ >= 1, "remat::plan: expected layers >= 1, but got ", layers_);
-  TORCH_CHECK(hidden_ >= 1, "remat::plan: expected hidden >= 1, but got ", hidden_);
-  TORCH_CHECK(
-      heads_ >= 1 && hidden_ % heads_ == 0,
-      "remat::plan: expected heads >= 1 dividing hidden ", hidden_, ", but got ", heads_);
+  check_size("layers", layers_, 1, limits::kMaxLayers);
+  check_size("hidden", hidden_, 1, limits::kMaxHidden);
+  check_size("heads", heads_, 1, limits::kMaxHeads);
+  check_field(
+      hidden_ % heads_ == 0, "heads",
+      "expected heads dividing hidden " + std::to_string(hidden_) + ", but got " +
+          std::to_string(heads_));
+  check_size("kv_heads", kv_heads_, 0, heads_);
   const int64_t kv = kv_heads_or_heads();
-  TORCH_CHECK(
-      kv >= 1 && heads_ % kv == 0,
-      "remat::plan: expected kv_heads dividing heads ", heads_, ", but got ", kv_heads_);
-  TORCH_CHECK(
-      family_ == Family::kLlama || kv == heads_,
-      "remat::plan: expected kv_heads == heads for BERT, but got ", kv_heads_);
-  TORCH_CHECK(vocab_ >= 1, "remat::plan: expected vocab >= 1, but got ", vocab_);
-  TORCH_CHECK(intermediate_ >= 0, "remat::plan: expected intermediate >= 0, but got ", intermediate_);
-  TORCH_CHECK(seq_ >= 1, "remat::plan: expected seq >= 1, but got ", seq_);
-  TORCH_CHECK(batch_ >= 1, "remat::plan: expected batch >= 1, but got ", batch_);
-  TORCH_CHECK(
-      family_ == Family::kLlama || seq_ <= max_positions_,
-      "remat::plan: expected seq <= max_positions (", max_positions_,
-      ") for BERT, but got ", seq_);
-  TORCH_CHECK(num_labels_ >= 1, "remat::plan: expected num_labels >= 1, but got ", num_labels_);
-  TORCH_CHECK(lora_rank_ >= 0, "remat::plan: expected lora_rank >= 0, but got ", lora_rank_);
+  check_field(
+      heads_ % kv == 0, "kv_heads",
+      "expected kv_heads dividing heads " + std::to_string(heads_) + ", but got " +
+          std::to_string(kv_heads_));
+  check_field(
+      family_ == Family::kLlama || kv == heads_, "kv_heads",
+      "expected kv_heads == heads for BERT, but got " + std::to_string(kv_heads_));
+  check_size("vocab", vocab_, 1, limits::kMaxVocab);
+  check_size("intermediate", intermediate_, 0, limits::kMaxIntermediate);
+  check_size("seq", seq_, 1, limits::kMaxSeq);
+  check_size("batch", batch_, 1, limits::kMaxBatch);
+  check_size("max_positions", max_positions_, 1, limits::kMaxPositions);
+  check_size("type_vocab", type_vocab_, 1, limits::kMaxVocab);
+  check_field(
+      family_ == Family::kLlama || seq_ <= max_positions_, "seq",
+      "expected seq <= max_positions (" + std::to_string(max_positions_) +
+          ") for BERT, but got " + std::to_string(seq_));
+  check_size("num_labels", num_labels_, 1, limits::kMaxLabels);
+  check_size("lora_rank", lora_rank_, 0, limits::kMaxLoraRank);
   for (const auto& t : lora_targets_) {
     const bool known = t == "q" || t == "k" || t == "v" || t == "o" || t == "up" ||
         t == "down" || (t == "gate" && family_ == Family::kLlama);
-    TORCH_CHECK(
-        known, "remat::plan: expected LoRA targets among q, k, v, o, up, down",
-        family_ == Family::kLlama ? ", gate" : "", ", but got '", t, "'");
+    check_field(
+        known, "lora_targets",
+        std::string("expected LoRA targets among q, k, v, o, up, down") +
+            (family_ == Family::kLlama ? ", gate" : "") + ", but got '" + t + "'");
   }
+  // Each size is within its bound; their product must be too, or the
+  // estimate's byte counts would leave int64. Rough and generous: every
+  // layer keeps at most this many elements per token, 4 bytes each.
+  const double tokens = static_cast<double>(batch_) * static_cast<double>(seq_);
+  const double per_token = 64.0 * hidden_ + 16.0 * mlp_size() + 8.0 * heads_ * seq_;
+  const double weights = static_cast<double>(layers_) *
+          (4.0 * hidden_ * hidden_ + 3.0 * static_cast<double>(hidden_) * mlp_size()) +
+      2.0 * static_cast<double>(vocab_) * hidden_ +
+      static_cast<double>(max_positions_) * hidden_;
+  const double bytes = 4.0 * (layers_ * tokens * per_token + tokens * vocab_) + 16.0 * weights;
+  check_field(
+      bytes <= limits::kMaxStepBytes, "batch",
+      "expected a step of at most 64 PiB (the product of layers, batch, seq and the widths), "
+      "but this one would hold about " + memory::format_size(static_cast<int64_t>(
+          std::min(bytes, 9.0e18))) + "; reduce batch, seq or the model's size");
 }
 
 ModelSpec ModelSpec::bert_base() {
@@ -141,16 +159,16 @@ ModelSpec ModelSpec::bert_base() {
 }
 
 ModelSpec ModelSpec::llama2_7b() {
+  // intermediate 0: the Llama rule gives Llama-2's 11008 for hidden 4096,
+  // and follows a --hidden given after the preset.
   return ModelSpec(Family::kLlama, 32, 4096, 32, 32000)
-      .intermediate(11008)
       .seq(4096)
       .head(Head::kLanguageModel);
 }
 
 ModelSpec ModelSpec::harbor_13b() {
   return ModelSpec(Family::kLlama, 40, 5120, 40, 32000)
-      .kv_heads(40)
-      .intermediate(13824)
+      .kv_heads(40) // intermediate 0: the Llama rule gives 13824
       .seq(8192)
       .batch(2)
       .head(Head::kClassifier)
@@ -411,7 +429,12 @@ std::string Estimate::str() const {
 namespace {
 
 bool fits(const ModelSpec& spec, const CheckpointPolicy& policy, int64_t device_bytes) {
-  const auto chain = estimate_chain(spec);
+  Chain chain;
+  try {
+    chain = estimate_chain(spec);
+  } catch (const FieldError&) {
+    return false; // past the product bound: far more than any device
+  }
   if (policy.kind() == CheckpointPolicy::Kind::kBudget) {
     return min_feasible_budget(chain) <= device_bytes;
   }
@@ -420,20 +443,23 @@ bool fits(const ModelSpec& spec, const CheckpointPolicy& policy, int64_t device_
 
 // The largest n >= 1 with ok(n), given that ok is monotone (true then false);
 // 0 if !ok(1).
+// Returns `most` when ok(most): the search never leaves the sizes that
+// ModelSpec::validate accepts, so it ends in at most 2 log2(most) steps.
 template <typename Ok>
-int64_t largest(const Ok& ok) {
-  if (!ok(1)) {
+int64_t largest(const Ok& ok, int64_t most) {
+  if (most < 1 || !ok(1)) {
     return 0;
+  }
+  if (ok(most)) {
+    return most;
   }
   int64_t lo = 1;
   int64_t hi = 2;
-  while (ok(hi)) {
+  while (hi < most && ok(hi)) {
     lo = hi;
-    TORCH_CHECK(
-        hi < (int64_t(1) << 40),
-        "remat::plan: expected the search to end below 2^40, but everything fits");
     hi *= 2;
   }
+  hi = std::min(hi, most);
   while (hi - lo > 1) {
     const int64_t mid = lo + (hi - lo) / 2;
     (ok(mid) ? lo : hi) = mid;
@@ -443,11 +469,21 @@ int64_t largest(const Ok& ok) {
 
 } // namespace
 
+int64_t check_fits(const ModelSpec& spec, int64_t limit_bytes, const std::string& limit_name) {
+  const int64_t least = min_feasible_budget(estimate_chain(spec));
+  check_field(
+      least <= limit_bytes, "memory_limit",
+      "expected a step that fits " + limit_name + " (" + memory::format_size(limit_bytes) +
+          "), but the estimate of its smallest peak, under any checkpointing, is " +
+          memory::format_size(least));
+  return least;
+}
+
 int64_t fit_batch(const ModelSpec& spec, const CheckpointPolicy& policy, int64_t device_bytes) {
   spec.validate();
-  return largest([&](int64_t b) {
-    return fits(ModelSpec(spec).batch(b), policy, device_bytes);
-  });
+  return largest(
+      [&](int64_t b) { return fits(ModelSpec(spec).batch(b), policy, device_bytes); },
+      limits::kMaxBatch);
 }
 
 int64_t fit_seq(
@@ -457,11 +493,16 @@ int64_t fit_seq(
     int64_t multiple) {
   spec.validate();
   TORCH_CHECK(multiple >= 1, "remat::plan: expected multiple >= 1, but got ", multiple);
-  return multiple * largest([&](int64_t k) {
-    auto s = ModelSpec(spec).seq(k * multiple);
-    s.max_positions(std::max(spec.max_positions(), k * multiple));
-    return fits(s, policy, device_bytes);
-  });
+  TORCH_CHECK(
+      multiple <= limits::kMaxSeq, "remat::plan: expected multiple <= ", limits::kMaxSeq,
+      ", but got ", multiple);
+  return multiple * largest(
+      [&](int64_t k) {
+        auto s = ModelSpec(spec).seq(k * multiple);
+        s.max_positions(std::max(spec.max_positions(), k * multiple));
+        return fits(s, policy, device_bytes);
+      },
+      limits::kMaxSeq / multiple);
 }
 
 } // namespace plan

@@ -4,6 +4,7 @@
 
 #include "remat/checkpoint.h"
 #include "remat/memory.h"
+#include "remat/timing.h"
 
 #include <ATen/CPUGeneratorImpl.h>
 #include <ATen/core/grad_mode.h>
@@ -25,15 +26,6 @@ namespace plan {
 namespace {
 
 using Clock = std::chrono::steady_clock;
-
-double median(std::vector<double> v) {
-  if (v.empty()) {
-    return 0;
-  }
-  std::sort(v.begin(), v.end());
-  const size_t n = v.size();
-  return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
-}
 
 int64_t bytes_of(const at::Tensor& t) {
   return t.defined() ? static_cast<int64_t>(t.numel()) * t.element_size() : 0;

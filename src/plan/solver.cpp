@@ -471,5 +471,96 @@ std::vector<Plan> frontier(const Chain& chain, const PlannerOptions& options) {
   return plans;
 }
 
+std::vector<std::pair<std::string, Schedule>> fixed_policy_schedules(int64_t layers) {
+  std::vector<std::string> names{"none"};
+  for (int64_t k = 1; k < layers; ++k) {
+    if (k <= 4 || layers % k == 0) {
+      names.push_back(CheckpointPolicy::every(k).name());
+    }
+  }
+  for (const char* n : {"sqrt", "full", "selective-attention", "selective-mlp"}) {
+    names.push_back(n);
+  }
+  std::vector<std::pair<std::string, Schedule>> out;
+  for (const auto& n : names) {
+    out.emplace_back(n, CheckpointPolicy::parse(n).schedule(layers));
+  }
+  return out;
+}
+
+std::vector<std::string> describe_schedule(const Chain& chain, const Schedule& schedule) {
+  std::vector<std::string> lines;
+  char line[256];
+  auto name = [&](int64_t stage) { return chain.stages[stage].name(); };
+  const int64_t first = chain.first_layer();
+  for (int64_t i = 0; i < first; ++i) {
+    std::snprintf(line, sizeof(line), "  %-22s runs normally", name(i).c_str());
+    lines.push_back(line);
+  }
+  for (const auto& seg : schedule.segments) {
+    const int64_t a = first + seg.begin;
+    const int64_t b = first + seg.end - 1;
+    const std::string range = a == b ? name(a) : name(a) + " .. " + name(b);
+    const char* what = "";
+    switch (seg.mode) {
+      case SegmentMode::kStore:
+        what = "keeps every activation";
+        break;
+      case SegmentMode::kRecompute:
+        what = a == b ? "checkpointed: keeps its input only, recomputed in backward"
+                      : "checkpointed as one group: keeps its input only, all recomputed "
+                        "in backward";
+        break;
+      case SegmentMode::kRecomputeAttention:
+        what = "keeps all but the attention core (scores, softmax, dropout, weighted "
+               "sum), recomputed in backward";
+        break;
+      case SegmentMode::kRecomputeMlp:
+        what = "keeps all but the MLP, recomputed in backward";
+        break;
+    }
+    std::snprintf(line, sizeof(line), "  %-22s %s", range.c_str(), what);
+    lines.push_back(line);
+  }
+  for (int64_t i = first + chain.num_layers(); i < static_cast<int64_t>(chain.stages.size()); ++i) {
+    std::snprintf(line, sizeof(line), "  %-22s runs normally", name(i).c_str());
+    lines.push_back(line);
+  }
+  return lines;
+}
+
+nlohmann::json chain_json(const Chain& chain) {
+  nlohmann::json stages = nlohmann::json::array();
+  for (const auto& s : chain.stages) {
+    nlohmann::json j{
+        {"name", s.name()},
+        {"kind", to_string(s.kind())},
+        {"forward_seconds", s.forward_seconds()},
+        {"backward_seconds", s.backward_seconds()},
+        {"output_bytes", s.output_bytes()},
+        {"stored_bytes", s.stored_bytes()},
+        {"forward_transient_bytes", s.forward_transient_bytes()},
+        {"nograd_transient_bytes", s.nograd_transient_bytes()},
+        {"backward_transient_bytes", s.backward_transient_bytes()},
+        {"parameter_gradient_bytes", s.parameter_gradient_bytes()}};
+    if (s.group_backward_transient_bytes()) {
+      j["group_backward_transient_bytes"] = *s.group_backward_transient_bytes();
+    }
+    for (auto mode : {SegmentMode::kRecomputeAttention, SegmentMode::kRecomputeMlp}) {
+      if (auto sel = s.selective(mode)) {
+        j[to_string(mode)] = {
+            {"stored_bytes", sel->stored_bytes()},
+            {"recompute_seconds", sel->recompute_seconds()},
+            {"forward_transient_bytes", sel->forward_transient_bytes()},
+            {"backward_transient_bytes", sel->backward_transient_bytes()}};
+      }
+    }
+    stages.push_back(j);
+  }
+  return {{"base_bytes", chain.base_bytes},
+          {"checkpoint_bytes", chain.checkpoint_bytes},
+          {"stages", stages}};
+}
+
 } // namespace plan
 } // namespace remat

@@ -1,6 +1,6 @@
 #include "remat/train/data.h"
 
-#include "io/json_text.h"
+#include "remat/io/json_text.h"
 #include "remat/io/file.h"
 #include "train/rng.h"
 

@@ -2,7 +2,8 @@
 // training state and written to --metrics).
 #include "remat/train/trainer.h"
 
-#include "io/json_text.h"
+#include "remat/io/json_text.h"
+#include "remat/model_sizes.h"
 #include "remat/device.h"
 
 #include <c10/util/Exception.h>
@@ -118,61 +119,62 @@ Task parse_task(const std::string& text) {
 // ---------------------------------------------------------------- options
 
 void TrainOptions::validate() const {
-  auto at_least = [](int64_t v, int64_t min, const char* name) {
-    TORCH_CHECK(
-        v >= min, name, ": expected a value >= ", min, ", but got ", v);
+  // Below the least: the message callers know; above the bound: past what
+  // remat accepts (remat/model_sizes.h), so no count or size overflows.
+  auto in_range = [](int64_t v, int64_t min, int64_t max, const char* name) {
+    check_field(
+        v >= min, name,
+        std::string(name) + ": expected a value >= " + std::to_string(min) + ", but got " +
+            std::to_string(v));
+    check_field(
+        v <= max, name,
+        std::string(name) + ": expected a value <= " + std::to_string(max) + ", but got " +
+            std::to_string(v));
   };
-  at_least(seq_, 2, "seq");
-  at_least(batch_, 1, "batch");
-  at_least(accumulate_, 1, "accumulate");
-  at_least(epochs_, 1, "epochs");
-  at_least(max_steps_, 0, "max_steps");
-  at_least(layers_, 1, "layers");
-  at_least(hidden_, 1, "hidden");
-  at_least(heads_, 1, "heads");
-  at_least(kv_heads_, 0, "kv_heads");
-  at_least(intermediate_, 0, "intermediate");
-  at_least(warmup_, -1, "warmup");
-  at_least(lora_rank_, 0, "lora_rank");
-  at_least(eval_every_, 0, "eval_every");
-  at_least(save_every_, 0, "save_every");
-  at_least(compare_steps_, 1, "compare_steps");
-  at_least(threads_, 0, "threads");
+  in_range(seq_, 2, limits::kMaxSeq, "seq");
+  in_range(batch_, 1, limits::kMaxBatch, "batch");
+  in_range(accumulate_, 1, limits::kMaxCount, "accumulate");
+  in_range(epochs_, 1, limits::kMaxCount, "epochs");
+  in_range(max_steps_, 0, limits::kMaxCount, "max_steps");
+  in_range(layers_, 1, limits::kMaxLayers, "layers");
+  in_range(hidden_, 1, limits::kMaxHidden, "hidden");
+  in_range(heads_, 1, limits::kMaxHeads, "heads");
+  in_range(kv_heads_, 0, limits::kMaxHeads, "kv_heads");
+  in_range(intermediate_, 0, limits::kMaxIntermediate, "intermediate");
+  in_range(warmup_, -1, limits::kMaxCount, "warmup");
+  in_range(lora_rank_, 0, limits::kMaxLoraRank, "lora_rank");
+  in_range(eval_every_, 0, limits::kMaxCount, "eval_every");
+  in_range(save_every_, 0, limits::kMaxCount, "save_every");
+  in_range(compare_steps_, 1, limits::kMaxCount, "compare_steps");
+  in_range(threads_, 0, 4096, "threads");
   try {
     parse_device(device_);
   } catch (const c10::Error& e) {
-    TORCH_CHECK(false, "device: ", e.what_without_backtrace());
+    throw FieldError("device", c10::str("device: ", e.what_without_backtrace()));
   }
-  TORCH_CHECK(!train_path_.empty(), "train_path: expected a JSONL file, but got none");
-  TORCH_CHECK(
-      hidden_ % heads_ == 0, "hidden: expected a multiple of heads (", heads_,
-      "), but got ", hidden_);
-  TORCH_CHECK(
-      kv_heads_ == 0 || heads_ % kv_heads_ == 0,
-      "kv_heads: expected a divisor of heads (", heads_, "), but got ", kv_heads_);
-  TORCH_CHECK(
-      valid_fraction_ >= 0 && valid_fraction_ < 1,
-      "valid_fraction: expected a value in [0, 1), but got ", valid_fraction_);
-  TORCH_CHECK(
-      dropout_ >= 0 && dropout_ < 1, "dropout: expected a probability in [0, 1), but got ",
-      dropout_);
-  TORCH_CHECK(
-      std::isfinite(lr_) && lr_ > 0, "lr: expected a learning rate above 0, but got ", lr_);
-  TORCH_CHECK(
-      std::isfinite(weight_decay_) && weight_decay_ >= 0,
-      "weight_decay: expected a value >= 0, but got ", weight_decay_);
-  TORCH_CHECK(
-      std::isfinite(clip_) && clip_ >= 0,
-      "clip: expected a gradient norm >= 0 (0: no clipping), but got ", clip_);
-  TORCH_CHECK(
-      std::isfinite(lora_alpha_) && lora_alpha_ > 0,
-      "lora_alpha: expected a value above 0, but got ", lora_alpha_);
-  TORCH_CHECK(
-      dtype_ == torch::kFloat || dtype_ == torch::kBFloat16,
-      "dtype: expected f32 or bf16, but got ", dtype_);
-  TORCH_CHECK(
-      save_every_ == 0 || !out_dir_.empty(),
-      "save_every: expected an out_dir to save into, but got none");
+  check_field(!train_path_.empty(), "train_path",
+              c10::str("train_path: expected a JSONL file, but got none"));
+  check_field(hidden_ % heads_ == 0, "hidden",
+              c10::str("hidden: expected a multiple of heads (", heads_, "), but got ", hidden_));
+  check_field(
+      kv_heads_ == 0 || heads_ % kv_heads_ == 0, "kv_heads",
+      c10::str("kv_heads: expected a divisor of heads (", heads_, "), but got ", kv_heads_));
+  check_field(valid_fraction_ >= 0 && valid_fraction_ < 1, "valid_fraction",
+              c10::str("valid_fraction: expected a value in [0, 1), but got ", valid_fraction_));
+  check_field(dropout_ >= 0 && dropout_ < 1, "dropout",
+              c10::str("dropout: expected a probability in [0, 1), but got ", dropout_));
+  check_field(std::isfinite(lr_) && lr_ > 0, "lr",
+              c10::str("lr: expected a learning rate above 0, but got ", lr_));
+  check_field(std::isfinite(weight_decay_) && weight_decay_ >= 0, "weight_decay",
+              c10::str("weight_decay: expected a value >= 0, but got ", weight_decay_));
+  check_field(std::isfinite(clip_) && clip_ >= 0, "clip",
+              c10::str("clip: expected a gradient norm >= 0 (0: no clipping), but got ", clip_));
+  check_field(std::isfinite(lora_alpha_) && lora_alpha_ > 0, "lora_alpha",
+              c10::str("lora_alpha: expected a value above 0, but got ", lora_alpha_));
+  check_field(dtype_ == torch::kFloat || dtype_ == torch::kBFloat16, "dtype",
+              c10::str("dtype: expected fp32 or bf16, but got ", dtype_));
+  check_field(save_every_ == 0 || !out_dir_.empty(), "save_every",
+              c10::str("save_every: expected an out_dir to save into, but got none"));
   for (const auto* p : {&policy_, compare_policy_ ? &*compare_policy_ : nullptr}) {
     if (p == nullptr) {
       continue;
@@ -180,11 +182,12 @@ void TrainOptions::validate() const {
     const char* name = p == &policy_ ? "policy" : "compare_policy";
     // A budget is planned by the Trainer on its model; a custom schedule has
     // no name that a resumed run could parse back.
-    TORCH_CHECK(
+    check_field(
         p->kind() != CheckpointPolicy::Kind::kCustom, name,
-        ": expected a named policy (none, every-layer, every-K, sqrt, full, "
-        "selective-attention, selective-mlp, budget:SIZE), but got the custom schedule '",
-        p->name(), "'");
+        c10::str(name,
+                 ": expected a named policy (none, every-layer, every-K, sqrt, full, "
+                 "selective-attention, selective-mlp, budget:SIZE), but got the custom schedule '",
+                 p->name(), "'"));
   }
 }
 

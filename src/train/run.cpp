@@ -1,6 +1,7 @@
 // run_training: the comparison run, the training loop with its evaluations
 // and state saves, and resuming.
 #include "remat/dist/process_group.h"
+#include "remat/model_sizes.h"
 #include "remat/train/train_state.h"
 #include "remat/train/trainer.h"
 
@@ -9,6 +10,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <fstream>
 #include <cstdio>
 #include <iostream>
 #include <thread>
@@ -68,12 +70,11 @@ TrainResult run_training(
   const bool writer = !group || group->rank() == 0;
   const TrainCallbacks silent;
   const TrainCallbacks& cb = writer ? callbacks : silent;
-  TORCH_CHECK(
-      !resume || !options.out_dir().empty(),
-      "resume: expected an out_dir holding the state to resume, but got none");
-  torch::set_num_threads(static_cast<int>(
-      options.threads() > 0 ? options.threads()
-                            : std::max(1u, std::thread::hardware_concurrency())));
+  check_field(!resume || !options.out_dir().empty(), "resume",
+              c10::str("resume: expected an out_dir holding the state to resume, but got none"));
+  torch::set_num_threads(static_cast<int>(options.threads() > 0
+                                              ? options.threads()
+                                              : std::max(1u, std::thread::hardware_concurrency())));
 
   History compared;
   if (options.compare_policy() && !resume) {
@@ -167,6 +168,36 @@ TrainResult run_training(
   result.parameters = t.parameter_count();
   result.trainable_parameters = t.trainable_parameter_count();
   return result;
+}
+
+TrainOptions saved_run_options(const std::string& out_dir) {
+  const auto path = state_path(out_dir);
+  check_field(
+      std::ifstream(path).good(), "resume",
+      "no training state in '" + out_dir + "' (expected " + path + ")");
+  TrainState state;
+  try {
+    state = load_train_state(path);
+  } catch (const c10::Error& e) {
+    std::string what = e.what_without_backtrace();
+    what = what.substr(0, what.find('\n'));
+    const auto prev = previous_state_path(out_dir);
+    const auto prev_step = peek_train_state_step(prev);
+    if (prev_step >= 0) {
+      what += "; it was left as it is. The state before it, " + prev + " (step " +
+          std::to_string(prev_step) + "), is readable: copy it over " + path +
+          " to resume from there";
+    } else {
+      what += "; it was left as it is";
+    }
+    // A damaged file, not a mistake on the command line.
+    TORCH_CHECK(false, what);
+  }
+  try {
+    return TrainOptions::from_json(state.info.at("options"));
+  } catch (const std::exception& e) {
+    TORCH_CHECK(false, "'", path, "' holds no usable run options: ", e.what());
+  }
 }
 
 } // namespace train

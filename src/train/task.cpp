@@ -1,7 +1,7 @@
 #include "train/task.h"
 
-#include "nn/stack.h"
 #include "remat/io/file.h"
+#include "remat/memory.h"
 #include "remat/io/hf.h"
 #include "remat/nn/bert.h"
 #include "remat/nn/llama.h"
@@ -178,7 +178,7 @@ class ClassificationTask : public TaskModel {
            const std::vector<torch::Tensor>& side, SegmentMode mode) {
           return layer->forward(h, side[0], mode);
         });
-    hidden = nn::detail::run_stack(
+    hidden = nn::run_stack(
         bert.encoder->layers, hidden, side,
         bert.checkpoint_policy().schedule(bert.options.num_layers()), call);
     auto logits = model_->classifier->forward(
@@ -214,9 +214,9 @@ class ClassificationTask : public TaskModel {
         missing.push_back(name);
       }
     }
-    TORCH_CHECK(
-        missing.empty(), "init: '", dir, "' lacks ", missing.size(),
-        " of the encoder's weights (", join(missing), ")");
+    check_field(missing.empty(), "init",
+                c10::str("init: '", dir, "' lacks ", missing.size(), " of the encoder's weights (",
+                         join(missing), ")"));
     std::string head_note = "a new classifier head";
     auto w = head.find("classifier.weight");
     if (w != head.end() && w->second.sizes() == model_->classifier->weight.sizes() &&
@@ -332,7 +332,7 @@ class CausalLmTask : public TaskModel {
            const std::vector<torch::Tensor>& side, SegmentMode mode) {
           return layer->forward(h, side[0], side[1], side[2], mode);
         });
-    hidden = nn::detail::run_stack(
+    hidden = nn::run_stack(
         m.decoder_layers, hidden, side,
         model_->checkpoint_policy().schedule(m.options.num_layers()), call);
     hidden = m.norm->forward(hidden);
@@ -370,56 +370,63 @@ class CausalLmTask : public TaskModel {
 
 } // namespace
 
+nn::ModelConfig model_config(const TrainOptions& o, int64_t vocab_size) {
+  return nn::ModelConfig(
+             o.task() == Task::kClassification ? plan::Family::kBert : plan::Family::kLlama)
+      .layers(o.layers())
+      .hidden(o.hidden())
+      .heads(o.heads())
+      .kv_heads(o.kv_heads())
+      .intermediate(o.intermediate())
+      .vocab(vocab_size)
+      .seq(o.seq())
+      .batch(o.batch())
+      .dtype(o.dtype())
+      .dropout(o.dropout());
+}
+
+int64_t check_step_fits(const nn::ModelConfig& config, bool lora, int64_t limit_bytes) {
+  // A lower bound of what the step holds: no optimizer state and, under
+  // LoRA, one rank-1 adapter; the classifier head is left out.
+  auto spec = config.spec().optimizer(plan::Optimizer::kSgd);
+  if (lora) {
+    spec.lora_rank(1).lora_targets({"q"});
+  }
+  return plan::check_fits(spec, limit_bytes, "this machine's memory");
+}
+
 std::unique_ptr<TaskModel> make_task_model(
     const TrainOptions& o,
     int64_t vocab_size,
     int64_t num_labels) {
   const bool init = !o.init_dir().empty();
   const std::string config_path = o.init_dir() + "/config.json";
+  // A new model's sizes go through the one description every command
+  // builds from, so `train` and `plan`/`estimate` agree on it.
+  const auto config = model_config(o, vocab_size);
+  if (!init) {
+    config.validate();
+    check_step_fits(config, o.lora_rank() > 0, memory::physical_bytes());
+  }
+  // A model read from --init must cover the tokenizer and the sequence.
+  auto check_covers = [&](int64_t model_vocab, int64_t positions) {
+    check_field(model_vocab >= vocab_size, "init",
+                c10::str("init: the model in '", o.init_dir(), "' has ", model_vocab,
+                         " token ids, but the tokenizer has ", vocab_size));
+    check_field(positions >= o.seq(), "seq",
+                c10::str("seq: expected at most the model's ", positions,
+                         " positions, but got ", o.seq()));
+  };
   if (o.task() == Task::kClassification) {
-    nn::BertOptions b = init
-        ? io::read_bert_config(config_path)
-        : nn::BertOptions()
-              .vocab_size(vocab_size)
-              .hidden_size(o.hidden())
-              .num_layers(o.layers())
-              .num_heads(o.heads())
-              .intermediate_size(o.intermediate())
-              .max_position_embeddings(std::max<int64_t>(o.seq(), 128));
+    nn::BertOptions b = init ? io::read_bert_config(config_path) : config.bert_options();
     b.hidden_dropout(o.dropout()).attention_dropout(o.dropout());
-    TORCH_CHECK(
-        b.vocab_size() >= vocab_size, "init: the model in '", o.init_dir(),
-        "' has ", b.vocab_size(), " token ids, but the tokenizer has ", vocab_size);
-    TORCH_CHECK(
-        b.max_position_embeddings() >= o.seq(), "seq: expected at most the model's ",
-        b.max_position_embeddings(), " positions, but got ", o.seq());
+    check_covers(b.vocab_size(), b.max_position_embeddings());
     return std::make_unique<ClassificationTask>(b, num_labels);
   }
-  nn::LlamaOptions l;
-  if (init) {
-    l = io::llama_options(io::read_llama_config(config_path));
-  } else {
-    int64_t inter = o.intermediate();
-    if (inter == 0) {
-      // Llama's 2/3 of 4h, rounded to a multiple of 8.
-      inter = (8 * o.hidden() / 3 + 7) / 8 * 8;
-    }
-    l = nn::LlamaOptions()
-            .vocab_size(vocab_size)
-            .hidden_size(o.hidden())
-            .intermediate_size(inter)
-            .num_layers(o.layers())
-            .num_heads(o.heads())
-            .num_kv_heads(o.kv_heads())
-            .max_position_embeddings(std::max<int64_t>(o.seq(), 128));
-  }
+  nn::LlamaOptions l =
+      init ? io::llama_options(io::read_llama_config(config_path)) : config.llama_options();
   l.attention_dropout(o.dropout());
-  TORCH_CHECK(
-      l.vocab_size() >= vocab_size, "init: the model in '", o.init_dir(), "' has ",
-      l.vocab_size(), " token ids, but the tokenizer has ", vocab_size);
-  TORCH_CHECK(
-      l.max_position_embeddings() >= o.seq(), "seq: expected at most the model's ",
-      l.max_position_embeddings(), " positions, but got ", o.seq());
+  check_covers(l.vocab_size(), l.max_position_embeddings());
   return std::make_unique<CausalLmTask>(l);
 }
 

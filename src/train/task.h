@@ -2,6 +2,7 @@
 // loop does not care whether it trains a BERT classifier or a Llama LM.
 #pragma once
 
+#include "remat/nn/model_config.h"
 #include "remat/policy.h"
 #include "remat/train/data.h"
 #include "remat/train/trainer.h"
@@ -60,6 +61,16 @@ class TaskModel {
       const std::string& dir,
       const std::vector<std::string>& label_names) const = 0;
 };
+
+/// The model options.task() trains, as the one model description: BERT
+/// for classification, Llama for LM, `vocab_size` the tokenizer's.
+nn::ModelConfig model_config(const TrainOptions& options, int64_t vocab_size);
+
+/// Asks the estimator for the smallest peak of a training step of `config`
+/// (a lower bound: no optimizer state, the least LoRA when `lora`), and
+/// throws remat::FieldError("memory_limit") naming it when it is above
+/// `limit_bytes` (bytes). make_task_model calls it before building.
+int64_t check_step_fits(const nn::ModelConfig& config, bool lora, int64_t limit_bytes);
 
 /// Builds the model of options.task(): from options' sizes, or from
 /// init_dir/config.json when options.init_dir() is set. `vocab_size` is the

@@ -2,8 +2,9 @@
 // evaluation, the instrumented memory step, and its state on disk.
 #include "remat/train/trainer.h"
 
-#include "checkpoint/autocast_state.h"
-#include "io/json_text.h"
+#include "remat/autocast.h"
+#include "remat/io/json_text.h"
+#include "remat/model_sizes.h"
 #include "remat/dist/data_parallel.h"
 #include "remat/device.h"
 #include "remat/dist/process_group.h"
@@ -295,10 +296,11 @@ Trainer::Trainer(TrainOptions options, std::shared_ptr<dist::ProcessGroup> group
   d.device = require_device(parse_device(options.device()));
   if (d.device.is_cuda() && d.group) {
     // One GPU per rank, as NCCL wants: the group's, cuda:(rank % GPUs).
-    TORCH_CHECK(
-        d.group->device().is_cuda(), "device: data parallel training on ", d.device,
-        " needs a ProcessGroup on CUDA (DistOptions::device, NCCL), but this one is on ",
-        d.group->device(), " (Gloo only)");
+    check_field(
+        d.group->device().is_cuda(), "device",
+        c10::str("device: data parallel training on ", d.device,
+                 " needs a ProcessGroup on CUDA (DistOptions::device, NCCL), but this one is on ",
+                 d.group->device(), " (Gloo only)"));
     d.device = d.group->device();
   }
   make_current(d.device);
@@ -307,25 +309,24 @@ Trainer::Trainer(TrainOptions options, std::shared_ptr<dist::ProcessGroup> group
   // Data: the validation set is a file, a seeded split, or nothing.
   Dataset train = d.lm() ? read_text_jsonl(options.train_path())
                          : read_classification_jsonl(options.train_path());
-  TORCH_CHECK(
-      train.size() > 0, "train_path: expected at least one document in '",
-      options.train_path(), "', but got none");
-  TORCH_CHECK(
-      d.lm() || train.num_labels() > 0, "train_path: expected labels in '",
-      options.train_path(), "', but got none");
+  check_field(train.size() > 0, "train_path",
+              c10::str("train_path: expected at least one document in '", options.train_path(),
+                       "', but got none"));
+  check_field(
+      d.lm() || train.num_labels() > 0, "train_path",
+      c10::str("train_path: expected labels in '", options.train_path(), "', but got none"));
   Dataset valid;
   if (!options.valid_path().empty()) {
     valid = d.lm() ? read_text_jsonl(options.valid_path())
-                   : read_classification_jsonl(
-                         options.valid_path(),
-                         JsonlOptions().label_names(train.label_names));
+                   : read_classification_jsonl(options.valid_path(),
+                                               JsonlOptions().label_names(train.label_names));
   } else if (options.valid_fraction() > 0) {
     auto split = split_dataset(train, options.valid_fraction(), options.seed());
     train = std::move(split.train);
     valid = std::move(split.valid);
-    TORCH_CHECK(
-        train.size() > 0, "valid_fraction: ", options.valid_fraction(),
-        " leaves no training documents");
+    check_field(
+        train.size() > 0, "valid_fraction",
+        c10::str("valid_fraction: ", options.valid_fraction(), " leaves no training documents"));
   }
   d.history.label_names = train.label_names;
   d.train_set = std::make_shared<Dataset>(std::move(train));

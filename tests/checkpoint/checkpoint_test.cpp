@@ -3,7 +3,7 @@
 #include <gtest/gtest.h>
 #include <torch/torch.h>
 
-#include "checkpoint/autocast_state.h"
+#include "remat/autocast.h"
 #include "remat/checkpoint.h"
 #include "testing.h"
 

@@ -82,6 +82,15 @@ TEST(EstimateCli, HarborPresetPrintsTheSeedsFiguresBesideRemats) {
   EXPECT_THAT(r.out, HasSubstr("Harbor"));
   EXPECT_THAT(r.out, HasSubstr("LoRA rank 64"));
   EXPECT_THAT(r.out, HasSubstr("| quantity"));
+  EXPECT_THAT(r.out, HasSubstr("| total peak, none | GiB | 74 |"));
+  const auto j = run_json("estimate --preset harbor-13b --policy none", "harbor");
+  ASSERT_GE(j["harbor_comparison"].size(), 10u);
+  int with_seed = 0;
+  for (const auto& row : j["harbor_comparison"]) {
+    with_seed += !row["seed"].is_null();
+    EXPECT_GT(row["remat"].get<double>(), 0) << row;
+  }
+  EXPECT_GE(with_seed, 7);
 }
 
 TEST(EstimateCli, CheckMeasuresASmallModelWithin10Percent) {

@@ -2,7 +2,7 @@
 #include "remat/memory.h"
 #include "remat/nn/attention.h"
 
-#include "checkpoint/autocast_state.h"
+#include "remat/autocast.h"
 #include "compat/torch.h"
 
 #include <gtest/gtest.h>

@@ -1,6 +1,6 @@
 #include "remat/nn/fused.h"
 
-#include "checkpoint/autocast_state.h"
+#include "remat/autocast.h"
 #include "remat/checkpoint.h"
 #include "remat/memory.h"
 #include "remat/nn/llama.h"

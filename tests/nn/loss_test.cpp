@@ -3,7 +3,7 @@
 // it keeps, its errors; and Llama's forward_loss against loss(forward()).
 #include "remat/nn/loss.h"
 
-#include "checkpoint/autocast_state.h"
+#include "remat/autocast.h"
 #include "remat/checkpoint.h"
 #include "remat/memory.h"
 #include "remat/nn/llama.h"

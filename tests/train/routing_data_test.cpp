@@ -2,7 +2,7 @@
 #include "remat/io/file.h"
 #include "remat/io/tokenizer.h"
 #include "remat/train/metrics.h"
-#include "remat/train/routing_data.h"
+#include "train/routing_data.h"
 
 #include <gtest/gtest.h>
 #include <torch/torch.h>

@@ -13,6 +13,7 @@
 //   loss.backward();
 #pragma once
 
+#include "remat/model_sizes.h"
 #include "remat/nn/attention.h"
 #include "remat/nn/lora.h"
 #include "remat/nn/stack_checkpointing.h"
@@ -52,10 +53,13 @@ struct BertOptions {
   TORCH_ARG(AttentionKind, attention) = AttentionKind::kEager;
 
  public:
+  /// The MLP width: intermediate_size, or the BERT rule when it is 0.
   int64_t mlp_size() const {
-    return intermediate_size_ > 0 ? intermediate_size_ : 4 * hidden_size_;
+    return intermediate_size_ > 0 ? intermediate_size_ : bert_mlp_size(hidden_size_);
   }
-  /// Throws c10::Error naming the field when a size is invalid.
+  /// Throws remat::FieldError naming the field ("num_layers") when a size is
+  /// invalid or past its bound in remat/model_sizes.h. Loaders of configs and
+  /// training states call it on what they read.
   void validate() const;
 };
 

@@ -33,6 +33,7 @@
 //   auto tokens = model->generate(prompt, 20);      // [B, S + 20]
 #pragma once
 
+#include "remat/model_sizes.h"
 #include "remat/nn/attention.h"
 #include "remat/nn/lora.h"
 #include "remat/nn/stack_checkpointing.h"
@@ -59,8 +60,9 @@ namespace nn {
 struct LlamaOptions {
   TORCH_ARG(int64_t, vocab_size) = 32000;
   TORCH_ARG(int64_t, hidden_size) = 4096;
-  /// Width of the SwiGLU MLP.
-  TORCH_ARG(int64_t, intermediate_size) = 11008;
+  /// Width of the SwiGLU MLP; 0 means remat::llama_mlp_size(hidden_size)
+  /// (11008 for 4096). Read it through mlp_size().
+  TORCH_ARG(int64_t, intermediate_size) = 0;
   TORCH_ARG(int64_t, num_layers) = 32;
   TORCH_ARG(int64_t, num_heads) = 32;
   /// Key/value heads for grouped-query attention; 0 means num_heads.
@@ -84,7 +86,13 @@ struct LlamaOptions {
   int64_t kv_heads() const {
     return num_kv_heads_ > 0 ? num_kv_heads_ : num_heads_;
   }
-  /// Throws c10::Error naming the field when a size is invalid.
+  /// The MLP width: intermediate_size, or the Llama rule when it is 0.
+  int64_t mlp_size() const {
+    return intermediate_size_ > 0 ? intermediate_size_ : llama_mlp_size(hidden_size_);
+  }
+  /// Throws remat::FieldError naming the field ("num_layers") when a size is
+  /// invalid or past its bound in remat/model_sizes.h. Loaders of configs and
+  /// training states call it on what they read.
   void validate() const;
 };
 

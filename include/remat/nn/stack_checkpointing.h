@@ -14,14 +14,16 @@
 //       return plan_checkpointing(*this, MyStep(ids), budget_bytes);
 //     });
 //   }
-//   hidden = detail::run_stack(layers, hidden, side, checkpointing_.schedule(), call);
+//   hidden = run_stack(layers, hidden, side, checkpointing_.schedule(), call);
 #pragma once
 
+#include "remat/checkpoint.h"
 #include "remat/policy.h"
 
 #include <cstdint>
 #include <functional>
 #include <string>
+#include <vector>
 
 namespace remat {
 namespace plan {
@@ -71,6 +73,65 @@ class StackCheckpointing {
   int64_t planned_batch_ = 0; ///< shape the budget plan was made for; 0: none
   int64_t planned_seq_ = 0;
 };
+
+/// Runs a stack of layers under a checkpoint Schedule, the way every remat
+/// model family does, so a policy means the same thing for all of them.
+/// `layers` are module holders (torch::nn::ModuleHolder); `call(layer,
+/// hidden, side, mode)` runs one layer and returns its output; `side` are
+/// the tensors every layer reads besides the hidden state (mask, rotary
+/// tables). A kRecompute segment becomes one remat::checkpoint over its
+/// layers (their parameters explicit inputs); the other modes (kStore,
+/// kRecomputeAttention, kRecomputeMlp) are passed to `call`, for the layer
+/// to handle inside.
+///
+/// Example:
+///   hidden = remat::nn::run_stack(layers, hidden, {mask},
+///       checkpointing_.schedule(),
+///       [](const MyLayer& l, const torch::Tensor& h,
+///          const std::vector<torch::Tensor>& side, remat::SegmentMode mode) {
+///         return l->forward(h, side[0], mode);
+///       });
+template <typename Layer, typename Call>
+torch::Tensor run_stack(
+    const std::vector<Layer>& layers,
+    torch::Tensor hidden,
+    const std::vector<torch::Tensor>& side,
+    const Schedule& schedule,
+    const Call& call) {
+  for (const auto& seg : schedule.segments) {
+    if (seg.mode != SegmentMode::kRecompute) {
+      for (int64_t i = seg.begin; i < seg.end; ++i) {
+        hidden = call(layers[i], hidden, side, seg.mode);
+      }
+      continue;
+    }
+    std::vector<Layer> segment(layers.begin() + seg.begin, layers.begin() + seg.end);
+    std::vector<torch::Tensor> params;
+    for (const auto& layer : segment) {
+      auto p = layer->parameters();
+      params.insert(params.end(), p.begin(), p.end());
+    }
+    std::vector<torch::Tensor> inputs{hidden};
+    inputs.insert(inputs.end(), side.begin(), side.end());
+    // Captures copies of the layer holders and of `call`: it runs again in
+    // backward, after this frame is gone.
+    auto fn = [segment, call](const std::vector<torch::Tensor>& in) mutable {
+      std::vector<torch::Tensor> rest(in.begin() + 1, in.end());
+      torch::Tensor h = in[0];
+      for (const auto& layer : segment) {
+        h = call(layer, h, rest, SegmentMode::kStore);
+      }
+      return std::vector<torch::Tensor>{h};
+    };
+    hidden = checkpoint(
+        fn, inputs,
+        CheckpointOptions()
+            .parameters(std::move(params))
+            .name("layers[" + std::to_string(seg.begin) + "," +
+                  std::to_string(seg.end) + ")"))[0];
+  }
+  return hidden;
+}
 
 } // namespace nn
 } // namespace remat

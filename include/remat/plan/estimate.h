@@ -44,6 +44,7 @@
 //       remat::CheckpointPolicy::every_layer(), 80LL << 30);  // 80 GiB device
 #pragma once
 
+#include "remat/model_sizes.h"
 #include "remat/plan/chain.h"
 #include "remat/policy.h"
 
@@ -117,8 +118,8 @@ struct ModelSpec {
   TORCH_ARG(int64_t, vocab);
   /// Key/value heads (GQA); 0: as many as `heads`.
   TORCH_ARG(int64_t, kv_heads) = 0;
-  /// MLP width; 0: 4 * hidden for BERT, 8/3 * hidden rounded up to a
-  /// multiple of 256 for Llama (11008 for hidden 4096).
+  /// MLP width; 0: the family's rule (remat::bert_mlp_size,
+  /// remat::llama_mlp_size in remat/model_sizes.h: 11008 for hidden 4096).
   TORCH_ARG(int64_t, intermediate) = 0;
   TORCH_ARG(int64_t, seq) = 512;            ///< tokens per sequence
   TORCH_ARG(int64_t, batch) = 1;            ///< sequences per micro-batch
@@ -148,7 +149,9 @@ struct ModelSpec {
   TORCH_ARG(bool, lora_dropout) = false;
 
  public: // TORCH_ARG leaves the access private
-  /// Throws c10::Error naming the first invalid field.
+  /// Throws remat::FieldError naming the first invalid field ("layers",
+  /// "kv_heads"), for a size past its bound in remat/model_sizes.h too, or
+  /// "batch" when the sizes together would describe a step of over 64 PiB.
   void validate() const;
   int64_t kv_heads_or_heads() const { return kv_heads_ > 0 ? kv_heads_ : heads_; }
   int64_t mlp_size() const;                ///< intermediate or its default
@@ -238,18 +241,21 @@ int64_t fit_seq(
     int64_t device_bytes,
     int64_t multiple = 1);
 
-/// The seeds' Harbor 13B figures next to remat's estimates for the same run.
-struct HarborRow {
-  std::string quantity; ///< "activations at peak, none"
-  std::string unit;     ///< "GiB", "%" or "billion"
-  double seed = -1;     ///< the seed's figure in `unit`; < 0: it gives none
-  double remat = 0;     ///< remat's estimate in `unit`
-};
-/// Rows for the preset, and for variants that show which assumptions move
-/// the figures (LM head instead of a classifier, eager attention).
-std::vector<HarborRow> harbor_comparison();
-/// The rows as a Markdown table.
-std::string harbor_comparison_table();
+/// The smallest peak (bytes) any checkpoint schedule reaches on a step of
+/// `spec` (remat::plan::min_feasible_budget of estimate_chain(spec)). Throws
+/// remat::FieldError("memory_limit") naming both figures when it is above
+/// `limit_bytes` (bytes), which `limit_name` names in the message ("the
+/// --memory-limit 2GiB", "this machine's 16 GiB"). Commands call it before
+/// building a model, so a model that cannot fit is refused in milliseconds
+/// instead of being killed by the kernel.
+///
+/// Example:
+///   remat::plan::check_fits(spec.optimizer(remat::plan::Optimizer::kSgd),
+///       remat::memory::physical_bytes(), "this machine's memory");
+int64_t check_fits(
+    const ModelSpec& spec,
+    int64_t limit_bytes,
+    const std::string& limit_name);
 
 } // namespace plan
 } // namespace remat

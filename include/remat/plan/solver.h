@@ -77,10 +77,12 @@
 #include "remat/plan/chain.h"
 #include "remat/policy.h"
 
+#include <nlohmann/json.hpp>
 #include <torch/arg.h>
 
 #include <cstdint>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace remat {
@@ -151,6 +153,19 @@ Plan solve(
 std::vector<Plan> frontier(
     const Chain& chain,
     const PlannerOptions& options = {});
+
+/// The schedules of the fixed policies on `layers` layers, by name: none,
+/// every-K (K <= 4, or K dividing `layers`), sqrt, full, selective-attention,
+/// selective-mlp. What a plan is compared with.
+std::vector<std::pair<std::string, Schedule>> fixed_policy_schedules(int64_t layers);
+
+/// Stage by stage, what `schedule` keeps and recomputes on `chain`, one
+/// line each: "  layer.0 .. layer.3         checkpointed as one group: ...".
+std::vector<std::string> describe_schedule(const Chain& chain, const Schedule& schedule);
+
+/// `chain` as JSON: base and checkpoint bytes, and each stage's costs
+/// (seconds, bytes) with its selective modes.
+nlohmann::json chain_json(const Chain& chain);
 
 } // namespace plan
 } // namespace remat

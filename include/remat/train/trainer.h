@@ -353,6 +353,17 @@ void check_resume_options(
     const TrainOptions& resumed,
     const std::string& path);
 
+/// The options of the run whose training state is in `out_dir`, to resume
+/// it. Throws remat::FieldError("resume") when there is no state, and
+/// c10::Error when it cannot be read (naming the previous state when that
+/// one is readable, so the user can fall back on it).
+///
+/// Example:
+///   auto saved = remat::train::saved_run_options("runs/a");
+///   auto o = remat::train::TrainOptions(saved).max_steps(2000);
+///   remat::train::check_resume_options(saved, o, remat::train::state_path("runs/a"));
+TrainOptions saved_run_options(const std::string& out_dir);
+
 /// The whole run: the comparison run when options.compare_policy() is set
 /// (not on resume), training with evaluation every eval_every steps or
 /// epoch, state saves every save_every steps and at the end, a final

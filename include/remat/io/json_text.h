@@ -1,4 +1,10 @@
-// Describing a JSON value from an untrusted file in an error message.
+// Describing a JSON value from an untrusted file in an error message: the
+// readers of config.json, safetensors headers, JSONL data and training
+// states share it.
+//
+// Example:
+//   TORCH_CHECK(j.is_number_integer(), "expected an integer, but got ",
+//               remat::io::describe_json(j));   // "an array of 3 items"
 #pragma once
 
 #include <nlohmann/json.hpp>

@@ -4,6 +4,7 @@
 // typos and numbers; some documents carry two labels, some none, and a few
 // labels are flipped, so a small model learns it well but not perfectly.
 // data/routing/ in the repository holds the files write_routing_files makes.
+// A test fixture: it lives in tests/, not in the library.
 //
 // Example:
 //   auto train = remat::train::make_routing_dataset(/*n=*/2000, /*seed=*/0);

@@ -1,14 +1,21 @@
 // The seeds' worked example (a 13B LoRA fine-tune at 8k tokens, batch 2, on
-// an 80 GB A100) set against remat's estimator. docs/estimate.md discusses
-// the rows.
+// an 80 GB A100) set against remat's estimator: what `remat estimate
+// --preset harbor-13b` prints. docs/estimate.md discusses the rows.
+#include "harbor.h"
+
 #include "remat/plan/estimate.h"
 
 #include <cstdio>
 #include <sstream>
 
 namespace remat {
-namespace plan {
+namespace cli {
 namespace {
+
+using plan::AttentionImpl;
+using plan::Head;
+using plan::ModelSpec;
+using plan::estimate;
 
 double gib(int64_t bytes) {
   return static_cast<double>(bytes) / double(int64_t(1) << 30);
@@ -80,5 +87,5 @@ std::string harbor_comparison_table() {
   return out.str();
 }
 
-} // namespace plan
+} // namespace cli
 } // namespace remat

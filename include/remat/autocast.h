@@ -1,49 +1,54 @@
-// The autocast state of the calling thread, captured in a checkpoint's forward
-// and put back around its recompute, across LibTorch 1.13 and 2.x APIs.
+// Autocast (automatic mixed precision) state as one value, and scopes that
+// set it, on LibTorch 1.13 and 2.x alike (their autocast APIs differ).
+//
+// A checkpoint captures the state in forward and puts it back around its
+// recompute; a training step runs its forward under a bf16 scope. Both use
+// these.
+//
+// Example:
+//   {
+//     remat::AutocastScope bf16(remat::AutocastState::bf16(device));
+//     loss = model->forward_loss(ids, ids);   // matmuls in bfloat16
+//   }                                         // autocast as it was
+//   loss.backward();
 #pragma once
 
-#include "compat/torch.h"
-
 #include <ATen/autocast_mode.h>
+#include <c10/core/Device.h>
+#include <c10/core/ScalarType.h>
 
 namespace remat {
 
+/// Whether autocast is on, and to which dtype, for the CPU and for CUDA.
 struct AutocastState {
   bool cpu_enabled = false;
   c10::ScalarType cpu_dtype = c10::kBFloat16;
   bool cuda_enabled = false;
   c10::ScalarType cuda_dtype = c10::kHalf;
 
-  static AutocastState capture() {
-    AutocastState s;
-    s.cpu_enabled = compat::autocast_enabled(c10::DeviceType::CPU);
-    s.cpu_dtype = compat::autocast_dtype(c10::DeviceType::CPU);
-    s.cuda_enabled = compat::autocast_enabled(c10::DeviceType::CUDA);
-    s.cuda_dtype = compat::autocast_dtype(c10::DeviceType::CUDA);
-    return s;
-  }
+  /// The calling thread's state now.
+  static AutocastState capture();
+  /// bfloat16 autocast on `device`'s type (float32 master weights), off on
+  /// the other; `enabled` false gives the state with everything off.
+  static AutocastState bf16(c10::Device device, bool enabled = true);
 
   /// Autocast is on for some device.
   bool any() const {
     return cpu_enabled || cuda_enabled;
   }
-
-  void apply() const {
-    compat::set_autocast_enabled(c10::DeviceType::CPU, cpu_enabled);
-    compat::set_autocast_dtype(c10::DeviceType::CPU, cpu_dtype);
-    compat::set_autocast_enabled(c10::DeviceType::CUDA, cuda_enabled);
-    compat::set_autocast_dtype(c10::DeviceType::CUDA, cuda_dtype);
-  }
+  /// Makes this the calling thread's state.
+  void apply() const;
 };
 
 /// Applies `state` for its lifetime, then restores what it found.
 class AutocastScope {
  public:
-  explicit AutocastScope(const AutocastState& state)
-      : previous_(AutocastState::capture()) {
+  explicit AutocastScope(const AutocastState& state) : previous_(AutocastState::capture()) {
     state.apply();
   }
-  ~AutocastScope() { previous_.apply(); }
+  ~AutocastScope() {
+    previous_.apply();
+  }
   AutocastScope(const AutocastScope&) = delete;
   AutocastScope& operator=(const AutocastScope&) = delete;
 
@@ -59,8 +64,7 @@ class AutocastScope {
 /// outside the segment (history the recompute may not reach into).
 class AutocastCacheDisabled {
  public:
-  AutocastCacheDisabled()
-      : previous_(at::autocast::is_autocast_cache_enabled()) {
+  AutocastCacheDisabled() : previous_(at::autocast::is_autocast_cache_enabled()) {
     at::autocast::set_autocast_cache_enabled(false);
   }
   ~AutocastCacheDisabled() {

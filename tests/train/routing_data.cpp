@@ -1,4 +1,4 @@
-#include "remat/train/routing_data.h"
+#include "train/routing_data.h"
 
 #include "remat/io/file.h"
 #include "train/rng.h"

@@ -1,0 +1,151 @@
+// Checkpoint policies compared on one model: the same weights, batch and
+// dropout masks under each policy, with exact bytes, the largest gradient
+// difference to a reference run (none), and step times taken in interleaved
+// rounds so that a noisy machine slows every policy alike. `remat bench` is
+// flags and printing over this.
+//
+// Example:
+//   remat::memory::install();
+//   auto config = remat::nn::ModelConfig().layers(4).hidden(128).seq(128);
+//   remat::nn::BenchWorkload w(config, remat::nn::BenchOptions().steps(3));
+//   remat::nn::ReferenceGradients none_grads;
+//   std::vector<remat::nn::PolicyRun> runs{
+//       remat::nn::run_policy(w, remat::CheckpointPolicy::none(), nullptr, &none_grads),
+//       remat::nn::run_policy(w, remat::CheckpointPolicy::every_layer(), &none_grads)};
+//   remat::nn::time_interleaved(w, runs);
+//   std::cout << remat::nn::policy_table(runs);
+#pragma once
+
+#include "remat/nn/bert.h"
+#include "remat/nn/llama.h"
+#include "remat/nn/model_config.h"
+#include "remat/plan/solver.h"
+#include "remat/policy.h"
+
+#include <c10/core/Device.h>
+#include <nlohmann/json.hpp>
+#include <torch/arg.h>
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace remat {
+namespace nn {
+
+/// How policies are compared.
+struct BenchOptions {
+  /// Where the model runs; built on the CPU from `seed`, then moved, so the
+  /// weights are the same on every device.
+  TORCH_ARG(c10::Device, device) = c10::kCPU;
+  TORCH_ARG(uint64_t, seed) = 0;
+  TORCH_ARG(int64_t, warmup) = 1;  ///< untimed steps per policy
+  TORCH_ARG(int64_t, steps) = 3;   ///< timed steps per policy
+  /// Bytes a step may hold (remat::memory::LimitGuard); 0: no limit.
+  TORCH_ARG(int64_t, limit_bytes) = 0;
+  /// LoRA rank; 0 trains every weight.
+  TORCH_ARG(int64_t, lora_rank) = 0;
+  TORCH_ARG(double, lora_alpha) = 0; ///< 0: 2 x rank
+  /// Projections with adapters; empty: the attention projections.
+  TORCH_ARG(std::vector<std::string>, lora_targets) = {};
+};
+
+/// A model, its batch and the loss of its training step. A BERT encoder
+/// regresses its last hidden state onto a fixed random target (a mean of the
+/// hidden state has an almost zero gradient through the final LayerNorm:
+/// useless for comparing gradients); a Llama predicts the next token of
+/// random tokens. With dtype bf16 the step runs under bf16 autocast with
+/// float32 master weights.
+class BenchWorkload {
+ public:
+  /// Throws remat::FieldError("lora_targets") when a target matches nothing.
+  BenchWorkload(const ModelConfig& config, const BenchOptions& options);
+
+  torch::Tensor loss();
+  void set_policy(const CheckpointPolicy& policy);
+  torch::nn::Module& module();
+  /// Profiles this step and plans it to `budget_bytes` (total bytes);
+  /// throws, naming the smallest feasible budget, when nothing fits.
+  plan::Plan plan(int64_t budget_bytes);
+  /// What receives gradients.
+  const std::vector<torch::Tensor>& trainable() const {
+    return trainable_;
+  }
+  const ModelConfig& config() const {
+    return config_;
+  }
+  const BenchOptions& options() const {
+    return options_;
+  }
+
+ private:
+  ModelConfig config_;
+  BenchOptions options_;
+  Bert bert_{nullptr};
+  Llama llama_{nullptr};
+  torch::Tensor ids_, mask_, target_;
+  std::vector<torch::Tensor> trainable_;
+};
+
+/// Gradients of a reference run, kept outside remat's allocator so that they
+/// count against neither the bytes nor the limit of the runs compared with
+/// them: one float vector per trainable parameter.
+using ReferenceGradients = std::vector<std::vector<float>>;
+ReferenceGradients copy_gradients(const std::vector<torch::Tensor>& params);
+/// The largest |a - b| over all elements; infinity when the shapes differ.
+double max_abs_difference(const ReferenceGradients& a, const ReferenceGradients& b);
+/// The file format between processes: the count of tensors, then each one's
+/// element count (uint64) and floats. Throw c10::Error naming the path.
+void write_gradients(const std::string& path, const ReferenceGradients& grads);
+ReferenceGradients read_gradients(const std::string& path);
+
+/// One policy's figures. Sizes in bytes, times in seconds.
+struct PolicyRun {
+  std::string policy;
+  bool ok = true;
+  bool out_of_memory = false;
+  std::string error;
+  int64_t held_before_forward = 0;
+  int64_t held_before_backward = 0;
+  int64_t held_after_backward = 0;
+  int64_t peak = 0;
+  double step_seconds = 0;        ///< median
+  double forward_seconds = 0;     ///< median forward + loss
+  double max_abs_grad_diff = -1;  ///< -1: no reference to compare with
+  // A budget policy: the schedule the planner chose and what it predicted.
+  bool planned = false;
+  std::string schedule;
+  int64_t budget = 0;
+  int64_t predicted_peak = 0;
+  double predicted_step_seconds = 0;
+  CheckpointPolicy applied;       ///< what the timed rounds set on the model
+  std::vector<double> times, forward_times; ///< one per timed step
+  /// Runs in separate processes, several rounds: per round, the median step
+  /// of this policy over none's median step in the same round.
+  std::vector<double> round_ratios;
+
+  nlohmann::json to_json() const;
+  static PolicyRun from_json(const nlohmann::json& j);
+};
+
+/// Warm-up steps, then one step whose bytes and gradients are measured (and
+/// whose time is the first sample) under `policy` (a budget policy is
+/// planned first, on this step). Gradients are compared with `reference`
+/// when given, and copied to `grads_out` when given. A failure (out of
+/// memory included) is recorded in the result, not thrown.
+PolicyRun run_policy(
+    BenchWorkload& w,
+    const CheckpointPolicy& policy,
+    const ReferenceGradients* reference = nullptr,
+    ReferenceGradients* grads_out = nullptr);
+
+/// The remaining steps - 1 timed steps of every run that succeeded, in
+/// rounds of one step each; then each run's medians.
+void time_interleaved(BenchWorkload& w, std::vector<PolicyRun>& runs);
+
+/// The runs as a table (MiB, seconds, ratio to none), then planned
+/// schedules, per-round ratios and errors, one line each.
+std::string policy_table(const std::vector<PolicyRun>& runs);
+
+} // namespace nn
+} // namespace remat

@@ -1,0 +1,412 @@
+#include "remat/nn/policy_bench.h"
+
+#include "remat/autocast.h"
+#include "remat/memory.h"
+#include "remat/nn/lora.h"
+#include "remat/nn/profile.h"
+#include "remat/nn/step.h"
+#include "remat/timing.h"
+
+#include <torch/torch.h>
+
+#include <cstdio>
+#include <fstream>
+#include <limits>
+#include <sstream>
+
+namespace remat {
+namespace nn {
+namespace {
+
+// One training step under the policy the model has now (the measured step,
+// remat/nn/step.h), starting from no gradients. Throws what the step throws
+// (out of memory included). Every policy draws the same dropout masks, so
+// gradients are comparable.
+StepSample train_step(BenchWorkload& w) {
+  const auto& o = w.options();
+  return measured_step(
+      w.module(), [&] { return w.loss(); },
+      StepOptions()
+          .device(o.device())
+          .gradients(GradientReset::kNone)
+          .seed(o.seed() + 1)
+          .limit_bytes(o.limit_bytes())
+          .autocast(AutocastState::bf16(
+              o.device(), w.config().dtype() == c10::ScalarType::BFloat16)));
+}
+
+void fail(PolicyRun& r, const c10::Error& e) {
+  std::string what = e.what_without_backtrace();
+  r.ok = false;
+  // remat's CPU limit and CUDA's caching allocator both throw this.
+  r.out_of_memory = dynamic_cast<const c10::OutOfMemoryError*>(&e) != nullptr;
+  r.error = what.substr(0, what.find('\n'));
+}
+
+std::string mib(int64_t bytes) {
+  char buf[32];
+  std::snprintf(buf, sizeof(buf), "%.1f", static_cast<double>(bytes) / (1 << 20));
+  return buf;
+}
+
+} // namespace
+
+std::string policy_table(const std::vector<PolicyRun>& runs) {
+  std::ostringstream out;
+  const PolicyRun* none = nullptr;
+  for (const auto& r : runs) {
+    if (r.policy == "none" && r.ok) {
+      none = &r;
+    }
+  }
+  char line[512];
+  std::snprintf(line, sizeof(line), "%-22s %13s %13s %11s %13s %9s %9s %8s %11s\n",
+                "policy", "before-bwd", "after-bwd", "peak", "activations",
+                "fwd(s)", "step(s)", "vs none", "max|dgrad|");
+  out << line;
+  std::snprintf(line, sizeof(line), "%-22s %13s %13s %11s %13s %9s %9s %8s %11s\n", "",
+                "(MiB)", "(MiB)", "(MiB)", "(MiB)", "", "", "", "");
+  out << line;
+  for (const auto& r : runs) {
+    if (!r.ok) {
+      std::snprintf(line, sizeof(line), "%-22s %13s %13s %11s %13s   %s\n",
+                    r.policy.c_str(), "-", "-", mib(r.peak).c_str(), "-",
+                    r.out_of_memory ? "OUT OF MEMORY" : "FAILED");
+      out << line;
+      continue;
+    }
+    std::string ratio = none && none->step_seconds > 0
+        ? [&] {
+            char b[16];
+            std::snprintf(b, sizeof(b), "%.2fx", r.step_seconds / none->step_seconds);
+            return std::string(b);
+          }()
+        : "-";
+    std::string diff = "-";
+    if (r.max_abs_grad_diff >= 0) {
+      char b[24];
+      std::snprintf(b, sizeof(b), "%.3g", r.max_abs_grad_diff);
+      diff = b;
+    }
+    std::snprintf(line, sizeof(line), "%-22s %13s %13s %11s %13s %9.3f %9.3f %8s %11s\n",
+                  r.policy.c_str(), mib(r.held_before_backward).c_str(),
+                  mib(r.held_after_backward).c_str(), mib(r.peak).c_str(),
+                  mib(r.held_before_backward - r.held_before_forward).c_str(),
+                  r.forward_seconds, r.step_seconds, ratio.c_str(), diff.c_str());
+    out << line;
+  }
+  for (const auto& r : runs) {
+    if (r.round_ratios.empty() || r.policy == "none") {
+      continue;
+    }
+    out << r.policy << ": step vs none per round (median of each round's steps):";
+    for (double x : r.round_ratios) {
+      char b[16];
+      std::snprintf(b, sizeof(b), " %.2fx", x);
+      out << b;
+    }
+    out << "\n";
+  }
+  for (const auto& r : runs) {
+    if (r.planned && r.ok) {
+      out << r.policy << ": planned " << r.schedule << " (predicted peak "
+          << memory::format_size(r.predicted_peak) << ", measured "
+          << memory::format_size(r.peak) << ", "
+          << (r.peak <= r.budget ? "within" : "ABOVE") << " the budget)\n";
+    }
+  }
+  for (const auto& r : runs) {
+    if (!r.ok) {
+      out << r.policy << ": " << r.error << "\n";
+    }
+  }
+  return out.str();
+}
+
+BenchWorkload::BenchWorkload(const ModelConfig& config, const BenchOptions& options)
+    : config_(config), options_(options) {
+  const auto dev = options.device();
+  torch::manual_seed(options.seed());
+  const int64_t batch = config.batch(), seq = config.seq();
+  std::vector<std::string> default_targets;
+  if (config.llama()) {
+    llama_ = Llama(config.llama_options());
+    ids_ = torch::randint(config.vocab_size(), {batch, seq}, torch::kLong).to(dev);
+    default_targets = {"q_proj", "k_proj", "v_proj", "o_proj"};
+  } else {
+    bert_ = Bert(config.bert_options());
+    ids_ = torch::randint(config.vocab_size(), {batch, seq}, torch::kLong).to(dev);
+    mask_ = torch::ones({batch, seq}, torch::kLong).to(dev);
+    target_ = torch::randn({batch, seq, config.hidden()}).to(dev);
+    default_targets = {"query", "key", "value", "attention.output.dense"};
+  }
+  if (options.lora_rank() > 0) {
+    const auto targets =
+        options.lora_targets().empty() ? default_targets : options.lora_targets();
+    try {
+      apply_lora(module(), LoraOptions()
+                               .rank(options.lora_rank())
+                               .alpha(options.lora_alpha() > 0 ? options.lora_alpha()
+                                                               : 2.0 * options.lora_rank())
+                               .targets(targets));
+    } catch (const FieldError&) {
+      throw;
+    } catch (const c10::Error& e) {
+      std::string what = e.what_without_backtrace();
+      throw FieldError("lora_targets", what.substr(0, what.find('\n')));
+    }
+  }
+  // Built and initialised on the CPU, from the same seed, then moved: the
+  // same weights on every device.
+  module().to(dev);
+  trainable_ = trainable_parameters(module()).values();
+  module().train();
+}
+
+torch::Tensor BenchWorkload::loss() {
+  if (llama_) {
+    return llama_->forward_loss(ids_, ids_);
+  }
+  auto out = bert_->forward(ids_, mask_);
+  return torch::mse_loss(out.last_hidden_state.to(torch::kFloat), target_);
+}
+
+void BenchWorkload::set_policy(const CheckpointPolicy& policy) {
+  if (llama_) {
+    llama_->gradient_checkpointing_enable(policy);
+  } else {
+    bert_->gradient_checkpointing_enable(policy);
+  }
+}
+
+torch::nn::Module& BenchWorkload::module() {
+  return llama_ ? static_cast<torch::nn::Module&>(*llama_) : *bert_;
+}
+
+plan::Plan BenchWorkload::plan(int64_t budget_bytes) {
+  if (llama_) {
+    return plan_checkpointing(*llama_, LlamaStep(ids_), budget_bytes);
+  }
+  auto t = target_;
+  return plan_checkpointing(
+      *bert_,
+      BertStep(ids_).attention_mask(mask_).loss([t](const BertOutput& o) {
+        return torch::mse_loss(o.last_hidden_state.to(torch::kFloat), t);
+      }),
+      budget_bytes);
+}
+
+ReferenceGradients copy_gradients(const std::vector<torch::Tensor>& params) {
+  ReferenceGradients out;
+  for (const auto& p : params) {
+    out.emplace_back();
+    if (!p.grad().defined()) {
+      continue;
+    }
+    auto g = p.grad().to(torch::kCPU, torch::kFloat).contiguous();
+    out.back().assign(g.data_ptr<float>(), g.data_ptr<float>() + g.numel());
+  }
+  return out;
+}
+
+double max_abs_difference(const ReferenceGradients& a, const ReferenceGradients& b) {
+  double worst = 0;
+  for (size_t i = 0; i < a.size() && i < b.size(); ++i) {
+    if (a[i].size() != b[i].size()) {
+      return std::numeric_limits<double>::infinity();
+    }
+    for (size_t j = 0; j < a[i].size(); ++j) {
+      worst = std::max(worst, static_cast<double>(std::abs(a[i][j] - b[i][j])));
+    }
+  }
+  return worst;
+}
+
+void write_gradients(const std::string& path, const ReferenceGradients& grads) {
+  std::ofstream f(path, std::ios::binary);
+  const uint64_t n = grads.size();
+  f.write(reinterpret_cast<const char*>(&n), sizeof(n));
+  for (const auto& g : grads) {
+    const uint64_t k = g.size();
+    f.write(reinterpret_cast<const char*>(&k), sizeof(k));
+    f.write(reinterpret_cast<const char*>(g.data()), static_cast<std::streamsize>(k * sizeof(float)));
+  }
+  TORCH_CHECK(static_cast<bool>(f), "remat::nn::write_gradients: cannot write the reference gradients to ", path);
+}
+
+ReferenceGradients read_gradients(const std::string& path) {
+  std::ifstream f(path, std::ios::binary);
+  TORCH_CHECK(static_cast<bool>(f), "remat::nn::read_gradients: cannot read reference gradients from ", path);
+  uint64_t n = 0;
+  f.read(reinterpret_cast<char*>(&n), sizeof(n));
+  ReferenceGradients out;
+  for (uint64_t i = 0; i < n && f; ++i) {
+    uint64_t k = 0;
+    f.read(reinterpret_cast<char*>(&k), sizeof(k));
+    out.emplace_back(k);
+    f.read(reinterpret_cast<char*>(out.back().data()), static_cast<std::streamsize>(k * sizeof(float)));
+  }
+  TORCH_CHECK(static_cast<bool>(f) && out.size() == n,
+              "remat::nn::read_gradients: expected ", n, " reference gradients in ", path, ", but the file is short");
+  return out;
+}
+
+nlohmann::json PolicyRun::to_json() const {
+  const PolicyRun& r = *this;
+  nlohmann::json j{{"policy", r.policy}, {"ok", r.ok}};
+  if (r.planned) {
+    j["budget_bytes"] = r.budget;
+    if (r.ok) {
+      j["schedule"] = r.schedule;
+      j["predicted_peak_bytes"] = r.predicted_peak;
+      j["predicted_step_seconds"] = r.predicted_step_seconds;
+    }
+  }
+  if (!r.ok) {
+    j["error"] = r.error;
+    j["out_of_memory"] = r.out_of_memory;
+    j["held_before_forward_bytes"] = r.held_before_forward;
+    j["peak_bytes"] = r.peak;
+    return j;
+  }
+  j["held_before_forward_bytes"] = r.held_before_forward;
+  j["held_before_backward_bytes"] = r.held_before_backward;
+  j["held_after_backward_bytes"] = r.held_after_backward;
+  j["peak_bytes"] = r.peak;
+  j["activation_bytes"] = r.held_before_backward - r.held_before_forward;
+  j["step_seconds"] = r.step_seconds;
+  j["forward_seconds"] = r.forward_seconds;
+  j["backward_seconds"] = r.step_seconds - r.forward_seconds;
+  j["max_abs_grad_diff"] =
+      r.max_abs_grad_diff >= 0 ? nlohmann::json(r.max_abs_grad_diff) : nlohmann::json();
+  j["step_seconds_all"] = r.times;
+  j["forward_seconds_all"] = r.forward_times;
+  if (!r.round_ratios.empty()) {
+    j["step_ratio_per_round"] = r.round_ratios;
+  }
+  return j;
+}
+
+PolicyRun PolicyRun::from_json(const nlohmann::json& j) {
+  PolicyRun r;
+  r.policy = j.at("policy").get<std::string>();
+  r.ok = j.at("ok").get<bool>();
+  if (j.contains("budget_bytes")) {
+    r.planned = true;
+    r.budget = j.at("budget_bytes").get<int64_t>();
+    if (r.ok) {
+      r.schedule = j.at("schedule").get<std::string>();
+      r.predicted_peak = j.at("predicted_peak_bytes").get<int64_t>();
+      r.predicted_step_seconds = j.at("predicted_step_seconds").get<double>();
+    }
+  }
+  r.held_before_forward = j.at("held_before_forward_bytes").get<int64_t>();
+  r.peak = j.at("peak_bytes").get<int64_t>();
+  if (!r.ok) {
+    r.error = j.at("error").get<std::string>();
+    r.out_of_memory = j.at("out_of_memory").get<bool>();
+    return r;
+  }
+  r.held_before_backward = j.at("held_before_backward_bytes").get<int64_t>();
+  r.held_after_backward = j.at("held_after_backward_bytes").get<int64_t>();
+  r.step_seconds = j.at("step_seconds").get<double>();
+  r.forward_seconds = j.at("forward_seconds").get<double>();
+  if (!j.at("max_abs_grad_diff").is_null()) {
+    r.max_abs_grad_diff = j.at("max_abs_grad_diff").get<double>();
+  }
+  r.times = j.at("step_seconds_all").get<std::vector<double>>();
+  r.forward_times = j.at("forward_seconds_all").get<std::vector<double>>();
+  return r;
+}
+
+PolicyRun run_policy(
+    BenchWorkload& w,
+    const CheckpointPolicy& policy,
+    const ReferenceGradients* reference,
+    ReferenceGradients* grads_out) {
+  const auto& o = w.options();
+  const auto dev = o.device();
+  PolicyRun r;
+  r.policy = policy.name();
+  r.applied = policy;
+  if (policy.kind() == CheckpointPolicy::Kind::kBudget) {
+    // Planned before the timed steps, on this workload's own step (its loss,
+    // its dtype), so that profiling counts in neither the time nor the peak.
+    r.planned = true;
+    r.budget = policy.budget_bytes();
+    w.module().zero_grad(/*set_to_none=*/true);
+    torch::manual_seed(o.seed() + 1);
+    try {
+      memory::LimitGuard guard(o.limit_bytes(), dev);
+      AutocastScope autocast(
+          AutocastState::bf16(dev, w.config().dtype() == c10::ScalarType::BFloat16));
+      const auto p = w.plan(policy.budget_bytes());
+      r.schedule = p.schedule.str();
+      r.predicted_peak = p.peak_bytes;
+      r.predicted_step_seconds = p.step_seconds;
+      r.applied = CheckpointPolicy::custom(p.schedule, policy.name());
+    } catch (const c10::Error& e) {
+      fail(r, e);
+      w.module().zero_grad(true);
+      return r;
+    }
+  }
+  w.set_policy(r.applied);
+  for (int64_t step = 0; step <= o.warmup(); ++step) {
+    const bool measured = step == o.warmup();
+    StepSample t;
+    try {
+      t = train_step(w);
+    } catch (const c10::Error& e) {
+      fail(r, e);
+      // What was held when the failed step began: the weights alone.
+      w.module().zero_grad(true);
+      r.held_before_forward = memory::current_bytes(dev);
+      r.peak = memory::peak_bytes(dev);
+      return r;
+    }
+    if (measured) {
+      r.forward_times.push_back(t.forward_seconds);
+      r.times.push_back(t.step_seconds);
+      r.held_before_forward = t.before_forward_bytes;
+      r.held_before_backward = t.before_backward_bytes;
+      r.held_after_backward = t.after_backward_bytes;
+      r.peak = t.peak_bytes;
+      auto grads = copy_gradients(w.trainable());
+      if (reference != nullptr) {
+        r.max_abs_grad_diff = max_abs_difference(*reference, grads);
+      }
+      if (grads_out != nullptr) {
+        *grads_out = std::move(grads);
+      }
+    }
+  }
+  w.module().zero_grad(true);
+  return r;
+}
+
+void time_interleaved(BenchWorkload& w, std::vector<PolicyRun>& runs) {
+  for (int64_t round = 1; round < w.options().steps(); ++round) {
+    for (auto& r : runs) {
+      if (!r.ok) {
+        continue;
+      }
+      w.set_policy(r.applied);
+      try {
+        const auto t = train_step(w);
+        r.forward_times.push_back(t.forward_seconds);
+        r.times.push_back(t.step_seconds);
+      } catch (const c10::Error& e) {
+        fail(r, e);
+      }
+    }
+  }
+  w.module().zero_grad(true);
+  for (auto& r : runs) {
+    r.step_seconds = median(r.times);
+    r.forward_seconds = median(r.forward_times);
+  }
+}
+
+} // namespace nn
+} // namespace remat

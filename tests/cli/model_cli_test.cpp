@@ -1,0 +1,116 @@
+// The shared model flags through the built program: the same flags describe
+// the same model in bench, plan, estimate and train, and every size or
+// count past its bound is refused on one line, at once, exit code 2.
+#include "cli_runner.h"
+
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+#include <nlohmann/json.hpp>
+
+#include <algorithm>
+#include <fstream>
+#include <regex>
+
+namespace {
+
+using remat::test::run_cli;
+using ::testing::HasSubstr;
+using ::testing::StartsWith;
+
+nlohmann::json run_json(const std::string& args, const std::string& name) {
+  const std::string path = ::testing::TempDir() + "/" + name + ".json";
+  auto r = run_cli(args + " --json " + path);
+  EXPECT_EQ(r.exit_code, 0) << args << "\n" << r.err;
+  std::ifstream f(path);
+  return nlohmann::json::parse(f);
+}
+
+// The defect of issue #14: with --hidden 128, plan and estimate described a
+// 512-wide Llama MLP while train built a 344-wide one.
+TEST(ModelCli, TheSameFlagsGiveTheSameLlamaInBenchPlanEstimateAndTrain) {
+  // 259: the byte tokenizer's vocabulary, which train takes from its data.
+  const std::string flags =
+      " --model llama --layers 1 --hidden 128 --heads 4 --vocab 259 --seq 16 --batch 2";
+  const auto estimate = run_json("estimate" + flags, "same_estimate");
+  const auto plan = run_json("plan --threads 1 --repeats 1 --budget 1GiB" + flags, "same_plan");
+  const auto bench = run_json(
+      "bench --threads 1 --steps 1 --warmup 0 --policy none --isolation in-process" + flags,
+      "same_bench");
+  EXPECT_EQ(estimate["config"]["intermediate"], 512);
+  EXPECT_EQ(plan["config"]["intermediate"], 512);
+  EXPECT_EQ(bench["config"]["intermediate"], 512);
+  const int64_t params = estimate["parameters"].get<int64_t>();
+  EXPECT_EQ(plan["config"]["parameters"].get<int64_t>(), params);
+  EXPECT_EQ(bench["config"]["trainable_parameters"].get<int64_t>(), params);
+
+  const std::string dir = ::testing::TempDir() + "/same_train";
+  std::system(("mkdir -p " + dir).c_str());
+  {
+    std::ofstream f(dir + "/corpus.jsonl");
+    for (int i = 0; i < 16; ++i) {
+      f << "{\"text\": \"the cat sat on the mat number " << i << "\"}\n";
+    }
+  }
+  auto r = run_cli("train --task lm --train " + dir +
+                   "/corpus.jsonl --layers 1 --hidden 128 --heads 4 --seq 16 --batch 2 "
+                   "--max-steps 1 --threads 1");
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_THAT(r.err, HasSubstr("intermediate=512"));
+  EXPECT_THAT(r.err, HasSubstr("vocab=259"));
+  EXPECT_THAT(r.err, HasSubstr(", " + std::to_string(params) + " parameters"));
+}
+
+// Sizes past their bound, counts that overflow, steps larger than memory:
+// each one line naming the flag, exit code 2, in bounded time (these hung or
+// crashed before: plan --repeats 1e18, estimate --layers 10^18).
+TEST(ModelCli, SizesAndCountsPastTheirBoundAreRefusedOnOneLine) {
+  struct Case {
+    std::string args;
+    std::string text;
+  };
+  for (const auto& c : std::vector<Case>{
+           {"plan --repeats 99999999999999999999", "--repeats"},
+           {"plan --repeats 1e18", "--repeats"},
+           {"plan --repeats 2000000000", "--repeats: expected a count in [1, 1000000000]"},
+           {"plan --steps 1e18", "--steps"},
+           {"plan --layers 5000", "--layers: expected layers in [1, 1024], but got 5000"},
+           {"plan --seq 99999999", "--seq: expected seq in [1, 1048576]"},
+           {"plan --rounds 1000000", "--rounds: expected a count in [1, 10000]"},
+           {"estimate --layers 1000000000000000000", "--layers: expected layers in [1, 1024]"},
+           {"estimate --hidden 131072 --heads 1", "--hidden: expected hidden in [1, 65536]"},
+           {"estimate --batch 100000", "--batch: expected batch in [1, 65536]"},
+           {"estimate --vocab 99999999999", "--vocab"},
+           {"estimate --layers 1024 --hidden 65536 --heads 1024 --seq 1048576 --batch 65536",
+            "--batch: expected a step of at most 64 PiB"},
+           {"bench --steps 99999999999999999999", "--steps"},
+           {"bench --steps 1e18", "--steps"},
+           {"bench --steps 2000000000", "--steps: expected a count in [1, 1000000000]"},
+           {"bench --rounds 1e18", "--rounds"},
+           {"bench --intermediate 99999999", "--intermediate"},
+           {"bench --model llama --layers 32 --hidden 4096 --heads 32 --memory-limit 1GiB",
+            "--memory-limit: expected a step that fits the --memory-limit (1.00 GiB)"},
+           {"plan --layers 1024 --hidden 65536 --heads 512 --seq 64 --batch 1",
+            "expected a step that fits this machine's memory"},
+           {"train --max-steps 1e18", "--max-steps"},
+           {"train --max-steps 2000000000", "--max-steps: expected a value <= 1000000000"},
+           {"train --layers 5000", "--layers: expected a value <= 1024"},
+           {"train --hidden 16384 --layers 1024 --heads 128 --task lm",
+            "expected a step that fits this machine's memory"},
+       }) {
+    auto r = run_cli(c.args);
+    EXPECT_EQ(r.exit_code, 2) << c.args << "\n" << r.err;
+    EXPECT_THAT(r.err, StartsWith("remat: error: ")) << c.args;
+    EXPECT_THAT(r.err, HasSubstr(c.text)) << c.args << "\n" << r.err;
+    EXPECT_EQ(std::count(r.err.begin(), r.err.end(), '\n'), 1) << c.args << "\n" << r.err;
+  }
+}
+
+TEST(ModelCli, DtypeHasOneSpellingAndTheOldOneIsAnAlias) {
+  for (const char* args : {"train --dtype fp16", "bench --dtype f16", "plan --dtype fp16"}) {
+    auto r = run_cli(args);
+    EXPECT_EQ(r.exit_code, 2) << args;
+    EXPECT_THAT(r.err, HasSubstr("--dtype: expected fp32 or bf16")) << args << "\n" << r.err;
+  }
+}
+
+} // namespace
