@@ -22,6 +22,7 @@
 #include <algorithm>
 #include <cstdio>
 #include <fstream>
+#include <limits>
 #include <sstream>
 #include <string>
 #include <vector>
@@ -161,11 +162,16 @@ inline void validate(const ModelFlags& f) {
   with_flag_errors([&] { config.validate(); });
 }
 
-/// Refuses a count of work (steps, rounds, repeats) past remat's bound.
+/// Refuses a count of work (steps, rounds, repeats) past remat's bound. The
+/// flag parser saturates a number past int64 to its largest value; that is
+/// said as such.
 inline void require_count(int64_t value, int64_t least, const std::string& flag) {
+  const std::string got = value == std::numeric_limits<int64_t>::max()
+      ? std::string("a number past 2^63")
+      : std::to_string(value);
   require(value >= least && value <= limits::kMaxCount, flag,
           "expected a count in [" + std::to_string(least) + ", " +
-              std::to_string(limits::kMaxCount) + "], but got " + std::to_string(value));
+              std::to_string(limits::kMaxCount) + "], but got " + got);
 }
 
 /// Asks the estimator whether the smallest peak of this model's step fits

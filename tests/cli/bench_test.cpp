@@ -13,6 +13,7 @@ namespace {
 
 using remat::test::run_cli;
 using ::testing::HasSubstr;
+using ::testing::Not;
 using ::testing::StartsWith;
 
 const std::string kSmall =
@@ -137,10 +138,27 @@ TEST(BenchCli, RoundsAlternateTheOrderAndPoolTheSamples) {
 
 // A child that cannot run reports as a failed policy; the others still run.
 TEST(BenchCli, PolicyPerProcessReportsAChildsOutOfMemory) {
-  auto r = run_cli(kSmall + " --policy none,every-layer --memory-limit 200KiB");
+  // none needs more than 8 MiB, every-layer less (as in the in-process
+  // case below): none's process fails, every-layer's runs.
+  auto r = run_cli(
+      "bench --layers 6 --hidden 64 --heads 4 --seq 64 --batch 4 --vocab 50 "
+      "--steps 1 --warmup 0 --threads 1 --policy none,every-layer --memory-limit 8MiB");
   ASSERT_EQ(r.exit_code, 0) << r.err;
   EXPECT_THAT(r.out, HasSubstr("[1/2] none: in its own process ... failed"));
+  EXPECT_THAT(r.out, HasSubstr("[2/2] every-layer: in its own process ... done"));
   EXPECT_THAT(r.out, HasSubstr("OUT OF MEMORY"));
+}
+
+TEST(BenchCli, LimitNoScheduleCanMeetIsRefusedBeforeAnythingRuns) {
+  // The estimator's smallest peak of any schedule is above 200 KiB: no
+  // process starts.
+  auto r = run_cli(kSmall + " --policy none,every-layer --memory-limit 200KiB");
+  EXPECT_EQ(r.exit_code, 2) << r.err;
+  EXPECT_THAT(r.err, StartsWith("remat: error: --memory-limit: expected a step that fits the "
+                                "--memory-limit (200.0 KiB), but the estimate of its smallest "
+                                "peak"));
+  EXPECT_EQ(std::count(r.err.begin(), r.err.end(), '\n'), 1) << r.err;
+  EXPECT_THAT(r.out, Not(HasSubstr("in its own process")));
 }
 
 TEST(BenchCli, LlamaWithLoraBf16AndBlockwiseAttentionMatchesNoCheckpointing) {

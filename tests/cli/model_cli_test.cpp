@@ -69,7 +69,8 @@ TEST(ModelCli, SizesAndCountsPastTheirBoundAreRefusedOnOneLine) {
     std::string text;
   };
   for (const auto& c : std::vector<Case>{
-           {"plan --repeats 99999999999999999999", "--repeats"},
+           {"plan --repeats 99999999999999999999",
+            "--repeats: expected a count in [1, 1000000000], but got a number past 2^63"},
            {"plan --repeats 1e18", "--repeats"},
            {"plan --repeats 2000000000", "--repeats: expected a count in [1, 1000000000]"},
            {"plan --steps 1e18", "--steps"},

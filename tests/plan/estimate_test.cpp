@@ -284,7 +284,7 @@ TEST(PlanEstimate, ErrorsNameTheField) {
       EXPECT_NE(std::string(e.what()).find(text), std::string::npos) << e.what();
     }
   };
-  bad(ModelSpec(Family::kLlama, 2, 100, 3, 10), "expected heads >= 1 dividing hidden 100, but got 3");
+  bad(ModelSpec(Family::kLlama, 2, 100, 3, 10), "expected heads dividing hidden 100, but got 3");
   bad(ModelSpec(Family::kLlama, 2, 96, 12, 10).kv_heads(5), "expected kv_heads dividing heads 12, but got 5");
   bad(ModelSpec::bert_base().seq(1024), "expected seq <= max_positions (512) for BERT, but got 1024");
   bad(ModelSpec::bert_base().lora_rank(4).lora_targets({"gate"}), "but got 'gate'");

@@ -1,5 +1,5 @@
-// The checkpointing state of a model's layer stack: the policy it was given
-// and the schedule its layers run, planned on demand for a budget policy.
+// A model's layer stack under checkpointing: its policy and schedule (planned
+// on demand for a budget policy), and run_stack, which runs that schedule.
 //
 // Bert and Llama hold one; a model of your own can too. A fixed policy
 // (none, every-K, sqrt, selective-...) has its schedule at once. A budget
