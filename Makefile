@@ -24,7 +24,8 @@ else
 $(error TORCH: expected 1 (LibTorch 1.13) or 2 (LibTorch 2.15), but got '$(TORCH)')
 endif
 
-.PHONY: all setup configure build test demo consumer clean print-build
+.PHONY: all setup configure build test demo consumer clean print-build \
+  build-sanitize test-sanitize fuzz fuzz-ci
 
 all: build
 
@@ -62,6 +63,42 @@ demo: configure
 
 clean:
 	rm -rf $(BUILD)
+
+# ------------------------------------------------- sanitizers and fuzzing
+# One clang build in $(SAN_BUILD) with AddressSanitizer and
+# UndefinedBehaviorSanitizer on remat, its tests, the CLI and the libFuzzer
+# harnesses of fuzz/ (LibTorch 1.13, uninstrumented). Leaks are checked;
+# tests/sanitizer/lsan.supp lists the LibTorch frames whose leaks are not ours.
+#   make test-sanitize    the tests (SANITIZE_TESTS, a ctest regex) and each
+#                         harness for FUZZ_CI_SECONDS (CI's leg)
+#   make fuzz             each harness for FUZZ_SECONDS, one after the other
+SAN_BUILD ?= build-asan
+SANITIZE_TESTS ?= .
+FUZZ_SECONDS ?= 300
+FUZZ_CI_SECONDS ?= 45
+SAN_CXX ?= clang++-14
+
+build-sanitize test-sanitize fuzz fuzz-ci: export ASAN_OPTIONS = detect_leaks=1:strict_string_checks=1:detect_stack_use_after_return=1:check_initialization_order=1
+build-sanitize test-sanitize fuzz fuzz-ci: export LSAN_OPTIONS = suppressions=$(CURDIR)/tests/sanitizer/lsan.supp:print_suppressions=0
+build-sanitize test-sanitize fuzz fuzz-ci: export UBSAN_OPTIONS = print_stacktrace=1:halt_on_error=1
+build-sanitize test-sanitize fuzz fuzz-ci: export ASAN_SYMBOLIZER_PATH = /usr/lib/llvm-14/bin/llvm-symbolizer
+
+$(SAN_BUILD)/CMakeCache.txt:
+	CXX=$(SAN_CXX) cmake -S . -B $(SAN_BUILD) -DCMAKE_BUILD_TYPE=Release \
+	  -DREMAT_BUILD_FUZZ=ON -DREMAT_BUILD_BENCH=OFF $(CMAKE_ARGS)
+
+build-sanitize: setup $(SAN_BUILD)/CMakeCache.txt
+	cmake --build $(SAN_BUILD) -j $(JOBS)
+
+test-sanitize: build-sanitize
+	cd $(SAN_BUILD) && ctest --output-on-failure -j $(JOBS) -R '$(SANITIZE_TESTS)'
+	@$(MAKE) --no-print-directory fuzz-ci
+
+fuzz-ci: build-sanitize
+	bash scripts/fuzz $(SAN_BUILD) $(FUZZ_CI_SECONDS)
+
+fuzz: build-sanitize
+	bash scripts/fuzz $(SAN_BUILD) $(FUZZ_SECONDS)
 
 print-build:
 	@echo $(BUILD)
