@@ -25,6 +25,11 @@ void BertOptions::validate() const {
   TORCH_CHECK(
       intermediate_size_ >= 0,
       "expected intermediate_size >= 0 (0: 4 * hidden), but got ", intermediate_size_);
+  // mlp_size() computes 4 * hidden for intermediate_size 0.
+  TORCH_CHECK(
+      intermediate_size_ > 0 || hidden_size_ <= std::numeric_limits<int64_t>::max() / 4,
+      "expected hidden_size <= ", std::numeric_limits<int64_t>::max() / 4,
+      " when intermediate_size is 0 (4 * hidden), but got ", hidden_size_);
   TORCH_CHECK(
       max_position_embeddings_ > 0,
       "expected max_position_embeddings > 0, but got ", max_position_embeddings_);
