@@ -693,6 +693,9 @@ void Trainer::load_state(const std::string& path) {
   };
   // Everything is read and checked before anything changes.
   check_resume_options(TrainOptions::from_json(need("options")), d.options, path);
+  TORCH_CHECK(
+      need("step").is_number_integer(), "'", path,
+      "' is not a complete training state (\"step\" is not an integer)");
   const int64_t step = need("step").get<int64_t>();
   TORCH_CHECK(
       step >= 0 && step <= d.total_steps, "'", path, "' is at step ", step,
