@@ -213,6 +213,22 @@ TEST(Trainer, LoadStateRefusesAnotherRunsStateUnchanged) {
   Trainer c(tiny().out_dir(dir + "_elsewhere").save_every(1).eval_every(3));
   c.load_state(state_path(dir));
   EXPECT_EQ(c.step_count(), 1);
+  // A state whose document has a step of the wrong type (its checksum
+  // correct) is refused with a c10::Error naming the field.
+  auto state = load_train_state(state_path(dir));
+  state.info["step"] = "1";
+  save_train_state(dir + "_mistyped", state);
+  Trainer d(tiny());
+  try {
+    d.load_state(state_path(dir + "_mistyped"));
+    ADD_FAILURE() << "a state with step \"1\" was loaded";
+  } catch (const c10::Error& e) {
+    EXPECT_NE(
+        std::string(e.what_without_backtrace()).find("(\"step\" is not an integer)"),
+        std::string::npos)
+        << e.what_without_backtrace();
+  }
+  EXPECT_EQ(d.step_count(), 0);
 }
 
 TEST(Trainer, MemoryTimelineShowsRecomputeAndChangesNothing) {
