@@ -24,7 +24,8 @@ else
 $(error TORCH: expected 1 (LibTorch 1.13) or 2 (LibTorch 2.15), but got '$(TORCH)')
 endif
 
-.PHONY: all setup configure build test demo consumer clean print-build
+.PHONY: all setup configure build test demo consumer clean print-build \
+  build-sanitize test-sanitize fuzz fuzz-ci
 
 all: build
 
@@ -63,5 +64,40 @@ demo: configure
 clean:
 	rm -rf $(BUILD)
 
-print-build:
-	@echo $(BUILD)
+# ------------------------------------------------- sanitizers and fuzzing
+# One clang build in $(SAN_BUILD) with AddressSanitizer and
+# UndefinedBehaviorSanitizer on remat, its tests, the CLI and the libFuzzer
+# harnesses of fuzz/ (LibTorch 1.13, uninstrumented). Leaks are checked;
+# tests/sanitizer/lsan.supp lists the LibTorch frames whose leaks are not ours.
+#   make test-sanitize    the tests of SANITIZE_TEST_DIRS (folders or files
+#                         under tests/; empty: all), then each harness for
+#                         FUZZ_CI_SECONDS (CI's third leg)
+#   make fuzz             each harness for FUZZ_SECONDS, one after the other
+SAN_BUILD ?= build-asan
+SANITIZE_TEST_DIRS ?= checkpoint;memory;io;train;cli/train_cli_test.cpp
+FUZZ_SECONDS ?= 300
+FUZZ_CI_SECONDS ?= 30
+SAN_CXX ?= clang++-14
+
+build-sanitize test-sanitize fuzz fuzz-ci: export ASAN_OPTIONS = detect_leaks=1:strict_string_checks=1:detect_stack_use_after_return=1:check_initialization_order=1
+build-sanitize test-sanitize fuzz fuzz-ci: export LSAN_OPTIONS = suppressions=$(CURDIR)/tests/sanitizer/lsan.supp:print_suppressions=0
+build-sanitize test-sanitize fuzz fuzz-ci: export UBSAN_OPTIONS = print_stacktrace=1:halt_on_error=1
+build-sanitize test-sanitize fuzz fuzz-ci: export ASAN_SYMBOLIZER_PATH = /usr/lib/llvm-14/bin/llvm-symbolizer
+
+# Configured every time (a second when nothing changed), so that a new
+# SANITIZE_TEST_DIRS takes effect.
+build-sanitize: setup
+	CXX=$(SAN_CXX) cmake -S . -B $(SAN_BUILD) -DCMAKE_BUILD_TYPE=Release \
+	  -DREMAT_BUILD_FUZZ=ON -DREMAT_BUILD_BENCH=OFF \
+	  -DREMAT_TEST_DIRS="$(SANITIZE_TEST_DIRS)" $(CMAKE_ARGS) >/dev/null
+	cmake --build $(SAN_BUILD) -j $(JOBS)
+
+test-sanitize: build-sanitize
+	cd $(SAN_BUILD) && ctest --output-on-failure -j $(JOBS)
+	@$(MAKE) --no-print-directory fuzz-ci
+
+fuzz-ci: build-sanitize
+	bash scripts/fuzz $(SAN_BUILD) $(FUZZ_CI_SECONDS)
+
+fuzz: build-sanitize
+	bash scripts/fuzz $(SAN_BUILD) $(FUZZ_SECONDS)

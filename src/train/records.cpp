@@ -68,7 +68,23 @@ std::vector<double> get_doubles(const json& j, const char* key, const char* what
   TORCH_CHECK(v.is_array(), what, ": expected an array \"", key, "\"");
   std::vector<double> out;
   for (const auto& x : v) {
+    TORCH_CHECK(
+        x.is_null() || x.is_number(), what, ": expected numbers in \"", key, "\", but got ",
+        io::describe_json(x));
     out.push_back(x.is_null() ? std::numeric_limits<double>::quiet_NaN() : x.get<double>());
+  }
+  return out;
+}
+
+std::vector<std::string> get_strings(const json& j, const char* key, const char* what) {
+  const auto& v = field(j, key, what);
+  TORCH_CHECK(v.is_array(), what, ": expected an array \"", key, "\"");
+  std::vector<std::string> out;
+  for (const auto& x : v) {
+    TORCH_CHECK(
+        x.is_string(), what, ": expected strings in \"", key, "\", but got ",
+        io::describe_json(x));
+    out.push_back(x.get<std::string>());
   }
   return out;
 }
@@ -268,16 +284,14 @@ TrainOptions TrainOptions::from_json(const nlohmann::json& j) {
       .compare_steps(get_int(j, "compare_steps", what))
       .memory_timeline(get_bool(j, "memory_timeline", what))
       .threads(get_int(j, "threads", what));
-  const auto& targets = field(j, "lora_targets", what);
-  TORCH_CHECK(targets.is_array(), what, ": expected an array \"lora_targets\"");
-  o.lora_targets(targets.get<std::vector<std::string>>());
+  o.lora_targets(get_strings(j, "lora_targets", what));
   // States saved before --device existed trained on the CPU.
   if (j.contains("device")) {
     o.device(get_string(j, "device", what));
   }
   const auto& compare = field(j, "compare_policy", what);
   if (!compare.is_null()) {
-    o.compare_policy(CheckpointPolicy::parse(compare.get<std::string>()));
+    o.compare_policy(CheckpointPolicy::parse(get_string(j, "compare_policy", what)));
   }
   return o;
 }
@@ -378,6 +392,10 @@ MemoryTimeline MemoryTimeline::from_json(const nlohmann::json& j) {
       labels.is_array() && bytes.is_array() && labels.size() == bytes.size(), what,
       ": expected arrays \"labels\" and \"bytes\" of one length");
   for (size_t i = 0; i < labels.size(); ++i) {
+    TORCH_CHECK(
+        labels[i].is_string() && bytes[i].is_number_integer(), what,
+        ": expected a string label and an integer byte count at point ", i, ", but got ",
+        io::describe_json(labels[i]), " and ", io::describe_json(bytes[i]));
     t.points.push_back({labels[i].get<std::string>(), bytes[i].get<int64_t>()});
   }
   return t;
@@ -415,9 +433,7 @@ History History::from_json(const nlohmann::json& j) {
   h.compare_policy = get_string(j, "compare_policy", "history");
   h.compare_steps = records_from<StepRecord>(j, "compare_steps");
   h.timelines = records_from<MemoryTimeline>(j, "timelines");
-  const auto& names = field(j, "label_names", "history");
-  TORCH_CHECK(names.is_array(), "history: expected an array \"label_names\"");
-  h.label_names = names.get<std::vector<std::string>>();
+  h.label_names = get_strings(j, "label_names", "history");
   return h;
 }
 

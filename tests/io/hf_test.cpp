@@ -195,6 +195,13 @@ TEST_F(HfTest, BertConfigErrorsNameTheField) {
   remat_io_test::write_text(dir.file("bad.json"), "{oops");
   EXPECT_ERROR_CONTAINS(
       remat::io::read_bert_config(dir.file("bad.json")), "invalid JSON");
+  // Found by fuzz/config_fuzz.cpp: 4 * hidden overflowed int64 in mlp_size().
+  // The size bounds refuse such a hidden size before anything multiplies it.
+  EXPECT_ERROR_CONTAINS(
+      remat::io::bert_options_from_json(
+          {{"hidden_size", int64_t{1} << 62}, {"num_attention_heads", 1},
+           {"intermediate_size", 0}}),
+      "expected hidden_size in [1, 65536], but got 4611686018427387904");
 }
 
 TEST_F(HfTest, LoadStateRefusesMismatchesAndChangesNothing) {

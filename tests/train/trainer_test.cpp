@@ -4,6 +4,7 @@
 #include "remat/train/trainer.h"
 
 #include "remat/train/train_state.h"
+#include "io/io_testing.h"
 #include "testing.h"
 
 #include <gtest/gtest.h>
@@ -213,6 +214,15 @@ TEST(Trainer, LoadStateRefusesAnotherRunsStateUnchanged) {
   Trainer c(tiny().out_dir(dir + "_elsewhere").save_every(1).eval_every(3));
   c.load_state(state_path(dir));
   EXPECT_EQ(c.step_count(), 1);
+  // A state whose document has a step of the wrong type (its checksum
+  // correct) is refused with a c10::Error naming the field.
+  auto state = load_train_state(state_path(dir));
+  state.info["step"] = "1";
+  save_train_state(dir + "_mistyped", state);
+  Trainer d(tiny());
+  EXPECT_ERROR_CONTAINS(
+      d.load_state(state_path(dir + "_mistyped")), "is damaged: field \"step\": expected an integer, but got \"1\"");
+  EXPECT_EQ(d.step_count(), 0);
 }
 
 TEST(Trainer, MemoryTimelineShowsRecomputeAndChangesNothing) {
@@ -289,6 +299,39 @@ TEST(Trainer, OptionsRoundTripThroughJsonAndNameTheFieldWhenBad) {
   EXPECT_THROW_WITH(tiny().kv_heads(3).heads(4).hidden(16).validate(), "kv_heads: expected a divisor");
   EXPECT_THROW_WITH(tiny().train_path("").validate(), "train_path: expected a JSONL file");
   EXPECT_THROW_WITH(parse_task("regress"), "task: expected classify or lm");
+}
+
+// Found by fuzz/train_state_fuzz.cpp: values of the wrong type inside arrays
+// escaped as nlohmann::json::type_error, naming no field.
+TEST(Trainer, StateDocumentsWithMistypedValuesAreRefusedNamingTheField) {
+  auto options = tiny().to_json();
+  options["lora_targets"] = {"query", 3};
+  EXPECT_ERROR_CONTAINS(
+      TrainOptions::from_json(options),
+      "training options: expected strings in \"lora_targets\", but got 3");
+  options = tiny().to_json();
+  options["compare_policy"] = 2;
+  EXPECT_ERROR_CONTAINS(
+      TrainOptions::from_json(options),
+      "training options: expected a string \"compare_policy\", but got 2");
+
+  auto history = History().to_json();
+  history["label_names"] = {"spam", nullptr};
+  EXPECT_ERROR_CONTAINS(
+      History::from_json(history),
+      "history: expected strings in \"label_names\", but got null");
+  auto eval = EvalRecord().to_json();
+  eval["per_label_f1"] = {0.5, "x"};
+  EXPECT_ERROR_CONTAINS(
+      EvalRecord::from_json(eval),
+      "eval record: expected numbers in \"per_label_f1\", but got \"x\"");
+  MemoryTimeline timeline;
+  timeline.points = {{"start", 10}};
+  auto timeline_json = timeline.to_json();
+  timeline_json["bytes"] = {"10"};
+  EXPECT_ERROR_CONTAINS(
+      MemoryTimeline::from_json(timeline_json),
+      "memory timeline: expected a string label and an integer byte count at point 0");
 }
 
 } // namespace
