@@ -25,7 +25,7 @@ $(error TORCH: expected 1 (LibTorch 1.13) or 2 (LibTorch 2.15), but got '$(TORCH
 endif
 
 .PHONY: all setup configure build test demo consumer clean print-build \
-  build-sanitize test-sanitize fuzz fuzz-ci
+  build-sanitize test-sanitize fuzz fuzz-ci hostile
 
 all: build
 
@@ -60,6 +60,12 @@ demo: configure
 	cmake --build $(BUILD) -j $(JOBS) --target remat_cli
 	$(BUILD)/remat bench --layers 12 --hidden 256 --heads 4 --seq 256 --batch 8 \
 	  --policy none,every-layer,every-2,sqrt,selective-attention --steps 3 --warmup 1
+
+# Several hundred crafted inputs (huge sizes and counts, damaged and crafted
+# files) against every command; prints a table by kind and fails if any case
+# crashes, hangs past 10 s, passes 1 GiB or answers unclearly.
+hostile: build
+	python3 tests/hostile/hostile.py --remat $(BUILD)/remat
 
 clean:
 	rm -rf $(BUILD)
