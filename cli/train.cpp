@@ -349,7 +349,10 @@ void print_summary(const train::TrainResult& r, const TrainOptions& o, std::ostr
 // UsageError before any training (or any worker) starts.
 TrainOptions prepare(const TrainFlags& f, const CLI::App& app) {
   TrainOptions options;
-  require(f.nproc >= 0, "--nproc", "expected a value >= 0, but got " + std::to_string(f.nproc));
+  // Each rank is a whole process on this machine (a LibTorch and a model copy).
+  require(f.nproc >= 0 && f.nproc <= 64, "--nproc",
+          "expected a number of local processes in [0, 64], but got " +
+              std::to_string(f.nproc));
   require(f.dist_timeout > 0, "--dist-timeout",
           "expected a number of seconds > 0, but got " + std::to_string(f.dist_timeout));
   require(f.log_every >= 1, "--log-every",

@@ -1,4 +1,5 @@
 #include "remat/io/hf.h"
+#include "remat/model_sizes.h"
 
 #include "remat/io/json_text.h"
 #include "remat/io/file.h"
@@ -458,6 +459,15 @@ void write_bert_config(
 // ---------------------------------------------------------------- Llama
 
 void LlamaConfig::validate() const {
+  // The bounds every description of a model shares (remat/model_sizes.h),
+  // under config.json's own field names.
+  check_size("vocab_size", vocab_size, 1, limits::kMaxVocab);
+  check_size("hidden_size", hidden_size, 1, limits::kMaxHidden);
+  check_size("intermediate_size", intermediate_size, 1, limits::kMaxIntermediate);
+  check_size("num_hidden_layers", num_hidden_layers, 1, limits::kMaxLayers);
+  check_size("num_attention_heads", num_attention_heads, 1, limits::kMaxHeads);
+  check_size("num_key_value_heads", num_key_value_heads, 1, limits::kMaxHeads);
+  check_size("max_position_embeddings", max_position_embeddings, 1, limits::kMaxPositions);
   TORCH_CHECK(vocab_size > 0, "expected vocab_size > 0, but got ", vocab_size);
   TORCH_CHECK(
       hidden_size > 0, "expected hidden_size > 0, but got ", hidden_size);

@@ -89,6 +89,15 @@ std::vector<std::string> get_strings(const json& j, const char* key, const char*
   return out;
 }
 
+// A seed is any 64-bit unsigned value; a negative one is a crafted file.
+uint64_t get_seed(const json& j, const char* what) {
+  const auto& v = field(j, "seed", what);
+  TORCH_CHECK(
+      v.is_number_unsigned(), what, ": expected an integer \"seed\" >= 0, but got ",
+      io::describe_json(v));
+  return v.get<uint64_t>();
+}
+
 const char* dtype_name(torch::Dtype d) {
   return d == torch::kBFloat16 ? "bf16" : "f32";
 }
@@ -277,7 +286,7 @@ TrainOptions TrainOptions::from_json(const nlohmann::json& j) {
       .clip(get_double(j, "clip", what))
       .lora_rank(get_int(j, "lora_rank", what))
       .lora_alpha(get_double(j, "lora_alpha", what))
-      .seed(static_cast<uint64_t>(get_int(j, "seed", what)))
+      .seed(get_seed(j, what))
       .eval_every(get_int(j, "eval_every", what))
       .out_dir(get_string(j, "out_dir", what))
       .save_every(get_int(j, "save_every", what))

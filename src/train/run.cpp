@@ -1,6 +1,7 @@
 // run_training: the comparison run, the training loop with its evaluations
 // and state saves, and resuming.
 #include "remat/dist/process_group.h"
+#include "remat/io/json_text.h"
 #include "remat/model_sizes.h"
 #include "remat/train/train_state.h"
 #include "remat/train/trainer.h"
@@ -193,10 +194,17 @@ TrainOptions saved_run_options(const std::string& out_dir) {
     // A damaged file, not a mistake on the command line.
     TORCH_CHECK(false, what);
   }
+  TORCH_CHECK(
+      state.info.contains("options"), "'", path,
+      "' is not a complete training state (no \"options\")");
   try {
     return TrainOptions::from_json(state.info.at("options"));
-  } catch (const std::exception& e) {
-    TORCH_CHECK(false, "'", path, "' holds no usable run options: ", e.what());
+  } catch (const c10::Error& e) {
+    const std::string what = e.what_without_backtrace();
+    TORCH_CHECK(
+        false, "'", path, "' holds no usable run options: ", what.substr(0, what.find('\n')));
+  } catch (const nlohmann::json::exception& e) {
+    TORCH_CHECK(false, "'", path, "' holds no usable run options: ", io::json_error_text(e));
   }
 }
 
