@@ -153,7 +153,11 @@ TEST(TrainDataParallel, LauncherNamesTheFailedRank) {
 TEST(TrainDataParallel, BadSettingsAreUsageErrors) {
   auto r = run_cli(kRun + "--nproc -1");
   EXPECT_EQ(r.exit_code, 2);
-  EXPECT_THAT(r.err, HasSubstr("--nproc: expected a value >= 0, but got -1"));
+  EXPECT_THAT(r.err, HasSubstr("--nproc: expected a number of local processes in [0, 64], but got -1"));
+  // Past the bound nothing is started (it once forked until memory ran out).
+  r = run_cli(kRun + "--nproc 4294967296");
+  EXPECT_EQ(r.exit_code, 2) << r.err;
+  EXPECT_THAT(r.err, HasSubstr("in [0, 64], but got 4294967296"));
   r = run_cli("train --nproc 2 --dist-timeout 0");
   EXPECT_EQ(r.exit_code, 2);
   EXPECT_THAT(r.err, HasSubstr("--dist-timeout: expected a number of seconds > 0"));
