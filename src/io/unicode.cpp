@@ -19,43 +19,54 @@ bool in_ranges(const CodeRange* ranges, size_t n, char32_t cp) {
   return it != end && it->first <= cp;
 }
 
+// One UTF-8 sequence at s[i] of s[0, n).
+struct Decoded {
+  char32_t cp;  ///< the code point, or U+FFFD when not well formed
+  size_t size;  ///< bytes it spans: 1 for an invalid lead byte, up to the
+                ///< offending byte for a truncated sequence
+  bool valid;   ///< well formed: not overlong, not a surrogate, <= U+10FFFF
+};
+
+Decoded decode_at(const unsigned char* s, size_t n, size_t i) {
+  const unsigned char c = s[i];
+  if (c < 0x80) {
+    return {c, 1, true};
+  }
+  size_t len = 0;
+  char32_t cp = 0;
+  char32_t min = 0;
+  if ((c & 0xE0) == 0xC0) {
+    len = 2, cp = c & 0x1F, min = 0x80;
+  } else if ((c & 0xF0) == 0xE0) {
+    len = 3, cp = c & 0x0F, min = 0x800;
+  } else if ((c & 0xF8) == 0xF0) {
+    len = 4, cp = c & 0x07, min = 0x10000;
+  } else {
+    return {kReplacement, 1, false}; // stray continuation or invalid lead byte
+  }
+  size_t k = 1;
+  for (; k < len && i + k < n && (s[i + k] & 0xC0) == 0x80; ++k) {
+    cp = (cp << 6) | (s[i + k] & 0x3F);
+  }
+  if (k < len) {
+    return {kReplacement, k, false}; // truncated: resume at the offending byte
+  }
+  const bool overlong = cp < min;
+  const bool surrogate = cp >= 0xD800 && cp <= 0xDFFF;
+  const bool valid = !overlong && !surrogate && cp <= 0x10FFFF;
+  return {valid ? cp : kReplacement, len, valid};
+}
+
 } // namespace
 
 size_t invalid_utf8_offset(const std::string& text) {
   const auto* s = reinterpret_cast<const unsigned char*>(text.data());
-  const size_t n = text.size();
-  size_t i = 0;
-  while (i < n) {
-    const unsigned char c = s[i];
-    if (c < 0x80) {
-      ++i;
-      continue;
-    }
-    size_t len = 0;
-    char32_t cp = 0;
-    char32_t min = 0;
-    if ((c & 0xE0) == 0xC0) {
-      len = 2, cp = c & 0x1F, min = 0x80;
-    } else if ((c & 0xF0) == 0xE0) {
-      len = 3, cp = c & 0x0F, min = 0x800;
-    } else if ((c & 0xF8) == 0xF0) {
-      len = 4, cp = c & 0x07, min = 0x10000;
-    } else {
+  for (size_t i = 0; i < text.size();) {
+    const auto d = decode_at(s, text.size(), i);
+    if (!d.valid) {
       return i;
     }
-    if (i + len > n) {
-      return i;
-    }
-    for (size_t k = 1; k < len; ++k) {
-      if ((s[i + k] & 0xC0) != 0x80) {
-        return i;
-      }
-      cp = (cp << 6) | (s[i + k] & 0x3F);
-    }
-    if (cp < min || (cp >= 0xD800 && cp <= 0xDFFF) || cp > 0x10FFFF) {
-      return i;
-    }
-    i += len;
+    i += d.size;
   }
   return std::string::npos;
 }
@@ -64,42 +75,10 @@ std::u32string decode_utf8(const std::string& text) {
   std::u32string out;
   out.reserve(text.size());
   const auto* s = reinterpret_cast<const unsigned char*>(text.data());
-  const size_t n = text.size();
-  size_t i = 0;
-  while (i < n) {
-    const unsigned char c = s[i];
-    if (c < 0x80) {
-      out.push_back(c);
-      ++i;
-      continue;
-    }
-    size_t len = 0;
-    char32_t cp = 0;
-    char32_t min = 0;
-    if ((c & 0xE0) == 0xC0) {
-      len = 2, cp = c & 0x1F, min = 0x80;
-    } else if ((c & 0xF0) == 0xE0) {
-      len = 3, cp = c & 0x0F, min = 0x800;
-    } else if ((c & 0xF8) == 0xF0) {
-      len = 4, cp = c & 0x07, min = 0x10000;
-    } else {
-      out.push_back(kReplacement); // stray continuation or invalid lead byte
-      ++i;
-      continue;
-    }
-    size_t k = 1;
-    for (; k < len && i + k < n && (s[i + k] & 0xC0) == 0x80; ++k) {
-      cp = (cp << 6) | (s[i + k] & 0x3F);
-    }
-    if (k < len) {
-      out.push_back(kReplacement); // truncated: resume at the offending byte
-      i += k;
-      continue;
-    }
-    const bool overlong = cp < min;
-    const bool surrogate = cp >= 0xD800 && cp <= 0xDFFF;
-    out.push_back(overlong || surrogate || cp > 0x10FFFF ? kReplacement : cp);
-    i += len;
+  for (size_t i = 0; i < text.size();) {
+    const auto d = decode_at(s, text.size(), i);
+    out.push_back(d.cp);
+    i += d.size;
   }
   return out;
 }
