@@ -468,18 +468,6 @@ void LlamaConfig::validate() const {
   check_size("num_attention_heads", num_attention_heads, 1, limits::kMaxHeads);
   check_size("num_key_value_heads", num_key_value_heads, 1, limits::kMaxHeads);
   check_size("max_position_embeddings", max_position_embeddings, 1, limits::kMaxPositions);
-  TORCH_CHECK(vocab_size > 0, "expected vocab_size > 0, but got ", vocab_size);
-  TORCH_CHECK(
-      hidden_size > 0, "expected hidden_size > 0, but got ", hidden_size);
-  TORCH_CHECK(
-      intermediate_size > 0, "expected intermediate_size > 0, but got ",
-      intermediate_size);
-  TORCH_CHECK(
-      num_hidden_layers > 0, "expected num_hidden_layers > 0, but got ",
-      num_hidden_layers);
-  TORCH_CHECK(
-      num_attention_heads > 0, "expected num_attention_heads > 0, but got ",
-      num_attention_heads);
   TORCH_CHECK(
       hidden_size % num_attention_heads == 0,
       "expected hidden_size divisible by "
@@ -489,10 +477,6 @@ void LlamaConfig::validate() const {
       num_key_value_heads > 0 && num_attention_heads % num_key_value_heads == 0,
       "expected num_key_value_heads > 0 dividing num_attention_heads ",
       num_attention_heads, ", but got ", num_key_value_heads);
-  TORCH_CHECK(
-      max_position_embeddings > 0,
-      "expected max_position_embeddings > 0, but got ",
-      max_position_embeddings);
   TORCH_CHECK(rope_theta > 0, "expected rope_theta > 0, but got ", rope_theta);
   TORCH_CHECK(
       rms_norm_eps > 0, "expected rms_norm_eps > 0, but got ", rms_norm_eps);
