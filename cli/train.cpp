@@ -8,6 +8,7 @@
 #include "device_flag.h"
 
 #include "remat/dist/process_group.h"
+#include "remat/io/file.h"
 #include "remat/memory.h"
 #include "remat/timing.h"
 #include "remat/train/data.h"
@@ -154,8 +155,9 @@ void require_file(const std::string& path, const std::string& flag) {
   if (path.empty()) {
     return;
   }
-  std::error_code ec;
-  require(fs::is_regular_file(path, ec), flag, "cannot read '" + path + "': no such file");
+  // A missing file, a folder, a device or a FIFO is each said as what it is.
+  const auto problem = io::regular_file_problem(path);
+  require(problem.empty(), flag, "cannot read '" + path + "': " + problem);
 }
 
 // Sets the options the user gave (all of them for a new run; on --resume

@@ -94,21 +94,28 @@ void write_file_atomic(const std::string& path, const std::string& bytes) {
   file.commit();
 }
 
-void require_regular_file(const std::string& path, const std::string& what) {
-  const std::string prefix = what.empty() ? "" : what + " ";
+std::string regular_file_problem(const std::string& path) {
   struct stat st;
-  TORCH_CHECK(
-      ::stat(path.c_str(), &st) == 0, "could not open ", prefix, "'", path, "': ",
-      errno_text());
+  if (::stat(path.c_str(), &st) != 0) {
+    return errno_text();
+  }
+  if (S_ISREG(st.st_mode)) {
+    return "";
+  }
   const char* kind = S_ISDIR(st.st_mode) ? "a folder"
       : S_ISCHR(st.st_mode)              ? "a character device"
       : S_ISBLK(st.st_mode)              ? "a block device"
       : S_ISFIFO(st.st_mode)             ? "a FIFO"
       : S_ISSOCK(st.st_mode)             ? "a socket"
-                                         : nullptr;
+                                         : "not one";
+  return std::string("expected a regular file, but it is ") + kind;
+}
+
+void require_regular_file(const std::string& path, const std::string& what) {
+  const auto problem = regular_file_problem(path);
   TORCH_CHECK(
-      S_ISREG(st.st_mode), "could not open ", prefix, "'", path,
-      "': expected a regular file, but it is ", kind ? kind : "not one");
+      problem.empty(), "could not open ", what.empty() ? "" : what + " ", "'", path, "': ",
+      problem);
 }
 
 std::string read_file(const std::string& path, int64_t max_bytes) {

@@ -51,6 +51,9 @@ TEST(TrainCli, BadInputGetsOneLineNamingTheFlagOrFileAndExitCode2) {
            {"train --no-such-flag", "--no-such-flag"},
            {"train --train " + dir + "/absent.jsonl", "--train: cannot read '" + dir +
                                                           "/absent.jsonl'"},
+           {"train --train /dev/null",
+            "--train: cannot read '/dev/null': expected a regular file, but it is a "
+            "character device"},
            {"train --train " + dir + "/broken.jsonl", "broken.jsonl:2"},
            {"train --train " + dir + "/empty.jsonl", "--train"},
            {"train --accumulate 0", "--accumulate: expected a value >= 1, but got 0"},

@@ -56,6 +56,11 @@ void write_file_atomic(const std::string& path, const std::string& bytes);
 /// `what` starts the message (e.g. "training data"); empty: nothing.
 void require_regular_file(const std::string& path, const std::string& what = "");
 
+/// Why `path` is not a readable regular file ("No such file or directory",
+/// "expected a regular file, but it is a FIFO"), or "" when it is one. The
+/// check require_regular_file makes, for callers that word the error.
+std::string regular_file_problem(const std::string& path);
+
 /// The whole content of `path`, a regular file of at most `max_bytes` bytes
 /// (-1: no limit but the file's size). Throws c10::Error naming the path on
 /// failure, and before reading anything when the file is larger than
