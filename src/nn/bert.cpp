@@ -221,16 +221,32 @@ torch::Tensor BertEncoderImpl::forward(
     const torch::Tensor& hidden,
     const torch::Tensor& mask,
     const Schedule& schedule) {
-  std::vector<torch::Tensor> side;
+  SideInputs side;
   if (mask.defined()) {
     side.push_back(mask);
   }
-  return run_stack(
-      layers, hidden, side, schedule,
-      [](BertLayer layer, const torch::Tensor& h,
-         const std::vector<torch::Tensor>& side, SegmentMode mode) {
-        return layer->forward(h, side.empty() ? torch::Tensor() : side[0], mode);
-      });
+  auto self = std::dynamic_pointer_cast<BertEncoderImpl>(shared_from_this());
+  return run_stack(self, hidden, side, schedule);
+}
+
+int64_t BertEncoderImpl::num_layers() const {
+  return static_cast<int64_t>(layers.size());
+}
+
+torch::Tensor BertEncoderImpl::layer_forward(
+    int64_t i,
+    const torch::Tensor& hidden,
+    const SideInputs& side,
+    SegmentMode mode) {
+  return layers.at(i)->forward(hidden, side.empty() ? torch::Tensor() : side[0], mode);
+}
+
+std::vector<torch::Tensor> BertEncoderImpl::layer_parameters(int64_t i) const {
+  return layers.at(i)->parameters();
+}
+
+std::vector<SegmentMode> BertEncoderImpl::selective_modes(int64_t /*i*/) const {
+  return {SegmentMode::kRecomputeAttention, SegmentMode::kRecomputeMlp};
 }
 
 BertPoolerImpl::BertPoolerImpl(BertOptions options_) : options(std::move(options_)) {
@@ -269,41 +285,98 @@ BertOutput BertImpl::forward(
     const torch::Tensor& input_ids,
     const torch::Tensor& attention_mask,
     const torch::Tensor& token_type_ids) {
+  const auto step =
+      BertStep(input_ids).attention_mask(attention_mask).token_type_ids(token_type_ids);
   if (torch::GradMode::is_enabled() && input_ids.dim() == 2 &&
       checkpointing_.needs_plan(input_ids.size(0), input_ids.size(1))) {
     checkpointing_.plan(input_ids.size(0), input_ids.size(1), [&](int64_t budget_bytes) {
-      return plan_checkpointing(
-          *this,
-          BertStep(input_ids).attention_mask(attention_mask).token_type_ids(token_type_ids),
-          budget_bytes);
+      return plan_checkpointing(*this, step, budget_bytes);
     });
   }
-  auto embedded = embed(input_ids, attention_mask, token_type_ids);
-  auto last = encoder->forward(embedded.first, embedded.second, checkpointing_.schedule());
+  auto e = embed(step.batch());
+  auto last = run_stack(layer_stack(), e.hidden, e.side, checkpointing_.schedule());
   return {last, pooler->forward(last)};
 }
 
-std::pair<torch::Tensor, torch::Tensor> BertImpl::embed(
-    const torch::Tensor& input_ids,
-    const torch::Tensor& attention_mask,
-    const torch::Tensor& token_type_ids) {
+Embedded BertImpl::embed(const StageBatch& batch) {
+  const auto& input_ids = batch.input_ids();
   TORCH_CHECK(
-      input_ids.dim() == 2 && input_ids.scalar_type() == torch::kLong,
-      "remat::nn::Bert: expected input_ids of shape [batch, seq] and dtype int64, "
-      "but got shape ", input_ids.sizes(), " and dtype ", input_ids.scalar_type());
-  auto types = token_type_ids.defined() ? token_type_ids : torch::zeros_like(input_ids);
-  auto hidden = embeddings->forward(input_ids, types);
-  torch::Tensor mask;
-  if (attention_mask.defined()) {
+      input_ids.defined() && input_ids.dim() == 2 && input_ids.scalar_type() == torch::kLong,
+      "remat::nn::Bert: expected input_ids of shape [batch, seq] and dtype int64, but got ",
+      input_ids.defined() ? c10::str("shape ", input_ids.sizes(), " and dtype ",
+                                     input_ids.scalar_type())
+                          : std::string("none"));
+  const auto& types = batch.token_type_ids();
+  auto hidden = embeddings->forward(input_ids, types.defined() ? types : torch::zeros_like(input_ids));
+  Embedded e{hidden, {}};
+  if (batch.attention_mask().defined()) {
     TORCH_CHECK(
-        attention_mask.sizes() == input_ids.sizes(),
+        batch.attention_mask().sizes() == input_ids.sizes(),
         "remat::nn::Bert: expected attention_mask of shape ", input_ids.sizes(),
-        ", but got ", attention_mask.sizes());
+        ", but got ", batch.attention_mask().sizes());
     // [B, S] of 1/0 -> additive [B, 1, 1, S] of 0 / most negative value.
-    auto keep = attention_mask.to(hidden.scalar_type()).unsqueeze(1).unsqueeze(2);
-    mask = (1.0 - keep) * std::numeric_limits<float>::lowest();
+    auto keep = batch.attention_mask().to(hidden.scalar_type()).unsqueeze(1).unsqueeze(2);
+    e.side.push_back((1.0 - keep) * std::numeric_limits<float>::lowest());
   }
-  return {hidden, mask};
+  return e;
+}
+
+std::vector<torch::Tensor> BertImpl::embedding_parameters() const {
+  return embeddings->parameters();
+}
+
+std::shared_ptr<LayerStack> BertImpl::layer_stack() {
+  return encoder.ptr();
+}
+
+StageHead BertImpl::step_head(BertLoss loss) {
+  if (!loss) {
+    loss = default_bert_loss;
+  }
+  auto pool = pooler;
+  return StageHead{
+      [pool, loss](const torch::Tensor& hidden) mutable {
+        return loss(BertOutput{hidden, pool->forward(hidden)});
+      },
+      pooler->parameters()};
+}
+
+StageBatch BertStep::batch() const {
+  return StageBatch(input_ids_).attention_mask(attention_mask_).token_type_ids(token_type_ids_);
+}
+
+torch::Tensor default_bert_loss(const BertOutput& output) {
+  return output.last_hidden_state.pow(2).mean() + output.pooler_output.pow(2).mean();
+}
+
+plan::Chain profile_model(
+    BertImpl& model,
+    const BertStep& step,
+    const plan::ProfileOptions& options) {
+  return profile_model(model, step.batch(), model.step_head(step.loss()), options);
+}
+
+plan::Plan plan_checkpointing(
+    BertImpl& model,
+    const BertStep& step,
+    int64_t budget_bytes,
+    const PlanOptions& options) {
+  return plan_checkpointing(
+      model, step.batch(), model.step_head(step.loss()), budget_bytes, options);
+}
+
+StepMeasurement measure_step(
+    BertImpl& model,
+    const BertStep& step,
+    int64_t steps,
+    int64_t warmup) {
+  const BertLoss loss = step.loss() ? step.loss() : BertLoss(default_bert_loss);
+  return measure_step(
+      model,
+      [&] {
+        return loss(model.forward(step.input_ids(), step.attention_mask(), step.token_type_ids()));
+      },
+      steps, warmup);
 }
 
 void BertImpl::gradient_checkpointing_enable(const CheckpointPolicy& policy) {

@@ -262,15 +262,35 @@ torch::Tensor LlamaModelImpl::forward(
           &cache->keys[i], &cache->values[i]);
     }
   } else {
-    hidden = run_stack(
-        decoder_layers, hidden, side, schedule,
-        [](LlamaDecoderLayer layer, const torch::Tensor& h,
-           const std::vector<torch::Tensor>& side, SegmentMode mode) {
-          return layer->forward(
-              h, side[0], side[1], side.size() > 2 ? side[2] : torch::Tensor(), mode);
-        });
+    auto self = std::dynamic_pointer_cast<LlamaModelImpl>(shared_from_this());
+    hidden = run_stack(self, hidden, side, schedule);
   }
   return norm->forward(hidden);
+}
+
+int64_t LlamaModelImpl::num_layers() const {
+  return static_cast<int64_t>(decoder_layers.size());
+}
+
+torch::Tensor LlamaModelImpl::layer_forward(
+    int64_t i,
+    const torch::Tensor& hidden,
+    const SideInputs& side,
+    SegmentMode mode) {
+  TORCH_CHECK(
+      side.size() == 2 || side.size() == 3,
+      "remat::nn::Llama: expected side inputs cos, sin and optionally a mask, but got ",
+      side.size(), " tensors");
+  return decoder_layers.at(i)->forward(
+      hidden, side[0], side[1], side.size() > 2 ? side[2] : torch::Tensor(), mode);
+}
+
+std::vector<torch::Tensor> LlamaModelImpl::layer_parameters(int64_t i) const {
+  return decoder_layers.at(i)->parameters();
+}
+
+std::vector<SegmentMode> LlamaModelImpl::selective_modes(int64_t /*i*/) const {
+  return {SegmentMode::kRecomputeAttention, SegmentMode::kRecomputeMlp};
 }
 
 std::vector<torch::Tensor> LlamaModelImpl::side_inputs(
@@ -394,6 +414,80 @@ torch::Tensor LlamaImpl::head_loss(const torch::Tensor& hidden, const torch::Ten
   return linear_cross_entropy(
       hidden.reshape({batch * seq, hidden.size(2)}), lm_head_weight(), next.reshape({-1}),
       LinearCrossEntropyOptions().ignore_index(-100));
+}
+
+Embedded LlamaImpl::embed(const StageBatch& batch) {
+  const auto& ids = batch.input_ids();
+  TORCH_CHECK(
+      ids.defined() && ids.dim() == 2 && ids.scalar_type() == torch::kLong,
+      "remat::nn::Llama: expected input_ids of shape [batch, seq] and dtype int64, but got ",
+      ids.defined() ? c10::str("shape ", ids.sizes(), " and dtype ", ids.scalar_type())
+                    : std::string("none"));
+  TORCH_CHECK(
+      !batch.token_type_ids().defined(),
+      "remat::nn::Llama: expected no token_type_ids (a Llama has no token types), but got ",
+      batch.token_type_ids().sizes());
+  TORCH_CHECK(
+      ids.size(1) <= options.max_position_embeddings(),
+      "remat::nn::Llama: expected at most max_position_embeddings = ",
+      options.max_position_embeddings(), " tokens, but got ", ids.size(1));
+  auto hidden = model->embed_tokens->forward(ids);
+  auto side = model->side_inputs(ids, batch.attention_mask(), 0, hidden.options());
+  return Embedded{hidden, std::move(side)};
+}
+
+std::vector<torch::Tensor> LlamaImpl::embedding_parameters() const {
+  return model->embed_tokens->parameters();
+}
+
+std::shared_ptr<LayerStack> LlamaImpl::layer_stack() {
+  return model.ptr();
+}
+
+StageHead LlamaImpl::step_head(const torch::Tensor& labels) {
+  auto params = model->norm->parameters();
+  const auto out = lm_head ? lm_head->parameters()
+                           : std::vector<torch::Tensor>{model->embed_tokens->weight};
+  params.insert(params.end(), out.begin(), out.end());
+  LlamaImpl* m = this;
+  return StageHead{
+      [m, labels](const torch::Tensor& hidden) {
+        return m->head_loss(m->model->norm->forward(hidden), labels);
+      },
+      std::move(params)};
+}
+
+StageBatch LlamaStep::batch() const {
+  return StageBatch(input_ids_).attention_mask(attention_mask_);
+}
+
+plan::Chain profile_model(
+    LlamaImpl& model,
+    const LlamaStep& step,
+    const plan::ProfileOptions& options) {
+  const auto labels = step.labels().defined() ? step.labels() : step.input_ids();
+  return profile_model(model, step.batch(), model.step_head(labels), options);
+}
+
+plan::Plan plan_checkpointing(
+    LlamaImpl& model,
+    const LlamaStep& step,
+    int64_t budget_bytes,
+    const PlanOptions& options) {
+  const auto labels = step.labels().defined() ? step.labels() : step.input_ids();
+  return plan_checkpointing(model, step.batch(), model.step_head(labels), budget_bytes, options);
+}
+
+StepMeasurement measure_step(
+    LlamaImpl& model,
+    const LlamaStep& step,
+    int64_t steps,
+    int64_t warmup) {
+  const auto labels = step.labels().defined() ? step.labels() : step.input_ids();
+  return measure_step(
+      model,
+      [&] { return model.forward_loss(step.input_ids(), labels, step.attention_mask()); },
+      steps, warmup);
 }
 
 torch::Tensor causal_lm_loss(const torch::Tensor& logits, const torch::Tensor& labels) {

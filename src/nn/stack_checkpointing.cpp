@@ -6,6 +6,7 @@
 #include <c10/util/Exception.h>
 
 #include <limits>
+#include <string>
 
 namespace remat {
 namespace nn {
@@ -66,6 +67,51 @@ void StackCheckpointing::plan(
   schedule_ = p.schedule;
   planned_batch_ = batch;
   planned_seq_ = seq;
+}
+
+torch::Tensor run_stack(
+    const std::shared_ptr<LayerStack>& stack,
+    torch::Tensor hidden,
+    const SideInputs& side,
+    const Schedule& schedule) {
+  TORCH_CHECK(stack != nullptr, "remat::nn::run_stack: expected a layer stack, but got none");
+  const int64_t n = stack->num_layers();
+  for (const auto& seg : schedule.segments) {
+    TORCH_CHECK(
+        0 <= seg.begin && seg.begin <= seg.end && seg.end <= n,
+        "remat::nn::run_stack: expected a schedule over the stack's ", n,
+        " layers, but it has a segment [", seg.begin, ", ", seg.end, ")");
+    if (seg.mode != SegmentMode::kRecompute) {
+      for (int64_t i = seg.begin; i < seg.end; ++i) {
+        hidden = stack->layer_forward(i, hidden, side, seg.mode);
+      }
+      continue;
+    }
+    std::vector<torch::Tensor> params;
+    for (int64_t i = seg.begin; i < seg.end; ++i) {
+      auto p = stack->layer_parameters(i);
+      params.insert(params.end(), p.begin(), p.end());
+    }
+    std::vector<torch::Tensor> inputs{hidden};
+    inputs.insert(inputs.end(), side.begin(), side.end());
+    // Holds the stack: it runs again in backward, after this frame is gone.
+    const int64_t begin = seg.begin;
+    const int64_t end = seg.end;
+    auto fn = [stack, begin, end](const std::vector<torch::Tensor>& in) {
+      const SideInputs rest(in.begin() + 1, in.end());
+      torch::Tensor h = in[0];
+      for (int64_t i = begin; i < end; ++i) {
+        h = stack->layer_forward(i, h, rest, SegmentMode::kStore);
+      }
+      return std::vector<torch::Tensor>{h};
+    };
+    hidden = checkpoint(
+        fn, inputs,
+        CheckpointOptions()
+            .parameters(std::move(params))
+            .name("layers[" + std::to_string(begin) + "," + std::to_string(end) + ")"))[0];
+  }
+  return hidden;
 }
 
 } // namespace nn

@@ -35,47 +35,6 @@ std::string join(const std::vector<std::string>& names, size_t max_names = 4) {
   return out;
 }
 
-// [B, S] of 1/0 -> additive [B, 1, 1, S] of 0 / most negative value, as the
-// models build it.
-torch::Tensor additive_mask(const torch::Tensor& attention_mask, torch::Dtype dtype) {
-  auto keep = attention_mask.to(dtype).unsqueeze(1).unsqueeze(2);
-  return (1.0 - keep) * std::numeric_limits<float>::lowest();
-}
-
-// Index of `layer` in `layers` (the instrumented step labels by position).
-template <typename Layer>
-int64_t index_of(const std::vector<Layer>& layers, const Layer& layer) {
-  for (size_t i = 0; i < layers.size(); ++i) {
-    if (layers[i].get() == layer.get()) {
-      return static_cast<int64_t>(i);
-    }
-  }
-  return -1;
-}
-
-// Wraps one layer call of the instrumented step: a hook on the layer's input
-// marks the end of the layer's backward; a sample after the call marks its
-// forward (or, once backward has begun, its recompute).
-template <typename Layer, typename Call>
-auto instrumented_call(
-    std::vector<Layer> layers,
-    Sample sample,
-    std::shared_ptr<bool> in_backward,
-    Call call) {
-  return [=](Layer layer, const torch::Tensor& h,
-             const std::vector<torch::Tensor>& side, SegmentMode mode) {
-    const int64_t i = index_of(layers, layer);
-    const std::string name = "layer " + std::to_string(i);
-    if (h.requires_grad()) {
-      auto h_hooked = h;
-      h_hooked.register_hook([sample, name](torch::Tensor) { sample("backward " + name); });
-    }
-    auto out = call(layer, h, side, mode);
-    sample((*in_backward ? "recompute " : "forward ") + name);
-    return out;
-  };
-}
-
 // ------------------------------------------------------------ classification
 
 /// BERT with a linear head on the pooler output, named as Hugging Face's
@@ -125,25 +84,25 @@ class ClassificationTask : public TaskModel {
   void set_policy(const CheckpointPolicy& policy) override {
     model_->bert->gradient_checkpointing_enable(policy);
   }
-  CheckpointPolicy plan_policy(
-      const CheckpointPolicy& policy,
-      int64_t batch,
-      int64_t seq,
-      int64_t reserve_bytes) override {
-    // Token values do not change what a step costs; zeros draw no random
-    // numbers, so the run stays the same as without planning.
-    const auto device = model_->classifier->weight.device();
-    auto ids = torch::zeros({batch, seq}, torch::TensorOptions(torch::kLong).device(device));
-    auto labels = torch::zeros({batch, model_->num_labels}, torch::TensorOptions().device(device));
+  nn::StagedModel& staged() override {
+    return *model_->bert;
+  }
+  nn::StageHead stage_head(const Batch& batch) override {
     auto* m = model_.get();
-    const auto p = nn::plan_checkpointing(
-        *model_->bert,
-        nn::BertStep(ids).attention_mask(torch::ones_like(ids)).loss(
-            [m, labels](const nn::BertOutput& o) {
-              return bce(m->classifier->forward(m->dropout->forward(o.pooler_output)), labels);
-            }),
-        policy.budget_bytes(), nn::PlanOptions().reserve_bytes(reserve_bytes));
-    return CheckpointPolicy::custom(p.schedule, policy.name());
+    auto head = m->bert->step_head([m, labels = batch.labels](const nn::BertOutput& o) {
+      return bce(m->classifier->forward(m->dropout->forward(o.pooler_output)), labels);
+    });
+    const auto classifier = m->classifier->parameters();
+    head.parameters.insert(head.parameters.end(), classifier.begin(), classifier.end());
+    return head;
+  }
+  Batch planning_batch(int64_t batch, int64_t seq) const override {
+    const auto device = model_->classifier->weight.device();
+    Batch b;
+    b.input_ids = torch::zeros({batch, seq}, torch::TensorOptions(torch::kLong).device(device));
+    b.attention_mask = torch::ones_like(b.input_ids);
+    b.labels = torch::zeros({batch, model_->num_labels}, torch::TensorOptions().device(device));
+    return b;
   }
   std::string describe() const override {
     std::ostringstream out;
@@ -162,31 +121,6 @@ class ClassificationTask : public TaskModel {
       *logits = out;
     }
     return bce(out, batch.labels);
-  }
-
-  torch::Tensor instrumented_loss(const Batch& batch, const Sample& sample) override {
-    auto& bert = *model_->bert;
-    auto in_backward = std::make_shared<bool>(false);
-    sample("start");
-    auto hidden = bert.embeddings->forward(
-        batch.input_ids, torch::zeros_like(batch.input_ids));
-    sample("embeddings");
-    std::vector<torch::Tensor> side{additive_mask(batch.attention_mask, hidden.scalar_type())};
-    auto call = instrumented_call(
-        bert.encoder->layers, sample, in_backward,
-        [](nn::BertLayer layer, const torch::Tensor& h,
-           const std::vector<torch::Tensor>& side, SegmentMode mode) {
-          return layer->forward(h, side[0], mode);
-        });
-    hidden = nn::run_stack(
-        bert.encoder->layers, hidden, side,
-        bert.checkpoint_policy().schedule(bert.options.num_layers()), call);
-    auto logits = model_->classifier->forward(
-        model_->dropout->forward(bert.pooler->forward(hidden)));
-    auto l = bce(logits, batch.labels);
-    sample("loss");
-    *in_backward = true;
-    return l;
   }
 
   std::vector<std::string> default_lora_targets() const override {
@@ -281,17 +215,19 @@ class CausalLmTask : public TaskModel {
   void set_policy(const CheckpointPolicy& policy) override {
     model_->gradient_checkpointing_enable(policy);
   }
-  CheckpointPolicy plan_policy(
-      const CheckpointPolicy& policy,
-      int64_t batch,
-      int64_t seq,
-      int64_t reserve_bytes) override {
+  nn::StagedModel& staged() override {
+    return *model_;
+  }
+  nn::StageHead stage_head(const Batch& batch) override {
+    return model_->step_head(batch.labels);
+  }
+  Batch planning_batch(int64_t batch, int64_t seq) const override {
     const auto device = model_->parameters().front().device();
-    auto ids = torch::zeros({batch, seq}, torch::TensorOptions(torch::kLong).device(device));
-    const auto p = nn::plan_checkpointing(
-        *model_, nn::LlamaStep(ids).attention_mask(torch::ones_like(ids)),
-        policy.budget_bytes(), nn::PlanOptions().reserve_bytes(reserve_bytes));
-    return CheckpointPolicy::custom(p.schedule, policy.name());
+    Batch b;
+    b.input_ids = torch::zeros({batch, seq}, torch::TensorOptions(torch::kLong).device(device));
+    b.attention_mask = torch::ones_like(b.input_ids);
+    b.labels = b.input_ids; // next-token labels
+    return b;
   }
   std::string describe() const override {
     std::ostringstream out;
@@ -312,34 +248,6 @@ class CausalLmTask : public TaskModel {
     auto out = model_->forward(batch.input_ids, batch.attention_mask);
     *logits = out;
     return nn::causal_lm_loss(out, batch.labels);
-  }
-
-  torch::Tensor instrumented_loss(const Batch& batch, const Sample& sample) override {
-    auto& m = *model_->model;
-    auto in_backward = std::make_shared<bool>(false);
-    sample("start");
-    auto hidden = m.embed_tokens->forward(batch.input_ids);
-    sample("embeddings");
-    auto tables = nn::rotary_tables(
-        m.options.head_dim(), m.options.rope_theta(), 0, batch.input_ids.size(1),
-        hidden.options());
-    std::vector<torch::Tensor> side{
-        tables.first, tables.second,
-        additive_mask(batch.attention_mask, hidden.scalar_type())};
-    auto call = instrumented_call(
-        m.decoder_layers, sample, in_backward,
-        [](nn::LlamaDecoderLayer layer, const torch::Tensor& h,
-           const std::vector<torch::Tensor>& side, SegmentMode mode) {
-          return layer->forward(h, side[0], side[1], side[2], mode);
-        });
-    hidden = nn::run_stack(
-        m.decoder_layers, hidden, side,
-        model_->checkpoint_policy().schedule(m.options.num_layers()), call);
-    hidden = m.norm->forward(hidden);
-    auto l = model_->head_loss(hidden, batch.labels);
-    sample("loss");
-    *in_backward = true;
-    return l;
   }
 
   std::vector<std::string> default_lora_targets() const override {
@@ -369,6 +277,46 @@ class CausalLmTask : public TaskModel {
 };
 
 } // namespace
+
+CheckpointPolicy TaskModel::plan_policy(
+    const CheckpointPolicy& policy,
+    int64_t batch,
+    int64_t seq,
+    int64_t reserve_bytes) {
+  const auto b = planning_batch(batch, seq);
+  const auto p = nn::plan_checkpointing(
+      staged(), nn::StageBatch(b.input_ids).attention_mask(b.attention_mask), stage_head(b),
+      policy.budget_bytes(), nn::PlanOptions().reserve_bytes(reserve_bytes));
+  return CheckpointPolicy::custom(p.schedule, policy.name());
+}
+
+torch::Tensor TaskModel::instrumented_loss(const Batch& batch, const Sample& sample) {
+  auto& model = staged();
+  auto in_backward = std::make_shared<bool>(false);
+  sample("start");
+  auto e = model.embed(nn::StageBatch(batch.input_ids).attention_mask(batch.attention_mask));
+  sample("embeddings");
+  // Each layer call: a hook on its input marks the end of the layer's
+  // backward; a sample after it marks its forward or, once backward has
+  // begun, its recompute.
+  auto stack = std::make_shared<nn::ObservedStack>(
+      model.layer_stack(),
+      [sample](int64_t i, const torch::Tensor& h, SegmentMode) {
+        if (h.requires_grad()) {
+          auto hooked = h;
+          const auto name = "backward layer " + std::to_string(i);
+          hooked.register_hook([sample, name](torch::Tensor) { sample(name); });
+        }
+      },
+      [sample, in_backward](int64_t i, const torch::Tensor&) {
+        sample((*in_backward ? "recompute layer " : "forward layer ") + std::to_string(i));
+      });
+  auto hidden = nn::run_stack(stack, e.hidden, e.side, model.checkpoint_schedule());
+  auto loss = stage_head(batch).loss(hidden);
+  sample("loss");
+  *in_backward = true;
+  return loss;
+}
 
 nn::ModelConfig model_config(const TrainOptions& o, int64_t vocab_size) {
   return nn::ModelConfig(

@@ -3,6 +3,7 @@
 #pragma once
 
 #include "remat/nn/model_config.h"
+#include "remat/nn/stages.h"
 #include "remat/policy.h"
 #include "remat/train/data.h"
 #include "remat/train/trainer.h"
@@ -27,16 +28,28 @@ class TaskModel {
   virtual torch::nn::Module& module() = 0;
   virtual const torch::nn::Module& module() const = 0;
   virtual void set_policy(const CheckpointPolicy& policy) = 0;
+  /// The model as stages (remat/nn/stages.h): what planning and the
+  /// instrumented step run.
+  virtual nn::StagedModel& staged() = 0;
+  /// The head of this task's training step on `batch`: from the last
+  /// layer's hidden state to the task's loss (the loss() of that batch).
+  virtual nn::StageHead stage_head(const Batch& batch) = 0;
+  /// A batch of `batch` rows of `seq` tokens shaped as this task's: zeros
+  /// (they draw no random numbers, and token values do not change what a
+  /// step costs), every token kept.
+  virtual Batch planning_batch(int64_t batch, int64_t seq) const = 0;
+
   /// A budget policy planned for this task's step on micro-batches of
-  /// `batch` rows of `seq` tokens (remat::nn::plan_checkpointing with the
-  /// task's own loss), `reserve_bytes` (bytes) added for what training holds
-  /// later: the fixed-schedule policy to set, named as `policy`. Throws,
-  /// giving the smallest feasible budget, when nothing fits.
-  virtual CheckpointPolicy plan_policy(
+  /// `batch` rows of `seq` tokens (remat::nn::plan_checkpointing over
+  /// staged() with stage_head), `reserve_bytes` (bytes) added for what
+  /// training holds later: the fixed-schedule policy to set, named as
+  /// `policy`. Throws, giving the smallest feasible budget, when nothing
+  /// fits.
+  CheckpointPolicy plan_policy(
       const CheckpointPolicy& policy,
       int64_t batch,
       int64_t seq,
-      int64_t reserve_bytes) = 0;
+      int64_t reserve_bytes);
   /// "remat::nn::Bert(layers=4, ...) + classifier(128 -> 4)"
   virtual std::string describe() const = 0;
 
@@ -46,11 +59,11 @@ class TaskModel {
   /// The mean loss of `batch` as a float32 scalar; `logits` gets the
   /// model's output when not null.
   virtual torch::Tensor loss(const Batch& batch, torch::Tensor* logits = nullptr) = 0;
-  /// loss(), run layer by layer with `sample` called after each layer's
-  /// forward (and recompute), and hooks that call it when the gradient
-  /// reaches each layer's input in backward.
-  virtual torch::Tensor instrumented_loss(const Batch& batch, const Sample& sample) = 0;
-
+  /// loss(), run stage by stage through staged() and stage_head(), with
+  /// `sample` called after the embeddings, after each layer's forward (and
+  /// recompute) and after the loss, and hooks that call it when the
+  /// gradient reaches each layer's input in backward.
+  torch::Tensor instrumented_loss(const Batch& batch, const Sample& sample);
   /// The projections LoRA adapts when no targets are given.
   virtual std::vector<std::string> default_lora_targets() const = 0;
   /// Loads a Hugging Face folder's weights (the model was built from its

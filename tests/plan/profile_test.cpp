@@ -4,6 +4,8 @@
 #include "testing.h"
 
 #include "remat/memory.h"
+#include "remat/nn/bert.h"
+#include "remat/nn/llama.h"
 #include "remat/nn/profile.h"
 #include "remat/plan/solver.h"
 

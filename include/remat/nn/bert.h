@@ -16,7 +16,9 @@
 #include "remat/model_sizes.h"
 #include "remat/nn/attention.h"
 #include "remat/nn/lora.h"
+#include "remat/nn/profile.h"
 #include "remat/nn/stack_checkpointing.h"
+#include "remat/nn/stages.h"
 #include "remat/policy.h"
 
 #include <torch/nn/cloneable.h>
@@ -26,12 +28,10 @@
 #include <torch/nn/modules/normalization.h>
 #include <torch/nn/pimpl.h>
 
+#include <functional>
 #include <utility>
 
 namespace remat {
-namespace plan {
-struct Chain;
-} // namespace plan
 namespace nn {
 
 /// Sizes and settings of a BERT encoder. Defaults are bert-base's.
@@ -151,14 +151,24 @@ class BertLayerImpl : public torch::nn::Cloneable<BertLayerImpl> {
 };
 TORCH_MODULE(BertLayer);
 
-/// The stack of layers ("encoder"; its list is "encoder.layer.N").
-class BertEncoderImpl : public torch::nn::Cloneable<BertEncoderImpl> {
+/// The stack of layers ("encoder"; its list is "encoder.layer.N"), as a
+/// LayerStack (remat/nn/stages.h) whose side inputs are the additive mask
+/// [B, 1, 1, S], or none.
+class BertEncoderImpl : public torch::nn::Cloneable<BertEncoderImpl>, public LayerStack {
  public:
   explicit BertEncoderImpl(BertOptions options);
   void reset() override;
-  /// Runs every layer under `schedule` (see remat/policy.h).
+  /// Runs every layer under `schedule` (see remat/policy.h); `mask` is the
+  /// additive mask, or undefined.
   torch::Tensor forward(const torch::Tensor& hidden, const torch::Tensor& mask,
                         const Schedule& schedule);
+
+  int64_t num_layers() const override;
+  torch::Tensor layer_forward(
+      int64_t i, const torch::Tensor& hidden, const SideInputs& side,
+      SegmentMode mode) override;
+  std::vector<torch::Tensor> layer_parameters(int64_t i) const override;
+  std::vector<SegmentMode> selective_modes(int64_t i) const override;
 
   BertOptions options;
   torch::nn::ModuleList layer{nullptr};
@@ -184,8 +194,38 @@ struct BertOutput {
   torch::Tensor pooler_output;     ///< [B, H]: tanh(dense(first token))
 };
 
-/// The encoder stack with embeddings and pooler ("BertModel").
-class BertImpl : public torch::nn::Cloneable<BertImpl> {
+/// The loss of a Bert training step, from the model's output.
+using BertLoss = std::function<torch::Tensor(const BertOutput&)>;
+
+/// The default BertLoss: mean of squares of the last hidden state plus that
+/// of the pooler output, a stand-in for a light head. A heavier head (a
+/// masked-LM head over the vocabulary) should be passed as BertStep::loss.
+torch::Tensor default_bert_loss(const BertOutput& output);
+
+/// One training step's batch and loss for a Bert.
+///
+/// Example:
+///   remat::nn::BertStep(input_ids).attention_mask(mask).loss(
+///       [&](const remat::nn::BertOutput& o) {
+///         return torch::mse_loss(o.last_hidden_state, target);
+///       })
+struct BertStep {
+  explicit BertStep(torch::Tensor input_ids) : input_ids_(std::move(input_ids)) {}
+  TORCH_ARG(torch::Tensor, input_ids);            ///< [B, S] int64
+  TORCH_ARG(torch::Tensor, attention_mask) = {};  ///< [B, S], 1 keep / 0 pad;
+                                                  ///< undefined: keep all
+  TORCH_ARG(torch::Tensor, token_type_ids) = {};  ///< [B, S]; undefined: 0
+  TORCH_ARG(BertLoss, loss) = nullptr;            ///< empty: default_bert_loss
+
+ public:
+  /// The step's batch, as the embedding stage reads it.
+  StageBatch batch() const;
+};
+
+/// The encoder stack with embeddings and pooler ("BertModel"), a
+/// StagedModel (remat/nn/stages.h): embeddings, encoder.layer.N, and a head
+/// made of the pooler and a loss (step_head).
+class BertImpl : public torch::nn::Cloneable<BertImpl>, public StagedModel {
  public:
   explicit BertImpl(BertOptions options = {});
   void reset() override;
@@ -199,12 +239,14 @@ class BertImpl : public torch::nn::Cloneable<BertImpl> {
       const torch::Tensor& token_type_ids = {});
 
   /// The part of forward before the layers: the embeddings' output
-  /// [B, S, H] and the additive mask [B, 1, 1, S] the layers read (undefined
-  /// without attention_mask). Arguments as for forward.
-  std::pair<torch::Tensor, torch::Tensor> embed(
-      const torch::Tensor& input_ids,
-      const torch::Tensor& attention_mask = {},
-      const torch::Tensor& token_type_ids = {});
+  /// [B, S, H], and as side input the additive mask [B, 1, 1, S] the layers
+  /// read (none without an attention_mask). The batch as for forward.
+  Embedded embed(const StageBatch& batch) override;
+  std::vector<torch::Tensor> embedding_parameters() const override;
+  std::shared_ptr<LayerStack> layer_stack() override;
+  /// The head of a training step: the pooler, then `loss` of the output
+  /// (empty: default_bert_loss); its parameters are the pooler's.
+  StageHead step_head(BertLoss loss = nullptr);
 
   /// Checkpoint the layers as `policy` says; `none` turns it off.
   ///
@@ -229,7 +271,7 @@ class BertImpl : public torch::nn::Cloneable<BertImpl> {
   const CheckpointPolicy& checkpoint_policy() const { return checkpointing_.policy(); }
   /// The schedule the layers run: the policy's, or for a budget policy the
   /// planned one (all kStore until planned).
-  const Schedule& checkpoint_schedule() const { return checkpointing_.schedule(); }
+  const Schedule& checkpoint_schedule() const override { return checkpointing_.schedule(); }
 
   BertOptions options;
   BertEmbeddings embeddings{nullptr};
@@ -240,6 +282,51 @@ class BertImpl : public torch::nn::Cloneable<BertImpl> {
   StackCheckpointing checkpointing_{"remat::nn::Bert", 0};
 };
 TORCH_MODULE(Bert);
+
+/// The model's measured cost Chain on this batch with the step's loss
+/// (remat::nn::profile_model over the model's stages, remat/nn/profile.h).
+///
+/// Example:
+///   auto chain = remat::nn::profile_model(*bert, remat::nn::BertStep(ids));
+///   std::cout << chain.str();
+plan::Chain profile_model(
+    BertImpl& model,
+    const BertStep& step,
+    const plan::ProfileOptions& options = {});
+inline plan::Chain profile_model(
+    Bert& model, const BertStep& step, const plan::ProfileOptions& options = {}) {
+  return profile_model(*model, step, options);
+}
+
+/// The fastest schedule for this step whose predicted peak is at most
+/// `budget_bytes` (total bytes); see remat::nn::plan_checkpointing in
+/// remat/nn/profile.h.
+///
+/// Example:
+///   auto plan = remat::nn::plan_checkpointing(*bert,
+///       remat::nn::BertStep(ids).attention_mask(mask), int64_t(1) << 30);
+plan::Plan plan_checkpointing(
+    BertImpl& model,
+    const BertStep& step,
+    int64_t budget_bytes,
+    const PlanOptions& options = {});
+inline plan::Plan plan_checkpointing(
+    Bert& model, const BertStep& step, int64_t budget_bytes,
+    const PlanOptions& options = {}) {
+  return plan_checkpointing(*model, step, budget_bytes, options);
+}
+
+/// `warmup + steps` measured training steps of forward, the step's loss and
+/// backward with the model's current policy (remat::nn::measure_step in
+/// remat/nn/profile.h).
+///
+/// Example:
+///   auto m = remat::nn::measure_step(*bert, remat::nn::BertStep(ids), 3);
+StepMeasurement measure_step(
+    BertImpl& model,
+    const BertStep& step,
+    int64_t steps = 1,
+    int64_t warmup = 0);
 
 } // namespace nn
 } // namespace remat

@@ -36,7 +36,9 @@
 #include "remat/model_sizes.h"
 #include "remat/nn/attention.h"
 #include "remat/nn/lora.h"
+#include "remat/nn/profile.h"
 #include "remat/nn/stack_checkpointing.h"
+#include "remat/nn/stages.h"
 #include "remat/policy.h"
 
 #include <torch/nn/cloneable.h>
@@ -44,12 +46,10 @@
 #include <torch/nn/modules/embedding.h>
 #include <torch/nn/pimpl.h>
 
+#include <memory>
 #include <vector>
 
 namespace remat {
-namespace plan {
-struct Chain;
-} // namespace plan
 namespace nn {
 
 /// Sizes and settings of a Llama decoder. Defaults are Llama-2-7B's.
@@ -201,8 +201,9 @@ class LlamaDecoderLayerImpl : public torch::nn::Cloneable<LlamaDecoderLayerImpl>
 };
 TORCH_MODULE(LlamaDecoderLayer);
 
-/// Embeddings, the layers and the final norm ("model" in HF).
-class LlamaModelImpl : public torch::nn::Cloneable<LlamaModelImpl> {
+/// Embeddings, the layers and the final norm ("model" in HF). Its layers
+/// are a LayerStack (remat/nn/stages.h) whose side inputs are side_inputs().
+class LlamaModelImpl : public torch::nn::Cloneable<LlamaModelImpl>, public LayerStack {
  public:
   explicit LlamaModelImpl(LlamaOptions options);
   void reset() override;
@@ -223,6 +224,13 @@ class LlamaModelImpl : public torch::nn::Cloneable<LlamaModelImpl> {
       int64_t past,
       const torch::TensorOptions& options) const;
 
+  int64_t num_layers() const override;
+  torch::Tensor layer_forward(
+      int64_t i, const torch::Tensor& hidden, const SideInputs& side,
+      SegmentMode mode) override;
+  std::vector<torch::Tensor> layer_parameters(int64_t i) const override;
+  std::vector<SegmentMode> selective_modes(int64_t i) const override;
+
   LlamaOptions options;
   torch::nn::Embedding embed_tokens{nullptr};
   torch::nn::ModuleList layers{nullptr};
@@ -231,8 +239,28 @@ class LlamaModelImpl : public torch::nn::Cloneable<LlamaModelImpl> {
 };
 TORCH_MODULE(LlamaModel);
 
-/// A causal language model ("LlamaForCausalLM").
-class LlamaImpl : public torch::nn::Cloneable<LlamaImpl> {
+/// One training step's batch for a Llama; the loss is LlamaImpl::forward_loss's
+/// (no [B, S, vocab] logits kept).
+///
+/// Example:
+///   remat::nn::LlamaStep(input_ids).labels(labels)
+struct LlamaStep {
+  explicit LlamaStep(torch::Tensor input_ids) : input_ids_(std::move(input_ids)) {}
+  TORCH_ARG(torch::Tensor, input_ids);            ///< [B, S] int64
+  TORCH_ARG(torch::Tensor, attention_mask) = {};  ///< [B, S], 1 keep / 0 pad;
+                                                  ///< undefined: keep all
+  TORCH_ARG(torch::Tensor, labels) = {};          ///< [B, S]; undefined:
+                                                  ///< input_ids (next token)
+
+ public:
+  /// The step's batch, as the embedding stage reads it.
+  StageBatch batch() const;
+};
+
+/// A causal language model ("LlamaForCausalLM"), a StagedModel
+/// (remat/nn/stages.h): embed_tokens with the rotary tables, model.layers.N,
+/// and a head made of the final norm and the next-token loss (step_head).
+class LlamaImpl : public torch::nn::Cloneable<LlamaImpl>, public StagedModel {
  public:
   explicit LlamaImpl(LlamaOptions options = {});
   void reset() override;
@@ -277,6 +305,16 @@ class LlamaImpl : public torch::nn::Cloneable<LlamaImpl> {
   /// then it falls back to loss(lm_head(hidden), labels), logits and all.
   torch::Tensor head_loss(const torch::Tensor& hidden, const torch::Tensor& labels);
 
+  /// The embedding stage: embed_tokens' output [B, S, H], and as side
+  /// inputs the rotary tables and, with an attention_mask, the additive mask
+  /// (LlamaModelImpl::side_inputs). A Llama has no token types.
+  Embedded embed(const StageBatch& batch) override;
+  std::vector<torch::Tensor> embedding_parameters() const override;
+  std::shared_ptr<LayerStack> layer_stack() override;
+  /// The head of a training step: the final norm, then head_loss against
+  /// `labels` [B, S]; its parameters are the norm's and the output matrix.
+  StageHead step_head(const torch::Tensor& labels);
+
   /// Greedy decoding of `max_new_tokens` tokens after input_ids [B, S] (no
   /// padding). Runs under NoGradGuard; with `use_cache` each step feeds one
   /// token and reuses the KvCache, without it each step recomputes the whole
@@ -310,7 +348,7 @@ class LlamaImpl : public torch::nn::Cloneable<LlamaImpl> {
   const CheckpointPolicy& checkpoint_policy() const { return checkpointing_.policy(); }
   /// The schedule the layers run: the policy's, or for a budget policy the
   /// planned one (all kStore until planned).
-  const Schedule& checkpoint_schedule() const { return checkpointing_.schedule(); }
+  const Schedule& checkpoint_schedule() const override { return checkpointing_.schedule(); }
 
   /// The [vocab, hidden] output matrix: lm_head's, or the embeddings' when tied.
   torch::Tensor lm_head_weight() const;
@@ -330,6 +368,50 @@ class LlamaImpl : public torch::nn::Cloneable<LlamaImpl> {
   StackCheckpointing checkpointing_{"remat::nn::Llama", 0};
 };
 TORCH_MODULE(Llama);
+
+/// The model's measured cost Chain on this batch with next-token labels
+/// (remat::nn::profile_model over the model's stages, remat/nn/profile.h).
+///
+/// Example:
+///   auto chain = remat::nn::profile_model(*llama, remat::nn::LlamaStep(ids));
+plan::Chain profile_model(
+    LlamaImpl& model,
+    const LlamaStep& step,
+    const plan::ProfileOptions& options = {});
+inline plan::Chain profile_model(
+    Llama& model, const LlamaStep& step, const plan::ProfileOptions& options = {}) {
+  return profile_model(*model, step, options);
+}
+
+/// The fastest schedule for this step whose predicted peak is at most
+/// `budget_bytes` (total bytes); see remat::nn::plan_checkpointing in
+/// remat/nn/profile.h.
+///
+/// Example:
+///   auto plan = remat::nn::plan_checkpointing(*llama,
+///       remat::nn::LlamaStep(ids), int64_t(3) << 30);
+plan::Plan plan_checkpointing(
+    LlamaImpl& model,
+    const LlamaStep& step,
+    int64_t budget_bytes,
+    const PlanOptions& options = {});
+inline plan::Plan plan_checkpointing(
+    Llama& model, const LlamaStep& step, int64_t budget_bytes,
+    const PlanOptions& options = {}) {
+  return plan_checkpointing(*model, step, budget_bytes, options);
+}
+
+/// `warmup + steps` measured training steps of forward_loss and backward
+/// with the model's current policy (remat::nn::measure_step in
+/// remat/nn/profile.h).
+///
+/// Example:
+///   auto m = remat::nn::measure_step(*llama, remat::nn::LlamaStep(ids), 3);
+StepMeasurement measure_step(
+    LlamaImpl& model,
+    const LlamaStep& step,
+    int64_t steps = 1,
+    int64_t warmup = 0);
 
 /// The loss of LlamaImpl::loss, for any causal LM's logits.
 torch::Tensor causal_lm_loss(const torch::Tensor& logits, const torch::Tensor& labels);

@@ -8,20 +8,25 @@
 // (needs_plan / plan), and again when a later batch is larger in batch size
 // or sequence length than the one it was planned for.
 //
-// Example (inside a model's forward):
+// Example (inside the forward of a model that is a StagedModel,
+// remat/nn/stages.h):
 //   if (checkpointing_.needs_plan(ids.size(0), ids.size(1))) {
 //     checkpointing_.plan(ids.size(0), ids.size(1), [&](int64_t budget_bytes) {
-//       return plan_checkpointing(*this, MyStep(ids), budget_bytes);
+//       return plan_checkpointing(*this, StageBatch(ids), my_head(ids),
+//                                 budget_bytes);   // remat/nn/profile.h
 //     });
 //   }
-//   hidden = run_stack(layers, hidden, side, checkpointing_.schedule(), call);
+//   auto e = embed(StageBatch(ids));
+//   hidden = run_stack(layer_stack(), e.hidden, e.side, checkpointing_.schedule());
 #pragma once
 
 #include "remat/checkpoint.h"
+#include "remat/nn/stages.h"
 #include "remat/policy.h"
 
 #include <cstdint>
 #include <functional>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -76,13 +81,53 @@ class StackCheckpointing {
 
 /// Runs a stack of layers under a checkpoint Schedule, the way every remat
 /// model family does, so a policy means the same thing for all of them.
-/// `layers` are module holders (torch::nn::ModuleHolder); `call(layer,
-/// hidden, side, mode)` runs one layer and returns its output; `side` are
-/// the tensors every layer reads besides the hidden state (mask, rotary
-/// tables). A kRecompute segment becomes one remat::checkpoint over its
-/// layers (their parameters explicit inputs); the other modes (kStore,
-/// kRecomputeAttention, kRecomputeMlp) are passed to `call`, for the layer
-/// to handle inside.
+/// `side` are the tensors every layer reads besides the hidden state (mask,
+/// rotary tables). A kRecompute segment becomes one remat::checkpoint over
+/// its layers (their parameters explicit inputs, `side` saved with its
+/// input); the other modes (kStore, kRecomputeAttention, kRecomputeMlp) are
+/// passed to the layer, for it to handle inside. The stack is shared because
+/// a recompute runs it again in backward. Throws when the schedule's layers
+/// are not the stack's.
+///
+/// Example:
+///   hidden = remat::nn::run_stack(model->layer_stack(), hidden, side,
+///                                 model->checkpoint_schedule());
+torch::Tensor run_stack(
+    const std::shared_ptr<LayerStack>& stack,
+    torch::Tensor hidden,
+    const SideInputs& side,
+    const Schedule& schedule);
+
+namespace detail {
+
+// A LayerStack over module holders and a call, for run_stack's template.
+template <typename Layer, typename Call>
+class CallStack : public LayerStack {
+ public:
+  CallStack(std::vector<Layer> layers, Call call)
+      : layers_(std::move(layers)), call_(std::move(call)) {}
+  int64_t num_layers() const override {
+    return static_cast<int64_t>(layers_.size());
+  }
+  torch::Tensor layer_forward(
+      int64_t i, const torch::Tensor& hidden, const SideInputs& side,
+      SegmentMode mode) override {
+    return call_(layers_[i], hidden, side, mode);
+  }
+  std::vector<torch::Tensor> layer_parameters(int64_t i) const override {
+    return layers_[i]->parameters();
+  }
+
+ private:
+  std::vector<Layer> layers_;
+  Call call_;
+};
+
+} // namespace detail
+
+/// run_stack over a model of your own: `layers` are module holders
+/// (torch::nn::ModuleHolder) and `call(layer, hidden, side, mode)` runs one
+/// layer and returns its output. Copies of both are kept until backward.
 ///
 /// Example:
 ///   hidden = remat::nn::run_stack(layers, hidden, {mask},
@@ -95,42 +140,12 @@ template <typename Layer, typename Call>
 torch::Tensor run_stack(
     const std::vector<Layer>& layers,
     torch::Tensor hidden,
-    const std::vector<torch::Tensor>& side,
+    const SideInputs& side,
     const Schedule& schedule,
     const Call& call) {
-  for (const auto& seg : schedule.segments) {
-    if (seg.mode != SegmentMode::kRecompute) {
-      for (int64_t i = seg.begin; i < seg.end; ++i) {
-        hidden = call(layers[i], hidden, side, seg.mode);
-      }
-      continue;
-    }
-    std::vector<Layer> segment(layers.begin() + seg.begin, layers.begin() + seg.end);
-    std::vector<torch::Tensor> params;
-    for (const auto& layer : segment) {
-      auto p = layer->parameters();
-      params.insert(params.end(), p.begin(), p.end());
-    }
-    std::vector<torch::Tensor> inputs{hidden};
-    inputs.insert(inputs.end(), side.begin(), side.end());
-    // Captures copies of the layer holders and of `call`: it runs again in
-    // backward, after this frame is gone.
-    auto fn = [segment, call](const std::vector<torch::Tensor>& in) mutable {
-      std::vector<torch::Tensor> rest(in.begin() + 1, in.end());
-      torch::Tensor h = in[0];
-      for (const auto& layer : segment) {
-        h = call(layer, h, rest, SegmentMode::kStore);
-      }
-      return std::vector<torch::Tensor>{h};
-    };
-    hidden = checkpoint(
-        fn, inputs,
-        CheckpointOptions()
-            .parameters(std::move(params))
-            .name("layers[" + std::to_string(seg.begin) + "," +
-                  std::to_string(seg.end) + ")"))[0];
-  }
-  return hidden;
+  return run_stack(
+      std::make_shared<detail::CallStack<Layer, Call>>(layers, call), std::move(hidden),
+      side, schedule);
 }
 
 } // namespace nn
