@@ -1,4 +1,5 @@
 #include "remat/plan/compare.h"
+#include "remat/plan/estimate.h"
 #include "remat/plan/solver.h"
 
 #include <gtest/gtest.h>
@@ -440,14 +441,23 @@ TEST(PlanChain, ValidateNamesTheStage) {
   }
 }
 
-// compare_schedules (remat/plan/compare.h): what `remat plan` prints, on the
-// toy chain whose peaks are worked out above.
+// A chain whose layers offer the selective modes every fixed policy uses:
+// the estimator's, of a small BERT.
+Chain selective_chain() {
+  return remat::plan::estimate_chain(
+      remat::plan::ModelSpec::bert_base().layers(3).seq(64).batch(2));
+}
+
+// compare_schedules (remat/plan/compare.h): what `remat plan` prints.
 TEST(PlanCompare, FixedPoliciesOnceAndAPlanPerBudget) {
   using remat::plan::parse_budget;
-  const auto chain = toy_chain();
+  const auto chain = selective_chain();
+  const int64_t least = remat::plan::min_feasible_budget(chain, {});
   const auto c = remat::plan::compare_schedules(
-      chain, {parse_budget("100%"), parse_budget("1200"), parse_budget("1")});
-  EXPECT_EQ(c.none.peak_bytes, 1411);
+      chain, {parse_budget("100%"), parse_budget(std::to_string(least)), parse_budget("1")});
+  EXPECT_EQ(c.none.peak_bytes,
+            remat::plan::evaluate(chain, CheckpointPolicy::none().schedule(3)).peak_bytes);
+  EXPECT_EQ(c.min_budget_bytes, least);
   EXPECT_EQ(c.fixed.front().name, "none");
   // Each schedule once: a policy with the schedule of an earlier one is its alias.
   std::vector<std::string> schedules;
@@ -457,11 +467,11 @@ TEST(PlanCompare, FixedPoliciesOnceAndAPlanPerBudget) {
   std::sort(schedules.begin(), schedules.end());
   EXPECT_EQ(std::unique(schedules.begin(), schedules.end()), schedules.end());
   ASSERT_EQ(c.budgets.size(), 3u);
-  EXPECT_EQ(c.budgets[0].bytes, 1411); // 100% of none's peak
+  EXPECT_EQ(c.budgets[0].bytes, c.none.peak_bytes); // 100% of none's peak
   EXPECT_EQ(c.plans[0].name, "plan@100%");
   EXPECT_EQ(c.plans[0].schedule.str(), c.fixed.front().schedule.str());
   EXPECT_EQ(c.plans[0].aliases, "none");
-  EXPECT_LE(c.plans[1].predicted.peak_bytes, 1200);
+  EXPECT_LE(c.plans[1].predicted.peak_bytes, least);
   // 1 byte is below the smallest feasible budget: kept, not planned, refused.
   EXPECT_FALSE(c.plans[2].ok);
   EXPECT_TRUE(c.plans[2].schedule.segments.empty());
@@ -473,14 +483,14 @@ TEST(PlanCompare, FixedPoliciesOnceAndAPlanPerBudget) {
   const auto text = c.budgets_text();
   EXPECT_NE(text.find("budget 1 = "), std::string::npos) << text;
   EXPECT_NE(text.find("; not planned"), std::string::npos) << text;
-  EXPECT_NE(c.table().find("plan@1200"), std::string::npos);
+  EXPECT_NE(c.table().find("plan@" + std::to_string(least)), std::string::npos);
   EXPECT_EQ(c.budgets_json().size(), 3u);
   EXPECT_EQ(c.budgets_json()[2]["feasible"], false);
   EXPECT_EQ(c.policies_json().size(), c.fixed.size());
 }
 
 TEST(PlanCompare, APlanWithAFixedPolicysScheduleSharesItsMeasurement) {
-  auto c = remat::plan::compare_schedules(toy_chain(), {remat::plan::parse_budget("100%")});
+  auto c = remat::plan::compare_schedules(selective_chain(), {remat::plan::parse_budget("100%")});
   auto todo = c.to_measure();
   // Every fixed policy; the plan is none's schedule, so not measured twice.
   EXPECT_EQ(todo.size(), c.fixed.size());
