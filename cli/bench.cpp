@@ -108,20 +108,17 @@ nn::BenchOptions bench_options(const BenchConfig& c, int64_t limit) {
 // This configuration as `remat bench` flags for one policy in a child
 // process: every size explicit (defaults and presets already applied).
 std::vector<std::string> child_args(const BenchConfig& c, const std::string& policy) {
-  const auto& m = c.model;
   auto num = [](auto v) {
     std::ostringstream out;
     out << v;
     return out.str();
   };
-  std::vector<std::string> a{
-      "bench", "--model", m.model, "--layers", num(m.layers), "--hidden", num(m.hidden),
-      "--heads", num(m.heads), "--kv-heads", num(m.kv_heads), "--intermediate",
-      num(m.intermediate), "--dtype", m.dtype, "--attention", m.attention, "--lora-rank",
-      num(c.lora_rank), "--seq", num(m.seq), "--batch", num(m.batch), "--vocab", num(m.vocab),
-      "--dropout", num(m.dropout), "--policy", policy, "--steps", num(c.run.steps), "--warmup",
-      num(c.run.warmup), "--threads", num(c.run.threads), "--seed", num(c.run.seed), "--device",
-      c.dev.str(), "--isolation", "in-process"};
+  std::vector<std::string> a = model_args(c.model);
+  a.insert(a.begin(), "bench");
+  const auto run = run_args(c.run);
+  a.insert(a.end(), run.begin(), run.end());
+  a.insert(a.end(), {"--lora-rank", num(c.lora_rank), "--policy", policy, "--device",
+                     c.dev.str(), "--isolation", "in-process"});
   if (c.lora_alpha > 0) {
     a.insert(a.end(), {"--lora-alpha", num(c.lora_alpha)});
   }
@@ -268,9 +265,7 @@ int run_bench(BenchConfig c, const CLI::App& app) {
     // OOM killer; stop it at 90% of physical memory with a clean error.
     limit = memory::physical_bytes() / 10 * 9;
   }
-  // OpenMP's default here can be a single thread; 0 means every core.
-  torch::set_num_threads(static_cast<int>(
-      c.run.threads > 0 ? c.run.threads : std::max(1u, std::thread::hardware_concurrency())));
+  set_threads(c.run.threads);
 
   // Refused before anything is built when even the leanest schedule would
   // not fit (the step runs no optimizer).

@@ -10,16 +10,14 @@
 #include "remat/memory.h"
 #include "remat/nn/estimate_check.h"
 #include "remat/plan/estimate.h"
+#include "remat/plan/estimate_table.h"
 #include "remat/policy.h"
 
 #include <nlohmann/json.hpp>
 #include <torch/torch.h>
 
 #include <algorithm>
-#include <cmath>
-#include <cstdio>
 #include <iostream>
-#include <thread>
 
 namespace remat {
 namespace cli {
@@ -27,11 +25,15 @@ namespace {
 
 struct EstimateConfig {
   std::string preset;
-  std::string model = "bert";
-  int64_t layers = 0, hidden = 0, heads = 0, kv_heads = 0, intermediate = 0, vocab = 0;
-  int64_t seq = 0, batch = 0, labels = 0, lora_rank = 0;
-  std::string dtype = "fp32";
-  std::string attention = "eager";
+  /// The shared model flags; a size left unset is the preset's (or the
+  /// family's well-known model's).
+  ModelFlags model = [] {
+    ModelFlags m;
+    m.layers = m.hidden = m.heads = m.seq = m.batch = 0;
+    return m;
+  }();
+  int64_t labels = 0, lora_rank = 0;
+  std::string dtype = "fp32"; ///< the estimator's precisions, not bf16 autocast
   std::string optimizer = "adamw";
   std::string head;
   std::string backend = "cpu";
@@ -46,6 +48,24 @@ struct EstimateConfig {
   int64_t threads = 0;
   std::string json_path;
 };
+
+// The precision --dtype names. bf16 means autocast over fp32 weights to
+// bench, plan and train; the estimator does not model that, so it is refused
+// here rather than silently estimated as something else.
+plan::Precision parse_precision_flag(const std::string& text) {
+  const std::string accepted =
+      "fp32, bf16-pure (everything bf16) or bf16-mixed (bf16 weights, fp32 master weights "
+      "and AdamW state)";
+  require(text != "bf16", "--dtype",
+          "expected " + accepted + ", but got 'bf16': estimate does not model bf16 autocast "
+          "(fp32 weights, bf16 compute), which is what --dtype bf16 runs in bench, plan and train");
+  if (text == "f32") {
+    return plan::Precision::kFp32;
+  }
+  require(text == "fp32" || text == "bf16-pure" || text == "bf16-mixed", "--dtype",
+          "expected " + accepted + ", but got '" + text + "'");
+  return plan::parse_precision(text);
+}
 
 template <typename Parse>
 auto parse_flag(const std::string& flag, const std::string& text, const Parse& parse) {
@@ -66,13 +86,13 @@ plan::ModelSpec make_spec(const EstimateConfig& c, const CLI::App& app) {
       return plan::ModelSpec::preset(t);
     });
     if (given("--model")) {
-      const auto family = parse_flag("--model", c.model, plan::parse_family);
+      const auto family = parse_flag("--model", c.model.model, plan::parse_family);
       require(family == s.family(), "--model",
               "expected " + std::string(plan::to_string(s.family())) + " for preset " +
-                  c.preset + ", but got '" + c.model + "'");
+                  c.preset + ", but got '" + c.model.model + "'");
     }
   } else {
-    const auto family = parse_flag("--model", c.model, plan::parse_family);
+    const auto family = parse_flag("--model", c.model.model, plan::parse_family);
     s = family == plan::Family::kBert ? plan::ModelSpec::bert_base()
                                       : plan::ModelSpec::llama2_7b();
   }
@@ -81,28 +101,28 @@ plan::ModelSpec make_spec(const EstimateConfig& c, const CLI::App& app) {
     require(v > 0, flag, "expected a value above 0, but got " + std::to_string(v));
     return v;
   };
-  if (given("--layers")) s.layers(positive("--layers", c.layers));
-  if (given("--hidden")) s.hidden(positive("--hidden", c.hidden));
-  if (given("--heads")) s.heads(positive("--heads", c.heads));
-  if (given("--vocab")) s.vocab(positive("--vocab", c.vocab));
+  if (given("--layers")) s.layers(positive("--layers", c.model.layers));
+  if (given("--hidden")) s.hidden(positive("--hidden", c.model.hidden));
+  if (given("--heads")) s.heads(positive("--heads", c.model.heads));
+  if (given("--vocab")) s.vocab(positive("--vocab", c.model.vocab));
   if (given("--seq")) {
-    s.seq(positive("--seq", c.seq));
+    s.seq(positive("--seq", c.model.seq));
     if (bert) {
-      s.max_positions(std::max(s.max_positions(), c.seq));
+      s.max_positions(std::max(s.max_positions(), c.model.seq));
     }
   }
-  if (given("--batch")) s.batch(positive("--batch", c.batch));
+  if (given("--batch")) s.batch(positive("--batch", c.model.batch));
   if (given("--labels")) s.num_labels(positive("--labels", c.labels));
   if (given("--kv-heads")) {
-    require(c.kv_heads >= 0, "--kv-heads", "expected a value >= 0 (0: --heads), but got " +
-            std::to_string(c.kv_heads));
-    s.kv_heads(c.kv_heads);
+    require(c.model.kv_heads >= 0, "--kv-heads", "expected a value >= 0 (0: --heads), but got " +
+            std::to_string(c.model.kv_heads));
+    s.kv_heads(c.model.kv_heads);
   }
   if (given("--intermediate")) {
-    require(c.intermediate >= 0, "--intermediate",
+    require(c.model.intermediate >= 0, "--intermediate",
             "expected a value >= 0 (0: the family's default), but got " +
-                std::to_string(c.intermediate));
-    s.intermediate(c.intermediate);
+                std::to_string(c.model.intermediate));
+    s.intermediate(c.model.intermediate);
   }
   require(s.hidden() % s.heads() == 0, given("--hidden") ? "--hidden" : "--heads",
           "expected hidden (" + std::to_string(s.hidden()) + ") to be a multiple of heads (" +
@@ -115,13 +135,10 @@ plan::ModelSpec make_spec(const EstimateConfig& c, const CLI::App& app) {
                        std::to_string(s.kv_heads()));
   }
   if (given("--dtype")) {
-    require(c.dtype == "fp32" || c.dtype == "bf16" || c.dtype == "bf16-mixed", "--dtype",
-            "expected fp32, bf16 (pure) or bf16-mixed (bf16 weights, fp32 AdamW state), but "
-            "got '" + c.dtype + "'");
-    s.precision(plan::parse_precision(c.dtype));
+    s.precision(parse_precision_flag(c.dtype));
   }
   if (given("--attention")) {
-    s.attention(parse_flag("--attention", c.attention, plan::parse_attention_impl));
+    s.attention(parse_flag("--attention", c.model.attention, plan::parse_attention_impl));
   }
   if (given("--optimizer")) {
     require(c.optimizer == "adamw" || c.optimizer == "sgd", "--optimizer",
@@ -165,43 +182,6 @@ plan::ModelSpec make_spec(const EstimateConfig& c, const CLI::App& app) {
   return s;
 }
 
-std::string describe(const plan::ModelSpec& s) {
-  std::ostringstream o;
-  o << plan::to_string(s.family()) << ", " << s.layers() << " layers, hidden " << s.hidden()
-    << ", " << s.heads() << " heads";
-  if (s.family() == plan::Family::kLlama) {
-    o << " (" << s.kv_heads_or_heads() << " kv)";
-  }
-  o << ", intermediate " << s.mlp_size() << ", vocab " << s.vocab() << ", seq " << s.seq()
-    << ", batch " << s.batch() << ", " << plan::to_string(s.precision()) << ", "
-    << plan::to_string(s.attention()) << " attention, "
-    << (s.optimizer() == plan::Optimizer::kAdamW ? "AdamW" : "SGD") << ", head "
-    << plan::to_string(s.head()) << ", dropout " << (s.dropout() ? "on" : "off") << ", "
-    << (s.backend() == plan::Backend::kCpu ? "cpu" : "cuda");
-  if (s.lora_rank() > 0) {
-    o << ", LoRA rank " << s.lora_rank() << " on ";
-    for (size_t i = 0; i < s.lora_targets().size(); ++i) {
-      o << (i ? "," : "") << s.lora_targets()[i];
-    }
-    if (s.lora_dropout()) {
-      o << " with dropout";
-    }
-  }
-  return o.str();
-}
-
-std::string billions(int64_t n) {
-  char b[32];
-  std::snprintf(b, sizeof(b), "%.3f B", static_cast<double>(n) / 1e9);
-  return b;
-}
-
-std::string percent_cell(double v) {
-  char b[32];
-  std::snprintf(b, sizeof(b), "%+.1f%%", v);
-  return b;
-}
-
 int run_estimate(const EstimateConfig& c, const CLI::App& app) {
   const auto spec = make_spec(c, app);
   std::vector<CheckpointPolicy> policies;
@@ -219,81 +199,12 @@ int run_estimate(const EstimateConfig& c, const CLI::App& app) {
   require(c.threads >= 0, "--threads",
           "expected a value >= 0 (0: all cores), but got " + std::to_string(c.threads));
 
-  std::cout << "remat estimate: " << describe(spec) << "\n";
-  const auto none = plan::estimate(spec, CheckpointPolicy::none());
-  std::cout << "parameters " << billions(none.parameters.total) << " ("
-            << billions(none.parameters.trainable) << " trainable); weights "
-            << memory::format_size(none.weight_bytes) << ", gradients "
-            << memory::format_size(none.gradient_bytes) << ", optimizer state "
-            << memory::format_size(none.optimizer_bytes) << ", inputs "
-            << memory::format_size(none.input_bytes) << "\n\n";
-
-  char line[512];
-  std::snprintf(line, sizeof(line), "%-22s %12s %12s %12s %9s", "policy", "activations",
-                "act. at peak", "peak", "step");
-  std::cout << line;
-  if (fit_bytes > 0) {
-    std::snprintf(line, sizeof(line), " %10s", c.fit_seq ? "max seq" : "max batch");
-    std::cout << line;
-  }
-  std::cout << "  peak at\n";
-  nlohmann::json rows = nlohmann::json::array();
-  for (const auto& policy : policies) {
-    nlohmann::json row{{"policy", policy.name()}};
-    plan::Estimate e;
-    bool ok = true;
-    std::string error;
-    try {
-      e = plan::estimate(spec, policy);
-    } catch (const c10::Error& err) {
-      ok = false;
-      error = err.what_without_backtrace();
-      error = error.substr(0, error.find('\n'));
-    }
-    int64_t fit = -1;
-    if (fit_bytes > 0) {
-      fit = c.fit_seq ? plan::fit_seq(spec, policy, fit_bytes, c.seq_multiple)
-                      : plan::fit_batch(spec, policy, fit_bytes);
-    }
-    if (!ok) {
-      std::snprintf(line, sizeof(line), "%-22s %s", policy.name().c_str(), error.c_str());
-      std::cout << line << "\n";
-      row["error"] = error;
-    } else {
-      std::snprintf(line, sizeof(line), "%-22s %12s %12s %12s %9s", policy.name().c_str(),
-                    memory::format_size(e.activation_bytes).c_str(),
-                    memory::format_size(e.peak_activation_bytes).c_str(),
-                    memory::format_size(e.peak_bytes).c_str(),
-                    percent_cell(100.0 * (e.step_seconds / none.step_seconds - 1)).c_str());
-      std::cout << line;
-      if (fit >= 0) {
-        std::snprintf(line, sizeof(line), " %10lld", static_cast<long long>(fit));
-        std::cout << line;
-      }
-      std::cout << "  " << e.peak_event << "\n";
-      row["schedule"] = e.schedule.str();
-      row["weight_bytes"] = e.weight_bytes;
-      row["gradient_bytes"] = e.gradient_bytes;
-      row["optimizer_bytes"] = e.optimizer_bytes;
-      row["input_bytes"] = e.input_bytes;
-      row["activation_bytes"] = e.activation_bytes;
-      row["peak_activation_bytes"] = e.peak_activation_bytes;
-      row["peak_bytes"] = e.peak_bytes;
-      row["step_flops_relative_to_none"] = e.step_seconds / none.step_seconds;
-      row["peak_event"] = e.peak_event;
-    }
-    if (fit >= 0) {
-      row[c.fit_seq ? "max_seq" : "max_batch"] = fit;
-    }
-    rows.push_back(row);
-  }
-  std::cout << "\nactivations: held after forward; act. at peak: peak minus weights, "
-               "gradients, optimizer state and inputs; step: matrix-product FLOPs against none.\n";
-  if (fit_bytes > 0) {
-    std::cout << (c.fit_seq ? "max seq" : "max batch") << ": the largest that fits "
-              << memory::format_size(fit_bytes) << " (0: not even "
-              << (c.fit_seq ? std::to_string(c.seq_multiple) + " tokens" : "batch 1") << ").\n";
-  }
+  const auto table = plan::estimate_table(
+      spec, policies,
+      plan::EstimateTableOptions().fit_bytes(fit_bytes).fit_seq(c.fit_seq).seq_multiple(
+          c.seq_multiple));
+  std::cout << "remat estimate: " << plan::describe(spec) << "\n"
+            << table.summary_text() << table.str();
 
   nlohmann::json harbor;
   if (c.preset == "harbor-13b") {
@@ -311,8 +222,7 @@ int run_estimate(const EstimateConfig& c, const CLI::App& app) {
   nlohmann::json checks;
   int status = 0;
   if (c.check) {
-    torch::set_num_threads(static_cast<int>(
-        c.threads > 0 ? c.threads : std::max(1u, std::thread::hardware_concurrency())));
+    set_threads(c.threads);
     std::cout << "\nCheck: the same model built with remat::nn, one training step per policy "
                  "here, bytes counted by remat's allocator (no optimizer runs: estimates "
                  "with SGD):\n\n";
@@ -323,64 +233,21 @@ int run_estimate(const EstimateConfig& c, const CLI::App& app) {
       const std::string what = e.what_without_backtrace();
       throw UsageError("--check: " + what.substr(0, what.find('\n')));
     }
-    std::snprintf(line, sizeof(line), "%-22s %23s %23s %23s %8s\n", "policy",
-                  "fixed est / meas", "activations est / meas", "peak est / meas", "peak err");
-    std::cout << line;
+    std::cout << nn::check_table(results);
+    status = nn::checks_within(results) ? 0 : 1;
     checks = nlohmann::json::array();
     for (const auto& r : results) {
-      const double err = 100.0 * static_cast<double>(r.estimated_peak_bytes - r.measured_peak_bytes) /
-          static_cast<double>(std::max<int64_t>(1, r.measured_peak_bytes));
-      auto pair = [](int64_t a, int64_t b) {
-        return memory::format_size(a) + " / " + memory::format_size(b);
-      };
-      std::snprintf(line, sizeof(line), "%-22s %23s %23s %23s %8s\n", r.policy.c_str(),
-                    pair(r.estimated_fixed_bytes, r.measured_fixed_bytes).c_str(),
-                    pair(r.estimated_activation_bytes, r.measured_activation_bytes).c_str(),
-                    pair(r.estimated_peak_bytes, r.measured_peak_bytes).c_str(),
-                    percent_cell(err).c_str());
-      std::cout << line;
-      if (std::abs(err) > 10) {
-        status = 1;
-      }
-      checks.push_back({{"policy", r.policy},
-                        {"estimated_fixed_bytes", r.estimated_fixed_bytes},
-                        {"measured_fixed_bytes", r.measured_fixed_bytes},
-                        {"estimated_activation_bytes", r.estimated_activation_bytes},
-                        {"measured_activation_bytes", r.measured_activation_bytes},
-                        {"estimated_peak_bytes", r.estimated_peak_bytes},
-                        {"measured_peak_bytes", r.measured_peak_bytes},
-                        {"peak_error_percent", err}});
+      checks.push_back(r.to_json());
     }
-    std::cout << "\n" << (status == 0 ? "every peak within 10% of the measured one"
-                                      : "SOME PEAKS ARE MORE THAN 10% OFF")
-              << "\n";
   }
 
   if (!c.json_path.empty()) {
-    nlohmann::json config{
-        {"family", plan::to_string(spec.family())},
-        {"layers", spec.layers()},
-        {"hidden", spec.hidden()},
-        {"heads", spec.heads()},
-        {"kv_heads", spec.kv_heads_or_heads()},
-        {"intermediate", spec.mlp_size()},
-        {"vocab", spec.vocab()},
-        {"seq", spec.seq()},
-        {"batch", spec.batch()},
-        {"precision", plan::to_string(spec.precision())},
-        {"attention", plan::to_string(spec.attention())},
-        {"optimizer", spec.optimizer() == plan::Optimizer::kAdamW ? "adamw" : "sgd"},
-        {"head", plan::to_string(spec.head())},
-        {"dropout", spec.dropout()},
-        {"backend", spec.backend() == plan::Backend::kCpu ? "cpu" : "cuda"},
-        {"lora_rank", spec.lora_rank()},
-        {"lora_targets", spec.lora_targets()},
-        {"lora_dropout", spec.lora_dropout()},
-        {"preset", c.preset}};
+    nlohmann::json config = plan::spec_json(spec);
+    config["preset"] = c.preset;
     nlohmann::json j{{"config", config},
-                     {"parameters", none.parameters.total},
-                     {"trainable_parameters", none.parameters.trainable},
-                     {"policies", rows}};
+                     {"parameters", table.none.parameters.total},
+                     {"trainable_parameters", table.none.parameters.trainable},
+                     {"policies", table.rows_json()}};
     if (fit_bytes > 0) {
       j["fit_bytes"] = fit_bytes;
       j["fit"] = c.fit_seq ? "seq" : "batch";
@@ -406,22 +273,16 @@ Run add_estimate(CLI::App& root) {
   app->add_option("--preset", c->preset,
                   "bert-base, llama2-7b or harbor-13b (the seed's 13B fine-tune); other flags "
                   "override it");
-  app->add_option("--model", c->model, "bert (default: bert-base's sizes) or llama (llama2-7b's)")
-      ->capture_default_str();
-  app->add_option("--layers", c->layers, "transformer layers");
-  app->add_option("--hidden", c->hidden, "hidden size");
-  app->add_option("--heads", c->heads, "attention heads");
-  app->add_option("--kv-heads", c->kv_heads, "key/value heads, llama (0: --heads)");
-  app->add_option("--intermediate", c->intermediate,
-                  "MLP width (0: 4 x hidden for bert, 8/3 x hidden rounded up to 256 for llama)");
-  app->add_option("--vocab", c->vocab, "vocabulary size");
-  app->add_option("--seq", c->seq, "sequence length (tokens)");
-  app->add_option("--batch", c->batch, "batch size (sequences)");
+  add_model_flags(app, c->model,
+                  kModelFamily | kModelLayers | kModelHidden | kModelHeads | kModelKvHeads |
+                      kModelIntermediate | kModelVocab | kModelSeq | kModelBatch |
+                      kModelAttention,
+                  /*show_defaults=*/false);
   app->add_option("--dtype", c->dtype,
-                  "fp32, bf16 (everything bf16) or bf16-mixed (bf16 weights and activations, "
-                  "fp32 AdamW state and master weights)")
+                  "fp32, bf16-pure (everything bf16) or bf16-mixed (bf16 weights and "
+                  "activations, fp32 AdamW state and master weights); bf16 autocast (what "
+                  "--dtype bf16 runs elsewhere) is not modelled")
       ->capture_default_str();
-  app->add_option("--attention", c->attention, "eager or blockwise")->capture_default_str();
   app->add_option("--optimizer", c->optimizer, "adamw or sgd")->capture_default_str();
   app->add_option("--head", c->head, "none, lm or classifier (default: the preset's or none "
                   "for bert, lm for llama)");

@@ -1,6 +1,8 @@
 // The one table of the flags that describe a model and its batch, shared by
-// `remat bench` and `remat plan` (they become a remat::nn::ModelConfig, which
-// owns every default and bound), and what the commands share: typed library
+// `remat bench`, `plan`, `estimate` and `train` (each picks the flags it
+// uses, with its own defaults; for bench and plan they become a
+// remat::nn::ModelConfig, which owns every default and bound), and what the
+// commands share: typed library
 // errors turned into their flag, bounded counts, the estimator's check before
 // a model is built, sizes on the command line, lists, JSON reports.
 #pragma once
@@ -17,10 +19,12 @@
 #include "remat/plan/estimate.h"
 
 #include <nlohmann/json.hpp>
+#include <torch/utils.h>
 #include <torch/version.h>
 
 #include <algorithm>
 #include <cstdio>
+#include <thread>
 #include <fstream>
 #include <limits>
 #include <sstream>
@@ -132,28 +136,72 @@ inline nlohmann::json model_json(const ModelFlags& f) {
           {"dropout", c.dropout_p()}};
 }
 
-inline void add_model_flags(CLI::App* app, ModelFlags& f) {
-  app->add_option("--model", f.model, "bert or llama")->capture_default_str();
-  app->add_option("--layers", f.layers, "transformer layers (at most 1024)")
-      ->capture_default_str();
-  app->add_option("--hidden", f.hidden, "hidden size (at most 65536)")->capture_default_str();
-  app->add_option("--heads", f.heads, "attention heads")->capture_default_str();
-  app->add_option("--kv-heads", f.kv_heads, "key/value heads, llama (0: --heads)")
-      ->capture_default_str();
-  app->add_option("--intermediate", f.intermediate,
-                  "MLP width (0: 4 x hidden for bert, 8/3 x hidden rounded up to 256 for llama)")
-      ->capture_default_str();
-  app->add_option("--vocab", f.vocab, "vocabulary size (0: 30522 bert, 32000 llama)")
-      ->capture_default_str();
-  app->add_option("--seq", f.seq, "sequence length (tokens)")->capture_default_str();
-  app->add_option("--batch", f.batch, "batch size (sequences)")->capture_default_str();
-  app->add_option("--attention", f.attention, "eager, blockwise or sdpa")->capture_default_str();
-  app->add_option("--dtype", f.dtype,
-                  "fp32 or bf16 (f32 accepted; bench runs bf16 as autocast with fp32 master "
-                  "weights, plan casts the model)")
-      ->capture_default_str();
-  app->add_option("--dropout", f.dropout,
-                  "hidden and attention dropout (default 0.1 bert, 0 llama)");
+/// The model flags, one bit each: a command adds those it uses.
+enum ModelFlag : unsigned {
+  kModelFamily = 1u << 0,  ///< --model
+  kModelLayers = 1u << 1,  ///< --layers
+  kModelHidden = 1u << 2,  ///< --hidden
+  kModelHeads = 1u << 3,   ///< --heads
+  kModelKvHeads = 1u << 4, ///< --kv-heads
+  kModelIntermediate = 1u << 5, ///< --intermediate
+  kModelVocab = 1u << 6,   ///< --vocab
+  kModelSeq = 1u << 7,     ///< --seq
+  kModelBatch = 1u << 8,   ///< --batch
+  kModelAttention = 1u << 9, ///< --attention
+  kModelDtype = 1u << 10,  ///< --dtype: fp32 or bf16 (autocast)
+  kModelDropout = 1u << 11, ///< --dropout: a probability
+  kAllModelFlags = (1u << 12) - 1,
+};
+
+/// Adds the model flags in `which`. Their defaults are `f`'s values as the
+/// command set them before the call (shown in --help when `show_defaults`;
+/// a command whose 0 means "the preset's" hides them).
+inline void add_model_flags(
+    CLI::App* app, ModelFlags& f, unsigned which = kAllModelFlags, bool show_defaults = true) {
+  auto add = [&](unsigned bit, const char* name, auto& field, const std::string& help) {
+    if ((which & bit) == 0) {
+      return;
+    }
+    auto* o = app->add_option(name, field, help);
+    if (show_defaults) {
+      o->capture_default_str();
+    }
+  };
+  add(kModelFamily, "--model", f.model, "bert or llama");
+  add(kModelLayers, "--layers", f.layers, "transformer layers (at most 1024)");
+  add(kModelHidden, "--hidden", f.hidden, "hidden size (at most 65536)");
+  add(kModelHeads, "--heads", f.heads, "attention heads");
+  add(kModelKvHeads, "--kv-heads", f.kv_heads, "key/value heads, llama (0: --heads)");
+  add(kModelIntermediate, "--intermediate", f.intermediate,
+      "MLP width (0: 4 x hidden for bert, 8/3 x hidden rounded up to 256 for llama)");
+  add(kModelVocab, "--vocab", f.vocab, "vocabulary size (0: 30522 bert, 32000 llama)");
+  add(kModelSeq, "--seq", f.seq, "sequence length (tokens)");
+  add(kModelBatch, "--batch", f.batch, "batch size (sequences)");
+  add(kModelAttention, "--attention", f.attention, "eager, blockwise or sdpa");
+  add(kModelDtype, "--dtype", f.dtype,
+      "fp32 (f32 accepted) or bf16: autocast over float32 master weights (weights, "
+      "gradients and optimizer state fp32, matrix products bf16)");
+  if ((which & kModelDropout) != 0 && f.dropout < 0) {
+    // No default shown: it is the family's unless given.
+    app->add_option("--dropout", f.dropout,
+                    "hidden and attention dropout (default 0.1 bert, 0 llama)");
+  } else {
+    add(kModelDropout, "--dropout", f.dropout, "hidden and attention dropout");
+  }
+}
+
+/// The model flags as a child process's arguments, every value explicit.
+inline std::vector<std::string> model_args(const ModelFlags& f) {
+  auto num = [](auto v) {
+    std::ostringstream out;
+    out << v;
+    return out.str();
+  };
+  return {"--model", f.model, "--layers", num(f.layers), "--hidden", num(f.hidden),
+          "--heads", num(f.heads), "--kv-heads", num(f.kv_heads), "--intermediate",
+          num(f.intermediate), "--vocab", num(f.vocab), "--seq", num(f.seq), "--batch",
+          num(f.batch), "--attention", f.attention, "--dtype", f.dtype, "--dropout",
+          num(f.dropout)};
 }
 
 /// Throws UsageError naming the first bad flag.
@@ -225,6 +273,19 @@ inline void add_run_flags(CLI::App* app, RunFlags& r, const std::string& item) {
                   "alternating order, and pool the step times (steadier ratios on a machine "
                   "whose speed drifts)")
       ->capture_default_str();
+}
+
+/// The counts and seed of the run flags as a child process's arguments.
+inline std::vector<std::string> run_args(const RunFlags& r) {
+  return {"--steps", std::to_string(r.steps), "--warmup", std::to_string(r.warmup),
+          "--threads", std::to_string(r.threads), "--seed", std::to_string(r.seed)};
+}
+
+/// Sets LibTorch's intra-op threads: `threads`, or at 0 every core
+/// (OpenMP's default can be a single thread).
+inline void set_threads(int64_t threads) {
+  torch::set_num_threads(static_cast<int>(
+      threads > 0 ? threads : std::max(1u, std::thread::hardware_concurrency())));
 }
 
 /// Throws UsageError naming the first bad run flag.

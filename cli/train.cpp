@@ -14,6 +14,7 @@
 #include "remat/train/data.h"
 #include "remat/train/log.h"
 #include "remat/train/report.h"
+#include "remat/train/summary.h"
 #include "remat/train/train_state.h"
 #include "remat/train/trainer.h"
 
@@ -42,13 +43,24 @@ struct TrainFlags {
   std::string task = "classify";
   std::string train, valid, vocab, init, save, out, metrics, report;
   double valid_fraction = defaults.valid_fraction();
-  int64_t seq = defaults.seq(), batch = defaults.batch(), accumulate = defaults.accumulate();
+  /// The shared model flags (cli/model_flags.h), TrainOptions' defaults;
+  /// the task decides the family.
+  ModelFlags model = [this] {
+    ModelFlags m;
+    m.layers = defaults.layers();
+    m.hidden = defaults.hidden();
+    m.heads = defaults.heads();
+    m.kv_heads = defaults.kv_heads();
+    m.intermediate = defaults.intermediate();
+    m.seq = defaults.seq();
+    m.batch = defaults.batch();
+    m.dropout = defaults.dropout();
+    m.dtype = nn::model_dtype_name(defaults.dtype());
+    return m;
+  }();
+  int64_t accumulate = defaults.accumulate();
   int64_t epochs = defaults.epochs(), max_steps = defaults.max_steps();
-  int64_t layers = defaults.layers(), hidden = defaults.hidden(), heads = defaults.heads();
-  int64_t kv_heads = defaults.kv_heads(), intermediate = defaults.intermediate();
-  double dropout = defaults.dropout();
   std::string policy = defaults.policy().name();
-  std::string dtype = "fp32";
   double lr = defaults.lr(), weight_decay = defaults.weight_decay(), clip = defaults.clip();
   int64_t warmup = defaults.warmup();
   std::string schedule = "linear";
@@ -169,24 +181,24 @@ TrainOptions apply_flags(const TrainFlags& f, TrainOptions o, const CLI::App& ap
   if (given("--valid")) o.valid_path(f.valid);
   if (given("--valid-fraction")) o.valid_fraction(f.valid_fraction);
   if (given("--vocab")) o.vocab_path(f.vocab);
-  if (given("--seq")) o.seq(f.seq);
-  if (given("--batch")) o.batch(f.batch);
+  if (given("--seq")) o.seq(f.model.seq);
+  if (given("--batch")) o.batch(f.model.batch);
   if (given("--accumulate")) o.accumulate(f.accumulate);
   if (given("--epochs")) o.epochs(f.epochs);
   if (given("--max-steps")) o.max_steps(f.max_steps);
-  if (given("--layers")) o.layers(f.layers);
-  if (given("--hidden")) o.hidden(f.hidden);
-  if (given("--heads")) o.heads(f.heads);
-  if (given("--kv-heads")) o.kv_heads(f.kv_heads);
-  if (given("--intermediate")) o.intermediate(f.intermediate);
-  if (given("--dropout")) o.dropout(f.dropout);
+  if (given("--layers")) o.layers(f.model.layers);
+  if (given("--hidden")) o.hidden(f.model.hidden);
+  if (given("--heads")) o.heads(f.model.heads);
+  if (given("--kv-heads")) o.kv_heads(f.model.kv_heads);
+  if (given("--intermediate")) o.intermediate(f.model.intermediate);
+  if (given("--dropout")) o.dropout(f.model.dropout);
   if (given("--init")) o.init_dir(f.init);
   if (given("--policy")) {
     o.policy(as_flag("--policy", [&] { return CheckpointPolicy::parse(f.policy); }));
   }
   if (given("--dtype")) {
     // One spelling with bench and plan ("fp32"); "f32" stays an alias.
-    o.dtype(with_flag_errors([&] { return nn::parse_model_dtype(f.dtype); }));
+    o.dtype(with_flag_errors([&] { return nn::parse_model_dtype(f.model.dtype); }));
   }
   if (given("--lr")) o.lr(f.lr);
   if (given("--weight-decay")) o.weight_decay(f.weight_decay);
@@ -217,38 +229,6 @@ TrainOptions apply_flags(const TrainFlags& f, TrainOptions o, const CLI::App& ap
   return o;
 }
 
-// The library validates the data files while reading them; reading them
-// here first turns a malformed file into a usage error naming the flag.
-void check_data(const TrainOptions& o) {
-  const bool lm = o.task() == train::Task::kCausalLm;
-  auto read = [&](const std::string& path, const std::string& flag) {
-    if (path.empty()) {
-      return train::Dataset();
-    }
-    return as_flag(flag, [&] {
-      return lm ? train::read_text_jsonl(path) : train::read_classification_jsonl(path);
-    });
-  };
-  auto data = read(o.train_path(), "--train");
-  require(data.size() > 0, "--train", "expected at least one document in '" +
-                                          o.train_path() + "', but got none");
-  if (!o.valid_path().empty()) {
-    as_flag("--valid", [&] {
-      return lm ? train::read_text_jsonl(o.valid_path())
-                : train::read_classification_jsonl(
-                      o.valid_path(), train::JsonlOptions().label_names(data.label_names));
-    });
-  }
-  if (!o.vocab_path().empty()) {
-    as_flag("--vocab", [&] { return io::make_tokenizer(o.vocab_path()); });
-  }
-  if (!o.init_dir().empty()) {
-    require(fs::is_directory(o.init_dir()), "--init",
-            "'" + o.init_dir() + "' is not a folder");
-    require_file(o.init_dir() + "/config.json", "--init");
-  }
-}
-
 // Where the run writes: fail now, not after an hour of training.
 void check_outputs(const TrainFlags& f, const TrainOptions& o) {
   auto folder_of = [](const std::string& file) {
@@ -273,77 +253,6 @@ void check_outputs(const TrainFlags& f, const TrainOptions& o) {
     fs::create_directories(dir, ec);
     require(fs::is_directory(dir), flag, "cannot create the folder '" + dir + "'" +
                                              (ec ? ": " + ec.message() : ""));
-  }
-}
-
-std::string mib(int64_t bytes) {
-  char buf[32];
-  std::snprintf(buf, sizeof(buf), "%.1f MiB", static_cast<double>(bytes) / (1 << 20));
-  return buf;
-}
-
-double median_seconds(const std::vector<train::StepRecord>& steps, size_t n) {
-  std::vector<double> t;
-  for (size_t i = 0; i < steps.size() && i < n; ++i) {
-    t.push_back(steps[i].step_seconds);
-  }
-  return median(t);
-}
-
-int64_t max_peak(const std::vector<train::StepRecord>& steps, size_t n) {
-  int64_t peak = 0;
-  for (size_t i = 0; i < steps.size() && i < n; ++i) {
-    peak = std::max(peak, steps[i].peak_bytes);
-  }
-  return peak;
-}
-
-void print_summary(const train::TrainResult& r, const TrainOptions& o, std::ostream& out) {
-  const auto& h = r.history;
-  const size_t n = h.steps.size();
-  double seconds = 0;
-  int64_t tokens = 0;
-  for (const auto& s : h.steps) {
-    seconds += s.step_seconds;
-    tokens += s.tokens;
-  }
-  char line[512];
-  std::snprintf(line, sizeof(line),
-                "remat train: %lld steps under %s on %s, %.1f s of steps (median %.4f s/step, "
-                "%.0f tokens/s), peak %s\n",
-                static_cast<long long>(r.steps), o.policy().name().c_str(),
-                describe_device(parse_device(o.device())).c_str(), seconds,
-                median_seconds(h.steps, n), seconds > 0 ? tokens / seconds : 0.0,
-                mib(max_peak(h.steps, n)).c_str());
-  out << line;
-  if (r.has_eval) {
-    out << "validation: " << train::describe_eval(r.final_eval, h.label_names) << "\n";
-  }
-  if (!h.compare_steps.empty()) {
-    const size_t k = h.compare_steps.size();
-    out << "\ncomparison over the first " << k << " steps, same weights, data and seed:\n";
-    std::snprintf(line, sizeof(line), "%-6s %16s %16s %12s\n", "step",
-                  ("loss " + o.policy().name()).c_str(), ("loss " + h.compare_policy).c_str(),
-                  "|diff|");
-    out << line;
-    for (const auto& s : h.steps) {
-      if (!s.compare_loss) {
-        continue;
-      }
-      std::snprintf(line, sizeof(line), "%-6lld %16.9g %16.9g %12.3g\n",
-                    static_cast<long long>(s.step), s.loss, *s.compare_loss,
-                    std::abs(s.loss - *s.compare_loss));
-      out << line;
-    }
-    std::snprintf(line, sizeof(line),
-                  "largest |loss difference|: %.3g\n"
-                  "%-22s peak %12s, median step %.4f s\n"
-                  "%-22s peak %12s, median step %.4f s\n",
-                  h.max_compare_diff(), o.policy().name().c_str(),
-                  mib(max_peak(h.steps, k)).c_str(), median_seconds(h.steps, k),
-                  h.compare_policy.c_str(), mib(max_peak(h.compare_steps, k)).c_str(),
-                  median_seconds(h.compare_steps, k));
-    out << line;
   }
 }
 
@@ -407,7 +316,11 @@ TrainOptions prepare(const TrainFlags& f, const CLI::App& app) {
   // A GPU that is not there is refused now, in one line, before any data
   // is read or any worker starts.
   parse_device_flag(options.device());
-  check_data(options);
+  try {
+    train::check_run_files(options);
+  } catch (const c10::Error& e) {
+    rethrow_as_flag_error(e);
+  }
   check_outputs(f, options);
   return options;
 }
@@ -429,40 +342,6 @@ c10::optional<dist::DistOptions> dist_options(const TrainFlags& f) {
     return c10::nullopt;
   }
   return d;
-}
-
-// Rows per second of the whole run (all ranks), as the step timings give it.
-void print_data_parallel(
-    const train::TrainResult& r,
-    const TrainOptions& o,
-    int64_t world,
-    std::ostream& out) {
-  double seconds = 0;
-  for (const auto& s : r.history.steps) {
-    seconds += s.step_seconds;
-  }
-  const double rows = static_cast<double>(r.history.steps.size()) *
-      static_cast<double>(o.batch() * o.accumulate());
-  char line[256];
-  if (world == 1) {
-    std::snprintf(line, sizeof(line), "throughput: %.1f samples/s (batch %lld rows)\n",
-                  seconds > 0 ? rows / seconds : 0.0,
-                  static_cast<long long>(o.batch() * o.accumulate()));
-    out << line;
-    return;
-  }
-  double in_backward = 0, total = 0;
-  for (const auto& s : r.history.steps) {
-    in_backward += static_cast<double>(s.reduced_in_backward_bytes);
-    total += static_cast<double>(s.reduced_in_backward_bytes + s.reduced_after_backward_bytes);
-  }
-  std::snprintf(line, sizeof(line),
-                "data parallel: %lld ranks, global batch %lld rows (%lld per rank), "
-                "%.1f samples/s, %.0f%% of gradient bytes all-reduced during backward\n",
-                static_cast<long long>(world), static_cast<long long>(o.batch() * o.accumulate()),
-                static_cast<long long>((o.batch() * o.accumulate() + world - 1) / world),
-                seconds > 0 ? rows / seconds : 0.0, total > 0 ? 100.0 * in_backward / total : 0.0);
-  out << line;
 }
 
 int run_train(const TrainFlags& f, const CLI::App& app) {
@@ -556,15 +435,11 @@ int run_train(const TrainFlags& f, const CLI::App& app) {
   progress.finish();
   if (!writer) {
     // The other ranks' share of the measurements, one line each.
-    std::fprintf(stderr, "remat train: rank %lld of %lld: %lld steps, peak %s\n",
-                 static_cast<long long>(group->rank()),
-                 static_cast<long long>(group->world_size()),
-                 static_cast<long long>(result.steps),
-                 mib(max_peak(result.history.steps, result.history.steps.size())).c_str());
+    std::cerr << train::rank_text(result, group->rank(), group->world_size());
     return 0;
   }
-  print_summary(result, options, std::cout);
-  print_data_parallel(result, options, group ? group->world_size() : 1, std::cout);
+  std::cout << train::summary_text(result, options)
+            << train::throughput_text(result, options, group ? group->world_size() : 1);
   if (!options.out_dir().empty()) {
     std::cout << "state: " << train::state_path(options.out_dir()) << " (step "
               << result.steps << ")\n";
@@ -597,28 +472,19 @@ Run add_train(CLI::App& root) {
                   "share of --train held out when there is no --valid (0: none)")
       ->capture_default_str();
   app->add_option("--vocab", f->vocab, "BERT vocab.txt (WordPiece); default: byte-level");
-  app->add_option("--seq", f->seq, "tokens per row")->capture_default_str();
-  app->add_option("--batch", f->batch, "rows per micro-batch")->capture_default_str();
+  add_model_flags(app, f->model,
+                  kModelLayers | kModelHidden | kModelHeads | kModelKvHeads | kModelIntermediate |
+                      kModelSeq | kModelBatch | kModelDtype | kModelDropout);
   app->add_option("--accumulate", f->accumulate,
                   "micro-batches per optimizer step (gradient accumulation)")
       ->capture_default_str();
   app->add_option("--epochs", f->epochs, "passes over the training set")->capture_default_str();
   app->add_option("--max-steps", f->max_steps, "optimizer steps (0: --epochs decides)")
       ->capture_default_str();
-  app->add_option("--layers", f->layers, "transformer layers")->capture_default_str();
-  app->add_option("--hidden", f->hidden, "hidden size")->capture_default_str();
-  app->add_option("--heads", f->heads, "attention heads")->capture_default_str();
-  app->add_option("--kv-heads", f->kv_heads, "key/value heads, Llama (0: --heads)")
-      ->capture_default_str();
-  app->add_option("--intermediate", f->intermediate, "MLP width (0: the family's default)")
-      ->capture_default_str();
-  app->add_option("--dropout", f->dropout, "dropout probability")->capture_default_str();
   app->add_option("--init", f->init, "start from a Hugging Face folder (config.json, "
                                      "model.safetensors)");
   app->add_option("--save", f->save, "write model.safetensors + config.json here at the end");
   app->add_option("--policy", f->policy, "checkpoint policy: " + CheckpointPolicy::names())
-      ->capture_default_str();
-  app->add_option("--dtype", f->dtype, "fp32 (f32 accepted), or bf16 (autocast on --device, float32 master weights)")
       ->capture_default_str();
   app->add_option("--lr", f->lr, "peak learning rate")->capture_default_str();
   app->add_option("--weight-decay", f->weight_decay, "AdamW weight decay")

@@ -9,6 +9,10 @@
 
 #include <torch/torch.h>
 
+#include <cmath>
+#include <cstdio>
+#include <sstream>
+
 namespace remat {
 namespace nn {
 namespace {
@@ -50,8 +54,8 @@ std::vector<EstimateCheck> check_estimate(
       "remat::nn::check_estimate: expected backend cpu (the check runs here), but got cuda");
   TORCH_CHECK(
       spec.precision() != plan::Precision::kBf16Mixed,
-      "remat::nn::check_estimate: expected precision fp32 or bf16 (remat's models do not "
-      "run mixed precision), but got bf16-mixed");
+      "remat::nn::check_estimate: expected precision fp32 or bf16-pure (remat's models do "
+      "not keep bf16 weights with fp32 master copies), but got bf16-mixed");
   TORCH_CHECK(
       spec.head() == (bert ? plan::Head::kNone : plan::Head::kLanguageModel),
       "remat::nn::check_estimate: expected head ", bert ? "none for BERT" : "lm for Llama",
@@ -116,6 +120,58 @@ std::vector<EstimateCheck> check_estimate(
     out.push_back(c);
   }
   return out;
+}
+
+double EstimateCheck::peak_error_percent() const {
+  return 100.0 * static_cast<double>(estimated_peak_bytes - measured_peak_bytes) /
+      static_cast<double>(std::max<int64_t>(1, measured_peak_bytes));
+}
+
+nlohmann::json EstimateCheck::to_json() const {
+  return {{"policy", policy},
+          {"estimated_fixed_bytes", estimated_fixed_bytes},
+          {"measured_fixed_bytes", measured_fixed_bytes},
+          {"estimated_activation_bytes", estimated_activation_bytes},
+          {"measured_activation_bytes", measured_activation_bytes},
+          {"estimated_peak_bytes", estimated_peak_bytes},
+          {"measured_peak_bytes", measured_peak_bytes},
+          {"peak_error_percent", peak_error_percent()}};
+}
+
+bool checks_within(const std::vector<EstimateCheck>& checks, double tolerance_percent) {
+  for (const auto& c : checks) {
+    if (std::abs(c.peak_error_percent()) > tolerance_percent) {
+      return false;
+    }
+  }
+  return true;
+}
+
+std::string check_table(const std::vector<EstimateCheck>& checks, double tolerance_percent) {
+  std::ostringstream out;
+  char line[512];
+  std::snprintf(line, sizeof(line), "%-22s %23s %23s %23s %8s\n", "policy", "fixed est / meas",
+                "activations est / meas", "peak est / meas", "peak err");
+  out << line;
+  auto pair = [](int64_t a, int64_t b) {
+    return memory::format_size(a) + " / " + memory::format_size(b);
+  };
+  for (const auto& r : checks) {
+    char err[32];
+    std::snprintf(err, sizeof(err), "%+.1f%%", r.peak_error_percent());
+    std::snprintf(line, sizeof(line), "%-22s %23s %23s %23s %8s\n", r.policy.c_str(),
+                  pair(r.estimated_fixed_bytes, r.measured_fixed_bytes).c_str(),
+                  pair(r.estimated_activation_bytes, r.measured_activation_bytes).c_str(),
+                  pair(r.estimated_peak_bytes, r.measured_peak_bytes).c_str(), err);
+    out << line;
+  }
+  char tail[96];
+  std::snprintf(tail, sizeof(tail), checks_within(checks, tolerance_percent)
+                    ? "every peak within %g%% of the measured one"
+                    : "SOME PEAKS ARE MORE THAN %g%% OFF",
+                tolerance_percent);
+  out << "\n" << tail << "\n";
+  return out.str();
 }
 
 } // namespace nn

@@ -29,6 +29,10 @@ double ModelConfig::dropout_p() const {
   return dropout_ >= 0 ? dropout_ : (llama() ? 0.0 : 0.1);
 }
 
+AutocastState ModelConfig::autocast(c10::Device device) const {
+  return AutocastState::bf16(device, dtype_ == c10::ScalarType::BFloat16);
+}
+
 void ModelConfig::validate() const {
   // Fields whose 0 means "the family's": a negative value is a mistake that
   // the defaults would hide from spec().

@@ -31,8 +31,7 @@ StepSample train_step(BenchWorkload& w) {
           .gradients(GradientReset::kNone)
           .seed(o.seed() + 1)
           .limit_bytes(o.limit_bytes())
-          .autocast(AutocastState::bf16(
-              o.device(), w.config().dtype() == c10::ScalarType::BFloat16)));
+          .autocast(w.config().autocast(o.device())));
 }
 
 void fail(PolicyRun& r, const c10::Error& e) {
@@ -184,6 +183,8 @@ torch::nn::Module& BenchWorkload::module() {
 }
 
 plan::Plan BenchWorkload::plan(int64_t budget_bytes) {
+  // Profiled as the step runs: under its autocast.
+  AutocastScope autocast(config_.autocast(options_.device()));
   if (llama_) {
     return plan_checkpointing(*llama_, LlamaStep(ids_), budget_bytes);
   }
@@ -194,6 +195,67 @@ plan::Plan BenchWorkload::plan(int64_t budget_bytes) {
         return torch::mse_loss(o.last_hidden_state.to(torch::kFloat), t);
       }),
       budget_bytes);
+}
+
+plan::Chain BenchWorkload::profile(const plan::ProfileOptions& options) {
+  AutocastScope autocast(config_.autocast(options_.device()));
+  if (llama_) {
+    return profile_model(*llama_, LlamaStep(ids_), options);
+  }
+  auto t = target_;
+  return profile_model(
+      *bert_,
+      BertStep(ids_).attention_mask(mask_).loss([t](const BertOutput& o) {
+        return torch::mse_loss(o.last_hidden_state.to(torch::kFloat), t);
+      }),
+      options);
+}
+
+int64_t BenchWorkload::parameter_count() {
+  int64_t n = 0;
+  for (const auto& p : module().parameters()) {
+    n += p.numel();
+  }
+  return n;
+}
+
+void measure_schedule(BenchWorkload& w, plan::ScheduleCandidate& candidate, bool timed) {
+  const auto& o = w.options();
+  candidate.measured = true;
+  w.module().zero_grad(/*set_to_none=*/true);
+  try {
+    w.set_policy(CheckpointPolicy::custom(candidate.schedule, candidate.name));
+    const auto s = measured_step(
+        w.module(), [&] { return w.loss(); },
+        StepOptions()
+            .device(o.device())
+            .gradients(GradientReset::kZero)
+            .seed(o.seed() + 1)
+            .limit_bytes(o.limit_bytes())
+            .autocast(w.config().autocast(o.device())));
+    candidate.peak_bytes = std::max(candidate.peak_bytes, s.peak_bytes);
+    if (timed) {
+      candidate.times.push_back(s.step_seconds);
+    }
+  } catch (const c10::Error& e) {
+    const std::string what = e.what_without_backtrace();
+    candidate.ok = false;
+    candidate.error = what.substr(0, what.find('\n'));
+  }
+}
+
+void measure_interleaved(
+    BenchWorkload& w,
+    const std::vector<plan::ScheduleCandidate*>& candidates) {
+  const auto& o = w.options();
+  for (int64_t round = 0; round < o.warmup() + o.steps(); ++round) {
+    for (auto* cand : candidates) {
+      if (cand->ok) {
+        measure_schedule(w, *cand, round >= o.warmup());
+      }
+    }
+  }
+  w.module().zero_grad(/*set_to_none=*/true);
 }
 
 ReferenceGradients copy_gradients(const std::vector<torch::Tensor>& params) {

@@ -24,7 +24,7 @@ const char* to_string(Precision p) {
     case Precision::kBf16Mixed:
       return "bf16-mixed";
     case Precision::kBf16:
-      return "bf16";
+      return "bf16-pure";
   }
   return "?";
 }
@@ -59,7 +59,9 @@ Precision parse_precision(const std::string& text) {
       return p;
     }
   }
-  TORCH_CHECK(false, "expected a precision (fp32, bf16-mixed, bf16), but got '", text, "'");
+  TORCH_CHECK(
+      false, "expected a precision (fp32, bf16-mixed, bf16-pure), but got '", text, "'",
+      text == "bf16" ? " (bf16 autocast, fp32 weights with bf16 compute, is not modelled)" : "");
 }
 
 AttentionImpl parse_attention_impl(const std::string& text) {

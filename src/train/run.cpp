@@ -1,8 +1,11 @@
 // run_training: the comparison run, the training loop with its evaluations
 // and state saves, and resuming.
 #include "remat/dist/process_group.h"
+#include "remat/io/file.h"
 #include "remat/io/json_text.h"
+#include "remat/io/tokenizer.h"
 #include "remat/model_sizes.h"
+#include "remat/train/data.h"
 #include "remat/train/train_state.h"
 #include "remat/train/trainer.h"
 
@@ -11,6 +14,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <filesystem>
 #include <fstream>
 #include <cstdio>
 #include <iostream>
@@ -205,6 +209,43 @@ TrainOptions saved_run_options(const std::string& out_dir) {
         false, "'", path, "' holds no usable run options: ", what.substr(0, what.find('\n')));
   } catch (const nlohmann::json::exception& e) {
     TORCH_CHECK(false, "'", path, "' holds no usable run options: ", io::json_error_text(e));
+  }
+}
+
+void check_run_files(const TrainOptions& o) {
+  const bool lm = o.task() == Task::kCausalLm;
+  // A reader's error, as the error of the option that named the file.
+  auto as_field = [](const std::string& field, const auto& read) {
+    try {
+      return read();
+    } catch (const FieldError&) {
+      throw;
+    } catch (const c10::Error& e) {
+      const std::string what = e.what_without_backtrace();
+      throw FieldError(field, what.substr(0, what.find('\n')));
+    }
+  };
+  auto data = as_field("train_path", [&] {
+    return lm ? read_text_jsonl(o.train_path()) : read_classification_jsonl(o.train_path());
+  });
+  check_field(data.size() > 0, "train_path",
+              "expected at least one document in '" + o.train_path() + "', but got none");
+  if (!o.valid_path().empty()) {
+    as_field("valid_path", [&] {
+      return lm ? read_text_jsonl(o.valid_path())
+                : read_classification_jsonl(
+                      o.valid_path(), JsonlOptions().label_names(data.label_names));
+    });
+  }
+  if (!o.vocab_path().empty()) {
+    as_field("vocab_path", [&] { return io::make_tokenizer(o.vocab_path()); });
+  }
+  if (!o.init_dir().empty()) {
+    check_field(std::filesystem::is_directory(o.init_dir()), "init_dir",
+                "'" + o.init_dir() + "' is not a folder");
+    const std::string config = o.init_dir() + "/config.json";
+    const auto problem = io::regular_file_problem(config);
+    check_field(problem.empty(), "init_dir", "cannot read '" + config + "': " + problem);
   }
 }
 

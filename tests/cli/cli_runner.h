@@ -10,6 +10,7 @@
 #include <unistd.h>
 
 #include <gtest/gtest.h>
+#include <nlohmann/json.hpp>
 
 namespace remat {
 namespace test {
@@ -42,6 +43,16 @@ inline CliResult run_cli(const std::string& args) {
   std::remove((base + ".out").c_str());
   std::remove((base + ".err").c_str());
   return r;
+}
+
+/// Runs `args --json TEMP/name.json`, expects exit code 0, and returns the
+/// report it wrote.
+inline nlohmann::json run_json(const std::string& args, const std::string& name) {
+  const std::string path = ::testing::TempDir() + "/" + name + ".json";
+  auto r = run_cli(args + " --json " + path);
+  EXPECT_EQ(r.exit_code, 0) << args << "\n" << r.err;
+  std::ifstream f(path);
+  return nlohmann::json::parse(f);
 }
 
 } // namespace test

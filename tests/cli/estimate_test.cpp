@@ -12,16 +12,9 @@
 namespace {
 
 using remat::test::run_cli;
+using remat::test::run_json;
 using ::testing::HasSubstr;
 using ::testing::StartsWith;
-
-nlohmann::json run_json(const std::string& args, const std::string& name) {
-  const std::string path = ::testing::TempDir() + "/" + name + ".json";
-  auto r = run_cli(args + " --json " + path);
-  EXPECT_EQ(r.exit_code, 0) << args << "\n" << r.err;
-  std::ifstream f(path);
-  return nlohmann::json::parse(f);
-}
 
 TEST(EstimateCli, BreaksDownThePresetWithMasterWeightsUnderBf16) {
   auto j = run_json("estimate --preset llama2-7b --dtype bf16-mixed --policy none,every-layer",

@@ -14,16 +14,9 @@
 namespace {
 
 using remat::test::run_cli;
+using remat::test::run_json;
 using ::testing::HasSubstr;
 using ::testing::StartsWith;
-
-nlohmann::json run_json(const std::string& args, const std::string& name) {
-  const std::string path = ::testing::TempDir() + "/" + name + ".json";
-  auto r = run_cli(args + " --json " + path);
-  EXPECT_EQ(r.exit_code, 0) << args << "\n" << r.err;
-  std::ifstream f(path);
-  return nlohmann::json::parse(f);
-}
 
 // The defect of issue #14: with --hidden 128, plan and estimate described a
 // 512-wide Llama MLP while train built a 344-wide one.
@@ -112,6 +105,42 @@ TEST(ModelCli, DtypeHasOneSpellingAndTheOldOneIsAnAlias) {
     EXPECT_EQ(r.exit_code, 2) << args;
     EXPECT_THAT(r.err, HasSubstr("--dtype: expected fp32 or bf16")) << args << "\n" << r.err;
   }
+}
+
+// --dtype bf16 means one thing: autocast over float32 master weights in
+// bench, plan and train; estimate, which does not model autocast, refuses it
+// and spells its own precisions bf16-pure and bf16-mixed.
+TEST(ModelCli, Bf16IsAutocastOverFloat32WeightsAndEstimateRefusesIt) {
+  const std::string flags =
+      " --model llama --layers 1 --hidden 64 --heads 4 --vocab 64 --seq 8 --batch 2 --dtype bf16";
+  const auto bench = run_json(
+      "bench --threads 1 --steps 1 --warmup 0 --policy none --isolation in-process" + flags,
+      "bf16_bench");
+  EXPECT_EQ(bench["config"]["dtype"], "bf16");
+  // Float32 weights: 4 bytes per parameter.
+  EXPECT_EQ(bench["config"]["weight_bytes"].get<int64_t>(),
+            4 * bench["config"]["trainable_parameters"].get<int64_t>());
+  const auto plan = run_json(
+      "plan --threads 1 --repeats 1 --steps 1 --warmup 0 --budget 100% --measure "
+      "--isolation in-process" + flags,
+      "bf16_plan");
+  EXPECT_EQ(plan["config"]["dtype"], "bf16");
+  // Weights and gradients held through the step, both float32: 8 bytes each.
+  EXPECT_GE(plan["chain"]["base_bytes"].get<int64_t>(),
+            8 * plan["config"]["parameters"].get<int64_t>());
+  EXPECT_EQ(plan["policies"][0]["measured_ok"], true);
+
+  auto r = run_cli("estimate --dtype bf16");
+  EXPECT_EQ(r.exit_code, 2);
+  EXPECT_EQ(r.err,
+            "remat: error: --dtype: expected fp32, bf16-pure (everything bf16) or bf16-mixed "
+            "(bf16 weights, fp32 master weights and AdamW state), but got 'bf16': estimate "
+            "does not model bf16 autocast (fp32 weights, bf16 compute), which is what --dtype "
+            "bf16 runs in bench, plan and train\n");
+  const auto pure = run_json("estimate --dtype bf16-pure --policy none", "bf16_pure");
+  EXPECT_EQ(pure["config"]["precision"], "bf16-pure");
+  const auto f32 = run_json("estimate --dtype f32 --policy none", "f32_estimate");
+  EXPECT_EQ(f32["config"]["precision"], "fp32");
 }
 
 } // namespace

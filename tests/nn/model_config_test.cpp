@@ -7,6 +7,7 @@
 
 #include "remat/model_sizes.h"
 #include "remat/nn/model_config.h"
+#include "remat/nn/policy_bench.h"
 #include "remat/train/trainer.h"
 #include "train/task.h"
 
@@ -191,6 +192,41 @@ TEST(ModelConfig, TheEstimatorRefusesAStepPastTheLimitBeforeAnythingIsBuilt) {
   }
   const int64_t least = remat::plan::check_fits(flags_config(Family::kBert).spec(), 1LL << 40, "x");
   EXPECT_GT(least, 0);
+}
+
+// --dtype bf16 means one thing in bench, plan and train: float32 master
+// weights, forward and loss under bf16 autocast.
+TEST(ModelConfig, Bf16IsAutocastOverFloat32MasterWeights) {
+  const auto config = ModelConfig(Family::kLlama).layers(2).hidden(64).heads(4).vocab(64)
+                          .seq(8).batch(2).dtype(torch::kBFloat16);
+  EXPECT_TRUE(config.autocast(c10::kCPU).cpu_enabled);
+  EXPECT_FALSE(config.autocast(c10::kCPU).cuda_enabled);
+  EXPECT_FALSE(ModelConfig(config).dtype(torch::kFloat).autocast(c10::kCPU).any());
+
+  remat::nn::BenchWorkload w(config, remat::nn::BenchOptions().warmup(0).steps(1));
+  for (const auto& p : w.module().parameters()) {
+    EXPECT_EQ(p.scalar_type(), torch::kFloat);
+  }
+  // The step `plan --measure` runs: gradients float32, the matrix products bf16.
+  remat::plan::ScheduleCandidate cand;
+  cand.name = "none";
+  cand.schedule = remat::CheckpointPolicy::none().schedule(2);
+  remat::nn::measure_schedule(w, cand, /*timed=*/true);
+  ASSERT_TRUE(cand.ok) << cand.error;
+  EXPECT_GT(cand.peak_bytes, 0);
+  EXPECT_EQ(cand.times.size(), 1u);
+  for (const auto& p : w.trainable()) {
+    ASSERT_TRUE(p.grad().defined());
+    EXPECT_EQ(p.grad().scalar_type(), torch::kFloat);
+  }
+  {
+    remat::AutocastScope bf16(config.autocast(c10::kCPU));
+    EXPECT_EQ(torch::matmul(torch::ones({2, 2}), torch::ones({2, 2})).scalar_type(),
+              torch::kBFloat16);
+  }
+  // The profile runs under the same autocast, and leaves no policy behind.
+  const auto chain = w.profile(remat::plan::ProfileOptions().warmup(0).repeats(1));
+  EXPECT_EQ(chain.num_layers(), 2);
 }
 
 } // namespace

@@ -63,4 +63,24 @@ TEST(PlanEstimateCheck, Llama) { expect_within(llama(), "llama"); }
 TEST(PlanEstimateCheck, LlamaLora) { expect_within(llama().lora_rank(4), "llama-lora"); }
 TEST(PlanEstimateCheck, LlamaBlockwise) { expect_within(llama().attention(AttentionImpl::kBlockwise), "llama-blockwise"); }
 
+// check_table: the error is the peak's, relative to the measured one; the
+// last line says whether all are within the tolerance.
+TEST(PlanEstimateCheck, TableSaysWhetherEveryPeakIsWithinTolerance) {
+  remat::nn::EstimateCheck a;
+  a.policy = "none";
+  a.estimated_peak_bytes = 105;
+  a.measured_peak_bytes = 100;
+  EXPECT_DOUBLE_EQ(a.peak_error_percent(), 5);
+  EXPECT_EQ(a.to_json()["peak_error_percent"], 5.0);
+  EXPECT_TRUE(remat::nn::checks_within({a}));
+  EXPECT_NE(remat::nn::check_table({a}).find("+5.0%"), std::string::npos);
+  EXPECT_NE(remat::nn::check_table({a}).find("every peak within 10% of the measured one"),
+            std::string::npos);
+  auto b = a;
+  b.estimated_peak_bytes = 80;
+  EXPECT_FALSE(remat::nn::checks_within({a, b}));
+  EXPECT_NE(remat::nn::check_table({a, b}).find("SOME PEAKS ARE MORE THAN 10% OFF"),
+            std::string::npos);
+}
+
 } // namespace

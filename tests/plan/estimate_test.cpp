@@ -1,4 +1,5 @@
 #include "remat/plan/estimate.h"
+#include "remat/plan/estimate_table.h"
 #include "remat/plan/solver.h"
 
 #include <gtest/gtest.h>
@@ -290,6 +291,15 @@ TEST(PlanEstimate, ErrorsNameTheField) {
   bad(ModelSpec::bert_base().lora_rank(4).lora_targets({"gate"}), "but got 'gate'");
   EXPECT_THROW(parse_precision("fp16"), c10::Error);
   EXPECT_EQ(parse_precision("bf16-mixed"), Precision::kBf16Mixed);
+  // bf16 alone is bf16 autocast to the commands, which is not modelled.
+  EXPECT_EQ(parse_precision("bf16-pure"), Precision::kBf16);
+  EXPECT_STREQ(to_string(Precision::kBf16), "bf16-pure");
+  try {
+    parse_precision("bf16");
+    FAIL();
+  } catch (const c10::Error& e) {
+    EXPECT_NE(std::string(e.what_without_backtrace()).find("bf16 autocast"), std::string::npos);
+  }
   EXPECT_EQ(parse_head("lm"), Head::kLanguageModel);
   EXPECT_EQ(ModelSpec::preset("harbor-13b").layers(), 40);
   try {
@@ -298,6 +308,32 @@ TEST(PlanEstimate, ErrorsNameTheField) {
   } catch (const c10::Error& e) {
     EXPECT_NE(std::string(e.what()).find("but got 'gpt-5'"), std::string::npos);
   }
+}
+
+// estimate_table (remat/plan/estimate_table.h): the rows `remat estimate`
+// prints are the estimator's, row by row.
+TEST(EstimateTable, RowsAreTheEstimatesAndARefusedPolicyIsARow) {
+  const auto spec = ModelSpec::bert_base().seq(128).batch(4);
+  const auto t = estimate_table(
+      spec, {CheckpointPolicy::none(), CheckpointPolicy::every_layer(),
+             CheckpointPolicy::parse("budget:1KiB")},
+      EstimateTableOptions().fit_bytes(int64_t(16) << 30));
+  ASSERT_EQ(t.rows.size(), 3u);
+  const auto every = estimate(spec, CheckpointPolicy::every_layer());
+  EXPECT_EQ(t.rows[1].estimate.peak_bytes, every.peak_bytes);
+  EXPECT_EQ(t.rows[1].fit, fit_batch(spec, CheckpointPolicy::every_layer(), int64_t(16) << 30));
+  EXPECT_FALSE(t.rows[2].ok);
+  EXPECT_FALSE(t.rows[2].error.empty());
+  EXPECT_EQ(t.rows[2].error.find('\n'), std::string::npos);
+  const auto j = t.rows_json();
+  EXPECT_EQ(j[0]["step_flops_relative_to_none"], 1.0);
+  EXPECT_EQ(j[1]["peak_bytes"], every.peak_bytes);
+  EXPECT_TRUE(j[2].contains("error"));
+  EXPECT_NE(t.str().find("max batch"), std::string::npos);
+  EXPECT_EQ(describe(spec).rfind("bert, 12 layers, hidden 768, 12 heads, intermediate 3072", 0),
+            0u)
+      << describe(spec);
+  EXPECT_EQ(spec_json(ModelSpec(spec).precision(Precision::kBf16))["precision"], "bf16-pure");
 }
 
 } // namespace

@@ -1,3 +1,5 @@
+#include "remat/plan/compare.h"
+#include "remat/plan/estimate.h"
 #include "remat/plan/solver.h"
 
 #include <gtest/gtest.h>
@@ -437,6 +439,93 @@ TEST(PlanChain, ValidateNamesTheStage) {
               std::string::npos)
         << e.what();
   }
+}
+
+// A chain whose layers offer the selective modes every fixed policy uses:
+// the estimator's, of a small BERT.
+Chain selective_chain() {
+  return remat::plan::estimate_chain(
+      remat::plan::ModelSpec::bert_base().layers(3).seq(64).batch(2));
+}
+
+// compare_schedules (remat/plan/compare.h): what `remat plan` prints.
+TEST(PlanCompare, FixedPoliciesOnceAndAPlanPerBudget) {
+  using remat::plan::parse_budget;
+  const auto chain = selective_chain();
+  const int64_t least = remat::plan::min_feasible_budget(chain, {});
+  const auto c = remat::plan::compare_schedules(
+      chain, {parse_budget("100%"), parse_budget(std::to_string(least)), parse_budget("1")});
+  EXPECT_EQ(c.none.peak_bytes,
+            remat::plan::evaluate(chain, CheckpointPolicy::none().schedule(3)).peak_bytes);
+  EXPECT_EQ(c.min_budget_bytes, least);
+  EXPECT_EQ(c.fixed.front().name, "none");
+  // Each schedule once: a policy with the schedule of an earlier one is its alias.
+  std::vector<std::string> schedules;
+  for (const auto& f : c.fixed) {
+    schedules.push_back(f.schedule.str());
+  }
+  std::sort(schedules.begin(), schedules.end());
+  EXPECT_EQ(std::unique(schedules.begin(), schedules.end()), schedules.end());
+  ASSERT_EQ(c.budgets.size(), 3u);
+  EXPECT_EQ(c.budgets[0].bytes, c.none.peak_bytes); // 100% of none's peak
+  EXPECT_EQ(c.plans[0].name, "plan@100%");
+  EXPECT_EQ(c.plans[0].schedule.str(), c.fixed.front().schedule.str());
+  EXPECT_EQ(c.plans[0].aliases, "none");
+  EXPECT_LE(c.plans[1].predicted.peak_bytes, least);
+  // 1 byte is below the smallest feasible budget: kept, not planned, refused.
+  EXPECT_FALSE(c.plans[2].ok);
+  EXPECT_TRUE(c.plans[2].schedule.segments.empty());
+  ASSERT_EQ(c.refused.size(), 1u);
+  EXPECT_EQ(c.refused[0].rfind("--budget: expected at least the smallest feasible budget, ", 0),
+            0u)
+      << c.refused[0];
+  EXPECT_NE(c.refused[0].find("but got 1 (1 bytes)"), std::string::npos) << c.refused[0];
+  const auto text = c.budgets_text();
+  EXPECT_NE(text.find("budget 1 = "), std::string::npos) << text;
+  EXPECT_NE(text.find("; not planned"), std::string::npos) << text;
+  EXPECT_NE(c.table().find("plan@" + std::to_string(least)), std::string::npos);
+  EXPECT_EQ(c.budgets_json().size(), 3u);
+  EXPECT_EQ(c.budgets_json()[2]["feasible"], false);
+  EXPECT_EQ(c.policies_json().size(), c.fixed.size());
+}
+
+TEST(PlanCompare, APlanWithAFixedPolicysScheduleSharesItsMeasurement) {
+  auto c = remat::plan::compare_schedules(selective_chain(), {remat::plan::parse_budget("100%")});
+  auto todo = c.to_measure();
+  // Every fixed policy; the plan is none's schedule, so not measured twice.
+  EXPECT_EQ(todo.size(), c.fixed.size());
+  for (auto* cand : todo) {
+    cand->measured = true;
+    cand->peak_bytes = 1000;
+    cand->times = {3, 1, 2};
+  }
+  c.finish_measurements();
+  EXPECT_TRUE(c.measured);
+  EXPECT_DOUBLE_EQ(c.fixed.front().step_seconds, 2);
+  EXPECT_TRUE(c.plans[0].measured);
+  EXPECT_EQ(c.plans[0].peak_bytes, 1000);
+  EXPECT_NE(c.table().find("pred/meas"), std::string::npos);
+  EXPECT_EQ(c.plans[0].to_json()["measured_peak_bytes"], 1000);
+}
+
+TEST(PlanCompare, ParseBudgetNamesTheText) {
+  using remat::plan::parse_budget;
+  EXPECT_TRUE(parse_budget("50%").percent);
+  EXPECT_DOUBLE_EQ(parse_budget("50%").value, 50);
+  EXPECT_DOUBLE_EQ(parse_budget("1KiB").value, 1024);
+  for (const char* bad : {"0%", "x%", "%", "-5%"}) {
+    try {
+      parse_budget(bad);
+      FAIL() << bad;
+    } catch (const c10::Error& e) {
+      EXPECT_NE(std::string(e.what_without_backtrace()).find(
+                    "expected a percentage above 0 such as 50%, but got '" + std::string(bad) +
+                    "'"),
+                std::string::npos)
+          << e.what_without_backtrace();
+    }
+  }
+  EXPECT_THROW(parse_budget("lots"), c10::Error);
 }
 
 } // namespace

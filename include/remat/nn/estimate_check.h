@@ -1,8 +1,8 @@
 // The analytic estimate (remat/plan/estimate.h) next to a measured step of
 // the model it describes: builds the remat::nn model a ModelSpec names, runs
 // one training step per policy with the counting allocator, and returns both
-// sets of bytes. `remat estimate --check` prints them; a test holds them
-// within 10% of each other.
+// sets of bytes. `remat estimate --check` prints check_table(); a test
+// holds them within 10% of each other.
 //
 // Example:
 //   remat::memory::install();
@@ -18,6 +18,8 @@
 
 #include "remat/plan/estimate.h"
 #include "remat/policy.h"
+
+#include <nlohmann/json.hpp>
 
 #include <cstdint>
 #include <string>
@@ -38,15 +40,30 @@ struct EstimateCheck {
   int64_t measured_activation_bytes = 0;
   int64_t estimated_peak_bytes = 0;       ///< total, fixed bytes included
   int64_t measured_peak_bytes = 0;
+
+  /// (estimated - measured) / measured peak, in percent.
+  double peak_error_percent() const;
+  /// Every field, and peak_error_percent.
+  nlohmann::json to_json() const;
 };
+
+/// The checks as a table (fixed, activation and peak bytes, estimated /
+/// measured, and the peak's error), then one line saying whether every peak
+/// is within `tolerance_percent` of the measured one.
+std::string check_table(const std::vector<EstimateCheck>& checks, double tolerance_percent = 10);
+
+/// Whether every check's peak is within `tolerance_percent` of its
+/// measured peak.
+bool checks_within(const std::vector<EstimateCheck>& checks, double tolerance_percent = 10);
 
 /// Builds the model `spec` describes with remat::nn (BERT with head kNone,
 /// whose loss is the mean of the last hidden state; Llama with head
 /// kLanguageModel and next-token labels; LoRA adapters on the spec's
-/// targets; fp32 or pure bf16; on the CPU), runs one training step per
-/// policy and returns the estimates and measurements side by side. Throws
-/// c10::Error naming the field for a spec it cannot run (bf16-mixed
-/// precision, a CUDA backend, other heads).
+/// targets; fp32 or bf16-pure, the model cast to bf16; on the CPU), runs one
+/// training step per policy and returns the estimates and measurements side
+/// by side. Throws c10::Error naming the field for a spec it cannot run
+/// (bf16-mixed precision, a CUDA backend, other heads). bf16 autocast is
+/// not checked: the estimator does not model it.
 std::vector<EstimateCheck> check_estimate(
     const plan::ModelSpec& spec,
     const std::vector<CheckpointPolicy>& policies,

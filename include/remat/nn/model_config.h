@@ -21,6 +21,7 @@
 //                                  remat::CheckpointPolicy::every_layer());
 #pragma once
 
+#include "remat/autocast.h"
 #include "remat/model_sizes.h"
 #include "remat/nn/attention.h"
 #include "remat/nn/bert.h"
@@ -51,7 +52,12 @@ struct ModelConfig {
   TORCH_ARG(int64_t, seq) = 256;          ///< tokens per sequence
   TORCH_ARG(int64_t, batch) = 8;          ///< sequences per batch
   TORCH_ARG(AttentionKind, attention) = AttentionKind::kEager;
-  /// Weights and activations: torch::kFloat or torch::kBFloat16.
+  /// The step's precision: torch::kFloat, or torch::kBFloat16 for bf16
+  /// autocast over float32 master weights: the weights, gradients and
+  /// optimizer state stay float32, forward and loss run under autocast()
+  /// (matrix products in bfloat16). This is what `--dtype bf16` means to
+  /// `remat bench`, `plan` and `train`; pure bf16 (everything cast) exists
+  /// only in the estimator (plan::Precision::kBf16, "bf16-pure").
   TORCH_ARG(c10::ScalarType, dtype) = c10::ScalarType::Float;
   /// Hidden and attention dropout (BERT), attention dropout (Llama); < 0:
   /// the family's.
@@ -67,6 +73,10 @@ struct ModelConfig {
   int64_t vocab_size() const;     ///< vocab or the family's
   int64_t positions() const;      ///< max_positions or the family's
   double dropout_p() const;       ///< dropout or the family's
+  /// The autocast state a training step of this config runs forward and
+  /// loss under on `device`: bf16 autocast on that device's type when dtype
+  /// is bf16, everything off for fp32.
+  AutocastState autocast(c10::Device device) const;
 
   /// Throws remat::FieldError naming the field ("layers", "kv_heads",
   /// "dtype") when a value is invalid or past its bound (remat/model_sizes.h),
@@ -78,11 +88,15 @@ struct ModelConfig {
   BertOptions bert_options() const;
   LlamaOptions llama_options() const;
   /// The estimator's description of a training step of this model: head
-  /// none for BERT (a loss on the last hidden state), lm for Llama; fp32 or
-  /// pure bf16 as `dtype`; AdamW; dropout as dropout_p() > 0.
+  /// none for BERT (a loss on the last hidden state), lm for Llama; AdamW;
+  /// dropout as dropout_p() > 0. The estimator does not model autocast: a
+  /// bf16 config's spec is pure bf16 (Precision::kBf16), a lower bound of
+  /// the autocast step's bytes, which is what plan::check_fits needs to
+  /// refuse only a step that cannot fit.
   plan::ModelSpec spec() const;
   /// The config of a spec's model (its head, precision details and LoRA are
-  /// the spec's business, not the model's).
+  /// the spec's business, not the model's; a bf16 spec gives dtype bf16, and
+  /// a caller that wants pure bf16, as check_estimate, casts the model).
   static ModelConfig from_spec(const plan::ModelSpec& spec);
 };
 

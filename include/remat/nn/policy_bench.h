@@ -2,7 +2,8 @@
 // dropout masks under each policy, with exact bytes, the largest gradient
 // difference to a reference run (none), and step times taken in interleaved
 // rounds so that a noisy machine slows every policy alike. `remat bench` is
-// flags and printing over this.
+// flags and printing over this; `remat plan --measure` measures its
+// schedules (remat/plan/compare.h) on the same workload.
 //
 // Example:
 //   remat::memory::install();
@@ -19,6 +20,7 @@
 #include "remat/nn/bert.h"
 #include "remat/nn/llama.h"
 #include "remat/nn/model_config.h"
+#include "remat/plan/compare.h"
 #include "remat/plan/solver.h"
 #include "remat/policy.h"
 
@@ -54,8 +56,9 @@ struct BenchOptions {
 /// regresses its last hidden state onto a fixed random target (a mean of the
 /// hidden state has an almost zero gradient through the final LayerNorm:
 /// useless for comparing gradients); a Llama predicts the next token of
-/// random tokens. With dtype bf16 the step runs under bf16 autocast with
-/// float32 master weights.
+/// random tokens. With dtype bf16 the weights stay float32 and forward and
+/// loss run under bf16 autocast (ModelConfig::autocast), the profile of
+/// plan() and profile() too.
 class BenchWorkload {
  public:
   /// Throws remat::FieldError("lora_targets") when a target matches nothing.
@@ -67,6 +70,11 @@ class BenchWorkload {
   /// Profiles this step and plans it to `budget_bytes` (total bytes);
   /// throws, naming the smallest feasible budget, when nothing fits.
   plan::Plan plan(int64_t budget_bytes);
+  /// This step's measured cost chain (remat::nn::profile_model), under the
+  /// config's autocast. The model's policy and gradients are left as they were.
+  plan::Chain profile(const plan::ProfileOptions& options = {});
+  /// Parameters of the model (trainable or not).
+  int64_t parameter_count();
   /// What receives gradients.
   const std::vector<torch::Tensor>& trainable() const {
     return trainable_;
@@ -142,6 +150,21 @@ PolicyRun run_policy(
 /// The remaining steps - 1 timed steps of every run that succeeded, in
 /// rounds of one step each; then each run's medians.
 void time_interleaved(BenchWorkload& w, std::vector<PolicyRun>& runs);
+
+/// One training step of `w` under `candidate.schedule` as the planner
+/// predicts it: gradients dropped, then zeroed in place (allocated), forward
+/// and loss under the config's autocast, the dropout masks of seed + 1, at
+/// most options().limit_bytes. Its peak (bytes) and, when `timed`, its time
+/// (seconds) are added to the candidate; a failure (out of memory included)
+/// is recorded in it, not thrown.
+void measure_schedule(BenchWorkload& w, plan::ScheduleCandidate& candidate, bool timed);
+
+/// options().warmup() + options().steps() rounds, each candidate that has
+/// not failed stepping once per round (the warm-up rounds untimed), so that
+/// a machine whose load changes slows them alike. Leaves no gradients.
+void measure_interleaved(
+    BenchWorkload& w,
+    const std::vector<plan::ScheduleCandidate*>& candidates);
 
 /// The runs as a table (MiB, seconds, ratio to none), then planned
 /// schedules, per-round ratios and errors, one line each.

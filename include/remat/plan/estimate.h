@@ -65,7 +65,10 @@ enum class Precision {
   kFp32,      ///< everything fp32: 4 + 4 + 8 bytes per trainable parameter
   kBf16Mixed, ///< bf16 weights, activations and gradients; AdamW keeps an fp32
               ///< master copy and fp32 moments: 2 + 2 + 12 bytes per trainable
-  kBf16,      ///< pure bf16, optimizer state too: 2 + 2 + 4 bytes per trainable
+  kBf16,      ///< pure bf16 ("bf16-pure"), optimizer state too: 2 + 2 + 4
+              ///< bytes per trainable
+  // bf16 autocast (fp32 weights, bf16 matrix products: what `--dtype bf16`
+  // runs in bench, plan and train) is not modelled.
 };
 /// How attention is computed.
 enum class AttentionImpl {
@@ -92,7 +95,7 @@ const char* to_string(Family f);
 const char* to_string(Precision p);
 const char* to_string(AttentionImpl a);
 const char* to_string(Head h);
-/// Parse "bert" / "llama", "fp32" / "bf16-mixed" / "bf16", "eager" /
+/// Parse "bert" / "llama", "fp32" / "bf16-mixed" / "bf16-pure", "eager" /
 /// "blockwise", "none" / "lm" / "classifier". Throw c10::Error naming the
 /// text and the accepted names.
 Family parse_family(const std::string& text);

@@ -364,6 +364,14 @@ void check_resume_options(
 ///   remat::train::check_resume_options(saved, o, remat::train::state_path("runs/a"));
 TrainOptions saved_run_options(const std::string& out_dir);
 
+/// Reads the files a run with `options` reads (the training set, the
+/// validation set, the vocabulary, the --init folder's config.json) the way
+/// training reads them, so that a malformed one is refused before any
+/// training (or any worker) starts. Throws remat::FieldError naming the
+/// option ("train_path", "valid_path", "vocab_path", "init_dir") with the
+/// reader's one-line message.
+void check_run_files(const TrainOptions& options);
+
 /// The whole run: the comparison run when options.compare_policy() is set
 /// (not on resume), training with evaluation every eval_every steps or
 /// epoch, state saves every save_every steps and at the end, a final
