@@ -42,6 +42,21 @@ double none_seconds(const ScheduleComparison& c) {
   return c.measured && none.ok ? none.step_seconds : 0;
 }
 
+// The fixed policy with the shortest measured step among those measured at
+// a peak of at most `bytes`; null when none was.
+const ScheduleCandidate* fastest_measured_within(
+    const std::vector<ScheduleCandidate>& fixed,
+    int64_t bytes) {
+  const ScheduleCandidate* best = nullptr;
+  for (const auto& fc : fixed) {
+    if (fc.ok && fc.measured && fc.peak_bytes <= bytes &&
+        (!best || fc.step_seconds < best->step_seconds)) {
+      best = &fc;
+    }
+  }
+  return best;
+}
+
 } // namespace
 
 Budget parse_budget(const std::string& text) {
@@ -231,13 +246,7 @@ std::string ScheduleComparison::budgets_text() const {
                     cand.peak_bytes <= b.bytes ? "within" : "ABOVE", cand.step_seconds,
                     ratio_cell(cand.step_seconds, none_s).c_str());
       out << line;
-      const ScheduleCandidate* best = nullptr;
-      for (const auto& fc : fixed) {
-        if (fc.ok && fc.measured && fc.peak_bytes <= b.bytes &&
-            (!best || fc.step_seconds < best->step_seconds)) {
-          best = &fc;
-        }
-      }
+      const ScheduleCandidate* best = fastest_measured_within(fixed, b.bytes);
       if (best != nullptr) {
         std::snprintf(line, sizeof(line),
                       "  fastest fixed policy within the budget (measured): %s, peak %s, step "
@@ -272,13 +281,7 @@ nlohmann::json ScheduleComparison::budgets_json() const {
     bj["feasible"] = true;
     bj["plan"] = cand.to_json();
     if (cand.measured && cand.ok) {
-      const ScheduleCandidate* best = nullptr;
-      for (const auto& fc : fixed) {
-        if (fc.ok && fc.measured && fc.peak_bytes <= b.bytes &&
-            (!best || fc.step_seconds < best->step_seconds)) {
-          best = &fc;
-        }
-      }
+      const ScheduleCandidate* best = fastest_measured_within(fixed, b.bytes);
       if (best != nullptr) {
         bj["best_fixed_policy"] = best->name;
         bj["best_fixed_peak_bytes"] = best->peak_bytes;

@@ -73,7 +73,7 @@ struct ScheduleComparison {
 
   /// What a measurement has to run: every fixed policy, and each feasible
   /// plan whose schedule is not a fixed policy's (that one shares the fixed
-  /// policy's measurement, see share_measurements).
+  /// policy's measurement, see finish_measurements).
   std::vector<ScheduleCandidate*> to_measure();
   /// Sets each step_seconds to the median of its times, and copies a fixed
   /// policy's measurement to the plans with the same schedule.
