@@ -349,34 +349,13 @@ torch::Tensor default_bert_loss(const BertOutput& output) {
   return output.last_hidden_state.pow(2).mean() + output.pooler_output.pow(2).mean();
 }
 
-plan::Chain profile_model(
-    BertImpl& model,
-    const BertStep& step,
-    const plan::ProfileOptions& options) {
-  return profile_model(model, step.batch(), model.step_head(step.loss()), options);
+StageHead BertStep::head(BertImpl& model) const {
+  return model.step_head(loss_);
 }
 
-plan::Plan plan_checkpointing(
-    BertImpl& model,
-    const BertStep& step,
-    int64_t budget_bytes,
-    const PlanOptions& options) {
-  return plan_checkpointing(
-      model, step.batch(), model.step_head(step.loss()), budget_bytes, options);
-}
-
-StepMeasurement measure_step(
-    BertImpl& model,
-    const BertStep& step,
-    int64_t steps,
-    int64_t warmup) {
-  const BertLoss loss = step.loss() ? step.loss() : BertLoss(default_bert_loss);
-  return measure_step(
-      model,
-      [&] {
-        return loss(model.forward(step.input_ids(), step.attention_mask(), step.token_type_ids()));
-      },
-      steps, warmup);
+torch::Tensor BertStep::forward_loss(BertImpl& model) const {
+  const BertLoss loss = loss_ ? loss_ : BertLoss(default_bert_loss);
+  return loss(model.forward(input_ids_, attention_mask_, token_type_ids_));
 }
 
 void BertImpl::gradient_checkpointing_enable(const CheckpointPolicy& policy) {

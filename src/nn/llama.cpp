@@ -461,33 +461,16 @@ StageBatch LlamaStep::batch() const {
   return StageBatch(input_ids_).attention_mask(attention_mask_);
 }
 
-plan::Chain profile_model(
-    LlamaImpl& model,
-    const LlamaStep& step,
-    const plan::ProfileOptions& options) {
-  const auto labels = step.labels().defined() ? step.labels() : step.input_ids();
-  return profile_model(model, step.batch(), model.step_head(labels), options);
+torch::Tensor LlamaStep::next_token_labels() const {
+  return labels_.defined() ? labels_ : input_ids_;
 }
 
-plan::Plan plan_checkpointing(
-    LlamaImpl& model,
-    const LlamaStep& step,
-    int64_t budget_bytes,
-    const PlanOptions& options) {
-  const auto labels = step.labels().defined() ? step.labels() : step.input_ids();
-  return plan_checkpointing(model, step.batch(), model.step_head(labels), budget_bytes, options);
+StageHead LlamaStep::head(LlamaImpl& model) const {
+  return model.step_head(next_token_labels());
 }
 
-StepMeasurement measure_step(
-    LlamaImpl& model,
-    const LlamaStep& step,
-    int64_t steps,
-    int64_t warmup) {
-  const auto labels = step.labels().defined() ? step.labels() : step.input_ids();
-  return measure_step(
-      model,
-      [&] { return model.forward_loss(step.input_ids(), labels, step.attention_mask()); },
-      steps, warmup);
+torch::Tensor LlamaStep::forward_loss(LlamaImpl& model) const {
+  return model.forward_loss(input_ids_, next_token_labels(), attention_mask_);
 }
 
 torch::Tensor causal_lm_loss(const torch::Tensor& logits, const torch::Tensor& labels) {

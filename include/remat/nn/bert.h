@@ -202,7 +202,11 @@ using BertLoss = std::function<torch::Tensor(const BertOutput&)>;
 /// masked-LM head over the vocabulary) should be passed as BertStep::loss.
 torch::Tensor default_bert_loss(const BertOutput& output);
 
-/// One training step's batch and loss for a Bert.
+class BertImpl;
+
+/// One training step's batch and loss for a Bert. The family-free planning
+/// calls take it (remat/nn/profile.h: profile_model, plan_checkpointing,
+/// measure_step).
 ///
 /// Example:
 ///   remat::nn::BertStep(input_ids).attention_mask(mask).loss(
@@ -220,6 +224,10 @@ struct BertStep {
  public:
   /// The step's batch, as the embedding stage reads it.
   StageBatch batch() const;
+  /// The step's head: `model`'s pooler, then the loss.
+  StageHead head(BertImpl& model) const;
+  /// Forward and loss, as a training step runs them (0-dim).
+  torch::Tensor forward_loss(BertImpl& model) const;
 };
 
 /// The encoder stack with embeddings and pooler ("BertModel"), a
@@ -282,51 +290,6 @@ class BertImpl : public torch::nn::Cloneable<BertImpl>, public StagedModel {
   StackCheckpointing checkpointing_{"remat::nn::Bert", 0};
 };
 TORCH_MODULE(Bert);
-
-/// The model's measured cost Chain on this batch with the step's loss
-/// (remat::nn::profile_model over the model's stages, remat/nn/profile.h).
-///
-/// Example:
-///   auto chain = remat::nn::profile_model(*bert, remat::nn::BertStep(ids));
-///   std::cout << chain.str();
-plan::Chain profile_model(
-    BertImpl& model,
-    const BertStep& step,
-    const plan::ProfileOptions& options = {});
-inline plan::Chain profile_model(
-    Bert& model, const BertStep& step, const plan::ProfileOptions& options = {}) {
-  return profile_model(*model, step, options);
-}
-
-/// The fastest schedule for this step whose predicted peak is at most
-/// `budget_bytes` (total bytes); see remat::nn::plan_checkpointing in
-/// remat/nn/profile.h.
-///
-/// Example:
-///   auto plan = remat::nn::plan_checkpointing(*bert,
-///       remat::nn::BertStep(ids).attention_mask(mask), int64_t(1) << 30);
-plan::Plan plan_checkpointing(
-    BertImpl& model,
-    const BertStep& step,
-    int64_t budget_bytes,
-    const PlanOptions& options = {});
-inline plan::Plan plan_checkpointing(
-    Bert& model, const BertStep& step, int64_t budget_bytes,
-    const PlanOptions& options = {}) {
-  return plan_checkpointing(*model, step, budget_bytes, options);
-}
-
-/// `warmup + steps` measured training steps of forward, the step's loss and
-/// backward with the model's current policy (remat::nn::measure_step in
-/// remat/nn/profile.h).
-///
-/// Example:
-///   auto m = remat::nn::measure_step(*bert, remat::nn::BertStep(ids), 3);
-StepMeasurement measure_step(
-    BertImpl& model,
-    const BertStep& step,
-    int64_t steps = 1,
-    int64_t warmup = 0);
 
 } // namespace nn
 } // namespace remat

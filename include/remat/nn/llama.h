@@ -239,8 +239,11 @@ class LlamaModelImpl : public torch::nn::Cloneable<LlamaModelImpl>, public Layer
 };
 TORCH_MODULE(LlamaModel);
 
+class LlamaImpl;
+
 /// One training step's batch for a Llama; the loss is LlamaImpl::forward_loss's
-/// (no [B, S, vocab] logits kept).
+/// (no [B, S, vocab] logits kept). The family-free planning calls take it
+/// (remat/nn/profile.h: profile_model, plan_checkpointing, measure_step).
 ///
 /// Example:
 ///   remat::nn::LlamaStep(input_ids).labels(labels)
@@ -255,6 +258,12 @@ struct LlamaStep {
  public:
   /// The step's batch, as the embedding stage reads it.
   StageBatch batch() const;
+  /// The labels: labels(), or input_ids() when undefined.
+  torch::Tensor next_token_labels() const;
+  /// The step's head: `model`'s final norm, then the next-token loss.
+  StageHead head(LlamaImpl& model) const;
+  /// Forward and loss, as a training step runs them (0-dim).
+  torch::Tensor forward_loss(LlamaImpl& model) const;
 };
 
 /// A causal language model ("LlamaForCausalLM"), a StagedModel
@@ -368,50 +377,6 @@ class LlamaImpl : public torch::nn::Cloneable<LlamaImpl>, public StagedModel {
   StackCheckpointing checkpointing_{"remat::nn::Llama", 0};
 };
 TORCH_MODULE(Llama);
-
-/// The model's measured cost Chain on this batch with next-token labels
-/// (remat::nn::profile_model over the model's stages, remat/nn/profile.h).
-///
-/// Example:
-///   auto chain = remat::nn::profile_model(*llama, remat::nn::LlamaStep(ids));
-plan::Chain profile_model(
-    LlamaImpl& model,
-    const LlamaStep& step,
-    const plan::ProfileOptions& options = {});
-inline plan::Chain profile_model(
-    Llama& model, const LlamaStep& step, const plan::ProfileOptions& options = {}) {
-  return profile_model(*model, step, options);
-}
-
-/// The fastest schedule for this step whose predicted peak is at most
-/// `budget_bytes` (total bytes); see remat::nn::plan_checkpointing in
-/// remat/nn/profile.h.
-///
-/// Example:
-///   auto plan = remat::nn::plan_checkpointing(*llama,
-///       remat::nn::LlamaStep(ids), int64_t(3) << 30);
-plan::Plan plan_checkpointing(
-    LlamaImpl& model,
-    const LlamaStep& step,
-    int64_t budget_bytes,
-    const PlanOptions& options = {});
-inline plan::Plan plan_checkpointing(
-    Llama& model, const LlamaStep& step, int64_t budget_bytes,
-    const PlanOptions& options = {}) {
-  return plan_checkpointing(*model, step, budget_bytes, options);
-}
-
-/// `warmup + steps` measured training steps of forward_loss and backward
-/// with the model's current policy (remat::nn::measure_step in
-/// remat/nn/profile.h).
-///
-/// Example:
-///   auto m = remat::nn::measure_step(*llama, remat::nn::LlamaStep(ids), 3);
-StepMeasurement measure_step(
-    LlamaImpl& model,
-    const LlamaStep& step,
-    int64_t steps = 1,
-    int64_t warmup = 0);
 
 /// The loss of LlamaImpl::loss, for any causal LM's logits.
 torch::Tensor causal_lm_loss(const torch::Tensor& logits, const torch::Tensor& labels);

@@ -3,8 +3,9 @@
 // (embeddings, each layer, the head with the loss) as
 // remat::plan::StageRunners, their cost measured on a real batch
 // (remat::plan::profile), and the fastest schedule whose peak fits a budget
-// (remat::plan::solve). This file names no model family: bert.h and
-// llama.h add overloads taking their own step (BertStep, LlamaStep).
+// (remat::plan::solve). This file names no model family; a family's step
+// (BertStep in bert.h, LlamaStep in llama.h) plugs into the overloads at
+// the end.
 //
 // Budgets are total bytes as remat::memory counts them: everything the
 // process holds at the worst moment of a training step (weights, gradients,
@@ -43,6 +44,7 @@
 
 #include <torch/arg.h>
 #include <torch/nn/module.h>
+#include <torch/nn/pimpl.h>
 
 #include <cstdint>
 #include <functional>
@@ -132,6 +134,59 @@ StepMeasurement measure_step(
     const std::function<torch::Tensor()>& loss_of_step,
     int64_t steps = 1,
     int64_t warmup = 0);
+
+// ---------------------------------------------------------------------------
+// A family's own step. remat::nn::BertStep and remat::nn::LlamaStep (and a
+// step of your own) give batch() -> StageBatch, head(model) -> StageHead and
+// forward_loss(model) -> the loss of forward as training runs it; these
+// overloads take such a step, with the model or its module holder.
+//
+// Example:
+//   auto chain = remat::nn::profile_model(bert, remat::nn::BertStep(ids));
+//   auto plan = remat::nn::plan_checkpointing(*llama,
+//       remat::nn::LlamaStep(ids), int64_t(3) << 30);
+//   auto m = remat::nn::measure_step(*llama, remat::nn::LlamaStep(ids), 3);
+
+/// profile_model on the step's batch and head.
+template <typename Model, typename Step>
+auto profile_model(Model& model, const Step& step, const plan::ProfileOptions& options = {})
+    -> decltype(step.head(model), plan::Chain()) {
+  return profile_model(model, step.batch(), step.head(model), options);
+}
+template <typename Impl, typename Step>
+auto profile_model(
+    torch::nn::ModuleHolder<Impl>& model,
+    const Step& step,
+    const plan::ProfileOptions& options = {}) -> decltype(step.head(*model), plan::Chain()) {
+  return profile_model(*model, step, options);
+}
+
+/// plan_checkpointing on the step's batch and head; `budget_bytes` total
+/// bytes.
+template <typename Model, typename Step>
+auto plan_checkpointing(
+    Model& model,
+    const Step& step,
+    int64_t budget_bytes,
+    const PlanOptions& options = {}) -> decltype(step.head(model), plan::Plan()) {
+  return plan_checkpointing(model, step.batch(), step.head(model), budget_bytes, options);
+}
+template <typename Impl, typename Step>
+auto plan_checkpointing(
+    torch::nn::ModuleHolder<Impl>& model,
+    const Step& step,
+    int64_t budget_bytes,
+    const PlanOptions& options = {}) -> decltype(step.head(*model), plan::Plan()) {
+  return plan_checkpointing(*model, step, budget_bytes, options);
+}
+
+/// measure_step of the step's forward_loss.
+template <typename Model, typename Step>
+auto measure_step(Model& model, const Step& step, int64_t steps = 1, int64_t warmup = 0)
+    -> decltype(step.forward_loss(model), StepMeasurement()) {
+  return measure_step(
+      model, [&] { return step.forward_loss(model); }, steps, warmup);
+}
 
 } // namespace nn
 } // namespace remat
