@@ -174,15 +174,14 @@ std::vector<nn::PolicyRun> run_isolated(const BenchConfig& c, const std::vector<
   TempDir dir("remat-bench");
   const std::string reference = dir.file("reference.grads");
   bool have_reference = false;
-  std::vector<nn::PolicyRun> runs(policies.size());
-  std::vector<std::vector<double>> round_medians(policies.size());
+  nn::PolicyRounds pool(policies.size(), c.run.rounds);
   const size_t total = policies.size() * static_cast<size_t>(c.run.rounds);
   size_t done = 0;
   for (int64_t round = 0; round < c.run.rounds; ++round) {
     for (const size_t k : round_order(round, policies.size())) {
       const auto& item = policies[k];
-      if (round > 0 && !runs[k].ok) {
-        continue; // failed in the first round: it fails the same way again
+      if (!pool.wants(k)) {
+        continue; // it failed: it fails the same way again
       }
       const bool is_reference = round == 0 && !item.policy.enabled() && !have_reference;
       std::cout << progress_label(++done, total, item.policy.name(), round, c.run.rounds)
@@ -192,45 +191,10 @@ std::vector<nn::PolicyRun> run_isolated(const BenchConfig& c, const std::vector<
       auto r = run_child(c, item, json, reference, is_reference, have_reference);
       std::cout << (r.ok ? "done" : "failed") << "\n";
       have_reference = have_reference || (is_reference && r.ok);
-      if (round == 0) {
-        runs[k] = std::move(r);
-        round_medians[k].push_back(runs[k].step_seconds);
-        continue;
-      }
-      if (!r.ok) {
-        runs[k] = std::move(r);
-        continue;
-      }
-      auto& first = runs[k];
-      first.times.insert(first.times.end(), r.times.begin(), r.times.end());
-      first.forward_times.insert(
-          first.forward_times.end(), r.forward_times.begin(), r.forward_times.end());
-      round_medians[k].push_back(r.step_seconds);
+      pool.add(k, std::move(r));
     }
   }
-  if (c.run.rounds > 1) {
-    const nn::PolicyRun* none = nullptr;
-    size_t none_index = 0;
-    for (size_t k = 0; k < runs.size(); ++k) {
-      auto& r = runs[k];
-      if (r.ok) {
-        r.step_seconds = median(r.times);
-        r.forward_seconds = median(r.forward_times);
-      }
-      if (r.ok && r.policy == "none" && none == nullptr) {
-        none = &r;
-        none_index = k;
-      }
-    }
-    for (size_t k = 0; none != nullptr && k < runs.size(); ++k) {
-      if (!runs[k].ok || round_medians[k].size() != round_medians[none_index].size()) {
-        continue;
-      }
-      for (size_t i = 0; i < round_medians[k].size(); ++i) {
-        runs[k].round_ratios.push_back(round_medians[k][i] / round_medians[none_index][i]);
-      }
-    }
-  }
+  auto runs = pool.runs();
   std::cout << "\n";
   return runs;
 }
@@ -258,12 +222,9 @@ int run_bench(BenchConfig c, const CLI::App& app) {
   make_current(c.dev);
   auto policies = parse_policies(c.policies);
   int64_t limit = c.memory_limit.empty() ? 0 : parse_size_flag(c.memory_limit, "--memory-limit");
-  // A GPU's own size is its limit: its allocator throws c10::OutOfMemoryError.
   const bool default_limit = limit == 0 && c.dev.is_cpu();
   if (default_limit) {
-    // Without a limit, a policy that does not fit would meet the kernel's
-    // OOM killer; stop it at 90% of physical memory with a clean error.
-    limit = memory::physical_bytes() / 10 * 9;
+    limit = nn::default_limit_bytes(c.dev);
   }
   set_threads(c.run.threads);
 
@@ -277,15 +238,15 @@ int run_bench(BenchConfig c, const CLI::App& app) {
   with_flag_errors([&] {
     w = std::make_unique<nn::BenchWorkload>(model_config(c), bench_options(c, limit));
   });
-  const int64_t weights = memory::breakdown(w->module(), nullptr, c.dev).weights;
-  int64_t trainable = 0;
-  for (const auto& p : w->trainable()) {
-    trainable += p.numel();
-  }
+  // Before the workload goes (process mode): the figures of its model.
+  nlohmann::json config = model_json(c.model);
+  config.update(nn::workload_json(*w));
+  config.update({{"preset", c.preset}, {"isolation", c.run.isolation}, {"rounds", c.run.rounds}});
   std::cout << "remat bench: " << model_line(c.model)
             << (c.lora_rank ? ", LoRA rank " + std::to_string(c.lora_rank) : "") << "\n"
-            << "device " << describe_device(c.dev) << ", trainable parameters " << trainable
-            << ", weights " << memory::format_size(weights) << ", threads "
+            << "device " << describe_device(c.dev) << ", trainable parameters "
+            << w->trainable_parameter_count() << ", weights "
+            << memory::format_size(config.at("weight_bytes").get<int64_t>()) << ", threads "
             << torch::get_num_threads() << ", limit "
             << (limit > 0 ? memory::format_size(limit) : std::string("the device's size"))
             << (default_limit ? " (90% of RAM)" : "") << ", steps " << c.run.steps
@@ -300,44 +261,23 @@ int run_bench(BenchConfig c, const CLI::App& app) {
     memory::empty_cache();
     runs = run_isolated(c, policies);
   } else {
-    nn::ReferenceGradients reference;
-    bool have_reference = false;
+    nn::ReferenceGradients reference, none_grads;
     if (!c.grads_ref.empty()) {
       reference = nn::read_gradients(c.grads_ref);
-      have_reference = true;
     }
+    std::vector<CheckpointPolicy> list;
     for (const auto& item : policies) {
-      const bool is_reference = !item.policy.enabled() && !have_reference;
-      auto r = nn::run_policy(*w, item.policy, have_reference ? &reference : nullptr,
-                              is_reference ? &reference : nullptr);
-      have_reference = have_reference || (is_reference && r.ok);
-      if (is_reference && r.ok) {
-        r.max_abs_grad_diff = 0;
-        if (!c.grads_out.empty()) {
-          nn::write_gradients(c.grads_out, reference);
-        }
-      }
-      runs.push_back(r);
+      list.push_back(item.policy);
     }
-    nn::time_interleaved(*w, runs);
+    runs = nn::run_policies(*w, list, c.grads_ref.empty() ? nullptr : &reference,
+                            c.grads_out.empty() ? nullptr : &none_grads);
+    if (!c.grads_out.empty() && !none_grads.empty()) {
+      nn::write_gradients(c.grads_out, none_grads);
+    }
   }
   std::cout << nn::policy_table(runs);
 
   if (!c.run.json_path.empty()) {
-    nlohmann::json config = model_json(c.model);
-    config.update({
-        {"lora_rank", c.lora_rank},
-        {"trainable_parameters", trainable},
-        {"steps", c.run.steps},
-        {"warmup", c.run.warmup},
-        {"threads", torch::get_num_threads()},
-        {"memory_limit_bytes", limit}, {"weight_bytes", weights},
-        {"seed", c.run.seed},      {"preset", c.preset}, {"isolation", c.run.isolation},
-        {"rounds", c.run.rounds},  {"device", c.dev.str()},
-        {"device_name", describe_device(c.dev)},
-        // Where the byte counts of the runs come from.
-        {"memory_source", c.dev.is_cuda() ? "cuda caching allocator (allocated bytes)"
-                                          : "remat counting CPU allocator"}});
     nlohmann::json runs_json = nlohmann::json::array();
     for (const auto& r : runs) {
       runs_json.push_back(r.to_json());

@@ -9,32 +9,24 @@
 
 #include "remat/dist/process_group.h"
 #include "remat/io/file.h"
-#include "remat/memory.h"
-#include "remat/timing.h"
-#include "remat/train/data.h"
-#include "remat/train/log.h"
-#include "remat/train/report.h"
+#include "remat/train/run.h"
 #include "remat/train/summary.h"
 #include "remat/train/train_state.h"
 #include "remat/train/trainer.h"
 
 #include <c10/util/Exception.h>
-#include <nlohmann/json.hpp>
 #include <torch/cuda.h>
 
 #include <unistd.h>
 
 #include <algorithm>
 #include <cstdio>
-#include <filesystem>
 #include <iostream>
-#include <sstream>
 
 namespace remat {
 namespace cli {
 namespace {
 
-namespace fs = std::filesystem;
 using train::TrainOptions;
 
 // The flags as typed. Defaults are TrainOptions' own.
@@ -134,35 +126,6 @@ auto as_flag(const std::string& flag, F&& f) -> decltype(f()) {
   }
 }
 
-// The bundled data set: data/routing above the current folder, above the
-// program, or in the source tree the program was built from.
-std::string find_bundled_data() {
-  std::vector<fs::path> starts{fs::current_path()};
-  std::error_code ec;
-  auto exe = fs::read_symlink("/proc/self/exe", ec);
-  if (!ec) {
-    starts.push_back(exe.parent_path());
-  }
-  for (auto dir : starts) {
-    for (; !dir.empty(); dir = dir.parent_path()) {
-      if (fs::exists(dir / "data/routing/train.jsonl")) {
-        return (dir / "data/routing").string();
-      }
-      if (dir == dir.parent_path()) {
-        break;
-      }
-    }
-  }
-#ifdef REMAT_SOURCE_DIR
-  if (fs::exists(fs::path(REMAT_SOURCE_DIR) / "data/routing/train.jsonl")) {
-    return (fs::path(REMAT_SOURCE_DIR) / "data/routing").string();
-  }
-#endif
-  throw UsageError(
-      "--train: no data given and the bundled data set (data/routing/train.jsonl) is not "
-      "above the current folder or the remat program; pass --train FILE");
-}
-
 void require_file(const std::string& path, const std::string& flag) {
   if (path.empty()) {
     return;
@@ -229,37 +192,29 @@ TrainOptions apply_flags(const TrainFlags& f, TrainOptions o, const CLI::App& ap
   return o;
 }
 
-// Where the run writes: fail now, not after an hour of training.
-void check_outputs(const TrainFlags& f, const TrainOptions& o) {
-  auto folder_of = [](const std::string& file) {
-    auto parent = fs::path(file).parent_path();
-    return parent.empty() ? fs::path(".") : parent;
-  };
-  for (const auto& [path, flag] : {std::pair<std::string, const char*>{f.metrics, "--metrics"},
-                                   {f.report, "--report"}}) {
-    if (path.empty()) {
-      continue;
-    }
-    require(fs::is_directory(folder_of(path)), flag,
-            "cannot write '" + path + "': its folder does not exist");
-    require(!fs::is_directory(path), flag, "'" + path + "' is a folder, expected a file");
-  }
-  for (const auto& [dir, flag] : {std::pair<std::string, const char*>{o.out_dir(), "--out"},
-                                  {f.save, "--save"}}) {
-    if (dir.empty()) {
-      continue;
-    }
-    std::error_code ec;
-    fs::create_directories(dir, ec);
-    require(fs::is_directory(dir), flag, "cannot create the folder '" + dir + "'" +
-                                             (ec ? ": " + ec.message() : ""));
-  }
+// Where the bundled data set is looked for last: the source tree this
+// program was built from.
+std::vector<std::string> source_tree() {
+#ifdef REMAT_SOURCE_DIR
+  return {REMAT_SOURCE_DIR};
+#else
+  return {};
+#endif
+}
+
+// What the run writes besides its state, and how it shows its progress.
+train::RunOutputs run_outputs(const TrainFlags& f) {
+  return train::RunOutputs()
+      .metrics_path(f.metrics)
+      .report_path(f.report)
+      .save_dir(f.save)
+      .terminal(::isatty(STDERR_FILENO) != 0)
+      .log_every(f.log_every);
 }
 
 // The options of the run, with every flag and file checked: a mistake is a
 // UsageError before any training (or any worker) starts.
 TrainOptions prepare(const TrainFlags& f, const CLI::App& app) {
-  TrainOptions options;
   // Each rank is a whole process on this machine (a LibTorch and a model copy).
   require(f.nproc >= 0 && f.nproc <= 64, "--nproc",
           "expected a number of local processes in [0, 64], but got " +
@@ -274,54 +229,28 @@ TrainOptions prepare(const TrainFlags& f, const CLI::App& app) {
   require_file(f.vocab, "--vocab");
   if (f.resume) {
     require(!f.out.empty(), "--resume", "expected --out DIR, the folder of the run to continue");
-    const auto path = train::state_path(f.out);
-    TrainOptions saved;
-    try {
-      saved = train::saved_run_options(f.out);
-    } catch (const c10::Error& e) {
-      rethrow_as_flag_error(e);
-    }
-    options = apply_flags(f, saved, app, /*all=*/false);
-    options.out_dir(f.out);
-    try {
-      train::check_resume_options(saved, options, path);
-    } catch (const c10::Error& e) {
-      rethrow_as_flag_error(e);
-    }
-  } else {
-    options = apply_flags(f, TrainOptions(), app, /*all=*/true);
-    if (f.train.empty()) {
-      const auto dir = find_bundled_data();
-      options.train_path(dir + "/train.jsonl");
-      if (f.valid.empty() && app.count("--valid-fraction") == 0) {
-        options.valid_path(dir + "/valid.jsonl");
-      }
-      if (f.vocab.empty()) {
-        options.vocab_path(dir + "/vocab.txt");
-      }
-    }
-    if (!f.out.empty()) {
-      const auto path = train::state_path(f.out);
-      require(!fs::exists(path), "--out",
-              "'" + f.out + "' already holds a training state (step " +
-                  std::to_string(train::peek_train_state_step(path)) +
-                  "); pass --resume to continue it, or choose another folder");
-    }
   }
+  TrainOptions options;
   try {
+    if (f.resume) {
+      options = train::resumed_run_options(
+          f.out, [&](TrainOptions saved) { return apply_flags(f, saved, app, /*all=*/false); });
+    } else {
+      // Without --train, the bundled data set (also in the source tree).
+      options = train::new_run_options(apply_flags(f, TrainOptions(), app, /*all=*/true),
+                                       /*hold_out=*/app.count("--valid-fraction") > 0,
+                                       source_tree());
+    }
     options.validate();
-  } catch (const c10::Error& e) {
-    rethrow_as_flag_error(e);
-  }
-  // A GPU that is not there is refused now, in one line, before any data
-  // is read or any worker starts.
-  parse_device_flag(options.device());
-  try {
+    // A GPU that is not there is refused now, in one line, before any data
+    // is read or any worker starts.
+    parse_device_flag(options.device());
     train::check_run_files(options);
+    // Where the run writes: fail now, not after an hour of training.
+    train::check_run_outputs(options, run_outputs(f));
   } catch (const c10::Error& e) {
     rethrow_as_flag_error(e);
   }
-  check_outputs(f, options);
   return options;
 }
 
@@ -345,7 +274,6 @@ c10::optional<dist::DistOptions> dist_options(const TrainFlags& f) {
 }
 
 int run_train(const TrainFlags& f, const CLI::App& app) {
-  const bool terminal = ::isatty(STDERR_FILENO) != 0;
   auto place = dist_options(f);
   require(!(place && f.nproc > 0), "--nproc",
           "this process was started as rank " + std::to_string(place ? place->rank() : 0) +
@@ -376,63 +304,17 @@ int run_train(const TrainFlags& f, const CLI::App& app) {
   }
   const bool writer = !group || group->rank() == 0;
 
-  train::Progress progress(stderr, terminal && writer, f.log_every);
-  std::unique_ptr<train::MetricsLog> metrics;
-  if (!f.metrics.empty() && writer) {
-    metrics = std::make_unique<train::MetricsLog>(f.metrics);
-  }
-  std::vector<std::string> label_names;
-  train::TrainCallbacks cb;
-  cb.on_message = [&](const std::string& text) { progress.line(text); };
-  cb.on_compare_step = [&](const train::StepRecord& r, int64_t total) {
-    progress.step(r, total, "compare " + r.policy);
-  };
-  cb.on_start = [&](const train::Trainer& t) {
-    label_names = t.history().label_names;
-    if (metrics) {
-      metrics->start(t.history());
-    }
-  };
-  cb.on_step = [&](const train::StepRecord& r, int64_t total) {
-    if (metrics) {
-      metrics->step(r);
-    }
-    progress.step(r, total, "train " + r.policy);
-  };
-  cb.on_eval = [&](const train::EvalRecord& e) {
-    if (metrics) {
-      metrics->eval(e);
-    }
-    progress.line(train::describe_eval(e, label_names));
-  };
-  cb.on_save = [&](const std::string& path, int64_t step) {
-    if (!terminal) {
-      progress.line("saved " + path + " at step " + std::to_string(step));
-    }
-  };
-  cb.on_end = [&](train::Trainer& t) { // rank 0 only
-    if (!f.save.empty()) {
-      t.save_model(f.save);
-    }
-    if (!f.report.empty()) {
-      train::write_report(f.report, t.history(), t.options(), t.summary());
-    }
-  };
-
   const bool stops = f.stop_rank < 0 || (group ? group->rank() : 0) == f.stop_rank;
+  const auto outputs = run_outputs(f);
   train::TrainResult result;
   try {
-    result = train::run_training(options, cb, f.resume, stops ? f.stop_after_step : 0, group);
+    result = train::run_with_outputs(options, outputs, f.resume,
+                                     stops ? f.stop_after_step : 0, group);
   } catch (const FieldError& e) {
     // What the trainer refuses before training (the model's sizes, a step
     // too large for this machine) is about a flag.
-    progress.finish();
     rethrow_as_flag_error(e);
-  } catch (...) {
-    progress.finish(); // the error goes on a line of its own
-    throw;
   }
-  progress.finish();
   if (!writer) {
     // The other ranks' share of the measurements, one line each.
     std::cerr << train::rank_text(result, group->rank(), group->world_size());
@@ -440,19 +322,7 @@ int run_train(const TrainFlags& f, const CLI::App& app) {
   }
   std::cout << train::summary_text(result, options)
             << train::throughput_text(result, options, group ? group->world_size() : 1);
-  if (!options.out_dir().empty()) {
-    std::cout << "state: " << train::state_path(options.out_dir()) << " (step "
-              << result.steps << ")\n";
-  }
-  if (!f.save.empty()) {
-    std::cout << "model: " << f.save << "/model.safetensors, config.json\n";
-  }
-  if (!f.metrics.empty()) {
-    std::cout << "metrics: " << f.metrics << "\n";
-  }
-  if (!f.report.empty()) {
-    std::cout << "report: " << f.report << "\n";
-  }
+  std::cout << train::outputs_text(result, options, outputs);
   return 0;
 }
 

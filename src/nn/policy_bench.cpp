@@ -1,6 +1,7 @@
 #include "remat/nn/policy_bench.h"
 
 #include "remat/autocast.h"
+#include "remat/device.h"
 #include "remat/memory.h"
 #include "remat/nn/lora.h"
 #include "remat/nn/profile.h"
@@ -217,6 +218,40 @@ int64_t BenchWorkload::parameter_count() {
     n += p.numel();
   }
   return n;
+}
+
+int64_t BenchWorkload::trainable_parameter_count() const {
+  int64_t n = 0;
+  for (const auto& p : trainable_) {
+    n += p.numel();
+  }
+  return n;
+}
+
+int64_t BenchWorkload::weight_bytes() {
+  return memory::breakdown(module(), nullptr, options_.device()).weights;
+}
+
+int64_t default_limit_bytes(c10::Device device) {
+  return device.is_cpu() ? memory::physical_bytes() / 10 * 9 : 0;
+}
+
+nlohmann::json workload_json(BenchWorkload& w) {
+  const auto& o = w.options();
+  return {
+      {"lora_rank", o.lora_rank()},
+      {"trainable_parameters", w.trainable_parameter_count()},
+      {"steps", o.steps()},
+      {"warmup", o.warmup()},
+      {"threads", torch::get_num_threads()},
+      {"memory_limit_bytes", o.limit_bytes()},
+      {"weight_bytes", w.weight_bytes()},
+      {"seed", o.seed()},
+      {"device", o.device().str()},
+      {"device_name", describe_device(o.device())},
+      // Where the byte counts of the runs come from.
+      {"memory_source", o.device().is_cuda() ? "cuda caching allocator (allocated bytes)"
+                                             : "remat counting CPU allocator"}};
 }
 
 void measure_schedule(BenchWorkload& w, plan::ScheduleCandidate& candidate, bool timed) {
@@ -468,6 +503,89 @@ void time_interleaved(BenchWorkload& w, std::vector<PolicyRun>& runs) {
     r.step_seconds = median(r.times);
     r.forward_seconds = median(r.forward_times);
   }
+}
+
+std::vector<PolicyRun> run_policies(
+    BenchWorkload& w,
+    const std::vector<CheckpointPolicy>& policies,
+    const ReferenceGradients* reference,
+    ReferenceGradients* none_grads) {
+  // none's gradients go straight where the caller wants them: no copy.
+  ReferenceGradients own;
+  ReferenceGradients* store = none_grads != nullptr ? none_grads : &own;
+  const ReferenceGradients* compare_with = reference;
+  std::vector<PolicyRun> runs;
+  for (const auto& policy : policies) {
+    const bool is_reference = !policy.enabled() && compare_with == nullptr;
+    auto r = run_policy(w, policy, compare_with, is_reference ? store : nullptr);
+    if (is_reference && r.ok) {
+      compare_with = store;
+      r.max_abs_grad_diff = 0;
+    }
+    runs.push_back(std::move(r));
+  }
+  time_interleaved(w, runs);
+  return runs;
+}
+
+PolicyRounds::PolicyRounds(size_t policies, int64_t rounds)
+    : rounds_(rounds),
+      runs_(policies),
+      started_(policies, false),
+      round_medians_(policies) {
+  TORCH_CHECK(rounds >= 1, "rounds: expected at least 1, but got ", rounds);
+}
+
+bool PolicyRounds::wants(size_t k) const {
+  TORCH_CHECK(k < runs_.size(), "expected a policy index below ", runs_.size(), ", but got ", k);
+  return !started_[k] || runs_[k].ok;
+}
+
+void PolicyRounds::add(size_t k, PolicyRun run) {
+  TORCH_CHECK(wants(k), "policy ", k, " (", runs_[k].policy,
+              ") failed in an earlier round; expected no more runs of it");
+  if (!started_[k] || !run.ok) {
+    if (!started_[k]) {
+      round_medians_[k].push_back(run.step_seconds);
+    }
+    started_[k] = true;
+    runs_[k] = std::move(run);
+    return;
+  }
+  auto& first = runs_[k];
+  first.times.insert(first.times.end(), run.times.begin(), run.times.end());
+  first.forward_times.insert(
+      first.forward_times.end(), run.forward_times.begin(), run.forward_times.end());
+  round_medians_[k].push_back(run.step_seconds);
+}
+
+std::vector<PolicyRun> PolicyRounds::runs() const {
+  auto runs = runs_;
+  if (rounds_ <= 1) {
+    return runs;
+  }
+  const PolicyRun* none = nullptr;
+  size_t none_index = 0;
+  for (size_t k = 0; k < runs.size(); ++k) {
+    auto& r = runs[k];
+    if (r.ok) {
+      r.step_seconds = median(r.times);
+      r.forward_seconds = median(r.forward_times);
+    }
+    if (r.ok && r.policy == "none" && none == nullptr) {
+      none = &r;
+      none_index = k;
+    }
+  }
+  for (size_t k = 0; none != nullptr && k < runs.size(); ++k) {
+    if (!runs[k].ok || round_medians_[k].size() != round_medians_[none_index].size()) {
+      continue;
+    }
+    for (size_t i = 0; i < round_medians_[k].size(); ++i) {
+      runs[k].round_ratios.push_back(round_medians_[k][i] / round_medians_[none_index][i]);
+    }
+  }
+  return runs;
 }
 
 } // namespace nn

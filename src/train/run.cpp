@@ -1,11 +1,16 @@
 // run_training: the comparison run, the training loop with its evaluations
-// and state saves, and resuming.
+// and state saves, and resuming; and a run as a program runs it
+// (remat/train/run.h): its options made ready, its outputs checked and wired.
+#include "remat/train/run.h"
+
 #include "remat/dist/process_group.h"
 #include "remat/io/file.h"
 #include "remat/io/json_text.h"
 #include "remat/io/tokenizer.h"
 #include "remat/model_sizes.h"
 #include "remat/train/data.h"
+#include "remat/train/log.h"
+#include "remat/train/report.h"
 #include "remat/train/train_state.h"
 #include "remat/train/trainer.h"
 
@@ -247,6 +252,183 @@ void check_run_files(const TrainOptions& o) {
     const auto problem = io::regular_file_problem(config);
     check_field(problem.empty(), "init_dir", "cannot read '" + config + "': " + problem);
   }
+}
+
+std::string find_bundled_data(const std::vector<std::string>& also) {
+  namespace fs = std::filesystem;
+  const fs::path data = "data/routing";
+  std::vector<fs::path> starts{fs::current_path()};
+  std::error_code ec;
+  const auto exe = fs::read_symlink("/proc/self/exe", ec);
+  if (!ec) {
+    starts.push_back(exe.parent_path());
+  }
+  for (auto dir : starts) {
+    for (; !dir.empty(); dir = dir.parent_path()) {
+      if (fs::exists(dir / data / "train.jsonl")) {
+        return (dir / data).string();
+      }
+      if (dir == dir.parent_path()) {
+        break;
+      }
+    }
+  }
+  for (const auto& dir : also) {
+    if (fs::exists(fs::path(dir) / data / "train.jsonl")) {
+      return (fs::path(dir) / data).string();
+    }
+  }
+  return "";
+}
+
+TrainOptions new_run_options(
+    TrainOptions options,
+    bool hold_out,
+    const std::vector<std::string>& data_search) {
+  if (options.train_path().empty()) {
+    const auto dir = find_bundled_data(data_search);
+    check_field(
+        !dir.empty(), "train_path",
+        "no data given and the bundled data set (data/routing/train.jsonl) is not above the "
+        "current folder or the remat program; pass --train FILE");
+    options.train_path(dir + "/train.jsonl");
+    if (options.valid_path().empty() && !hold_out) {
+      options.valid_path(dir + "/valid.jsonl");
+    }
+    if (options.vocab_path().empty()) {
+      options.vocab_path(dir + "/vocab.txt");
+    }
+  }
+  if (!options.out_dir().empty()) {
+    const auto path = state_path(options.out_dir());
+    check_field(
+        !std::filesystem::exists(path), "out_dir",
+        "'" + options.out_dir() + "' already holds a training state (step " +
+            std::to_string(peek_train_state_step(path)) +
+            "); pass --resume to continue it, or choose another folder");
+  }
+  return options;
+}
+
+TrainOptions resumed_run_options(
+    const std::string& out_dir,
+    const std::function<TrainOptions(TrainOptions)>& change) {
+  const auto saved = saved_run_options(out_dir);
+  auto options = change ? change(saved) : saved;
+  options.out_dir(out_dir);
+  check_resume_options(saved, options, state_path(out_dir));
+  return options;
+}
+
+void check_run_outputs(const TrainOptions& options, const RunOutputs& outputs) {
+  namespace fs = std::filesystem;
+  auto folder_of = [](const std::string& file) {
+    auto parent = fs::path(file).parent_path();
+    return parent.empty() ? fs::path(".") : parent;
+  };
+  for (const auto& [path, field] :
+       {std::pair<std::string, const char*>{outputs.metrics_path(), "metrics"},
+        {outputs.report_path(), "report"}}) {
+    if (path.empty()) {
+      continue;
+    }
+    check_field(fs::is_directory(folder_of(path)), field,
+                "cannot write '" + path + "': its folder does not exist");
+    check_field(!fs::is_directory(path), field, "'" + path + "' is a folder, expected a file");
+  }
+  for (const auto& [dir, field] :
+       {std::pair<std::string, const char*>{options.out_dir(), "out_dir"},
+        {outputs.save_dir(), "save"}}) {
+    if (dir.empty()) {
+      continue;
+    }
+    std::error_code ec;
+    fs::create_directories(dir, ec);
+    check_field(fs::is_directory(dir), field,
+                "cannot create the folder '" + dir + "'" + (ec ? ": " + ec.message() : ""));
+  }
+}
+
+TrainResult run_with_outputs(
+    const TrainOptions& options,
+    const RunOutputs& outputs,
+    bool resume,
+    int64_t stop_after_step,
+    std::shared_ptr<dist::ProcessGroup> group) {
+  const bool writer = !group || group->world_size() == 1 || group->rank() == 0;
+  Progress progress(outputs.progress_stream(), outputs.terminal() && writer, outputs.log_every());
+  std::unique_ptr<MetricsLog> metrics;
+  if (!outputs.metrics_path().empty() && writer) {
+    metrics = std::make_unique<MetricsLog>(outputs.metrics_path());
+  }
+  std::vector<std::string> label_names;
+  TrainCallbacks cb;
+  cb.on_message = [&](const std::string& text) { progress.line(text); };
+  cb.on_compare_step = [&](const StepRecord& r, int64_t total) {
+    progress.step(r, total, "compare " + r.policy);
+  };
+  cb.on_start = [&](const Trainer& t) {
+    label_names = t.history().label_names;
+    if (metrics) {
+      metrics->start(t.history());
+    }
+  };
+  cb.on_step = [&](const StepRecord& r, int64_t total) {
+    if (metrics) {
+      metrics->step(r);
+    }
+    progress.step(r, total, "train " + r.policy);
+  };
+  cb.on_eval = [&](const EvalRecord& e) {
+    if (metrics) {
+      metrics->eval(e);
+    }
+    progress.line(describe_eval(e, label_names));
+  };
+  cb.on_save = [&](const std::string& path, int64_t step) {
+    // A bar shows the run going on; plain lines say each save.
+    if (!outputs.terminal()) {
+      progress.line("saved " + path + " at step " + std::to_string(step));
+    }
+  };
+  cb.on_end = [&](Trainer& t) { // rank 0 only
+    if (!outputs.save_dir().empty()) {
+      t.save_model(outputs.save_dir());
+    }
+    if (!outputs.report_path().empty()) {
+      write_report(outputs.report_path(), t.history(), t.options(), t.summary());
+    }
+  };
+  TrainResult result;
+  try {
+    result = run_training(options, cb, resume, stop_after_step, std::move(group));
+  } catch (...) {
+    progress.finish(); // the error goes on a line of its own
+    throw;
+  }
+  progress.finish();
+  return result;
+}
+
+std::string outputs_text(
+    const TrainResult& result,
+    const TrainOptions& options,
+    const RunOutputs& outputs) {
+  std::string text;
+  if (!options.out_dir().empty()) {
+    text += "state: " + state_path(options.out_dir()) + " (step " +
+        std::to_string(result.steps) + ")\n";
+  }
+  if (!outputs.save_dir().empty()) {
+    text += "model: " + outputs.save_dir() + "/model.safetensors, config.json\n";
+  }
+  if (!outputs.metrics_path().empty()) {
+    text += "metrics: " + outputs.metrics_path() + "\n";
+  }
+  if (!outputs.report_path().empty()) {
+    text += "report: " + outputs.report_path() + "\n";
+  }
+  return text;
 }
 
 } // namespace train

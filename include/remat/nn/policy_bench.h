@@ -75,6 +75,10 @@ class BenchWorkload {
   plan::Chain profile(const plan::ProfileOptions& options = {});
   /// Parameters of the model (trainable or not).
   int64_t parameter_count();
+  /// Elements of what receives gradients (trainable()).
+  int64_t trainable_parameter_count() const;
+  /// Bytes of the model's weights on its device (memory::breakdown).
+  int64_t weight_bytes();
   /// What receives gradients.
   const std::vector<torch::Tensor>& trainable() const {
     return trainable_;
@@ -94,6 +98,17 @@ class BenchWorkload {
   torch::Tensor ids_, mask_, target_;
   std::vector<torch::Tensor> trainable_;
 };
+
+/// Bytes a policy may hold on `device` when the caller sets no limit: 90%
+/// of physical memory on the CPU (a policy that does not fit then fails
+/// cleanly rather than meeting the kernel's OOM killer); 0, no limit, on a
+/// GPU (its caching allocator throws c10::OutOfMemoryError at its size).
+int64_t default_limit_bytes(c10::Device device);
+
+/// What `remat bench --json` writes of the workload under "config": the
+/// trainable parameters, weight bytes, steps, warm-up, threads, limit
+/// (bytes), seed, LoRA rank, device, and where the byte counts come from.
+nlohmann::json workload_json(BenchWorkload& w);
 
 /// Gradients of a reference run, kept outside remat's allocator so that they
 /// count against neither the bytes nor the limit of the runs compared with
@@ -150,6 +165,60 @@ PolicyRun run_policy(
 /// The remaining steps - 1 timed steps of every run that succeeded, in
 /// rounds of one step each; then each run's medians.
 void time_interleaved(BenchWorkload& w, std::vector<PolicyRun>& runs);
+
+/// Each of `policies` in turn (run_policy), then their remaining timed
+/// steps (time_interleaved). With a `reference` (none's gradients from
+/// another process) every run is compared with it; without one, the first
+/// `none` that succeeds is the reference of the runs after it (its own
+/// difference 0), and its gradients are left in `none_grads` when given.
+/// Put `none` first to compare every policy with it.
+///
+/// Example:
+///   nn::ReferenceGradients none_grads;
+///   auto runs = nn::run_policies(w, {CheckpointPolicy::none(),
+///                                    CheckpointPolicy::every_layer()},
+///                                nullptr, &none_grads);
+std::vector<PolicyRun> run_policies(
+    BenchWorkload& w,
+    const std::vector<CheckpointPolicy>& policies,
+    const ReferenceGradients* reference = nullptr,
+    ReferenceGradients* none_grads = nullptr);
+
+/// The runs of the same policies over several rounds (--rounds, each run in
+/// a process of its own), pooled: a policy's step samples of every round
+/// together, its bytes the first round's (they repeat exactly), and per
+/// round its median step over none's median step of that round
+/// (PolicyRun::round_ratios), so that a machine whose speed drifts is seen
+/// in the ratios rather than charged to one policy. A policy that fails in
+/// a round is that failure from then on.
+///
+/// Example:
+///   nn::PolicyRounds pool(policies.size(), rounds);
+///   for (int64_t round = 0; round < rounds; ++round)
+///     for (size_t k = 0; k < policies.size(); ++k)
+///       if (pool.wants(k)) pool.add(k, run_in_own_process(k));
+///   std::cout << nn::policy_table(pool.runs());
+class PolicyRounds {
+ public:
+  /// `policies` runs per round, `rounds` >= 1 rounds.
+  PolicyRounds(size_t policies, int64_t rounds);
+
+  /// Whether policy `k` is still to run: it has not failed (a failure
+  /// repeats itself in every later round).
+  bool wants(size_t k) const;
+  /// Policy `k`'s run in the next round of its own.
+  void add(size_t k, PolicyRun run);
+  /// The pooled runs, in the order of the policies: with more than one
+  /// round, medians (seconds) over the pooled samples and the ratios to
+  /// none's round medians (when none ran in as many rounds).
+  std::vector<PolicyRun> runs() const;
+
+ private:
+  int64_t rounds_;
+  std::vector<PolicyRun> runs_;
+  std::vector<bool> started_;
+  std::vector<std::vector<double>> round_medians_; ///< seconds, per round
+};
 
 /// One training step of `w` under `candidate.schedule` as the planner
 /// predicts it: gradients dropped, then zeroed in place (allocated), forward
