@@ -73,47 +73,35 @@ struct TrainFlags {
   double dist_timeout = 60;
 };
 
-// Option names whose flag is not "--" + name with '-' for '_'.
+// The flag of an option: "--" + name with '-' for '_' (flag_of_field),
+// except where the flag is named otherwise.
 std::string flag_of(const std::string& field) {
   static const std::map<std::string, std::string> special{
       {"train_path", "--train"},   {"valid_path", "--valid"}, {"vocab_path", "--vocab"},
       {"init_dir", "--init"},      {"out_dir", "--out"},      {"memory_timeline", "--report"},
       {"resume", "--resume"}};
   auto it = special.find(field);
-  if (it != special.end()) {
-    return it->second;
-  }
-  std::string flag = "--" + field;
-  std::replace(flag.begin(), flag.end(), '_', '-');
-  return flag;
+  return it != special.end() ? it->second : flag_of_field(field);
 }
 
-// A library error whose message starts with an option name ("batch: ...")
-// is a bad flag: "--batch: ...".
+// A library error about an option (remat::FieldError names it) is a bad
+// flag: "--batch: ...". Anything else goes on as it is.
 [[noreturn]] void rethrow_as_flag_error(const c10::Error& e) {
-  if (const auto* field = dynamic_cast<const FieldError*>(&e)) {
-    // A typed error names its field; its message may carry "field: " already.
-    std::string what = e.what_without_backtrace();
-    what = what.substr(0, what.find('\n'));
-    const std::string prefix = field->field() + ": ";
-    if (what.compare(0, prefix.size(), prefix) == 0) {
-      what = what.substr(prefix.size());
-    }
-    // The estimator's refusal of a step too large for this machine: the
-    // batch is the first knob to turn.
-    const std::string flag = field->field() == "memory_limit" ? "--batch" : flag_of(field->field());
-    throw UsageError(flag + ": " + what);
+  const auto* field = dynamic_cast<const FieldError*>(&e);
+  if (field == nullptr) {
+    throw;
   }
+  // The message may carry "field: " already.
   std::string what = e.what_without_backtrace();
   what = what.substr(0, what.find('\n'));
-  const auto colon = what.find(':');
-  if (colon != std::string::npos && colon < 40) {
-    const std::string field = what.substr(0, colon);
-    if (field.find_first_not_of("abcdefghijklmnopqrstuvwxyz_") == std::string::npos) {
-      throw UsageError(flag_of(field) + what.substr(colon));
-    }
+  const std::string prefix = field->field() + ": ";
+  if (what.compare(0, prefix.size(), prefix) == 0) {
+    what = what.substr(prefix.size());
   }
-  throw;
+  // The estimator's refusal of a step too large for this machine: the
+  // batch is the first knob to turn.
+  throw UsageError(
+      (field->field() == "memory_limit" ? "--batch" : flag_of(field->field())) + ": " + what);
 }
 
 template <typename F>

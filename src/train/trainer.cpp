@@ -180,11 +180,14 @@ void check_resume_options(
     if (may_change_on_resume(it.key())) {
       continue;
     }
-    TORCH_CHECK(
+    // A FieldError: the option that differs is named, so the CLI turns it
+    // into its flag.
+    check_field(
         mine.contains(it.key()) && mine.at(it.key()) == it.value(), it.key(),
-        ": the state in '", path, "' was saved by a run with ", it.value().dump(),
-        ", but this run has ", mine.value(it.key(), nlohmann::json()).dump(),
-        "; a resumed run must keep the settings that shape its loss curve");
+        c10::str(it.key(), ": the state in '", path, "' was saved by a run with ",
+                 it.value().dump(), ", but this run has ",
+                 mine.value(it.key(), nlohmann::json()).dump(),
+                 "; a resumed run must keep the settings that shape its loss curve"));
   }
 }
 
