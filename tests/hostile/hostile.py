@@ -580,6 +580,22 @@ def state_cases(remat, tmp):
     return cases
 
 
+# Inputs that look hostile but are legal, each with why: a run that accepts
+# them is right, not "silent". Matched on the case's name (a prefix).
+BIT_FLIP = ("the flipped byte is in a __metadata__ key (\"format\" becomes \"form!t\"), "
+            "which the reader ignores: every tensor is the same")
+LEGAL = {
+    "estimate --seq-multiple": "only --fit-seq reads it; without it, it is ignored",
+    "estimate --threads": "only --check runs anything; without it, it is ignored",
+    "train --log-every": "a period longer than the run: the run never logs a plain line",
+    "classify: intermediate_size=0": "BERT's rule: 0 means the family's 4 x hidden_size",
+    "lm: max_position_embeddings=1000000": "within its bound of 2^20; Llama allocates no "
+                                            "position table",
+    "classify: bit flip header": BIT_FLIP,
+    "lm: bit flip header": BIT_FLIP,
+}
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--remat", default=os.path.join(ROOT, "build", "remat"))
@@ -595,6 +611,9 @@ def main():
     try:
         cases = (size_flag_cases() + json_files(tmp) + vocab_files(tmp)
                  + config_cases(remat, tmp) + state_cases(remat, tmp))
+        for c in cases:
+            if any(c.name.startswith(prefix) for prefix in LEGAL):
+                c.expect = "any"
         if a.only:
             cases = [c for c in cases if a.only in c.kind or a.only in c.name]
         results = []
