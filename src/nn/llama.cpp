@@ -218,6 +218,34 @@ void LlamaModelImpl::reset() {
   norm = register_module("norm", RMSNorm(options.hidden_size(), options.rms_norm_eps()));
 }
 
+namespace {
+
+// The embedding stage of input_ids [B, S] after `past` cached tokens: its
+// checks, embed_tokens' output and the side inputs. What forward and
+// LlamaImpl::embed (the stages interface) share.
+Embedded embed_after(
+    LlamaModelImpl& model,
+    const torch::Tensor& input_ids,
+    const torch::Tensor& attention_mask,
+    int64_t past) {
+  TORCH_CHECK(
+      input_ids.defined() && input_ids.dim() == 2 && input_ids.scalar_type() == torch::kLong,
+      "remat::nn::Llama: expected input_ids of shape [batch, seq] and dtype int64, but got ",
+      input_ids.defined()
+          ? c10::str("shape ", input_ids.sizes(), " and dtype ", input_ids.scalar_type())
+          : std::string("none"));
+  const auto seq = input_ids.size(1);
+  const auto max_positions = model.options.max_position_embeddings();
+  TORCH_CHECK(
+      past + seq <= max_positions, "remat::nn::Llama: expected at most max_position_embeddings = ",
+      max_positions, " tokens, but got ", past + seq, " (", past, " cached + ", seq, " new)");
+  auto hidden = model.embed_tokens->forward(input_ids);
+  auto side = model.side_inputs(input_ids, attention_mask, past, hidden.options());
+  return Embedded{hidden, std::move(side)};
+}
+
+} // namespace
+
 torch::Tensor LlamaModelImpl::forward(
     const torch::Tensor& input_ids,
     const torch::Tensor& attention_mask,
@@ -230,19 +258,10 @@ torch::Tensor LlamaModelImpl::forward(
       "cache keeps every layer's keys, values and graph alive, and a "
       "checkpoint's recompute would append to it twice: wrap generation in "
       "torch::NoGradGuard, and pass no cache when training");
-  TORCH_CHECK(
-      input_ids.dim() == 2 && input_ids.scalar_type() == torch::kLong,
-      "remat::nn::Llama: expected input_ids of shape [batch, seq] and dtype int64, "
-      "but got shape ", input_ids.sizes(), " and dtype ", input_ids.scalar_type());
-  const auto seq = input_ids.size(1);
   const auto past = cache != nullptr ? cache->length() : 0;
-  TORCH_CHECK(
-      past + seq <= options.max_position_embeddings(),
-      "remat::nn::Llama: expected at most max_position_embeddings = ",
-      options.max_position_embeddings(), " tokens, but got ", past + seq,
-      " (", past, " cached + ", seq, " new)");
-  auto hidden = embed_tokens->forward(input_ids);
-  auto side = side_inputs(input_ids, attention_mask, past, hidden.options());
+  auto e = embed_after(*this, input_ids, attention_mask, past);
+  auto hidden = e.hidden;
+  const auto& side = e.side;
   torch::Tensor mask = side.size() > 2 ? side[2] : torch::Tensor();
   if (cache != nullptr) {
     // Generation: no grad, so nothing to checkpoint; each layer extends its
@@ -417,23 +436,11 @@ torch::Tensor LlamaImpl::head_loss(const torch::Tensor& hidden, const torch::Ten
 }
 
 Embedded LlamaImpl::embed(const StageBatch& batch) {
-  const auto& ids = batch.input_ids();
-  TORCH_CHECK(
-      ids.defined() && ids.dim() == 2 && ids.scalar_type() == torch::kLong,
-      "remat::nn::Llama: expected input_ids of shape [batch, seq] and dtype int64, but got ",
-      ids.defined() ? c10::str("shape ", ids.sizes(), " and dtype ", ids.scalar_type())
-                    : std::string("none"));
   TORCH_CHECK(
       !batch.token_type_ids().defined(),
       "remat::nn::Llama: expected no token_type_ids (a Llama has no token types), but got ",
       batch.token_type_ids().sizes());
-  TORCH_CHECK(
-      ids.size(1) <= options.max_position_embeddings(),
-      "remat::nn::Llama: expected at most max_position_embeddings = ",
-      options.max_position_embeddings(), " tokens, but got ", ids.size(1));
-  auto hidden = model->embed_tokens->forward(ids);
-  auto side = model->side_inputs(ids, batch.attention_mask(), 0, hidden.options());
-  return Embedded{hidden, std::move(side)};
+  return embed_after(*model, batch.input_ids(), batch.attention_mask(), 0);
 }
 
 std::vector<torch::Tensor> LlamaImpl::embedding_parameters() const {
