@@ -49,6 +49,18 @@ std::string mib(int64_t bytes) {
   return buf;
 }
 
+// Bench's Bert step: the padded batch, and the mean square error of the
+// last hidden state (in fp32) against `target`. What loss, profile and plan
+// all run.
+BertStep bert_step(
+    const torch::Tensor& ids,
+    const torch::Tensor& mask,
+    const torch::Tensor& target) {
+  return BertStep(ids).attention_mask(mask).loss([target](const BertOutput& o) {
+    return torch::mse_loss(o.last_hidden_state.to(torch::kFloat), target);
+  });
+}
+
 } // namespace
 
 std::string policy_table(const std::vector<PolicyRun>& runs) {
@@ -164,11 +176,8 @@ BenchWorkload::BenchWorkload(const ModelConfig& config, const BenchOptions& opti
 }
 
 torch::Tensor BenchWorkload::loss() {
-  if (llama_) {
-    return llama_->forward_loss(ids_, ids_);
-  }
-  auto out = bert_->forward(ids_, mask_);
-  return torch::mse_loss(out.last_hidden_state.to(torch::kFloat), target_);
+  return llama_ ? LlamaStep(ids_).forward_loss(*llama_)
+                : bert_step(ids_, mask_, target_).forward_loss(*bert_);
 }
 
 void BenchWorkload::set_policy(const CheckpointPolicy& policy) {
@@ -184,32 +193,14 @@ torch::nn::Module& BenchWorkload::module() {
 }
 
 plan::Plan BenchWorkload::plan(int64_t budget_bytes) {
-  // Profiled as the step runs: under its autocast.
-  AutocastScope autocast(config_.autocast(options_.device()));
-  if (llama_) {
-    return plan_checkpointing(*llama_, LlamaStep(ids_), budget_bytes);
-  }
-  auto t = target_;
-  return plan_checkpointing(
-      *bert_,
-      BertStep(ids_).attention_mask(mask_).loss([t](const BertOutput& o) {
-        return torch::mse_loss(o.last_hidden_state.to(torch::kFloat), t);
-      }),
-      budget_bytes);
+  // Profiled as the step runs (under its autocast), nothing reserved.
+  return plan::solve(profile(), budget_bytes);
 }
 
 plan::Chain BenchWorkload::profile(const plan::ProfileOptions& options) {
   AutocastScope autocast(config_.autocast(options_.device()));
-  if (llama_) {
-    return profile_model(*llama_, LlamaStep(ids_), options);
-  }
-  auto t = target_;
-  return profile_model(
-      *bert_,
-      BertStep(ids_).attention_mask(mask_).loss([t](const BertOutput& o) {
-        return torch::mse_loss(o.last_hidden_state.to(torch::kFloat), t);
-      }),
-      options);
+  return llama_ ? profile_model(*llama_, LlamaStep(ids_), options)
+                : profile_model(*bert_, bert_step(ids_, mask_, target_), options);
 }
 
 int64_t BenchWorkload::parameter_count() {
