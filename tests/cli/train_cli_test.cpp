@@ -2,6 +2,7 @@
 // metrics file, the HTML report, the LM task, export.
 #include "cli_runner.h"
 #include "testing.h"
+#include "temp_dir.h"
 
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
@@ -27,10 +28,7 @@ const std::string kTiny =
     "--threads 1 ";
 
 std::string temp_dir(const std::string& name) {
-  auto dir = ::testing::TempDir() + "/train_cli_" + name;
-  fs::remove_all(dir);
-  fs::create_directories(dir);
-  return dir;
+  return remat_test::fresh_temp_dir("train_cli_" + name, /*create=*/true);
 }
 
 void write(const std::string& path, const std::string& text) {

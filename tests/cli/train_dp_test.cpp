@@ -2,6 +2,7 @@
 // loss curve with the same global batch; a rank that dies makes the other
 // fail with an error naming it, and --resume continues from the last state.
 #include "cli/cli_runner.h"
+#include "temp_dir.h"
 
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
@@ -28,10 +29,7 @@ const std::string kRun =
     "--threads 1 --seed 5 --dropout 0 --policy every-layer --max-steps 20 --dist-timeout 30 ";
 
 std::string temp_dir(const std::string& name) {
-  auto dir = ::testing::TempDir() + "/train_dp_" + name;
-  fs::remove_all(dir);
-  fs::create_directories(dir);
-  return dir;
+  return remat_test::fresh_temp_dir("train_dp_" + name, /*create=*/true);
 }
 
 std::vector<nlohmann::json> steps_of(const std::string& path) {

@@ -4,6 +4,7 @@
 #include "cli/cli_runner.h"
 #include "remat/io/file.h"
 #include "remat/train/train_state.h"
+#include "temp_dir.h"
 
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
@@ -35,10 +36,7 @@ const std::string kRun =
     "--threads 1 --seed 3 --dropout 0.1 --eval-every 5 ";
 
 std::string temp_dir(const std::string& name) {
-  auto dir = ::testing::TempDir() + "/resume_" + name;
-  fs::remove_all(dir);
-  fs::create_directories(dir);
-  return dir;
+  return remat_test::fresh_temp_dir("resume_" + name, /*create=*/true);
 }
 
 std::vector<nlohmann::json> read_jsonl(const std::string& path, const std::string& type) {

@@ -7,6 +7,7 @@
 #include "remat/model_sizes.h"
 #include "remat/train/train_state.h"
 #include "testing.h"
+#include "temp_dir.h"
 
 #include <gtest/gtest.h>
 
@@ -37,9 +38,7 @@ TrainOptions tiny() {
 }
 
 std::string temp_dir(const std::string& name) {
-  auto dir = ::testing::TempDir() + "/train_run_" + name;
-  fs::remove_all(dir);
-  return dir;
+  return remat_test::fresh_temp_dir("train_run_" + name, /*create=*/false);
 }
 
 // The field of the FieldError `f` throws, and its message.

@@ -5,6 +5,7 @@
 
 #include "remat/train/train_state.h"
 #include "io/io_testing.h"
+#include "temp_dir.h"
 #include "testing.h"
 
 #include <gtest/gtest.h>
@@ -39,9 +40,7 @@ TrainOptions tiny() {
 }
 
 std::string temp_dir(const std::string& name) {
-  auto dir = ::testing::TempDir() + "/trainer_" + name;
-  fs::remove_all(dir);
-  return dir;
+  return remat_test::fresh_temp_dir("trainer_" + name, /*create=*/false);
 }
 
 std::vector<double> losses(const History& h) {
