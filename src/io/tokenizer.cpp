@@ -5,6 +5,8 @@
 
 #include <c10/util/Exception.h>
 
+#include <filesystem>
+
 namespace remat {
 namespace io {
 
@@ -271,6 +273,28 @@ std::string ByteTokenizer::decode(
     }
   }
   return out;
+}
+
+std::string folder_tokenizer(const std::string& dir) {
+  namespace fs = std::filesystem;
+  const fs::path folder(dir);
+  std::error_code ec;
+  if (fs::exists(folder / "vocab.txt", ec)) {
+    return (folder / "vocab.txt").string();
+  }
+  // What transformers and sentencepiece save, in the order they are preferred.
+  for (const char* name :
+       {"tokenizer.json", "tokenizer.model", "spiece.model", "sentencepiece.bpe.model",
+        "vocab.json", "merges.txt", "tokenizer_config.json"}) {
+    const fs::path file = folder / name;
+    TORCH_CHECK(
+        !fs::exists(file, ec),
+        "'", file.string(), "' is the model's tokenizer, which remat cannot read "
+        "(it reads WordPiece vocab.txt); expected a folder whose tokenizer remat "
+        "reads, since tokenizing byte by byte would give ids that mean nothing "
+        "to this model");
+  }
+  return "";
 }
 
 std::shared_ptr<Tokenizer> make_tokenizer(const std::string& vocab_path) {

@@ -251,6 +251,9 @@ void check_run_files(const TrainOptions& o) {
     const std::string config = o.init_dir() + "/config.json";
     const auto problem = io::regular_file_problem(config);
     check_field(problem.empty(), "init_dir", "cannot read '" + config + "': " + problem);
+    if (o.vocab_path().empty()) {
+      as_field("init_dir", [&] { return io::folder_tokenizer(o.init_dir()); });
+    }
   }
 }
 

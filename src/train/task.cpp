@@ -356,11 +356,19 @@ std::unique_ptr<TaskModel> make_task_model(
     config.validate();
     check_step_fits(config, o.lora_rank() > 0, memory::physical_bytes());
   }
-  // A model read from --init must cover the tokenizer and the sequence.
+  // A model read from --init must cover the tokenizer and the sequence. A
+  // byte-level tokenizer is the model's own only if the model has exactly
+  // its ids (remat trained it on bytes): any other vocabulary gives the
+  // byte ids another meaning, silently.
   auto check_covers = [&](int64_t model_vocab, int64_t positions) {
     check_field(model_vocab >= vocab_size, "init",
                 c10::str("init: the model in '", o.init_dir(), "' has ", model_vocab,
                          " token ids, but the tokenizer has ", vocab_size));
+    check_field(!o.vocab_path().empty() || model_vocab == vocab_size, "init",
+                c10::str("init: the model in '", o.init_dir(), "' has ", model_vocab,
+                         " token ids and no tokenizer file; expected the byte-level "
+                         "tokenizer's ", vocab_size, " ids (a model remat trained on "
+                         "bytes), or pass its tokenizer with --vocab"));
     check_field(positions >= o.seq(), "seq",
                 c10::str("seq: expected at most the model's ", positions,
                          " positions, but got ", o.seq()));

@@ -291,6 +291,17 @@ Trainer::Trainer(TrainOptions options, std::shared_ptr<dist::ProcessGroup> group
     : impl_(std::make_unique<Impl>()) {
   auto& d = *impl_;
   options.validate();
+  if (options.vocab_path().empty() && !options.init_dir().empty()) {
+    // The model's own tokenizer, or a refusal naming the file remat cannot
+    // read; bytes only for a folder with no tokenizer (checked against the
+    // model's vocabulary by make_task_model).
+    try {
+      options.vocab_path(io::folder_tokenizer(options.init_dir()));
+    } catch (const c10::Error& e) {
+      const std::string what = e.what_without_backtrace();
+      throw FieldError("init_dir", what.substr(0, what.find('\n')));
+    }
+  }
   d.options = options;
   if (group && group->world_size() > 1) {
     d.group = std::move(group);

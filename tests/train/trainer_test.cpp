@@ -170,6 +170,50 @@ TEST(Trainer, InitRefusesAFolderOfAnotherModel) {
   EXPECT_THROW_WITH(Trainer(tiny().init_dir(dir)), "expected \"bert\", but got \"llama\"");
 }
 
+// The silent wrong result this guards against: ids of one tokenizer fed to
+// a model trained with another. A folder's tokenizer is taken when it can be
+// read, refused by name when it cannot, and bytes only fit a model of bytes.
+TEST(Trainer, InitTakesTheFoldersTokenizerOrRefusesIt) {
+  const auto dir = temp_dir("init_tokenizer");
+  const auto bytes_lm = tiny().task(Task::kCausalLm).vocab_path("");
+  Trainer lm(bytes_lm);
+  fs::create_directories(dir);
+  lm.save_model(dir);
+  ASSERT_FALSE(fs::exists(dir + "/vocab.txt")) << "a byte-level model has no tokenizer file";
+  Trainer again(TrainOptions(bytes_lm).init_dir(dir));
+  EXPECT_TRUE(std::isfinite(again.step().loss));
+
+  { std::ofstream(dir + "/tokenizer.json") << "{}"; }
+  EXPECT_THROW_WITH(
+      Trainer(TrainOptions(bytes_lm).init_dir(dir)),
+      "'" + dir + "/tokenizer.json' is the model's tokenizer, which remat cannot read");
+  fs::remove(dir + "/tokenizer.json");
+
+  nlohmann::json config;
+  {
+    std::ifstream in(dir + "/config.json");
+    config = nlohmann::json::parse(in);
+  }
+  config["vocab_size"] = 603;
+  { std::ofstream(dir + "/config.json") << config.dump(); }
+  EXPECT_THROW_WITH(
+      Trainer(TrainOptions(bytes_lm).init_dir(dir)),
+      "has 603 token ids and no tokenizer file; expected the byte-level tokenizer's 259 ids");
+}
+
+TEST(Trainer, InitWithoutVocabUsesTheFoldersVocab) {
+  const auto dir = temp_dir("init_vocab");
+  Trainer t(tiny());
+  t.step();
+  const double loss = t.evaluate().loss;
+  fs::create_directories(dir);
+  t.save_model(dir);
+  ASSERT_TRUE(fs::exists(dir + "/vocab.txt"));
+  // No vocab_path: the folder's WordPiece vocabulary, not bytes.
+  Trainer back(tiny().vocab_path("").init_dir(dir));
+  EXPECT_NEAR(back.evaluate().loss, loss, 1e-5);
+}
+
 TEST(Trainer, ResumedInProcessFollowsTheSameCurve) {
   const auto dir = temp_dir("resume");
   auto options = tiny().dropout(0.1).max_steps(5).out_dir(dir);

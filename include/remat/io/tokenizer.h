@@ -151,5 +151,13 @@ class ByteTokenizer : public Tokenizer {
 /// A WordPieceTokenizer for `vocab_path`, or a ByteTokenizer when it is empty.
 std::shared_ptr<Tokenizer> make_tokenizer(const std::string& vocab_path);
 
+/// The tokenizer a model folder (a Hugging Face save, an --init folder)
+/// carries, as a path make_tokenizer() reads: its vocab.txt (WordPiece), or
+/// "" when the folder has no tokenizer file at all (a model trained on
+/// bytes). A folder whose tokenizer remat cannot read (tokenizer.json,
+/// tokenizer.model, vocab.json with merges.txt, ...) is refused with a
+/// c10::Error naming the file: its ids are never silently replaced by bytes.
+std::string folder_tokenizer(const std::string& dir);
+
 } // namespace io
 } // namespace remat
