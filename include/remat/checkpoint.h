@@ -1,26 +1,46 @@
 // Activation checkpointing for LibTorch: run a segment of the forward pass
 // without keeping its intermediate tensors, and recompute them in backward.
 //
-// A checkpointed segment keeps only its inputs. In backward it runs again,
-// with grad on, the RNG state of the first run and the same autocast state,
-// and its gradients flow into the normal autograd graph:
-//   - the segment's parameters are explicit inputs of the autograd node, so
-//     each parameter's gradient accumulates exactly once, through the graph;
-//   - torch::autograd::grad works, not only backward();
-//   - an input that needs no grad (a frozen embedding's output) still gives
-//     the parameters their gradients.
+// Two implementations, chosen per segment by CheckpointOptions::implementation:
 //
-// Example (a function of tensors; `params` are the tensors it reads besides
-// its inputs):
+//   - kSavedTensorHooks (the default), PyTorch's non-reentrant design
+//     (torch.utils.checkpoint with use_reentrant=False). Forward builds the
+//     normal autograd graph, but every tensor autograd would save inside the
+//     segment is packed as a small handle (remat/saved_tensor_hooks.h) and
+//     dropped. The first time backward unpacks one, the segment runs again
+//     and the tensors it saves fill the handles; gradients then flow through
+//     the original graph. So:
+//       - a closure may read any tensor (a module's weights, a rotary table,
+//         a mask) without listing it: no parameter list;
+//       - torch::autograd::grad, retain_graph, create_graph (double
+//         backward) and nested checkpoints work as without checkpointing;
+//       - early stop: the recompute stops as soon as the last tensor forward
+//         saved is back, skipping the segment's tail
+//         (early_stop_skipped_nodes() counts what it skipped);
+//       - each recomputed tensor is compared with the one forward saved:
+//         shape, dtype and device, and with DeterminismCheck::kValues a
+//         fingerprint of its values; a difference names the segment and the
+//         tensor.
+//   - kReentrant: a custom autograd Function that keeps the segment's
+//     inputs and, in backward, re-runs the segment and differentiates it with
+//     torch::autograd::grad. Tensors the function reads besides its inputs
+//     must be listed in CheckpointOptions::parameters. Kept for comparison
+//     and for processes where the hooks cannot be installed (PyTorch's
+//     Python module loaded in the same process).
+//
+// Both restore the RNG state (dropout draws the same masks) and the autocast
+// state of the first run, and give gradients bit-identical to running
+// without checkpointing on the CPU.
+//
+// Example (a lambda over a module's weights; nothing to list):
+//   torch::nn::Linear fc(256, 256);
 //   auto out = remat::checkpoint(
 //       [&](const std::vector<torch::Tensor>& in) {
-//         return std::vector<torch::Tensor>{layer->forward(in[0], in[1])};
+//         return std::vector<torch::Tensor>{torch::gelu(fc(in[0]))};
 //       },
-//       {hidden, mask},
-//       remat::CheckpointOptions().parameters(layer->parameters()))[0];
+//       {hidden}, remat::CheckpointOptions().name("layer.3"))[0];
 //
-// Example (a module; its parameters are taken from it):
-//   torch::nn::Linear fc(256, 256);
+// Example (a module; what forward returns comes back):
 //   torch::Tensor y = remat::checkpoint(fc, {x});
 #pragma once
 
@@ -42,6 +62,66 @@ namespace remat {
 using SegmentFn =
     std::function<std::vector<torch::Tensor>(const std::vector<torch::Tensor>&)>;
 
+/// How a segment is checkpointed (see the top of this file).
+enum class CheckpointImpl {
+  kSavedTensorHooks, ///< non-reentrant, on saved-tensor hooks (the default)
+  kReentrant,        ///< a custom Function that re-runs the segment in backward
+};
+
+/// What the recompute is compared with, per tensor that forward saved
+/// (kSavedTensorHooks) or per output (kReentrant).
+enum class DeterminismCheck {
+  kNone,     ///< nothing
+  kMetadata, ///< number, shapes, dtypes and devices (what PyTorch checks)
+  /// and a fingerprint of the values: each tensor's sum and L1 norm, equal
+  /// bit for bit on the CPU and within a relative 1e-3 (1e-2 for 16-bit
+  /// floats) of the L1 norm on a GPU, whose kernels may differ in the last
+  /// bits. Costs two reductions per saved tensor in forward and in the
+  /// recompute (remat bench shows the cost). kSavedTensorHooks only.
+  kValues,
+};
+
+const char* to_string(CheckpointImpl impl);
+const char* to_string(DeterminismCheck check);
+
+/// The implementation and determinism check that CheckpointOptions starts
+/// from on this thread. remat's models and checkpoint_sequential make their
+/// options this way, so a scope of CheckpointDefaultsGuard picks the
+/// implementation for a whole model's forward.
+struct CheckpointDefaults {
+  CheckpointImpl implementation = CheckpointImpl::kSavedTensorHooks;
+  DeterminismCheck determinism_check = DeterminismCheck::kMetadata;
+
+  bool operator==(const CheckpointDefaults& o) const {
+    return implementation == o.implementation &&
+        determinism_check == o.determinism_check;
+  }
+  bool operator!=(const CheckpointDefaults& o) const {
+    return !(*this == o);
+  }
+};
+
+/// This thread's defaults.
+CheckpointDefaults checkpoint_defaults();
+
+/// Sets this thread's defaults for its lifetime, then restores them.
+///
+/// Example:
+///   {
+///     remat::CheckpointDefaultsGuard old({remat::CheckpointImpl::kReentrant});
+///     loss = model->forward_loss(ids, ids);  // every segment reentrant
+///   }
+class CheckpointDefaultsGuard {
+ public:
+  explicit CheckpointDefaultsGuard(CheckpointDefaults defaults);
+  ~CheckpointDefaultsGuard();
+  CheckpointDefaultsGuard(const CheckpointDefaultsGuard&) = delete;
+  CheckpointDefaultsGuard& operator=(const CheckpointDefaultsGuard&) = delete;
+
+ private:
+  CheckpointDefaults previous_;
+};
+
 /// Options of one checkpointed segment.
 ///
 /// Example:
@@ -51,15 +131,20 @@ struct CheckpointOptions {
   /// inputs' device where built) before recomputing, so dropout draws the
   /// same masks twice.
   TORCH_ARG(bool, preserve_rng_state) = true;
-  /// Check that the recompute produced outputs of the same number, shapes,
-  /// dtypes and devices as the first run; an error names the segment.
-  TORCH_ARG(bool, determinism_check) = true;
+  /// What the recompute is checked against; an error names the segment.
+  TORCH_ARG(DeterminismCheck, determinism_check) =
+      checkpoint_defaults().determinism_check;
+  TORCH_ARG(CheckpointImpl, implementation) = checkpoint_defaults().implementation;
+  /// Stop the recompute once every tensor forward saved is back
+  /// (kSavedTensorHooks; the reentrant one always runs the whole segment).
+  TORCH_ARG(bool, early_stop) = true;
   /// Name used in error messages ("layer.3").
   TORCH_ARG(std::string, name) = "segment";
-  /// Tensors the function reads besides its inputs (typically parameters).
-  /// They become explicit inputs of the autograd node, so they receive
-  /// gradients. A tensor that requires grad and is neither an input nor listed
-  /// here is detected in backward and refused with an error.
+  /// kReentrant only: tensors the function reads besides its inputs
+  /// (typically parameters). They become explicit inputs of the autograd
+  /// node, so they receive gradients; a tensor that requires grad and is
+  /// neither an input nor listed here is refused in backward. The default
+  /// implementation ignores the list: it needs none.
   TORCH_ARG(std::vector<torch::Tensor>, parameters) = {};
 };
 
@@ -68,13 +153,22 @@ std::vector<torch::Tensor> checkpoint_segment(
     const SegmentFn& fn,
     const std::vector<torch::Tensor>& inputs,
     const CheckpointOptions& options);
+std::vector<torch::Tensor> checkpoint_reentrant(
+    const SegmentFn& fn,
+    const std::vector<torch::Tensor>& inputs,
+    const CheckpointOptions& options);
+std::vector<torch::Tensor> checkpoint_with_hooks(
+    const SegmentFn& fn,
+    const std::vector<torch::Tensor>& inputs,
+    const CheckpointOptions& options);
 } // namespace detail
 
 /// Runs `fn(inputs)` as a checkpointed segment and returns its outputs.
 /// `fn` is anything callable as a SegmentFn (a lambda, a std::function); it is
 /// kept, as a copy, until backward, so what it captures by reference must
-/// live that long. Under NoGradGuard, or when neither inputs nor parameters
-/// require grad, it just calls `fn` (nothing would be saved anyway).
+/// live that long. Under NoGradGuard it just calls `fn` (nothing would be
+/// saved anyway), and so does the reentrant implementation when neither
+/// inputs nor parameters require grad.
 //
 // A template rather than a `const SegmentFn&` parameter: with the latter,
 // overload resolution for `checkpoint(module, ...)` would try to convert the
@@ -101,6 +195,12 @@ int64_t recompute_count();
 /// Adds one to recompute_count(): for a custom autograd function that keeps
 /// its inputs and recomputes in backward instead of calling checkpoint().
 void count_recompute();
+
+/// Autograd nodes (ops that record history) that early stop did not re-run,
+/// over every recompute in this process: a count. A segment's recompute
+/// stops after the last op whose tensor forward saved; the ops after it (a
+/// residual add, a scale, a view) are skipped.
+int64_t early_stop_skipped_nodes();
 
 namespace detail {
 
@@ -147,9 +247,9 @@ constexpr size_t forward_arity() {
 } // namespace detail
 
 /// Checkpoints `module->forward(inputs[0], ..., inputs[N-1])`, where N is the
-/// number of tensors `forward` takes (1 to 8). The module's parameters are
-/// passed to autograd explicitly, and the segment keeps a copy of the holder
-/// until backward. Returns what `forward` returns if that is a Tensor, else a
+/// number of tensors `forward` takes (1 to 8). The segment keeps a copy of
+/// the holder until backward; the module's parameters are listed for the
+/// reentrant implementation. Returns what `forward` returns if that is a Tensor, else a
 /// std::vector<Tensor> of its outputs.
 template <
     typename ModuleHolder,

@@ -1,17 +1,14 @@
 #include "remat/checkpoint.h"
 
 #include "remat/autocast.h"
+#include "checkpoint/rng_state.h"
+#include "checkpoint/tensor_meta.h"
 #include "compat/torch.h"
 
-#include <ATen/CPUGeneratorImpl.h>
 #include <ATen/SequenceNumber.h>
 #include <ATen/core/ivalue.h>
 #include <torch/autograd.h>
 #include <torch/csrc/autograd/functions/accumulate_grad.h>
-
-#ifdef REMAT_WITH_CUDA
-#include <ATen/cuda/CUDAGeneratorImpl.h>
-#endif
 
 #include <atomic>
 #include <set>
@@ -26,35 +23,11 @@ using torch::autograd::variable_list;
 
 std::atomic<int64_t> recomputes{0};
 
-// Shape, dtype and device of an output, or "undefined": a segment may return
-// an undefined tensor (an optional output nobody asked for).
-struct TensorMeta {
-  bool defined = false;
-  std::vector<int64_t> sizes;
-  c10::ScalarType dtype = c10::ScalarType::Undefined;
-  c10::Device device = c10::kCPU;
+using detail::RngScope;
+using detail::RngState;
+using detail::TensorMeta;
 
-  explicit TensorMeta(const torch::Tensor& t) : defined(t.defined()) {
-    if (defined) {
-      sizes = t.sizes().vec();
-      dtype = t.scalar_type();
-      device = t.device();
-    }
-  }
-
-  bool operator==(const TensorMeta& o) const {
-    return defined == o.defined && sizes == o.sizes && dtype == o.dtype &&
-        device == o.device;
-  }
-  std::string str() const {
-    if (!defined) {
-      return "an undefined tensor";
-    }
-    std::ostringstream s;
-    s << c10::IntArrayRef(sizes) << " " << dtype << " on " << device;
-    return s.str();
-  }
-};
+std::atomic<int64_t> skipped_nodes{0};
 
 // Everything the recompute needs that is not a saved tensor. It lives in
 // ctx->saved_data as a capsule.
@@ -68,96 +41,12 @@ struct Segment : torch::CustomClassHolder {
   // The RNG states travel to backward as saved variables (after the inputs
   // and parameters), so that autograd frees them with the other saved
   // tensors once the segment's backward has run, instead of keeping them
-  // until the whole graph is destroyed; these fields hold them only while
-  // forward saves them and while backward recomputes.
+  // until the whole graph is destroyed; `rng` holds them only while forward
+  // saves them and while backward recomputes.
   size_t num_saved = 0; // inputs and parameters among the saved variables
-  torch::Tensor cpu_rng_state;
+  RngState rng;
   bool saved_cpu_rng = false;
-#ifdef REMAT_WITH_CUDA
-  c10::DeviceIndex cuda_device = -1;
-  torch::Tensor cuda_rng_state;
   bool saved_cuda_rng = false;
-#endif
-};
-
-#ifdef REMAT_WITH_CUDA
-// The CUDA device of the first CUDA input, if any: its generator is the one
-// the segment draws from.
-c10::optional<c10::Device> cuda_device_of(const std::vector<torch::Tensor>& ts) {
-  for (const auto& t : ts) {
-    if (t.defined() && t.is_cuda()) {
-      return t.device();
-    }
-  }
-  return c10::nullopt;
-}
-#endif
-
-void save_rng(Segment& seg, const std::vector<torch::Tensor>& inputs) {
-  auto gen = at::detail::getDefaultCPUGenerator();
-  {
-    std::lock_guard<std::mutex> lock(gen.mutex());
-    seg.cpu_rng_state = gen.get_state();
-  }
-#ifdef REMAT_WITH_CUDA
-  if (auto d = cuda_device_of(inputs)) {
-    auto cuda_gen = at::cuda::detail::getDefaultCUDAGenerator(d->index());
-    std::lock_guard<std::mutex> lock(cuda_gen.mutex());
-    seg.cuda_device = d->index();
-    seg.cuda_rng_state = cuda_gen.get_state();
-  }
-#else
-  (void)inputs;
-#endif
-}
-
-// Puts the segment's RNG state in place for the recompute and restores the
-// state it found on destruction, so the rest of backward is unaffected.
-class RngScope {
- public:
-  explicit RngScope(const Segment& seg) : active_(seg.cpu_rng_state.defined()) {
-    if (!active_) {
-      return;
-    }
-    auto gen = at::detail::getDefaultCPUGenerator();
-    std::lock_guard<std::mutex> lock(gen.mutex());
-    cpu_state_ = gen.get_state();
-    gen.set_state(seg.cpu_rng_state);
-#ifdef REMAT_WITH_CUDA
-    if (seg.cuda_rng_state.defined()) {
-      cuda_device_ = seg.cuda_device;
-      auto cuda_gen = at::cuda::detail::getDefaultCUDAGenerator(cuda_device_);
-      std::lock_guard<std::mutex> cuda_lock(cuda_gen.mutex());
-      cuda_state_ = cuda_gen.get_state();
-      cuda_gen.set_state(seg.cuda_rng_state);
-    }
-#endif
-  }
-  ~RngScope() {
-    if (!active_) {
-      return;
-    }
-    auto gen = at::detail::getDefaultCPUGenerator();
-    std::lock_guard<std::mutex> lock(gen.mutex());
-    gen.set_state(cpu_state_);
-#ifdef REMAT_WITH_CUDA
-    if (cuda_state_.defined()) {
-      auto cuda_gen = at::cuda::detail::getDefaultCUDAGenerator(cuda_device_);
-      std::lock_guard<std::mutex> cuda_lock(cuda_gen.mutex());
-      cuda_gen.set_state(cuda_state_);
-    }
-#endif
-  }
-  RngScope(const RngScope&) = delete;
-  RngScope& operator=(const RngScope&) = delete;
-
- private:
-  bool active_;
-  torch::Tensor cpu_state_;
-#ifdef REMAT_WITH_CUDA
-  c10::DeviceIndex cuda_device_ = -1;
-  torch::Tensor cuda_state_;
-#endif
 };
 
 bool differentiable(const torch::Tensor& t) {
@@ -242,7 +131,7 @@ struct CheckpointFunction : torch::autograd::Function<CheckpointFunction> {
       seg->input_requires_grad.push_back(t.defined() && t.requires_grad());
     }
     if (seg->options.preserve_rng_state()) {
-      save_rng(*seg, inputs);
+      seg->rng = RngState::capture(inputs);
     }
     seg->autocast = AutocastState::capture();
 
@@ -274,18 +163,15 @@ struct CheckpointFunction : torch::autograd::Function<CheckpointFunction> {
     }
     auto to_save = inputs_and_params.vec();
     seg->num_saved = to_save.size();
-    if (seg->cpu_rng_state.defined()) {
-      to_save.push_back(std::move(seg->cpu_rng_state));
-      seg->cpu_rng_state = torch::Tensor();
+    if (seg->rng.cpu.defined()) {
+      to_save.push_back(std::move(seg->rng.cpu));
       seg->saved_cpu_rng = true;
     }
-#ifdef REMAT_WITH_CUDA
-    if (seg->cuda_rng_state.defined()) {
-      to_save.push_back(std::move(seg->cuda_rng_state));
-      seg->cuda_rng_state = torch::Tensor();
+    if (seg->rng.cuda.defined()) {
+      to_save.push_back(std::move(seg->rng.cuda));
       seg->saved_cuda_rng = true;
     }
-#endif
+    seg->rng.cpu = seg->rng.cuda = torch::Tensor();
     ctx->save_for_backward(to_save);
     ctx->saved_data["segment"] = c10::IValue::make_capsule(seg);
     return outputs;
@@ -300,13 +186,11 @@ struct CheckpointFunction : torch::autograd::Function<CheckpointFunction> {
     auto saved = ctx->get_saved_variables();
     size_t next = seg->num_saved;
     if (seg->saved_cpu_rng) {
-      seg->cpu_rng_state = saved[next++];
+      seg->rng.cpu = saved[next++];
     }
-#ifdef REMAT_WITH_CUDA
     if (seg->saved_cuda_rng) {
-      seg->cuda_rng_state = saved[next++];
+      seg->rng.cuda = saved[next++];
     }
-#endif
     saved.resize(seg->num_saved);
     const size_t n_in = seg->num_inputs;
 
@@ -321,19 +205,16 @@ struct CheckpointFunction : torch::autograd::Function<CheckpointFunction> {
     std::vector<torch::Tensor> outputs;
     const uint64_t first_seq = at::sequence_number::peek();
     {
-      RngScope rng(*seg);
+      RngScope rng(seg->rng);
       AutocastScope autocast(seg->autocast);
       AutocastCacheDisabled no_cast_cache;
       torch::AutoGradMode grad_on(true);
       outputs = seg->fn(inputs);
     }
-    seg->cpu_rng_state = torch::Tensor();
-#ifdef REMAT_WITH_CUDA
-    seg->cuda_rng_state = torch::Tensor();
-#endif
+    seg->rng.cpu = seg->rng.cuda = torch::Tensor();
     recomputes.fetch_add(1, std::memory_order_relaxed);
 
-    if (seg->options.determinism_check()) {
+    if (seg->options.determinism_check() != DeterminismCheck::kNone) {
       bool same = outputs.size() == seg->output_meta.size();
       std::ostringstream detail;
       for (size_t i = 0; same && i < outputs.size(); ++i) {
@@ -412,20 +293,41 @@ std::vector<torch::Tensor> detail::checkpoint_segment(
     const std::vector<torch::Tensor>& inputs,
     const CheckpointOptions& options) {
   TORCH_CHECK(fn, "remat::checkpoint: expected a callable function, but got an empty one");
-  bool any_grad = false;
   for (size_t i = 0; i < inputs.size(); ++i) {
     TORCH_CHECK(
         inputs[i].defined(),
         "remat::checkpoint: expected defined input tensors, but input ", i,
         " of segment '", options.name(), "' is undefined");
   }
+  if (!torch::GradMode::is_enabled()) {
+    return fn(inputs);
+  }
+  switch (options.implementation()) {
+    case CheckpointImpl::kSavedTensorHooks:
+      return checkpoint_with_hooks(fn, inputs, options);
+    case CheckpointImpl::kReentrant:
+      return checkpoint_reentrant(fn, inputs, options);
+  }
+  TORCH_INTERNAL_ASSERT(false, "remat::checkpoint: unknown implementation");
+}
+
+std::vector<torch::Tensor> detail::checkpoint_reentrant(
+    const SegmentFn& fn,
+    const std::vector<torch::Tensor>& inputs,
+    const CheckpointOptions& options) {
+  TORCH_CHECK(
+      options.determinism_check() != DeterminismCheck::kValues,
+      "remat::checkpoint: expected determinism_check kNone or kMetadata with "
+      "the reentrant implementation, but got kValues (segment '",
+      options.name(), "'); value fingerprints need kSavedTensorHooks");
+  bool any_grad = false;
   for (const auto& t : inputs) {
     any_grad = any_grad || (t.defined() && t.requires_grad());
   }
   for (const auto& p : options.parameters()) {
     any_grad = any_grad || (p.defined() && p.requires_grad());
   }
-  if (!torch::GradMode::is_enabled() || !any_grad) {
+  if (!any_grad) {
     return fn(inputs);
   }
 
@@ -447,6 +349,53 @@ int64_t recompute_count() {
 
 void count_recompute() {
   recomputes.fetch_add(1, std::memory_order_relaxed);
+}
+
+int64_t early_stop_skipped_nodes() {
+  return skipped_nodes.load(std::memory_order_relaxed);
+}
+
+void detail::count_early_stop(int64_t skipped) {
+  skipped_nodes.fetch_add(skipped, std::memory_order_relaxed);
+}
+
+const char* to_string(CheckpointImpl impl) {
+  switch (impl) {
+    case CheckpointImpl::kSavedTensorHooks:
+      return "saved-tensor-hooks";
+    case CheckpointImpl::kReentrant:
+      return "reentrant";
+  }
+  return "?";
+}
+
+const char* to_string(DeterminismCheck check) {
+  switch (check) {
+    case DeterminismCheck::kNone:
+      return "none";
+    case DeterminismCheck::kMetadata:
+      return "metadata";
+    case DeterminismCheck::kValues:
+      return "values";
+  }
+  return "?";
+}
+
+namespace {
+thread_local CheckpointDefaults thread_defaults;
+} // namespace
+
+CheckpointDefaults checkpoint_defaults() {
+  return thread_defaults;
+}
+
+CheckpointDefaultsGuard::CheckpointDefaultsGuard(CheckpointDefaults defaults)
+    : previous_(thread_defaults) {
+  thread_defaults = defaults;
+}
+
+CheckpointDefaultsGuard::~CheckpointDefaultsGuard() {
+  thread_defaults = previous_;
 }
 
 } // namespace remat

@@ -15,11 +15,34 @@ namespace {
 using torch::Tensor;
 using Tensors = std::vector<Tensor>;
 
-class CheckpointTest : public ::testing::Test {
+// Run under each implementation (the thread's checkpoint defaults).
+class CheckpointTest : public ::testing::TestWithParam<remat::CheckpointImpl> {
  protected:
-  CheckpointTest() {
+  CheckpointTest() : impl_({GetParam()}) {
     torch::manual_seed(0);
   }
+  remat::CheckpointDefaultsGuard impl_;
+};
+
+INSTANTIATE_TEST_SUITE_P(
+    Impl,
+    CheckpointTest,
+    ::testing::Values(
+        remat::CheckpointImpl::kSavedTensorHooks,
+        remat::CheckpointImpl::kReentrant),
+    [](const ::testing::TestParamInfo<remat::CheckpointImpl>& info) {
+      return info.param == remat::CheckpointImpl::kReentrant ? std::string("reentrant")
+                                                             : std::string("hooks");
+    });
+
+// What only the reentrant implementation does: its parameter list, and the
+// checks of the outputs it returns.
+class ReentrantCheckpointTest : public ::testing::Test {
+ protected:
+  ReentrantCheckpointTest() : impl_({remat::CheckpointImpl::kReentrant}) {
+    torch::manual_seed(0);
+  }
+  remat::CheckpointDefaultsGuard impl_;
 };
 
 // A two-layer MLP with dropout, as a SegmentFn that counts its calls.
@@ -103,7 +126,7 @@ Step run_step(Mlp& mlp, const Tensor& x, bool use_checkpoint) {
   return s;
 }
 
-TEST_F(CheckpointTest, OutputsAndGradientsBitIdenticalWithDropout) {
+TEST_P(CheckpointTest, OutputsAndGradientsBitIdenticalWithDropout) {
   Mlp mlp;
   auto x = torch::randn({5, 8}).requires_grad_();
 
@@ -121,7 +144,7 @@ TEST_F(CheckpointTest, OutputsAndGradientsBitIdenticalWithDropout) {
   EXPECT_FALSE(torch::equal(mlp.forward(x), plain.out));
 }
 
-TEST_F(CheckpointTest, FunctionRunsTwicePerStepAndCountsRecompute) {
+TEST_P(CheckpointTest, FunctionRunsTwicePerStepAndCountsRecompute) {
   Mlp mlp;
   auto x = torch::randn({5, 8}).requires_grad_();
   for (int step = 0; step < 3; ++step) {
@@ -137,7 +160,7 @@ TEST_F(CheckpointTest, FunctionRunsTwicePerStepAndCountsRecompute) {
   }
 }
 
-TEST_F(CheckpointTest, BackwardLeavesTheGeneratorWhereItWas) {
+TEST_P(CheckpointTest, BackwardLeavesTheGeneratorWhereItWas) {
   Mlp mlp;
   auto x = torch::randn({5, 8}).requires_grad_();
   auto out = remat::checkpoint(
@@ -149,7 +172,7 @@ TEST_F(CheckpointTest, BackwardLeavesTheGeneratorWhereItWas) {
   EXPECT_TRUE(torch::equal(gen.get_state(), before));
 }
 
-TEST_F(CheckpointTest, FrozenInputStillGivesParameterGradients) {
+TEST_P(CheckpointTest, FrozenInputStillGivesParameterGradients) {
   Mlp mlp;
   auto x = torch::randn({5, 8}); // requires_grad false, like a frozen embedding
   auto plain = run_step(mlp, x, false);
@@ -159,7 +182,7 @@ TEST_F(CheckpointTest, FrozenInputStillGivesParameterGradients) {
   EXPECT_FALSE(x.grad().defined());
 }
 
-TEST_F(CheckpointTest, AutogradGradWorks) {
+TEST_P(CheckpointTest, AutogradGradWorks) {
   Mlp mlp;
   auto x = torch::randn({5, 8}).requires_grad_();
   Tensors wrt = {x, mlp.w1, mlp.b1, mlp.w2, mlp.b2};
@@ -178,7 +201,7 @@ TEST_F(CheckpointTest, AutogradGradWorks) {
   }
 }
 
-TEST_F(CheckpointTest, AutogradGradWithRespectToInputOnly) {
+TEST_P(CheckpointTest, AutogradGradWithRespectToInputOnly) {
   Mlp mlp;
   auto x = torch::randn({5, 8}).requires_grad_();
 
@@ -198,7 +221,7 @@ TEST_F(CheckpointTest, AutogradGradWithRespectToInputOnly) {
   }
 }
 
-TEST_F(CheckpointTest, ParameterGradientAccumulatesExactlyOnce) {
+TEST_P(CheckpointTest, ParameterGradientAccumulatesExactlyOnce) {
   Mlp mlp;
   auto x = torch::randn({5, 8}).requires_grad_();
   auto plain = run_step(mlp, x, false);
@@ -217,7 +240,7 @@ TEST_F(CheckpointTest, ParameterGradientAccumulatesExactlyOnce) {
   expect_all_equal(plain.grads, ckpt.grads);
 }
 
-TEST_F(CheckpointTest, NestedCheckpointsGiveTheSameGradients) {
+TEST_P(CheckpointTest, NestedCheckpointsGiveTheSameGradients) {
   Mlp inner;
   Mlp outer;
   auto x = torch::randn({5, 8}).requires_grad_();
@@ -265,7 +288,7 @@ TEST_F(CheckpointTest, NestedCheckpointsGiveTheSameGradients) {
   EXPECT_EQ(inner.calls, 3);
 }
 
-TEST_F(CheckpointTest, ModuleOverloadLinear) {
+TEST_P(CheckpointTest, ModuleOverloadLinear) {
   torch::nn::Linear fc(8, 4);
   auto x = torch::randn({3, 8}).requires_grad_();
 
@@ -280,7 +303,7 @@ TEST_F(CheckpointTest, ModuleOverloadLinear) {
   expect_all_equal(plain, grads_of({x, fc->weight, fc->bias}));
 }
 
-TEST_F(CheckpointTest, ModuleOverloadKeepsTheModuleForBackward) {
+TEST_P(CheckpointTest, ModuleOverloadKeepsTheModuleForBackward) {
   auto x = torch::randn({3, 8}).requires_grad_();
   Tensor y;
   Tensor weight;
@@ -325,7 +348,7 @@ struct SplitImpl : torch::nn::Module {
 };
 TORCH_MODULE(Split);
 
-TEST_F(CheckpointTest, ModuleOverloadTwoTensorForward) {
+TEST_P(CheckpointTest, ModuleOverloadTwoTensorForward) {
   Pair pair;
   auto x = torch::randn({3, 8}).requires_grad_();
   auto y = torch::randn({3, 4}).requires_grad_();
@@ -347,13 +370,13 @@ TEST_F(CheckpointTest, ModuleOverloadTwoTensorForward) {
   expect_all_equal(plain, ckpt);
 }
 
-TEST_F(CheckpointTest, ModuleOverloadWrongInputCount) {
+TEST_P(CheckpointTest, ModuleOverloadWrongInputCount) {
   Pair pair;
   auto x = torch::randn({3, 8});
   EXPECT_THROW_WITH(remat::checkpoint(pair, {x}), "expected 2 input tensors");
 }
 
-TEST_F(CheckpointTest, ModuleOverloadTupleForwardGivesVector) {
+TEST_P(CheckpointTest, ModuleOverloadTupleForwardGivesVector) {
   Split split;
   auto x = torch::randn({3, 8}).requires_grad_();
   auto wrt = Tensors{x, split->fc->weight, split->fc->bias};
@@ -368,7 +391,7 @@ TEST_F(CheckpointTest, ModuleOverloadTupleForwardGivesVector) {
   expect_all_equal(plain, ckpt);
 }
 
-TEST_F(CheckpointTest, NoGradGuardJustRunsFunctionOnce) {
+TEST_P(CheckpointTest, NoGradGuardJustRunsFunctionOnce) {
   Mlp mlp;
   auto x = torch::randn({5, 8}).requires_grad_();
   const int64_t before = remat::recompute_count();
@@ -381,7 +404,7 @@ TEST_F(CheckpointTest, NoGradGuardJustRunsFunctionOnce) {
   EXPECT_EQ(remat::recompute_count(), before);
 }
 
-TEST_F(CheckpointTest, NothingRequiresGradJustRunsFunctionOnce) {
+TEST_P(CheckpointTest, NothingRequiresGradJustRunsFunctionOnce) {
   int calls = 0;
   auto x = torch::randn({2, 3});
   auto out = remat::checkpoint(
@@ -394,7 +417,7 @@ TEST_F(CheckpointTest, NothingRequiresGradJustRunsFunctionOnce) {
   EXPECT_FALSE(out.requires_grad());
 }
 
-TEST_F(CheckpointTest, DeterminismCheckNamesTheSegment) {
+TEST_F(ReentrantCheckpointTest, DeterminismCheckNamesTheSegment) {
   int calls = 0;
   auto x = torch::randn({4, 8}).requires_grad_();
   auto out = remat::checkpoint(
@@ -412,7 +435,7 @@ TEST_F(CheckpointTest, DeterminismCheckNamesTheSegment) {
   EXPECT_NE(message.find("[4, 8]"), std::string::npos) << message;
 }
 
-TEST_F(CheckpointTest, DeterminismCheckCountsOutputs) {
+TEST_F(ReentrantCheckpointTest, DeterminismCheckCountsOutputs) {
   int calls = 0;
   auto x = torch::randn({4, 8}).requires_grad_();
   auto out = remat::checkpoint(
@@ -429,7 +452,7 @@ TEST_F(CheckpointTest, DeterminismCheckCountsOutputs) {
       << message;
 }
 
-TEST_F(CheckpointTest, PreserveRngStateFalseIsHonoured) {
+TEST_P(CheckpointTest, PreserveRngStateFalseIsHonoured) {
   Mlp mlp;
   auto x = torch::randn({5, 8}).requires_grad_();
   auto plain = run_step(mlp, x, false);
@@ -450,7 +473,7 @@ TEST_F(CheckpointTest, PreserveRngStateFalseIsHonoured) {
   EXPECT_FALSE(torch::equal(mlp.w1.grad(), plain.grads[1]));
 }
 
-TEST_F(CheckpointTest, UndeclaredParameterIsRefusedInBackward) {
+TEST_F(ReentrantCheckpointTest, UndeclaredParameterIsRefusedInBackward) {
   auto w = torch::randn({8, 8}).requires_grad_();
   auto x = torch::randn({2, 8}).requires_grad_();
   auto out = remat::checkpoint(
@@ -465,7 +488,7 @@ TEST_F(CheckpointTest, UndeclaredParameterIsRefusedInBackward) {
   EXPECT_NE(message.find("[8, 8]"), std::string::npos) << message;
 }
 
-TEST_F(CheckpointTest, CapturedTensorWithHistoryIsRefusedInBackward) {
+TEST_F(ReentrantCheckpointTest, CapturedTensorWithHistoryIsRefusedInBackward) {
   auto w = torch::randn({8, 8}).requires_grad_();
   auto w2 = w * 2; // has history outside the segment
   auto x = torch::randn({2, 8}).requires_grad_();
@@ -477,7 +500,7 @@ TEST_F(CheckpointTest, CapturedTensorWithHistoryIsRefusedInBackward) {
       out.sum().backward(), "expected it to be passed as an input");
 }
 
-TEST_F(CheckpointTest, AutocastStateIsRestoredInRecompute) {
+TEST_P(CheckpointTest, AutocastStateIsRestoredInRecompute) {
   auto w = torch::randn({8, 8}).requires_grad_();
   auto x = torch::randn({4, 8}).requires_grad_();
   auto fn = [&](const Tensors& in) {
@@ -520,7 +543,7 @@ TEST_F(CheckpointTest, AutocastStateIsRestoredInRecompute) {
 // runs with grad off, or by an op outside the segment must not stand in for
 // the weight in the recompute: the first has no grad_fn, the second has
 // history outside the segment.
-TEST_F(CheckpointTest, AutocastCastCacheDoesNotLeakIntoRecompute) {
+TEST_P(CheckpointTest, AutocastCastCacheDoesNotLeakIntoRecompute) {
   auto w = torch::randn({8, 8}).requires_grad_();
   auto x = torch::randn({4, 8}).requires_grad_();
   auto fn = [&](const Tensors& in) {
@@ -562,7 +585,7 @@ TEST_F(CheckpointTest, AutocastCastCacheDoesNotLeakIntoRecompute) {
   }
 }
 
-TEST_F(CheckpointTest, InPlaceChangeOfSavedInputIsCaught) {
+TEST_P(CheckpointTest, InPlaceChangeOfSavedInputIsCaught) {
   Mlp mlp;
   auto x = torch::randn({5, 8}).requires_grad_();
   auto h = x * 2; // a non-leaf, so it may be modified in place
@@ -572,7 +595,7 @@ TEST_F(CheckpointTest, InPlaceChangeOfSavedInputIsCaught) {
   EXPECT_THROW_WITH(out.sum().backward(), "modified by an inplace operation");
 }
 
-TEST_F(CheckpointTest, NonDifferentiableAndUnusedOutputs) {
+TEST_P(CheckpointTest, NonDifferentiableAndUnusedOutputs) {
   Mlp mlp;
   auto x = torch::randn({5, 8}).requires_grad_();
   auto fn = [&](const Tensors& in) {
@@ -593,7 +616,7 @@ TEST_F(CheckpointTest, NonDifferentiableAndUnusedOutputs) {
   expect_all_equal(plain, ckpt);
 }
 
-TEST_F(CheckpointTest, DeterminismCheckOffIsHonoured) {
+TEST_F(ReentrantCheckpointTest, DeterminismCheckOffIsHonoured) {
   int calls = 0;
   auto x = torch::randn({4, 8}).requires_grad_();
   auto out = remat::checkpoint(
@@ -603,14 +626,14 @@ TEST_F(CheckpointTest, DeterminismCheckOffIsHonoured) {
         return calls == 1 ? Tensors{in[0] * 2} : Tensors{in[0] * 2, in[0]};
       },
       {x},
-      remat::CheckpointOptions().determinism_check(false))[0];
+      remat::CheckpointOptions().determinism_check(remat::DeterminismCheck::kNone))[0];
   out.sum().backward();
   EXPECT_TRUE(torch::equal(x.grad(), torch::full({4, 8}, 2.0)));
 }
 
 // A declared parameter may itself have history: a tied weight used as its
 // transpose, or a merged LoRA weight, computed before the segment.
-TEST_F(CheckpointTest, DeclaredNonLeafParameterGetsItsGradient) {
+TEST_P(CheckpointTest, DeclaredNonLeafParameterGetsItsGradient) {
   auto base = torch::randn({8, 8}).requires_grad_();
   auto x = torch::randn({2, 8}).requires_grad_();
   auto run = [&](bool use_checkpoint) {
@@ -627,7 +650,7 @@ TEST_F(CheckpointTest, DeclaredNonLeafParameterGetsItsGradient) {
   expect_all_equal(run(false), run(true));
 }
 
-TEST_F(CheckpointTest, InputUsedTwiceAndInputReturnedAsIs) {
+TEST_P(CheckpointTest, InputUsedTwiceAndInputReturnedAsIs) {
   auto x = torch::randn({3, 4}).requires_grad_();
   auto w = torch::randn({4, 4}).requires_grad_();
   auto fn = [&](const Tensors& in) {
@@ -644,7 +667,7 @@ TEST_F(CheckpointTest, InputUsedTwiceAndInputReturnedAsIs) {
   EXPECT_TRUE(torch::equal(plain[1], ckpt[1]));
 }
 
-TEST_F(CheckpointTest, ParameterAlsoPassedAsInput) {
+TEST_P(CheckpointTest, ParameterAlsoPassedAsInput) {
   auto x = torch::randn({3, 4}).requires_grad_();
   auto w = torch::randn({4, 4}).requires_grad_();
   auto fn = [&](const Tensors& in) {
@@ -657,7 +680,7 @@ TEST_F(CheckpointTest, ParameterAlsoPassedAsInput) {
   expect_all_equal(plain, ckpt);
 }
 
-TEST_F(CheckpointTest, IntegerInputAndFrozenParameter) {
+TEST_P(CheckpointTest, IntegerInputAndFrozenParameter) {
   auto x = torch::randn({3, 4}).requires_grad_();
   auto mask = torch::tensor({1, 0, 1}, torch::kLong);
   auto frozen = torch::randn({4, 4}); // a LoRA base weight
@@ -673,7 +696,7 @@ TEST_F(CheckpointTest, IntegerInputAndFrozenParameter) {
   expect_all_equal(plain, ckpt);
 }
 
-TEST_F(CheckpointTest, SecondBackwardWithoutRetainGraphIsRefused) {
+TEST_P(CheckpointTest, SecondBackwardWithoutRetainGraphIsRefused) {
   Mlp mlp;
   auto x = torch::randn({5, 8}).requires_grad_();
   auto out = remat::checkpoint(
@@ -683,7 +706,7 @@ TEST_F(CheckpointTest, SecondBackwardWithoutRetainGraphIsRefused) {
   EXPECT_THROW_WITH(loss.backward(), "second time");
 }
 
-TEST_F(CheckpointTest, RetainGraphAllowsASecondBackward) {
+TEST_P(CheckpointTest, RetainGraphAllowsASecondBackward) {
   Mlp mlp;
   auto x = torch::randn({5, 8}).requires_grad_();
   auto out = remat::checkpoint(
@@ -696,7 +719,7 @@ TEST_F(CheckpointTest, RetainGraphAllowsASecondBackward) {
   EXPECT_EQ(mlp.calls, 3);
 }
 
-TEST_F(CheckpointTest, InPlaceOnAViewInsideTheSegment) {
+TEST_P(CheckpointTest, InPlaceOnAViewInsideTheSegment) {
   auto x = torch::randn({3, 4}).requires_grad_();
   auto w = torch::randn({4, 4}).requires_grad_();
   auto fn = [&](const Tensors& in) {
@@ -711,7 +734,7 @@ TEST_F(CheckpointTest, InPlaceOnAViewInsideTheSegment) {
   expect_all_equal(plain, ckpt);
 }
 
-TEST_F(CheckpointTest, UndeclaredSiblingOfADeclaredParameterIsRefused) {
+TEST_F(ReentrantCheckpointTest, UndeclaredSiblingOfADeclaredParameterIsRefused) {
   auto base = torch::randn({8, 8}).requires_grad_();
   auto halves = base.chunk(2, 0); // one node, two outputs
   auto x = torch::randn({2, 8}).requires_grad_();
@@ -726,7 +749,7 @@ TEST_F(CheckpointTest, UndeclaredSiblingOfADeclaredParameterIsRefused) {
 
 // LibTorch 1.13's Function::apply terminates the process on an undefined
 // output; checkpoint refuses one with an error instead.
-TEST_F(CheckpointTest, UndefinedOutputIsRefused) {
+TEST_F(ReentrantCheckpointTest, UndefinedOutputIsRefused) {
   auto x = torch::randn({3, 4}).requires_grad_();
   EXPECT_THROW_WITH(
       remat::checkpoint(
@@ -738,7 +761,7 @@ TEST_F(CheckpointTest, UndefinedOutputIsRefused) {
       "output 1 of segment 'optional' is undefined");
 }
 
-TEST_F(CheckpointTest, ErrorInForwardPropagates) {
+TEST_P(CheckpointTest, ErrorInForwardPropagates) {
   auto x = torch::randn({3, 4}).requires_grad_();
   EXPECT_THROW_WITH(
       remat::checkpoint(
@@ -751,7 +774,7 @@ TEST_F(CheckpointTest, ErrorInForwardPropagates) {
 
 // The recompute of a segment whose output becomes undefined is reported by
 // the determinism check, not by a crash.
-TEST_F(CheckpointTest, DeterminismCheckReportsAnUndefinedRecompute) {
+TEST_F(ReentrantCheckpointTest, DeterminismCheckReportsAnUndefinedRecompute) {
   int calls = 0;
   auto x = torch::randn({3, 4}).requires_grad_();
   auto out = remat::checkpoint(
@@ -764,14 +787,14 @@ TEST_F(CheckpointTest, DeterminismCheckReportsAnUndefinedRecompute) {
   EXPECT_THROW_WITH(out.sum().backward(), "but got an undefined tensor");
 }
 
-TEST_F(CheckpointTest, EmptyFunctionIsRefused) {
+TEST_P(CheckpointTest, EmptyFunctionIsRefused) {
   auto x = torch::randn({3, 4}).requires_grad_();
   EXPECT_THROW_WITH(
       remat::checkpoint(remat::SegmentFn(), {x}),
       "expected a callable function, but got an empty one");
 }
 
-TEST_F(CheckpointTest, UndefinedInputIsRefused) {
+TEST_P(CheckpointTest, UndefinedInputIsRefused) {
   EXPECT_THROW_WITH(
       remat::checkpoint(
           [](const Tensors& in) { return in; },
@@ -813,13 +836,16 @@ TEST(CheckpointCudaTest, OutputsAndGradientsBitIdenticalWithDropoutOnCuda) {
     return s;
   };
   auto plain = step(false);
-  mlp.calls = 0;
-  auto ckpt = step(true);
-
-  EXPECT_EQ(mlp.calls, 2) << "once in forward, once in the recompute";
-  EXPECT_TRUE(plain.out.is_cuda());
-  EXPECT_TRUE(torch::equal(plain.out, ckpt.out));
-  expect_all_equal(plain.grads, ckpt.grads);
+  for (auto impl : {remat::CheckpointImpl::kSavedTensorHooks, remat::CheckpointImpl::kReentrant}) {
+    SCOPED_TRACE(remat::to_string(impl));
+    remat::CheckpointDefaultsGuard defaults({impl});
+    mlp.calls = 0;
+    auto ckpt = step(true);
+    EXPECT_EQ(mlp.calls, 2) << "once in forward, once in the recompute";
+    EXPECT_TRUE(plain.out.is_cuda());
+    EXPECT_TRUE(torch::equal(plain.out, ckpt.out));
+    expect_all_equal(plain.grads, ckpt.grads);
+  }
 
   // Dropout is really active on the GPU: another seed, another output.
   torch::manual_seed(124);
