@@ -6,7 +6,8 @@
 #   (b) runs the CUDA tests (gtest filter below) and prints pass/skip/fail
 #   (c) runs the seed experiment: BERT, 24 layers, hidden 1024, 16 heads,
 #       sequence 512, batch 64, fp32 and bf16, under none, every-layer and
-#       selective-attention: `remat bench --device cuda`, then
+#       selective-attention (and every-layer+reentrant, every-layer+values:
+#       both checkpoint implementations): `remat bench --device cuda`, then
 #       bench/hf_compare.py (remat beside transformers on the same GPU)
 #   (d) prints the CUDA allocator's peak and the step time of every row
 #
@@ -50,6 +51,9 @@ else
   LAYERS=24 HIDDEN=1024 HEADS=16 SEQ=512 BATCH=64
 fi
 POLICIES=none,every-layer,selective-attention
+# remat bench alone also runs every-layer under the reentrant checkpoint and
+# with the value fingerprints (their cost, and the GPU tolerance holding).
+REMAT_POLICIES=none,every-layer,every-layer+reentrant,every-layer+values,selective-attention
 DTYPES=(fp32 bf16)
 # Every test that touches CUDA, NCCL or --device (each skips, with the
 # reason, where it cannot run).
@@ -205,7 +209,7 @@ for dt in "${DTYPES[@]}"; do
     continue
   fi
   echo "-- $dt"
-  run_stage "remat bench $dt" 150 "$REMAT" bench "${MODEL_FLAGS[@]}" --policy "$POLICIES" \
+  run_stage "remat bench $dt" 150 "$REMAT" bench "${MODEL_FLAGS[@]}" --policy "$REMAT_POLICIES" \
     --dtype "$dt" --device "$DEVICE" --steps "$STEPS" --warmup "$WARMUP" \
     --json "$OUT/remat_bench_$dt.json"
 done

@@ -12,7 +12,10 @@
 //   }
 #pragma once
 
+#include "remat/checkpoint.h"
+
 #include <cstdint>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -43,6 +46,11 @@ struct ScheduleSegment {
 /// A complete assignment of modes to the layers of a stack.
 struct Schedule {
   std::vector<ScheduleSegment> segments;
+  /// How the recomputed segments are checkpointed (the implementation and
+  /// determinism check), when the policy said: run_stack puts these in place
+  /// for the stack's forward, so the checkpoints inside a layer (selective
+  /// modes) use them too. Unset: the thread's defaults as they are.
+  std::optional<CheckpointDefaults> checkpoint;
 
   /// Throws unless the segments cover [0, num_layers) in order.
   void validate(int64_t num_layers) const;
@@ -83,9 +91,15 @@ class CheckpointPolicy {
   /// A fixed schedule, as a planner makes.
   static CheckpointPolicy custom(Schedule schedule, std::string name = "custom");
 
-  /// Parses one of the names above. Throws c10::Error naming the text and the
-  /// accepted names when it cannot.
+  /// Parses one of the names above, optionally followed by how its segments
+  /// are checkpointed: "+reentrant" (CheckpointImpl::kReentrant) and
+  /// "+values" (DeterminismCheck::kValues), as in "every-layer+reentrant".
+  /// Throws c10::Error naming the text and the accepted names when it cannot.
   static CheckpointPolicy parse(const std::string& text);
+
+  /// This policy with its segments checkpointed as `how` says; its name
+  /// gets the suffixes that parse() reads.
+  CheckpointPolicy with_checkpoint(CheckpointDefaults how) const;
 
   /// The accepted names, for help texts.
   static std::string names();
@@ -97,17 +111,23 @@ class CheckpointPolicy {
   /// For kCustom: the schedule it was made with (empty otherwise).
   const Schedule& custom_schedule() const { return custom_; }
   bool enabled() const { return kind_ != Kind::kNone; }
+  /// How its segments are checkpointed, when its name said ("+reentrant",
+  /// "+values"); unset: the defaults of the thread that runs it.
+  const std::optional<CheckpointDefaults>& checkpoint() const { return checkpoint_; }
 
   /// The schedule for a stack of `num_layers` layers. Throws for kBudget,
   /// which needs a planner (remat::plan) and a cost profile.
   Schedule schedule(int64_t num_layers) const;
 
  private:
+  static CheckpointPolicy parse_base(const std::string& text, const std::string& given);
+
   Kind kind_ = Kind::kNone;
   int64_t k_ = 0;
   int64_t budget_ = 0;
   std::string name_ = "none";
   Schedule custom_;
+  std::optional<CheckpointDefaults> checkpoint_;
 };
 
 } // namespace remat

@@ -153,10 +153,70 @@ CheckpointPolicy CheckpointPolicy::custom(Schedule schedule, std::string name) {
 
 std::string CheckpointPolicy::names() {
   return "none, every-layer, every-K (K >= 1), sqrt, full, selective-attention, "
-         "selective-mlp, budget:SIZE";
+         "selective-mlp, budget:SIZE, each optionally with +reentrant and "
+         "+values";
+}
+
+namespace {
+const char* const kReentrantSuffix = "+reentrant";
+const char* const kValuesSuffix = "+values";
+
+bool strip_suffix(std::string& text, const std::string& suffix) {
+  if (text.size() > suffix.size() &&
+      text.compare(text.size() - suffix.size(), suffix.size(), suffix) == 0) {
+    text.erase(text.size() - suffix.size());
+    return true;
+  }
+  return false;
+}
+} // namespace
+
+CheckpointPolicy CheckpointPolicy::with_checkpoint(CheckpointDefaults how) const {
+  CheckpointPolicy p = *this;
+  strip_suffix(p.name_, kValuesSuffix);
+  strip_suffix(p.name_, kReentrantSuffix);
+  p.checkpoint_ = how;
+  if (how.implementation == CheckpointImpl::kReentrant) {
+    p.name_ += kReentrantSuffix;
+  }
+  if (how.determinism_check == DeterminismCheck::kValues) {
+    p.name_ += kValuesSuffix;
+  }
+  p.custom_.checkpoint = how;
+  return p;
 }
 
 CheckpointPolicy CheckpointPolicy::parse(const std::string& text) {
+  std::string base = text;
+  CheckpointDefaults how;
+  bool suffixed = false;
+  for (bool more = true; more;) {
+    more = false;
+    if (strip_suffix(base, kValuesSuffix)) {
+      how.determinism_check = DeterminismCheck::kValues;
+      more = suffixed = true;
+    }
+    if (strip_suffix(base, kReentrantSuffix)) {
+      how.implementation = CheckpointImpl::kReentrant;
+      more = suffixed = true;
+    }
+  }
+  if (suffixed) {
+    TORCH_CHECK(
+        !(how.implementation == CheckpointImpl::kReentrant &&
+          how.determinism_check == DeterminismCheck::kValues),
+        "expected +values without +reentrant (value fingerprints need the "
+        "saved-tensor hooks implementation), but got '", text, "'");
+    auto p = parse_base(base, text);
+    TORCH_CHECK(
+        p.kind() != Kind::kNone,
+        "expected a policy that checkpoints before '+', but got '", text, "'");
+    return p.with_checkpoint(how);
+  }
+  return parse_base(text, text);
+}
+
+CheckpointPolicy CheckpointPolicy::parse_base(const std::string& text, const std::string& given) {
   if (text == "none") {
     return none();
   }
@@ -182,19 +242,19 @@ CheckpointPolicy CheckpointPolicy::parse(const std::string& text) {
         k.find_first_not_of("0123456789") == std::string::npos;
     TORCH_CHECK(
         digits && std::stoll(k) >= 1,
-        "expected every-K with an integer K >= 1, but got '", text, "'");
+        "expected every-K with an integer K >= 1, but got '", given, "'");
     return every(std::stoll(k));
   }
   const std::string budget_prefix = "budget:";
   if (text.rfind(budget_prefix, 0) == 0) {
     int64_t bytes = memory::parse_size(text.substr(budget_prefix.size()));
-    TORCH_CHECK(bytes > 0, "expected a budget above 0 bytes, but got '", text, "'");
+    TORCH_CHECK(bytes > 0, "expected a budget above 0 bytes, but got '", given, "'");
     auto p = budget(bytes);
     p.name_ = text;
     return p;
   }
   TORCH_CHECK(
-      false, "expected a checkpoint policy (", names(), "), but got '", text, "'");
+      false, "expected a checkpoint policy (", names(), "), but got '", given, "'");
 }
 
 Schedule CheckpointPolicy::schedule(int64_t num_layers) const {
@@ -237,6 +297,7 @@ Schedule CheckpointPolicy::schedule(int64_t num_layers) const {
       s = custom_;
       break;
   }
+  s.checkpoint = checkpoint_;
   s.validate(num_layers);
   return s;
 }

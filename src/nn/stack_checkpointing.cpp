@@ -6,6 +6,7 @@
 #include <c10/util/Exception.h>
 
 #include <limits>
+#include <optional>
 #include <string>
 
 namespace remat {
@@ -27,6 +28,7 @@ void StackCheckpointing::enable(const CheckpointPolicy& policy) {
   schedule_ = policy.kind() == CheckpointPolicy::Kind::kBudget
       ? CheckpointPolicy::none().schedule(num_layers_)
       : policy.schedule(num_layers_);
+  schedule_.checkpoint = policy.checkpoint();
   policy_ = policy;
   planned_batch_ = 0;
   planned_seq_ = 0;
@@ -42,6 +44,7 @@ void StackCheckpointing::enable(const CheckpointPolicy& policy, const plan::Chai
       model_, ": expected a cost profile with ", num_layers_,
       " layers, but got one with ", chain.num_layers());
   schedule_ = plan::solve(chain, policy.budget_bytes()).schedule;
+  schedule_.checkpoint = policy.checkpoint();
   policy_ = policy;
   // Planned for good: a forward does not plan it again.
   planned_batch_ = planned_seq_ = std::numeric_limits<int64_t>::max();
@@ -65,6 +68,7 @@ void StackCheckpointing::plan(
         e.what_without_backtrace());
   }
   schedule_ = p.schedule;
+  schedule_.checkpoint = policy_.checkpoint();
   planned_batch_ = batch;
   planned_seq_ = seq;
 }
@@ -76,6 +80,10 @@ torch::Tensor run_stack(
     const Schedule& schedule) {
   TORCH_CHECK(stack != nullptr, "remat::nn::run_stack: expected a layer stack, but got none");
   const int64_t n = stack->num_layers();
+  std::optional<CheckpointDefaultsGuard> how;
+  if (schedule.checkpoint) {
+    how.emplace(*schedule.checkpoint);
+  }
   for (const auto& seg : schedule.segments) {
     TORCH_CHECK(
         0 <= seg.begin && seg.begin <= seg.end && seg.end <= n,

@@ -64,6 +64,45 @@ TEST_F(PolicyTest, ParsesEveryName) {
       CheckpointPolicy::budget(int64_t{2} << 30).name(), "budget:2.00GiB");
 }
 
+TEST_F(PolicyTest, SuffixesSayHowSegmentsAreCheckpointed) {
+  auto plain = CheckpointPolicy::parse("every-2");
+  EXPECT_FALSE(plain.checkpoint().has_value());
+  EXPECT_FALSE(plain.schedule(4).checkpoint.has_value());
+
+  auto reentrant = CheckpointPolicy::parse("every-2+reentrant");
+  EXPECT_EQ(reentrant.kind(), Kind::kEvery);
+  EXPECT_EQ(reentrant.every_k(), 2);
+  EXPECT_EQ(reentrant.name(), "every-2+reentrant");
+  ASSERT_TRUE(reentrant.checkpoint().has_value());
+  EXPECT_EQ(reentrant.checkpoint()->implementation, remat::CheckpointImpl::kReentrant);
+  EXPECT_EQ(reentrant.checkpoint()->determinism_check, remat::DeterminismCheck::kMetadata);
+  ASSERT_TRUE(reentrant.schedule(4).checkpoint.has_value());
+  EXPECT_EQ(reentrant.schedule(4).checkpoint->implementation, remat::CheckpointImpl::kReentrant);
+
+  auto values = CheckpointPolicy::parse("budget:1GiB+values");
+  EXPECT_EQ(values.kind(), Kind::kBudget);
+  EXPECT_EQ(values.budget_bytes(), int64_t{1} << 30);
+  EXPECT_EQ(values.name(), "budget:1GiB+values");
+  EXPECT_EQ(values.checkpoint()->implementation, remat::CheckpointImpl::kSavedTensorHooks);
+  EXPECT_EQ(values.checkpoint()->determinism_check, remat::DeterminismCheck::kValues);
+
+  auto back = CheckpointPolicy::parse("sqrt").with_checkpoint(
+      {remat::CheckpointImpl::kReentrant, remat::DeterminismCheck::kMetadata});
+  EXPECT_EQ(back.name(), "sqrt+reentrant");
+  EXPECT_EQ(CheckpointPolicy::parse(back.name()).checkpoint(), back.checkpoint());
+
+  EXPECT_THROW_WITH(
+      CheckpointPolicy::parse("every-layer+reentrant+values"),
+      "expected +values without +reentrant");
+  EXPECT_THROW_WITH(
+      CheckpointPolicy::parse("none+reentrant"),
+      "expected a policy that checkpoints before '+', but got 'none+reentrant'");
+  EXPECT_THROW_WITH(
+      CheckpointPolicy::parse("every-x+values"),
+      "expected every-K with an integer K >= 1, but got 'every-x+values'");
+  EXPECT_THROW_WITH(CheckpointPolicy::parse("+values"), "but got '+values'");
+}
+
 TEST_F(PolicyTest, NamesRoundTrip) {
   for (const std::string name :
        {"none",

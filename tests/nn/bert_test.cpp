@@ -82,8 +82,15 @@ TEST_F(BertTest, EveryPolicyGivesBitIdenticalLossAndGradientsWithDropout) {
   auto mask = torch::ones({3, 24}, torch::kLong);
   mask.index_put_({2, torch::indexing::Slice(16)}, 0);
   auto reference = step(model, ids, mask);
-  for (const char* name : {"every-layer", "every-2", "every-3", "sqrt", "full",
+  // Each policy under both checkpoint implementations, and with the value check.
+  std::vector<std::string> names;
+  for (const char* base : {"every-layer", "every-2", "every-3", "sqrt", "full",
                            "selective-attention", "selective-mlp"}) {
+    for (const char* how : {"", "+reentrant", "+values"}) {
+      names.push_back(std::string(base) + how);
+    }
+  }
+  for (const auto& name : names) {
     model->gradient_checkpointing_enable(CheckpointPolicy::parse(name));
     auto got = step(model, ids, mask);
     EXPECT_TRUE(torch::equal(got.loss, reference.loss)) << name;

@@ -95,13 +95,17 @@ TEST_F(LlamaTest, EveryPolicyGivesTheSameLossAndGradients) {
     model->train();
     auto ids = torch::randint(0, 50, {2, 16});
     auto reference = step(model, ids);
-    for (const char* name : {"every-layer", "every-2", "sqrt", "full", "selective-attention",
+    for (const char* base : {"every-layer", "every-2", "sqrt", "full", "selective-attention",
                              "selective-mlp"}) {
-      model->gradient_checkpointing_enable(CheckpointPolicy::parse(name));
-      const auto before = remat::recompute_count();
-      auto s = step(model, ids);
-      EXPECT_GT(remat::recompute_count(), before) << name;
-      expect_same(reference, s, std::string(name) + " " + remat::nn::to_string(kind));
+      // Under both checkpoint implementations, and with the value check.
+      for (const char* how : {"", "+reentrant", "+values"}) {
+        const std::string name = std::string(base) + how;
+        model->gradient_checkpointing_enable(CheckpointPolicy::parse(name));
+        const auto before = remat::recompute_count();
+        auto s = step(model, ids);
+        EXPECT_GT(remat::recompute_count(), before) << name;
+        expect_same(reference, s, name + " " + remat::nn::to_string(kind));
+      }
     }
     model->gradient_checkpointing_disable();
     expect_same(reference, step(model, ids), "none again");
