@@ -6,8 +6,14 @@
 // autograd reaches every tensor the closure read, listed or not. The first
 // unpack in backward re-runs the segment under other hooks, which fill the
 // Frame's slots with the tensors it saves, in the order forward saved them;
-// each unpack then takes its slot. The recompute stops (a StopRecompute
-// thrown from the last pack) once every tensor forward saved is back.
+// each unpack then takes its slot.
+//
+// Early stop: once the last tensor forward saved is back, the recompute is
+// stopped at the entry of the next op, by a StopRecompute thrown from a
+// boxed dispatcher fallback that the recompute turns on (below). Not from
+// the pack itself: an exception there can leave autograd half-built, and a
+// custom Function's AutogradContext then keeps its to-be-saved outputs, whose
+// grad_fn is the context's own node: a cycle that never frees them.
 #include "remat/autocast.h"
 #include "remat/checkpoint.h"
 #include "remat/saved_tensor_hooks.h"
@@ -15,16 +21,20 @@
 #include "checkpoint/tensor_meta.h"
 
 #include <ATen/SequenceNumber.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/core/stack.h>
 #include <c10/core/DispatchKeySet.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <c10/util/Type.h>
 #include <torch/csrc/autograd/function.h>
 #include <torch/csrc/autograd/variable.h>
+#include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
 #include <atomic>
 #include <mutex>
+#include <optional>
 #include <sstream>
 #include <thread>
 #include <typeinfo>
@@ -35,8 +45,32 @@ namespace {
 
 using torch::Tensor;
 
-// Thrown by the recompute's last pack; caught by the recompute.
+// Thrown at the entry of the first op after the recompute's last pack;
+// caught by the recompute.
 struct StopRecompute {};
+
+// The dispatch key of the early-stop fallback: ranked above Autograd and
+// Autocast, so the fallback sees each op before autograd records anything
+// of it. LibTorch registers no kernel for it (its name says it is for
+// tests); remat registers the only fallback. See docs/saved_tensor_hooks.md.
+constexpr c10::DispatchKey kStopKey = c10::DispatchKey::TESTING_ONLY_GenericMode;
+
+// Set by the recompute's last pack, on the recomputing thread.
+thread_local bool stop_requested = false;
+
+// Every op a recompute runs passes here first (while kStopKey is included);
+// the ops it calls inside do not (the key is excluded while it runs).
+void stop_at_next_op(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
+  if (stop_requested) {
+    throw StopRecompute{};
+  }
+  c10::impl::ExcludeDispatchKeyGuard pass_through(kStopKey);
+  op.callBoxed(stack);
+}
+
+TORCH_LIBRARY_IMPL(_, TESTING_ONLY_GenericMode, m) {
+  m.fallback(torch::CppFunction::makeFromBoxedFunction<&stop_at_next_op>());
+}
 
 // What forward knew of a tensor it saved.
 struct SavedInfo {
@@ -258,7 +292,7 @@ void Frame::pack_recomputed(const Tensor& t) {
     }
   }
   if (early_stop_ && next_ == saved_.size()) {
-    throw StopRecompute{};
+    stop_requested = true;
   }
 }
 
@@ -283,13 +317,16 @@ Tensor Frame::unpack(size_t index) {
 void Frame::recompute() {
   struct Recomputing {
     Frame& f;
-    explicit Recomputing(Frame& frame) : f(frame) {
+    bool outer_stop;
+    explicit Recomputing(Frame& frame) : f(frame), outer_stop(stop_requested) {
       f.recomputing_on_ = std::this_thread::get_id();
       f.next_ = 0;
       f.recomputed_fingerprints_.clear();
+      stop_requested = false;
     }
     ~Recomputing() {
       f.recomputing_on_ = std::thread::id();
+      stop_requested = outer_stop;
     }
   } recomputing(*this);
 
@@ -311,6 +348,10 @@ void Frame::recompute() {
   const auto first = at::sequence_number::peek();
   {
     SavedTensorHooksGuard guard(std::make_shared<RecomputeHooks>(this));
+    std::optional<c10::impl::IncludeDispatchKeyGuard> watch;
+    if (early_stop_) {
+      watch.emplace(kStopKey);
+    }
     RngScope rng(rng_);
     AutocastScope autocast(autocast_);
     AutocastCacheDisabled no_cast_cache;

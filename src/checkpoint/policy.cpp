@@ -148,6 +148,7 @@ CheckpointPolicy CheckpointPolicy::custom(Schedule schedule, std::string name) {
   p.kind_ = Kind::kCustom;
   p.custom_ = std::move(schedule);
   p.name_ = std::move(name);
+  p.checkpoint_ = p.custom_.checkpoint;
   return p;
 }
 
@@ -297,7 +298,9 @@ Schedule CheckpointPolicy::schedule(int64_t num_layers) const {
       s = custom_;
       break;
   }
-  s.checkpoint = checkpoint_;
+  if (checkpoint_) {
+    s.checkpoint = checkpoint_;
+  }
   s.validate(num_layers);
   return s;
 }

@@ -335,8 +335,9 @@ std::string render_report(
 
   // Per-layer timeline.
   out << "<h2>Memory through one step, layer by layer</h2>\n"
-      << "<p>Bytes held after each layer's forward, recompute (checkpointed layers "
-         "only) and backward, in the order they happen, for one micro-batch.</p>\n";
+      << "<p>Bytes held after each layer's forward and backward and, for "
+         "checkpointed layers, as each recompute starts (and as it ends, where it "
+         "does not stop early), in the order they happen, for one micro-batch.</p>\n";
   std::vector<Series> timeline;
   for (const auto& t : h.timelines) {
     Series s{t.policy, t.policy == main_name ? kMain : kCompare};

@@ -296,20 +296,25 @@ torch::Tensor TaskModel::instrumented_loss(const Batch& batch, const Sample& sam
   sample("start");
   auto e = model.embed(nn::StageBatch(batch.input_ids).attention_mask(batch.attention_mask));
   sample("embeddings");
-  // Each layer call: a hook on its input marks the end of the layer's
-  // backward; a sample after it marks its forward or, once backward has
-  // begun, its recompute.
+  // Each layer call in forward: a hook on its input marks the end of the
+  // layer's backward, and a sample after it its forward. Once backward has
+  // begun, a call is a recompute: sampled as it starts ("recompute layer"),
+  // and as it ends ("recomputed layer") where it runs to the end; the
+  // default checkpoint stops early, inside a segment's last layer, once the
+  // tensors backward needs are back.
   auto stack = std::make_shared<nn::ObservedStack>(
       model.layer_stack(),
-      [sample](int64_t i, const torch::Tensor& h, SegmentMode) {
-        if (h.requires_grad()) {
+      [sample, in_backward](int64_t i, const torch::Tensor& h, SegmentMode) {
+        if (*in_backward) {
+          sample("recompute layer " + std::to_string(i));
+        } else if (h.requires_grad()) {
           auto hooked = h;
           const auto name = "backward layer " + std::to_string(i);
           hooked.register_hook([sample, name](torch::Tensor) { sample(name); });
         }
       },
       [sample, in_backward](int64_t i, const torch::Tensor&) {
-        sample((*in_backward ? "recompute layer " : "forward layer ") + std::to_string(i));
+        sample((*in_backward ? "recomputed layer " : "forward layer ") + std::to_string(i));
       });
   auto hidden = nn::run_stack(stack, e.hidden, e.side, model.checkpoint_schedule());
   auto loss = stage_head(batch).loss(hidden);

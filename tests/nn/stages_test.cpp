@@ -187,11 +187,25 @@ TEST(Stages, ObservedStackSeesEachLayerInForwardAndRecompute) {
   auto h = remat::nn::run_stack(watched, e.hidden, e.side, llama->checkpoint_schedule());
   EXPECT_EQ(seen.size(), 8u); // forward: each layer once
   llama->step_head(ids).loss(h).backward();
-  // Backward recomputes the two checkpointed pairs, last pair first.
+  // Backward recomputes the two checkpointed pairs, last pair first. Each
+  // recompute stops early inside its pair's second layer, once the tensors
+  // backward needs are back: at the residual add after the MLP, which saves
+  // nothing.
   const std::vector<std::string> expected{
       "in 0", "out 0", "in 1", "out 1", "in 2", "out 2", "in 3", "out 3",
-      "in 2", "out 2", "in 3", "out 3", "in 0", "out 0", "in 1", "out 1"};
+      "in 2", "out 2", "in 3", "in 0", "out 0", "in 1"};
   EXPECT_EQ(seen, expected);
+
+  // The reentrant checkpoint runs each pair to its end.
+  seen.clear();
+  llama->gradient_checkpointing_enable(CheckpointPolicy::parse("every-2+reentrant"));
+  e = llama->embed(StageBatch(ids));
+  h = remat::nn::run_stack(watched, e.hidden, e.side, llama->checkpoint_schedule());
+  llama->step_head(ids).loss(h).backward();
+  const std::vector<std::string> whole{
+      "in 0", "out 0", "in 1", "out 1", "in 2", "out 2", "in 3", "out 3",
+      "in 2", "out 2", "in 3", "out 3", "in 0", "out 0", "in 1", "out 1"};
+  EXPECT_EQ(seen, whole);
 }
 
 TEST(Stages, AFamilyOfItsOwnIsCheckpointedThroughTheInterface) {
