@@ -47,7 +47,7 @@ Result step(std::vector<Block>& blocks, const torch::Tensor& x, bool checkpointe
       continue;
     }
     h = remat::checkpoint(
-        [b](const std::vector<torch::Tensor>& in) {
+        [b](const std::vector<torch::Tensor>& in) mutable {
           const auto& t = in[0];
           return std::vector<torch::Tensor>{t + b->down(torch::gelu(b->up(b->norm(t))))};
         },
