@@ -123,8 +123,8 @@ Tensor fingerprint(const Tensor& t) {
 }
 
 // How far a recomputed fingerprint may be from forward's, relative to its
-// sum of absolute values: exact on the CPU, whose kernels are deterministic; on a GPU,
-// atomics and split reductions may change the last bits.
+// sum of absolute values: exact on the CPU, whose kernels are deterministic;
+// on a GPU, atomics and split reductions may change the last bits.
 double tolerance(const TensorMeta& meta) {
   if (meta.device.is_cpu()) {
     return 0;
