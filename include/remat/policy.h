@@ -88,7 +88,7 @@ class CheckpointPolicy {
   static CheckpointPolicy selective_mlp();
   /// A policy that a planner turns into a schedule; `bytes` > 0.
   static CheckpointPolicy budget(int64_t bytes);
-  /// A fixed schedule, as a planner makes.
+  /// A fixed schedule, as a planner makes ("+reentrant" in `name`: see parse).
   static CheckpointPolicy custom(Schedule schedule, std::string name = "custom");
 
   /// Parses one of the names above, optionally followed by how its segments

@@ -143,21 +143,6 @@ CheckpointPolicy CheckpointPolicy::budget(int64_t bytes) {
   return p;
 }
 
-CheckpointPolicy CheckpointPolicy::custom(Schedule schedule, std::string name) {
-  CheckpointPolicy p;
-  p.kind_ = Kind::kCustom;
-  p.custom_ = std::move(schedule);
-  p.name_ = std::move(name);
-  p.checkpoint_ = p.custom_.checkpoint;
-  return p;
-}
-
-std::string CheckpointPolicy::names() {
-  return "none, every-layer, every-K (K >= 1), sqrt, full, selective-attention, "
-         "selective-mlp, budget:SIZE, each optionally with +reentrant and "
-         "+values";
-}
-
 namespace {
 const char* const kReentrantSuffix = "+reentrant";
 const char* const kValuesSuffix = "+values";
@@ -170,7 +155,48 @@ bool strip_suffix(std::string& text, const std::string& suffix) {
   }
   return false;
 }
+
+// Strips the suffixes off `text`: what they say, or nothing when it has none.
+std::optional<CheckpointDefaults> strip_checkpoint_suffixes(std::string& text) {
+  std::optional<CheckpointDefaults> how;
+  for (bool more = true; more;) {
+    more = false;
+    if (strip_suffix(text, kValuesSuffix)) {
+      how = how.value_or(CheckpointDefaults{});
+      how->determinism_check = DeterminismCheck::kValues;
+      more = true;
+    }
+    if (strip_suffix(text, kReentrantSuffix)) {
+      how = how.value_or(CheckpointDefaults{});
+      how->implementation = CheckpointImpl::kReentrant;
+      more = true;
+    }
+  }
+  return how;
+}
 } // namespace
+
+CheckpointPolicy CheckpointPolicy::custom(Schedule schedule, std::string name) {
+  CheckpointPolicy p;
+  p.kind_ = Kind::kCustom;
+  p.custom_ = std::move(schedule);
+  p.name_ = std::move(name);
+  // A planner's schedule for "budget:1GiB+reentrant" checkpoints as that
+  // name says, whoever turns it into a policy.
+  if (!p.custom_.checkpoint) {
+    std::string base = p.name_;
+    p.custom_.checkpoint = strip_checkpoint_suffixes(base);
+  }
+  p.checkpoint_ = p.custom_.checkpoint;
+  return p;
+}
+
+std::string CheckpointPolicy::names() {
+  return "none, every-layer, every-K (K >= 1), sqrt, full, selective-attention, "
+         "selective-mlp, budget:SIZE, each optionally with +reentrant and "
+         "+values";
+}
+
 
 CheckpointPolicy CheckpointPolicy::with_checkpoint(CheckpointDefaults how) const {
   CheckpointPolicy p = *this;
@@ -189,20 +215,9 @@ CheckpointPolicy CheckpointPolicy::with_checkpoint(CheckpointDefaults how) const
 
 CheckpointPolicy CheckpointPolicy::parse(const std::string& text) {
   std::string base = text;
-  CheckpointDefaults how;
-  bool suffixed = false;
-  for (bool more = true; more;) {
-    more = false;
-    if (strip_suffix(base, kValuesSuffix)) {
-      how.determinism_check = DeterminismCheck::kValues;
-      more = suffixed = true;
-    }
-    if (strip_suffix(base, kReentrantSuffix)) {
-      how.implementation = CheckpointImpl::kReentrant;
-      more = suffixed = true;
-    }
-  }
+  const auto suffixed = strip_checkpoint_suffixes(base);
   if (suffixed) {
+    const CheckpointDefaults how = *suffixed;
     TORCH_CHECK(
         !(how.implementation == CheckpointImpl::kReentrant &&
           how.determinism_check == DeterminismCheck::kValues),

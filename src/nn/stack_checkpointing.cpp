@@ -28,7 +28,6 @@ void StackCheckpointing::enable(const CheckpointPolicy& policy) {
   schedule_ = policy.kind() == CheckpointPolicy::Kind::kBudget
       ? CheckpointPolicy::none().schedule(num_layers_)
       : policy.schedule(num_layers_);
-  schedule_.checkpoint = policy.checkpoint();
   policy_ = policy;
   planned_batch_ = 0;
   planned_seq_ = 0;

@@ -91,6 +91,14 @@ TEST_F(PolicyTest, SuffixesSayHowSegmentsAreCheckpointed) {
   EXPECT_EQ(back.name(), "sqrt+reentrant");
   EXPECT_EQ(CheckpointPolicy::parse(back.name()).checkpoint(), back.checkpoint());
 
+  // A planner's schedule made a policy under the budget policy's name (as
+  // bench, train and a resume do) keeps what the name says.
+  auto planned = CheckpointPolicy::custom(CheckpointPolicy::every(2).schedule(4), values.name());
+  ASSERT_TRUE(planned.checkpoint().has_value());
+  EXPECT_EQ(planned.checkpoint()->determinism_check, remat::DeterminismCheck::kValues);
+  EXPECT_EQ(planned.schedule(4).checkpoint, values.checkpoint());
+  EXPECT_FALSE(CheckpointPolicy::custom(plain.schedule(4), "plan").checkpoint().has_value());
+
   EXPECT_THROW_WITH(
       CheckpointPolicy::parse("every-layer+reentrant+values"),
       "expected +values without +reentrant");
