@@ -17,6 +17,9 @@
 //       - early stop: the recompute stops as soon as the last tensor forward
 //         saved is back, skipping the segment's tail
 //         (early_stop_skipped_nodes() counts what it skipped);
+//       - per-op save policies (CheckpointOptions::op_policy,
+//         remat/op_policy.h): the outputs of the ops a policy names (matrix
+//         products, say) are kept, and the recompute skips those ops;
 //       - each recomputed tensor is compared with the one forward saved:
 //         shape, dtype and device, and with DeterminismCheck::kValues a
 //         fingerprint of its values; a difference names the segment and the
@@ -43,6 +46,8 @@
 // Example (a module; what forward returns comes back):
 //   torch::Tensor y = remat::checkpoint(fc, {x});
 #pragma once
+
+#include "remat/op_policy.h"
 
 #include <torch/arg.h>
 #include <torch/nn/module.h>
@@ -91,10 +96,13 @@ const char* to_string(DeterminismCheck check);
 struct CheckpointDefaults {
   CheckpointImpl implementation = CheckpointImpl::kSavedTensorHooks;
   DeterminismCheck determinism_check = DeterminismCheck::kMetadata;
+  /// Which ops' outputs a segment keeps (empty: none, the whole segment is
+  /// recomputed). kSavedTensorHooks only.
+  OpPolicy op_policy = {};
 
   bool operator==(const CheckpointDefaults& o) const {
     return implementation == o.implementation &&
-        determinism_check == o.determinism_check;
+        determinism_check == o.determinism_check && op_policy == o.op_policy;
   }
   bool operator!=(const CheckpointDefaults& o) const {
     return !(*this == o);
@@ -135,6 +143,11 @@ struct CheckpointOptions {
   TORCH_ARG(DeterminismCheck, determinism_check) =
       checkpoint_defaults().determinism_check;
   TORCH_ARG(CheckpointImpl, implementation) = checkpoint_defaults().implementation;
+  /// The ops whose outputs the segment keeps from forward, so that its
+  /// recompute skips them (remat/op_policy.h); empty: recompute everything.
+  /// kSavedTensorHooks only: the reentrant implementation refuses a
+  /// non-empty one.
+  TORCH_ARG(OpPolicy, op_policy) = checkpoint_defaults().op_policy;
   /// Stop the recompute once every tensor forward saved is back
   /// (kSavedTensorHooks; the reentrant one always runs the whole segment).
   TORCH_ARG(bool, early_stop) = true;
@@ -201,6 +214,10 @@ void count_recompute();
 /// stops after the last op whose tensor forward saved; the ops after it (a
 /// residual add, a scale, a view) are skipped.
 int64_t early_stop_skipped_nodes();
+
+/// Ops that recomputes skipped because an op policy kept their outputs
+/// (CheckpointOptions::op_policy), over this process: a count.
+int64_t op_policy_skipped_ops();
 
 namespace detail {
 

@@ -28,6 +28,7 @@ using detail::RngState;
 using detail::TensorMeta;
 
 std::atomic<int64_t> skipped_nodes{0};
+std::atomic<int64_t> skipped_ops{0};
 
 // Everything the recompute needs that is not a saved tensor. It lives in
 // ctx->saved_data as a capsule.
@@ -316,6 +317,11 @@ std::vector<torch::Tensor> detail::checkpoint_reentrant(
     const std::vector<torch::Tensor>& inputs,
     const CheckpointOptions& options) {
   TORCH_CHECK(
+      options.op_policy().empty(),
+      "remat::checkpoint: expected no op policy with the reentrant "
+      "implementation, but segment '", options.name(), "' has '",
+      options.op_policy().name(), "' (per-op policies need kSavedTensorHooks)");
+  TORCH_CHECK(
       options.determinism_check() != DeterminismCheck::kValues,
       "remat::checkpoint: expected determinism_check kNone or kMetadata with "
       "the reentrant implementation, but got kValues (segment '",
@@ -357,6 +363,14 @@ int64_t early_stop_skipped_nodes() {
 
 void detail::count_early_stop(int64_t skipped) {
   skipped_nodes.fetch_add(skipped, std::memory_order_relaxed);
+}
+
+int64_t op_policy_skipped_ops() {
+  return skipped_ops.load(std::memory_order_relaxed);
+}
+
+void detail::count_op_skip() {
+  skipped_ops.fetch_add(1, std::memory_order_relaxed);
 }
 
 const char* to_string(CheckpointImpl impl) {

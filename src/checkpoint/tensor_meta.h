@@ -51,6 +51,8 @@ struct TensorMeta {
 
 /// Adds to early_stop_skipped_nodes().
 void count_early_stop(int64_t skipped_nodes);
+/// Adds one to op_policy_skipped_ops().
+void count_op_skip();
 
 } // namespace detail
 } // namespace remat
