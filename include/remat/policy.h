@@ -14,6 +14,8 @@
 
 #include "remat/checkpoint.h"
 
+#include <c10/core/ScalarType.h>
+
 #include <cstdint>
 #include <optional>
 #include <string>
@@ -28,9 +30,24 @@ enum class SegmentMode {
   kRecomputeAttention, ///< per layer, recompute only the attention core
                        ///< (scores, softmax, dropout, weighted sum)
   kRecomputeMlp,       ///< per layer, recompute only the MLP
+  kSaveMatmuls,        ///< per layer, checkpointed keeping the outputs of
+                       ///< its matrix products (OpPolicy::matmuls())
+  kSaveProjections,    ///< per layer, checkpointed keeping the outputs of
+                       ///< its products with weights (OpPolicy::projections())
+  kCompress,           ///< per layer, nothing recomputed; saved floating
+                       ///< activations kept narrower (Schedule::compress)
 };
 
 const char* to_string(SegmentMode mode);
+
+/// The modes that keep part of each layer and run the rest again in
+/// backward, or keep it smaller: every mode but kStore and kRecompute, in
+/// the order planners try them.
+const std::vector<SegmentMode>& partial_modes();
+
+/// The op policy a per-op mode (kSaveMatmuls, kSaveProjections) checkpoints
+/// its layers with; empty for every other mode.
+OpPolicy op_policy_of(SegmentMode mode);
 
 /// Layers [begin, end) and what they keep.
 struct ScheduleSegment {
@@ -51,6 +68,13 @@ struct Schedule {
   /// for the stack's forward, so the checkpoints inside a layer (selective
   /// modes) use them too. Unset: the thread's defaults as they are.
   std::optional<CheckpointDefaults> checkpoint;
+  /// The dtype kCompress segments keep saved floating activations in
+  /// (remat/compress.h: bf16, or fp8 where LibTorch has it); unset: bf16.
+  /// Lossy.
+  std::optional<c10::ScalarType> compress;
+  /// The stored segments move saved activations of at least 1 MiB to pinned
+  /// host memory until backward (remat/offload.h; CUDA only).
+  bool offload = false;
 
   /// Throws unless the segments cover [0, num_layers) in order.
   void validate(int64_t num_layers) const;
@@ -73,6 +97,13 @@ class CheckpointPolicy {
     kFull,               ///< "full": the whole stack as one segment
     kSelectiveAttention, ///< "selective-attention"
     kSelectiveMlp,       ///< "selective-mlp"
+    kSaveOps,            ///< "save-matmuls", "save-projections": every layer
+                         ///< checkpointed, keeping those ops' outputs
+                         ///< (remat/op_policy.h)
+    kCompress,           ///< "compress" (bf16), "compress-fp8": nothing
+                         ///< recomputed, saved activations compressed
+    kOffload,            ///< "offload": nothing recomputed, saved
+                         ///< activations wait in host memory (CUDA)
     kBudget,             ///< "budget:2GiB": planned to a memory budget
     kCustom,             ///< an explicit Schedule (from a planner)
   };
@@ -86,14 +117,24 @@ class CheckpointPolicy {
   static CheckpointPolicy full();
   static CheckpointPolicy selective_attention();
   static CheckpointPolicy selective_mlp();
+  /// Every layer checkpointed, keeping the outputs of the ops `ops` names.
+  static CheckpointPolicy save_ops(const OpPolicy& ops);
+  /// Nothing recomputed; saved floating activations kept as `to` (bf16 or
+  /// fp8, remat/compress.h).
+  static CheckpointPolicy compress(c10::ScalarType to);
+  /// Nothing recomputed; saved activations offloaded to pinned host memory
+  /// (remat/offload.h). A model on the CPU refuses it when it runs.
+  static CheckpointPolicy offload();
   /// A policy that a planner turns into a schedule; `bytes` > 0.
   static CheckpointPolicy budget(int64_t bytes);
   /// A fixed schedule, as a planner makes ("+reentrant" in `name`: see parse).
   static CheckpointPolicy custom(Schedule schedule, std::string name = "custom");
 
   /// Parses one of the names above, optionally followed by how its segments
-  /// are checkpointed: "+reentrant" (CheckpointImpl::kReentrant) and
-  /// "+values" (DeterminismCheck::kValues), as in "every-layer+reentrant".
+  /// are checkpointed: "+reentrant" (CheckpointImpl::kReentrant), "+values"
+  /// (DeterminismCheck::kValues) and "+save=OPS" (an op policy, as
+  /// OpPolicy::parse reads OPS), as in "every-layer+reentrant" or
+  /// "every-2+save=aten::mm/aten::addmm".
   /// Throws c10::Error naming the text and the accepted names when it cannot.
   static CheckpointPolicy parse(const std::string& text);
 
@@ -108,6 +149,8 @@ class CheckpointPolicy {
   int64_t every_k() const { return k_; }            ///< layers per segment
   int64_t budget_bytes() const { return budget_; }  ///< bytes, for kBudget
   const std::string& name() const { return name_; }
+  /// For kCompress: the dtype saved activations are kept in.
+  c10::ScalarType compress_dtype() const { return compress_; }
   /// For kCustom: the schedule it was made with (empty otherwise).
   const Schedule& custom_schedule() const { return custom_; }
   bool enabled() const { return kind_ != Kind::kNone; }
@@ -125,9 +168,11 @@ class CheckpointPolicy {
   Kind kind_ = Kind::kNone;
   int64_t k_ = 0;
   int64_t budget_ = 0;
+  c10::ScalarType compress_ = c10::kBFloat16;
   std::string name_ = "none";
   Schedule custom_;
   std::optional<CheckpointDefaults> checkpoint_;
+  SegmentMode save_mode_ = SegmentMode::kRecompute; ///< kSaveOps: a preset's mode
 };
 
 } // namespace remat

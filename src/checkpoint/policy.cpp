@@ -1,5 +1,6 @@
 #include "remat/policy.h"
 
+#include "remat/compress.h"
 #include "remat/memory.h"
 
 #include <c10/util/Exception.h>
@@ -20,8 +21,32 @@ const char* to_string(SegmentMode mode) {
       return "recompute-attention";
     case SegmentMode::kRecomputeMlp:
       return "recompute-mlp";
+    case SegmentMode::kSaveMatmuls:
+      return "save-matmuls";
+    case SegmentMode::kSaveProjections:
+      return "save-projections";
+    case SegmentMode::kCompress:
+      return "compress";
   }
   return "?";
+}
+
+const std::vector<SegmentMode>& partial_modes() {
+  static const std::vector<SegmentMode> modes{
+      SegmentMode::kRecomputeAttention, SegmentMode::kRecomputeMlp,
+      SegmentMode::kSaveMatmuls, SegmentMode::kSaveProjections, SegmentMode::kCompress};
+  return modes;
+}
+
+OpPolicy op_policy_of(SegmentMode mode) {
+  switch (mode) {
+    case SegmentMode::kSaveMatmuls:
+      return OpPolicy::matmuls();
+    case SegmentMode::kSaveProjections:
+      return OpPolicy::projections();
+    default:
+      return OpPolicy();
+  }
 }
 
 void Schedule::validate(int64_t num_layers) const {
@@ -62,8 +87,9 @@ Schedule Schedule::parse(const std::string& text) {
     if (ok) {
       const auto mode = piece.substr(0, open);
       bool known = false;
-      for (auto m : {SegmentMode::kStore, SegmentMode::kRecompute,
-                     SegmentMode::kRecomputeAttention, SegmentMode::kRecomputeMlp}) {
+      std::vector<SegmentMode> modes{SegmentMode::kStore, SegmentMode::kRecompute};
+      modes.insert(modes.end(), partial_modes().begin(), partial_modes().end());
+      for (auto m : modes) {
         if (mode == to_string(m)) {
           seg.mode = m;
           known = true;
@@ -83,7 +109,8 @@ Schedule Schedule::parse(const std::string& text) {
     }
     TORCH_CHECK(
         ok, "remat: expected schedule segments like 'store[0,4)' or 'recompute[4,8)' "
-            "(modes store, recompute, recompute-attention, recompute-mlp), but got '",
+            "(modes store, recompute, recompute-attention, recompute-mlp, save-matmuls, "
+            "save-projections, compress), but got '",
         piece, "'");
     out.segments.push_back(seg);
   }
@@ -143,9 +170,47 @@ CheckpointPolicy CheckpointPolicy::budget(int64_t bytes) {
   return p;
 }
 
+CheckpointPolicy CheckpointPolicy::save_ops(const OpPolicy& ops) {
+  TORCH_CHECK(!ops.empty(), "remat: expected an op policy that keeps some ops, but got none");
+  // The presets are segment modes, which a planner can mix per layer; any
+  // other op policy checkpoints every layer with it.
+  for (auto mode : {SegmentMode::kSaveMatmuls, SegmentMode::kSaveProjections}) {
+    if (ops == op_policy_of(mode)) {
+      CheckpointPolicy p;
+      p.kind_ = Kind::kSaveOps;
+      p.k_ = 1;
+      p.save_mode_ = mode;
+      p.name_ = to_string(mode);
+      return p;
+    }
+  }
+  CheckpointDefaults how;
+  how.op_policy = ops;
+  CheckpointPolicy p = every_layer().with_checkpoint(how);
+  p.kind_ = Kind::kSaveOps;
+  return p;
+}
+
+CheckpointPolicy CheckpointPolicy::compress(c10::ScalarType to) {
+  CompressHooks check(to); // refuses what cannot be compressed to
+  CheckpointPolicy p;
+  p.kind_ = Kind::kCompress;
+  p.compress_ = to;
+  p.name_ = to == c10::kBFloat16 ? "compress" : std::string("compress-") + compression_name(to);
+  return p;
+}
+
+CheckpointPolicy CheckpointPolicy::offload() {
+  CheckpointPolicy p;
+  p.kind_ = Kind::kOffload;
+  p.name_ = "offload";
+  return p;
+}
+
 namespace {
 const char* const kReentrantSuffix = "+reentrant";
 const char* const kValuesSuffix = "+values";
+const char* const kSavePrefix = "+save=";
 
 bool strip_suffix(std::string& text, const std::string& suffix) {
   if (text.size() > suffix.size() &&
@@ -156,11 +221,27 @@ bool strip_suffix(std::string& text, const std::string& suffix) {
   return false;
 }
 
+// Strips a last "+save=OPS" off `text`: OPS, or nothing.
+std::optional<std::string> strip_save(std::string& text) {
+  const auto at = text.rfind(kSavePrefix);
+  if (at == std::string::npos || at == 0 || text.find('+', at + 1) != std::string::npos) {
+    return std::nullopt;
+  }
+  std::string ops = text.substr(at + std::string(kSavePrefix).size());
+  text.erase(at);
+  return ops;
+}
+
 // Strips the suffixes off `text`: what they say, or nothing when it has none.
 std::optional<CheckpointDefaults> strip_checkpoint_suffixes(std::string& text) {
   std::optional<CheckpointDefaults> how;
   for (bool more = true; more;) {
     more = false;
+    if (auto ops = strip_save(text)) {
+      how = how.value_or(CheckpointDefaults{});
+      how->op_policy = OpPolicy::parse(*ops);
+      more = true;
+    }
     if (strip_suffix(text, kValuesSuffix)) {
       how = how.value_or(CheckpointDefaults{});
       how->determinism_check = DeterminismCheck::kValues;
@@ -193,16 +274,23 @@ CheckpointPolicy CheckpointPolicy::custom(Schedule schedule, std::string name) {
 
 std::string CheckpointPolicy::names() {
   return "none, every-layer, every-K (K >= 1), sqrt, full, selective-attention, "
-         "selective-mlp, budget:SIZE, each optionally with +reentrant and "
-         "+values";
+         "selective-mlp, save-matmuls, save-projections, compress, compress-fp8, offload, "
+         "budget:SIZE, each that checkpoints optionally with +reentrant, "
+         "+values and +save=OPS";
 }
 
 
 CheckpointPolicy CheckpointPolicy::with_checkpoint(CheckpointDefaults how) const {
   CheckpointPolicy p = *this;
-  strip_suffix(p.name_, kValuesSuffix);
-  strip_suffix(p.name_, kReentrantSuffix);
+  strip_checkpoint_suffixes(p.name_);
   p.checkpoint_ = how;
+  TORCH_CHECK(
+      how.op_policy.empty() || save_mode_ == SegmentMode::kRecompute,
+      "expected +save=OPS on a policy without an op policy of its own, but '", p.name_,
+      "' keeps ", op_policy_of(save_mode_).name());
+  if (!how.op_policy.empty()) {
+    p.name_ += kSavePrefix + how.op_policy.name();
+  }
   if (how.implementation == CheckpointImpl::kReentrant) {
     p.name_ += kReentrantSuffix;
   }
@@ -217,15 +305,23 @@ CheckpointPolicy CheckpointPolicy::parse(const std::string& text) {
   std::string base = text;
   const auto suffixed = strip_checkpoint_suffixes(base);
   if (suffixed) {
-    const CheckpointDefaults how = *suffixed;
+    CheckpointDefaults how = *suffixed;
     TORCH_CHECK(
         !(how.implementation == CheckpointImpl::kReentrant &&
           how.determinism_check == DeterminismCheck::kValues),
         "expected +values without +reentrant (value fingerprints need the "
         "saved-tensor hooks implementation), but got '", text, "'");
+    TORCH_CHECK(
+        !(how.implementation == CheckpointImpl::kReentrant && !how.op_policy.empty()),
+        "expected +save=OPS without +reentrant (per-op policies need the "
+        "saved-tensor hooks implementation), but got '", text, "'");
     auto p = parse_base(base, text);
     TORCH_CHECK(
-        p.kind() != Kind::kNone,
+        !(how.implementation == CheckpointImpl::kReentrant && p.kind() == Kind::kSaveOps),
+        "expected a per-op policy without +reentrant (per-op policies need the "
+        "saved-tensor hooks implementation), but got '", text, "'");
+    TORCH_CHECK(
+        p.kind() != Kind::kNone && p.kind() != Kind::kCompress && p.kind() != Kind::kOffload,
         "expected a policy that checkpoints before '+', but got '", text, "'");
     return p.with_checkpoint(how);
   }
@@ -250,6 +346,21 @@ CheckpointPolicy CheckpointPolicy::parse_base(const std::string& text, const std
   }
   if (text == "selective-mlp") {
     return selective_mlp();
+  }
+  if (text == "save-matmuls") {
+    return save_ops(OpPolicy::matmuls());
+  }
+  if (text == "save-projections") {
+    return save_ops(OpPolicy::projections());
+  }
+  if (text == "compress") {
+    return compress(c10::kBFloat16);
+  }
+  if (text == "compress-fp8") {
+    return compress(parse_compression("fp8"));
+  }
+  if (text == "offload") {
+    return offload();
   }
   const std::string every_prefix = "every-";
   if (text.rfind(every_prefix, 0) == 0) {
@@ -288,6 +399,21 @@ Schedule CheckpointPolicy::schedule(int64_t num_layers) const {
       break;
     case Kind::kEvery:
       uniform(k_, SegmentMode::kRecompute);
+      break;
+    case Kind::kSaveOps:
+      if (save_mode_ == SegmentMode::kRecompute) {
+        uniform(1, SegmentMode::kRecompute); // with its op policy in checkpoint_
+      } else {
+        s.segments.push_back({0, num_layers, save_mode_});
+      }
+      break;
+    case Kind::kCompress:
+      s.segments.push_back({0, num_layers, SegmentMode::kCompress});
+      s.compress = compress_;
+      break;
+    case Kind::kOffload:
+      s.segments.push_back({0, num_layers, SegmentMode::kStore});
+      s.offload = true;
       break;
     case Kind::kSqrt: {
       // ceil(sqrt(L)) layers per segment gives about sqrt(L) segments.

@@ -1,5 +1,8 @@
 #include "remat/nn/stack_checkpointing.h"
 
+#include "remat/compress.h"
+#include "remat/offload.h"
+
 #include "remat/plan/chain.h"
 #include "remat/plan/solver.h"
 
@@ -72,6 +75,43 @@ void StackCheckpointing::plan(
   planned_seq_ = seq;
 }
 
+namespace {
+
+// Layers [begin, end) checkpointed as one segment that keeps only its input
+// (and, with an op policy, the outputs of the ops it names).
+torch::Tensor checkpoint_layers(
+    const std::shared_ptr<LayerStack>& stack,
+    const torch::Tensor& hidden,
+    const SideInputs& side,
+    int64_t begin,
+    int64_t end,
+    const OpPolicy& ops) {
+  std::vector<torch::Tensor> params;
+  for (int64_t i = begin; i < end; ++i) {
+    auto p = stack->layer_parameters(i);
+    params.insert(params.end(), p.begin(), p.end());
+  }
+  std::vector<torch::Tensor> inputs{hidden};
+  inputs.insert(inputs.end(), side.begin(), side.end());
+  // Holds the stack: it runs again in backward, after this frame is gone.
+  auto fn = [stack, begin, end](const std::vector<torch::Tensor>& in) {
+    const SideInputs rest(in.begin() + 1, in.end());
+    torch::Tensor h = in[0];
+    for (int64_t i = begin; i < end; ++i) {
+      h = stack->layer_forward(i, h, rest, SegmentMode::kStore);
+    }
+    return std::vector<torch::Tensor>{h};
+  };
+  auto options = CheckpointOptions().parameters(std::move(params)).name(
+      "layers[" + std::to_string(begin) + "," + std::to_string(end) + ")");
+  if (!ops.empty()) {
+    options.op_policy(ops);
+  }
+  return checkpoint(fn, inputs, options)[0];
+}
+
+} // namespace
+
 torch::Tensor run_stack(
     const std::shared_ptr<LayerStack>& stack,
     torch::Tensor hidden,
@@ -83,40 +123,41 @@ torch::Tensor run_stack(
   if (schedule.checkpoint) {
     how.emplace(*schedule.checkpoint);
   }
+  std::optional<SavedTensorHooksGuard> offloaded;
+  if (schedule.offload) {
+    TORCH_CHECK(
+        hidden.is_cuda(), "remat: expected a model on a CUDA device for policy "
+        "'offload' (it moves saved activations to host memory), but it runs on ",
+        hidden.device());
+    offloaded.emplace(std::make_shared<OffloadHooks>());
+  }
   for (const auto& seg : schedule.segments) {
     TORCH_CHECK(
         0 <= seg.begin && seg.begin <= seg.end && seg.end <= n,
         "remat::nn::run_stack: expected a schedule over the stack's ", n,
         " layers, but it has a segment [", seg.begin, ", ", seg.end, ")");
-    if (seg.mode != SegmentMode::kRecompute) {
-      for (int64_t i = seg.begin; i < seg.end; ++i) {
-        hidden = stack->layer_forward(i, hidden, side, seg.mode);
+    switch (seg.mode) {
+      case SegmentMode::kRecompute:
+        hidden = checkpoint_layers(stack, hidden, side, seg.begin, seg.end, OpPolicy());
+        break;
+      case SegmentMode::kSaveMatmuls:
+      case SegmentMode::kSaveProjections:
+        for (int64_t i = seg.begin; i < seg.end; ++i) {
+          hidden = checkpoint_layers(stack, hidden, side, i, i + 1, op_policy_of(seg.mode));
+        }
+        break;
+      case SegmentMode::kCompress: {
+        const CompressedSavesGuard compressed(schedule.compress.value_or(c10::kBFloat16));
+        for (int64_t i = seg.begin; i < seg.end; ++i) {
+          hidden = stack->layer_forward(i, hidden, side, SegmentMode::kStore);
+        }
+        break;
       }
-      continue;
+      default: // kStore and the modes the layers run themselves
+        for (int64_t i = seg.begin; i < seg.end; ++i) {
+          hidden = stack->layer_forward(i, hidden, side, seg.mode);
+        }
     }
-    std::vector<torch::Tensor> params;
-    for (int64_t i = seg.begin; i < seg.end; ++i) {
-      auto p = stack->layer_parameters(i);
-      params.insert(params.end(), p.begin(), p.end());
-    }
-    std::vector<torch::Tensor> inputs{hidden};
-    inputs.insert(inputs.end(), side.begin(), side.end());
-    // Holds the stack: it runs again in backward, after this frame is gone.
-    const int64_t begin = seg.begin;
-    const int64_t end = seg.end;
-    auto fn = [stack, begin, end](const std::vector<torch::Tensor>& in) {
-      const SideInputs rest(in.begin() + 1, in.end());
-      torch::Tensor h = in[0];
-      for (int64_t i = begin; i < end; ++i) {
-        h = stack->layer_forward(i, h, rest, SegmentMode::kStore);
-      }
-      return std::vector<torch::Tensor>{h};
-    };
-    hidden = checkpoint(
-        fn, inputs,
-        CheckpointOptions()
-            .parameters(std::move(params))
-            .name("layers[" + std::to_string(begin) + "," + std::to_string(end) + ")"))[0];
   }
   return hidden;
 }

@@ -392,7 +392,24 @@ Chain estimate_chain(const ModelSpec& spec, double flops_per_second) {
   return chain;
 }
 
+namespace {
+// Per-op policies and compression change what a layer keeps in ways the
+// chain does not describe yet: refused rather than estimated as something
+// else.
+void require_modelled(const CheckpointPolicy& policy) {
+  const bool per_op = policy.checkpoint() && !policy.checkpoint()->op_policy.empty();
+  TORCH_CHECK(
+      !per_op && policy.kind() != CheckpointPolicy::Kind::kSaveOps &&
+          policy.kind() != CheckpointPolicy::Kind::kCompress &&
+          policy.kind() != CheckpointPolicy::Kind::kOffload,
+      "expected a policy the estimator models (none, every-K, sqrt, full, "
+      "selective-*, budget:SIZE), but got '", policy.name(), "': per-op "
+      "policies, compression and offload are measured by remat bench, not estimated");
+}
+} // namespace
+
 Estimate estimate(const ModelSpec& spec, const CheckpointPolicy& policy) {
+  require_modelled(policy);
   const auto chain = estimate_chain(spec);
   const auto fixed = fixed_bytes(spec);
   Estimate e;
@@ -431,6 +448,7 @@ std::string Estimate::str() const {
 namespace {
 
 bool fits(const ModelSpec& spec, const CheckpointPolicy& policy, int64_t device_bytes) {
+  require_modelled(policy);
   Chain chain;
   try {
     chain = estimate_chain(spec);

@@ -1,5 +1,6 @@
 #include "remat/memory.h"
 #include "remat/nn/bert.h"
+#include "testing.h"
 
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
@@ -90,6 +91,11 @@ TEST_F(BertTest, EveryPolicyGivesBitIdenticalLossAndGradientsWithDropout) {
       names.push_back(std::string(base) + how);
     }
   }
+  // Per-op policies (the recompute skips the kept products).
+  for (const char* name : {"save-matmuls", "save-projections", "save-matmuls+values",
+                           "every-2+save=aten::addmm", "selective-attention+save=matmuls"}) {
+    names.push_back(name);
+  }
   for (const auto& name : names) {
     model->gradient_checkpointing_enable(CheckpointPolicy::parse(name));
     auto got = step(model, ids, mask);
@@ -103,6 +109,26 @@ TEST_F(BertTest, EveryPolicyGivesBitIdenticalLossAndGradientsWithDropout) {
   }
   model->gradient_checkpointing_disable();
   EXPECT_EQ(model->checkpoint_policy().name(), "none");
+}
+
+// Compression runs on the CPU (gradients close, not equal); offload needs a
+// CUDA device and says so.
+TEST_F(BertTest, CompressRunsAndOffloadOnTheCpuIsRefused) {
+  Bert model(tiny());
+  auto ids = torch::randint(97, {2, 16}, torch::kLong);
+  auto mask = torch::ones({2, 16}, torch::kLong);
+  auto reference = step(model, ids, mask);
+  model->gradient_checkpointing_enable(CheckpointPolicy::parse("compress"));
+  auto got = step(model, ids, mask);
+  for (size_t i = 0; i < got.grads.size(); ++i) {
+    EXPECT_TRUE(torch::allclose(got.grads[i], reference.grads[i], 5e-2, 1e-3)) << "param " << i;
+  }
+  model->gradient_checkpointing_enable(CheckpointPolicy::parse("offload"));
+  EXPECT_THROW_WITH(
+      step(model, ids, mask),
+      "expected a model on a CUDA device for policy 'offload' (it moves saved "
+      "activations to host memory), but it runs on cpu");
+  model->gradient_checkpointing_disable();
 }
 
 TEST_F(BertTest, EveryLayerKeepsAtMostTwoLayersWorthOfActivations) {

@@ -107,6 +107,15 @@ TEST_F(LlamaTest, EveryPolicyGivesTheSameLossAndGradients) {
         expect_same(reference, s, name + " " + remat::nn::to_string(kind));
       }
     }
+    // Per-op policies: the recompute skips the kept products.
+    for (const char* name : {"save-matmuls", "save-projections", "save-matmuls+values",
+                             "every-2+save=aten::mm"}) {
+      model->gradient_checkpointing_enable(CheckpointPolicy::parse(name));
+      const auto before = remat::op_policy_skipped_ops();
+      auto s = step(model, ids);
+      EXPECT_GT(remat::op_policy_skipped_ops(), before) << name;
+      expect_same(reference, s, std::string(name) + " " + remat::nn::to_string(kind));
+    }
     model->gradient_checkpointing_disable();
     expect_same(reference, step(model, ids), "none again");
   }
