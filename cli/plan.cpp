@@ -38,6 +38,7 @@ struct PlanConfig {
   bool measure = false;
   int64_t repeats = 3;
   bool no_selective = false;
+  bool compress = false;
   // A child of the "process" mode: the one schedule to measure (hidden).
   std::string child_schedule, child_name;
 };
@@ -166,7 +167,13 @@ int run_plan(const PlanConfig& c) {
   std::cout << "remat plan: " << model_line(c.model) << ", threads " << torch::get_num_threads()
             << "\n";
   const auto t0 = std::chrono::steady_clock::now();
-  auto chain = w->profile(plan::ProfileOptions().warmup(1).repeats(c.repeats));
+  auto profile_options = plan::ProfileOptions().warmup(1).repeats(c.repeats);
+  if (c.compress) {
+    auto modes = profile_options.layer_modes();
+    modes.push_back(SegmentMode::kCompress);
+    profile_options.layer_modes(modes);
+  }
+  auto chain = w->profile(profile_options);
   const double profile_seconds =
       std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   std::printf("profiled in %.1f s (1 warm-up and %lld timed runs per stage and mode)\n\n",
@@ -199,6 +206,7 @@ int run_plan(const PlanConfig& c) {
                    {"steps", c.run.steps},
                    {"warmup", c.run.warmup},
                    {"selective", !c.no_selective},
+                   {"compress", c.compress},
                    {"seed", c.run.seed},
                    {"isolation", c.run.isolation},
                    {"rounds", c.run.rounds}});
@@ -234,7 +242,10 @@ Run add_plan(CLI::App& root) {
   app->add_option("--repeats", c->repeats, "timed profiling runs per stage and mode")
       ->capture_default_str();
   app->add_flag("--no-selective", c->no_selective,
-                "plan without selective-attention and selective-mlp layers");
+                "plan without partial layers (selective-attention, selective-mlp, "
+                "save-matmuls, save-projections, compress)");
+  app->add_flag("--compress", c->compress,
+                "also profile and plan layers whose saves are kept as bf16 (lossy)");
   // Hidden: the one schedule a child of --isolation process measures.
   app->add_option("--child-schedule", c->child_schedule)->group("");
   app->add_option("--child-name", c->child_name)->group("");

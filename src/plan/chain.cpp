@@ -28,9 +28,41 @@ c10::optional<SelectiveCost> StageCost::selective(SegmentMode mode) const {
       return recompute_attention_;
     case SegmentMode::kRecomputeMlp:
       return recompute_mlp_;
+    case SegmentMode::kSaveMatmuls:
+      return save_matmuls_;
+    case SegmentMode::kSaveProjections:
+      return save_projections_;
+    case SegmentMode::kCompress:
+      return compress_;
     default:
       return c10::nullopt;
   }
+}
+
+StageCost& StageCost::selective(SegmentMode mode, SelectiveCost cost) {
+  switch (mode) {
+    case SegmentMode::kRecomputeAttention:
+      recompute_attention_ = cost;
+      break;
+    case SegmentMode::kRecomputeMlp:
+      recompute_mlp_ = cost;
+      break;
+    case SegmentMode::kSaveMatmuls:
+      save_matmuls_ = cost;
+      break;
+    case SegmentMode::kSaveProjections:
+      save_projections_ = cost;
+      break;
+    case SegmentMode::kCompress:
+      compress_ = cost;
+      break;
+    default:
+      TORCH_CHECK(
+          false, "remat::plan: expected a partial mode (",
+          "recompute-attention, recompute-mlp, save-matmuls, save-projections, compress)",
+          ", but got ", remat::to_string(mode));
+  }
+  return *this;
 }
 
 void Chain::validate() const {
@@ -79,7 +111,7 @@ void Chain::validate() const {
         "remat::plan: expected stored_bytes >= output_bytes (the output is kept "
         "for backward), but stage ", i, " ('", s.name(), "') stores ",
         s.stored_bytes(), " bytes with an output of ", s.output_bytes());
-    for (auto mode : {SegmentMode::kRecomputeAttention, SegmentMode::kRecomputeMlp}) {
+    for (auto mode : partial_modes()) {
       auto sel = s.selective(mode);
       if (!sel) {
         continue;
@@ -141,11 +173,10 @@ std::string Chain::str() const {
         memory::format_size(s.nograd_transient_bytes()).c_str(),
         memory::format_size(s.backward_transient_bytes()).c_str());
     out << line;
-    if (s.recompute_attention()) {
-      out << "  attn " << memory::format_size(s.recompute_attention()->stored_bytes());
-    }
-    if (s.recompute_mlp()) {
-      out << "  mlp " << memory::format_size(s.recompute_mlp()->stored_bytes());
+    for (auto mode : partial_modes()) {
+      if (auto sel = s.selective(mode)) {
+        out << "  " << remat::to_string(mode) << " " << memory::format_size(sel->stored_bytes());
+      }
     }
     out << "\n";
   }

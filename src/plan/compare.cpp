@@ -102,6 +102,26 @@ nlohmann::json ScheduleCandidate::to_json() const {
   return j;
 }
 
+namespace {
+
+// Whether every layer offers the mode its segment asks for.
+bool offers(const Chain& chain, const Schedule& schedule) {
+  const int64_t first = chain.first_layer();
+  for (const auto& seg : schedule.segments) {
+    if (seg.mode == SegmentMode::kStore || seg.mode == SegmentMode::kRecompute) {
+      continue;
+    }
+    for (int64_t l = seg.begin; l < seg.end; ++l) {
+      if (!chain.stages[first + l].selective(seg.mode)) {
+        return false;
+      }
+    }
+  }
+  return true;
+}
+
+} // namespace
+
 ScheduleComparison compare_schedules(
     const Chain& chain,
     std::vector<Budget> budgets,
@@ -117,6 +137,9 @@ ScheduleComparison compare_schedules(
   // The fixed policies, each schedule once.
   std::map<std::string, size_t> by_schedule;
   for (const auto& [name, schedule] : fixed_policy_schedules(layers)) {
+    if (!offers(chain, schedule)) {
+      continue; // a per-op mode on an estimated chain
+    }
     auto it = by_schedule.find(schedule.str());
     if (it != by_schedule.end()) {
       auto& a = c.fixed[it->second].aliases;

@@ -3,6 +3,7 @@
 #include "remat/plan/chain.h"
 
 #include "remat/checkpoint.h"
+#include "remat/compress.h"
 #include "remat/memory.h"
 #include "remat/timing.h"
 
@@ -70,6 +71,27 @@ double seconds(Clock::time_point a, Clock::time_point b) {
   return std::chrono::duration<double>(b - a).count();
 }
 
+// The stage's output with it run in `mode`: the modes it offers itself
+// through its forward, a per-op mode as run_stack runs it (the stage alone
+// under a checkpoint with the mode's op policy), kCompress under compressed
+// saves (bf16).
+at::Tensor forward_in(const StageRunner& r, const at::Tensor& input, SegmentMode mode) {
+  const OpPolicy ops = op_policy_of(mode);
+  if (!ops.empty()) {
+    const auto forward = r.forward;
+    return checkpoint(
+        [forward](const std::vector<at::Tensor>& in) {
+          return std::vector<at::Tensor>{forward(in[0], SegmentMode::kStore)};
+        },
+        {input}, CheckpointOptions().parameters(r.parameters).name(r.name).op_policy(ops))[0];
+  }
+  if (mode == SegmentMode::kCompress) {
+    const CompressedSavesGuard compressed(c10::kBFloat16);
+    return r.forward(input, SegmentMode::kStore);
+  }
+  return r.forward(input, mode);
+}
+
 // `grouped`: backward as a checkpointed group runs it, with
 // torch::autograd::grad returning the input's and parameters' gradients
 // instead of adding them into `.grad`.
@@ -86,7 +108,7 @@ Sample run_once(
   const int64_t before = m.held();
   m.reset_peak();
   const auto t0 = m.now();
-  at::Tensor out = r.forward(input, mode);
+  at::Tensor out = forward_in(r, input, mode);
   const auto t1 = m.now();
   TORCH_CHECK(
       out.defined(), "remat::plan::profile: expected stage '", r.name,
@@ -199,6 +221,11 @@ bool is_selective(SegmentMode mode) {
   return mode == SegmentMode::kRecomputeAttention || mode == SegmentMode::kRecomputeMlp;
 }
 
+bool is_partial(SegmentMode mode) {
+  const auto& all = partial_modes();
+  return std::find(all.begin(), all.end(), mode) != all.end();
+}
+
 } // namespace
 
 Chain profile(
@@ -220,6 +247,12 @@ Chain profile(
       !options.device().is_cpu() || memory::installed(),
       "remat::plan::profile: expected remat::memory::install() to have run (the "
       "profiler reads its byte counters), but it has not");
+  for (auto mode : options.layer_modes()) {
+    TORCH_CHECK(
+        is_partial(mode) && !is_selective(mode),
+        "remat::plan::profile: expected layer modes that profile runs itself (save-matmuls, "
+        "save-projections, compress), but got ", to_string(mode));
+  }
   for (const auto& st : stages) {
     TORCH_CHECK(
         static_cast<bool>(st.forward), "remat::plan::profile: expected stage '", st.name,
@@ -244,6 +277,13 @@ Chain profile(
   for (const auto& st : stages) {
     std::vector<SegmentMode> modes{SegmentMode::kStore};
     modes.insert(modes.end(), st.modes.begin(), st.modes.end());
+    if (st.kind == StageKind::kLayer) {
+      for (auto mode : options.layer_modes()) {
+        if (std::find(modes.begin(), modes.end(), mode) == modes.end()) {
+          modes.push_back(mode);
+        }
+      }
+    }
     std::vector<std::vector<Sample>> samples(modes.size());
     for (int64_t round = 0; round < options.warmup() + options.repeats(); ++round) {
       for (size_t k = 0; k < modes.size(); ++k) {
@@ -309,11 +349,7 @@ Chain profile(
                      std::max(kLeastRecomputeSeconds, total_seconds(v) - store_seconds))
                      .forward_transient_bytes(largest(v, &Sample::forward_transient))
                      .backward_transient_bytes(largest(v, &Sample::backward_transient));
-      if (modes[k] == SegmentMode::kRecomputeAttention) {
-        cost.recompute_attention(sel);
-      } else {
-        cost.recompute_mlp(sel);
-      }
+      cost.selective(modes[k], sel);
     }
 
     // Once more without grad, as a checkpointed group's first pass runs it

@@ -278,7 +278,7 @@ std::vector<std::vector<Choice>> choices(const Chain& chain, const PlannerOption
       continue;
     }
     if (o.selective()) {
-      for (auto m : {SegmentMode::kRecomputeAttention, SegmentMode::kRecomputeMlp}) {
+      for (auto m : partial_modes()) {
         if (chain.stages[i].selective(m)) {
           add({i, i + 1, m}, stage_unit(chain, i, m));
         }
@@ -478,7 +478,8 @@ std::vector<std::pair<std::string, Schedule>> fixed_policy_schedules(int64_t lay
       names.push_back(CheckpointPolicy::every(k).name());
     }
   }
-  for (const char* n : {"sqrt", "full", "selective-attention", "selective-mlp"}) {
+  for (const char* n : {"sqrt", "full", "selective-attention", "selective-mlp", "save-matmuls",
+                        "save-projections"}) {
     names.push_back(n);
   }
   std::vector<std::pair<std::string, Schedule>> out;
@@ -518,6 +519,17 @@ std::vector<std::string> describe_schedule(const Chain& chain, const Schedule& s
       case SegmentMode::kRecomputeMlp:
         what = "keeps all but the MLP, recomputed in backward";
         break;
+      case SegmentMode::kSaveMatmuls:
+        what = "checkpointed per layer, keeping the outputs of its matrix products; the "
+               "ops between them recomputed in backward";
+        break;
+      case SegmentMode::kSaveProjections:
+        what = "checkpointed per layer, keeping the outputs of its products with "
+               "weights; the rest (attention's batched products included) recomputed";
+        break;
+      case SegmentMode::kCompress:
+        what = "keeps every activation, floating ones as bf16 (lossy)";
+        break;
     }
     std::snprintf(line, sizeof(line), "  %-22s %s", range.c_str(), what);
     lines.push_back(line);
@@ -546,7 +558,7 @@ nlohmann::json chain_json(const Chain& chain) {
     if (s.group_backward_transient_bytes()) {
       j["group_backward_transient_bytes"] = *s.group_backward_transient_bytes();
     }
-    for (auto mode : {SegmentMode::kRecomputeAttention, SegmentMode::kRecomputeMlp}) {
+    for (auto mode : partial_modes()) {
       if (auto sel = s.selective(mode)) {
         j[to_string(mode)] = {
             {"stored_bytes", sel->stored_bytes()},

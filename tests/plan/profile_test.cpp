@@ -102,7 +102,8 @@ class PlanProfile : public ::testing::Test {
 };
 
 const char* kPolicies[] = {"none", "every-layer", "every-2", "sqrt", "full",
-                           "selective-attention", "selective-mlp"};
+                           "selective-attention", "selective-mlp", "save-matmuls",
+                           "save-projections"};
 
 void expect_fixed_policies_predicted(const Subject& s) {
   const auto chain = s.profile();
@@ -224,8 +225,7 @@ TEST_F(PlanProfile, RecomputeIsNeverFreeSoABudgetThatStoringFitsStores) {
   auto check = [](const Subject& s) {
     const auto chain = s.profile();
     for (const auto& stage : chain.stages) {
-      for (auto mode : {remat::SegmentMode::kRecomputeAttention,
-                        remat::SegmentMode::kRecomputeMlp}) {
+      for (auto mode : remat::partial_modes()) {
         if (const auto sel = stage.selective(mode)) {
           EXPECT_GT(sel->recompute_seconds(), 0.0) << s.name << " " << stage.name();
         }
@@ -237,6 +237,86 @@ TEST_F(PlanProfile, RecomputeIsNeverFreeSoABudgetThatStoringFitsStores) {
   };
   check(llama());
   check(bert());
+}
+
+// Every layer is measured under the per-op policies too, whatever the model
+// offers itself, and the planner mixes them with the other modes per layer.
+TEST_F(PlanProfile, PerOpPoliciesAreMeasuredOnEveryLayerAndPlanned) {
+  auto s = llama();
+  const auto chain = s.profile();
+  int64_t layers = 0;
+  for (const auto& stage : chain.stages) {
+    const bool layer = stage.kind() == remat::plan::StageKind::kLayer;
+    layers += layer;
+    for (auto mode : {remat::SegmentMode::kSaveMatmuls, remat::SegmentMode::kSaveProjections}) {
+      const auto sel = stage.selective(mode);
+      ASSERT_EQ(sel.has_value(), layer) << stage.name() << " " << remat::to_string(mode);
+      if (layer) {
+        // It keeps its output and some products, less than storing keeps.
+        EXPECT_GE(sel->stored_bytes(), stage.output_bytes()) << stage.name();
+        EXPECT_LT(sel->stored_bytes(), stage.stored_bytes()) << stage.name();
+      }
+    }
+    EXPECT_FALSE(stage.selective(remat::SegmentMode::kCompress)) << "lossy: only when asked";
+  }
+  EXPECT_EQ(layers, 4);
+  // Projections keep fewer bytes than every product (scores are products).
+  const auto& l0 = chain.stages[chain.first_layer()];
+  EXPECT_LT(l0.save_projections()->stored_bytes(), l0.save_matmuls()->stored_bytes());
+
+  // Whether a per-op layer is on the frontier depends on the measured times
+  // (on a model this small the dispatcher's per-op cost outweighs the ops);
+  // made cheap, the planner takes it, and its plan runs within the budget.
+  auto cheap = chain;
+  for (auto& stage : cheap.stages) {
+    if (auto sel = stage.save_projections()) {
+      stage.save_projections(sel->recompute_seconds(1e-9));
+    }
+  }
+  const int64_t budget = remat::plan::peak(
+      cheap, CheckpointPolicy::parse("save-projections").schedule(s.layers));
+  const auto plan = remat::plan::solve(cheap, budget);
+  EXPECT_NE(plan.schedule.str().find("save-projections"), std::string::npos) << plan.str();
+  const auto m = s.measure(CheckpointPolicy::custom(plan.schedule, "planned"));
+  EXPECT_LE(m.peak_bytes, budget) << plan.str();
+  // Without partial modes, the planner does not use them.
+  for (const auto& plan :
+       remat::plan::frontier(chain, remat::plan::PlannerOptions().selective(false))) {
+    for (auto mode : plan.stage_modes) {
+      EXPECT_TRUE(mode == remat::SegmentMode::kStore || mode == remat::SegmentMode::kRecompute)
+          << plan.str();
+    }
+  }
+}
+
+// Compressed layers (bf16 saves) only when asked for; then their bytes are
+// predicted like the others' and a plan that mixes them stays within budget.
+TEST_F(PlanProfile, CompressedLayersArePlannedWhenAskedFor) {
+  auto s = llama();
+  auto options = remat::plan::ProfileOptions();
+  options.layer_modes({remat::SegmentMode::kCompress});
+  const auto chain = remat::nn::profile_model(llama_, remat::nn::LlamaStep(ids_), options);
+  const auto& l0 = chain.stages[chain.first_layer()];
+  ASSERT_TRUE(l0.compress().has_value());
+  EXPECT_FALSE(l0.save_matmuls().has_value());
+  EXPECT_LT(l0.compress()->stored_bytes(), l0.stored_bytes());
+
+  const auto policy = CheckpointPolicy::parse("compress");
+  const auto ev = remat::plan::evaluate(chain, policy.schedule(s.layers));
+  const auto m = s.measure(policy);
+  EXPECT_GE(ev.peak_bytes, m.peak_bytes);
+  EXPECT_LE(ev.peak_bytes, m.peak_bytes * 1.05);
+
+  const int64_t lo = remat::plan::min_feasible_budget(chain);
+  const int64_t hi = remat::plan::peak(chain, CheckpointPolicy::none().schedule(s.layers));
+  for (int k = 1; k <= 3; ++k) {
+    const int64_t budget = lo + (hi - lo) * k / 4;
+    const auto plan = remat::plan::solve(chain, budget);
+    const auto got = s.measure(CheckpointPolicy::custom(plan.schedule, "planned"));
+    EXPECT_LE(got.peak_bytes, budget) << plan.str();
+    std::cout << "budget " << budget << ": " << plan.str() << ", measured peak "
+              << got.peak_bytes << "\n";
+  }
 }
 
 TEST_F(PlanProfile, ProfilingLeavesGradientsAlone) {
@@ -270,6 +350,12 @@ TEST_F(PlanProfile, ProfileChecksItsArguments) {
   EXPECT_THROW_WITH(
       remat::plan::profile({r}, torch::zeros({1}), remat::plan::ProfileOptions().repeats(0)),
       "expected warmup >= 0 and repeats >= 1");
+  EXPECT_THROW_WITH(
+      remat::plan::profile(
+          {r}, torch::zeros({1}),
+          remat::plan::ProfileOptions().layer_modes({remat::SegmentMode::kRecomputeMlp})),
+      "expected layer modes that profile runs itself (save-matmuls, save-projections, "
+      "compress), but got recompute-mlp");
 }
 
 } // namespace

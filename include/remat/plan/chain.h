@@ -55,9 +55,11 @@ enum class StageKind {
 
 const char* to_string(StageKind kind);
 
-/// The cost of running one layer with a selective mode (kRecomputeAttention or
-/// kRecomputeMlp): it keeps less, and recomputes a sub-block in backward. The
-/// fields mean what StageCost's do, measured with the layer in that mode.
+/// The cost of running one layer in a partial mode (remat::partial_modes():
+/// kRecomputeAttention, kRecomputeMlp, a per-op policy, compressed saves): it
+/// keeps less, and pays for it in backward (a sub-block or the ops between
+/// the kept ones run again; compressed saves are widened). The fields mean
+/// what StageCost's do, measured with the layer in that mode.
 ///
 /// Example:
 ///   remat::plan::SelectiveCost(/*stored_bytes=*/40 << 20,
@@ -69,7 +71,8 @@ struct SelectiveCost {
   /// Bytes the layer keeps for backward in this mode: its output, the inputs
   /// of the recomputed sub-block, and what the rest of the layer saves.
   TORCH_ARG(int64_t, stored_bytes);
-  /// Seconds of the sub-block's forward, run again in backward.
+  /// Seconds the mode adds to the layer's step (the sub-block's forward,
+  /// run again in backward; for compressed saves, the casts).
   TORCH_ARG(double, recompute_seconds);
   /// Bytes above stored_bytes at the worst moment of the layer's forward.
   TORCH_ARG(int64_t, forward_transient_bytes) = 0;
@@ -107,9 +110,11 @@ struct StageCost {
   explicit StageCost(std::string name = "", StageKind kind = StageKind::kLayer)
       : name_(std::move(name)), kind_(kind) {}
 
-  /// The selective cost for `mode` (kRecomputeAttention or kRecomputeMlp), or
+  /// The cost in a partial `mode` (one of remat::partial_modes()), or
   /// nullopt when the stage does not offer it.
   c10::optional<SelectiveCost> selective(SegmentMode mode) const;
+  /// Sets the cost in a partial `mode`; throws for kStore and kRecompute.
+  StageCost& selective(SegmentMode mode, SelectiveCost cost);
 
   TORCH_ARG(std::string, name);
   TORCH_ARG(StageKind, kind);
@@ -148,6 +153,11 @@ struct StageCost {
   /// Costs of kRecomputeAttention / kRecomputeMlp; unset: mode not offered.
   TORCH_ARG(c10::optional<SelectiveCost>, recompute_attention) = c10::nullopt;
   TORCH_ARG(c10::optional<SelectiveCost>, recompute_mlp) = c10::nullopt;
+  /// Costs of kSaveMatmuls / kSaveProjections / kCompress (measured by
+  /// `profile` on any layer); unset: mode not offered.
+  TORCH_ARG(c10::optional<SelectiveCost>, save_matmuls) = c10::nullopt;
+  TORCH_ARG(c10::optional<SelectiveCost>, save_projections) = c10::nullopt;
+  TORCH_ARG(c10::optional<SelectiveCost>, compress) = c10::nullopt;
 
 };
 
@@ -194,8 +204,9 @@ struct StageRunner {
   /// Runs the stage on the previous stage's output (for an embedding, the
   /// model input); `mode` is kStore or one of `modes`. A head returns the loss.
   std::function<at::Tensor(const at::Tensor& input, SegmentMode mode)> forward;
-  /// The selective modes the stage supports (kRecomputeAttention,
-  /// kRecomputeMlp).
+  /// The selective modes the stage's own forward runs (kRecomputeAttention,
+  /// kRecomputeMlp). The modes of ProfileOptions::layer_modes are profile's
+  /// own: it runs the stage in kStore under a checkpoint or a compression.
   std::vector<SegmentMode> modes;
   /// The stage's parameters. Those that require grad make up
   /// parameter_gradient_bytes; while profiling they hold zeroed gradients of
@@ -218,6 +229,11 @@ struct ProfileOptions {
                                    ///< median is kept
   /// Where the bytes are counted (remat::memory's counters for this device).
   TORCH_ARG(c10::Device, device) = c10::Device(c10::kCPU);
+  /// Partial modes measured on every layer besides the stage's own `modes`,
+  /// whatever the model: per-op policies by default. kCompress is lossy, so
+  /// it is measured (and planned) only when asked for.
+  TORCH_ARG(std::vector<SegmentMode>, layer_modes) =
+      std::vector<SegmentMode>{SegmentMode::kSaveMatmuls, SegmentMode::kSaveProjections};
 };
 
 /// Measures each stage on `input` and returns its Chain (fields as
@@ -225,9 +241,11 @@ struct ProfileOptions {
 ///
 /// Stage i runs alone, on the output of stage i - 1 (computed without grad,
 /// then made a leaf that requires grad when the real output would), first in
-/// `warmup + repeats` rounds that each run forward and backward in kStore and
-/// in every selective mode the stage offers (side by side, so that a noisy
-/// machine slows them alike), then a layer once more with its backward as
+/// `warmup + repeats` rounds that each run forward and backward in kStore, in
+/// every selective mode the stage offers and, for a layer, in each of
+/// `options.layer_modes()` (side by side, so that a noisy machine slows
+/// them alike; a per-op mode runs the layer under a checkpoint with that op
+/// policy, as remat::nn::run_stack does, and kCompress under bf16 saves), then a layer once more with its backward as
 /// a checkpointed group runs it (torch::autograd::grad over the input and
 /// parameters), then once under NoGradGuard. Sizes are exact
 /// (remat::memory's counting allocator must be installed) and the largest

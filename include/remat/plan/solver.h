@@ -111,7 +111,8 @@ double time(const Chain& chain, const Schedule& schedule);
 /// Example:
 ///   remat::plan::PlannerOptions().selective(false)
 struct PlannerOptions {
-  /// Consider kRecomputeAttention / kRecomputeMlp where a stage offers them.
+  /// Consider the partial modes (remat::partial_modes(): selective, per-op,
+  /// compressed) where a stage offers them.
   TORCH_ARG(bool, selective) = true;
   /// Consider checkpointed groups (kRecompute).
   TORCH_ARG(bool, recompute) = true;
@@ -156,7 +157,8 @@ std::vector<Plan> frontier(
 
 /// The schedules of the fixed policies on `layers` layers, by name: none,
 /// every-K (K <= 4, or K dividing `layers`), sqrt, full, selective-attention,
-/// selective-mlp. What a plan is compared with.
+/// selective-mlp, save-matmuls, save-projections. What a plan is compared with
+/// (those whose modes a chain does not offer are left out by the comparison).
 std::vector<std::pair<std::string, Schedule>> fixed_policy_schedules(int64_t layers);
 
 /// Stage by stage, what `schedule` keeps and recomputes on `chain`, one
