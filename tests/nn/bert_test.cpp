@@ -96,8 +96,19 @@ TEST_F(BertTest, EveryPolicyGivesBitIdenticalLossAndGradientsWithDropout) {
                            "every-2+save=aten::addmm", "selective-attention+save=matmuls"}) {
     names.push_back(name);
   }
+  std::vector<CheckpointPolicy> policies;
   for (const auto& name : names) {
-    model->gradient_checkpointing_enable(CheckpointPolicy::parse(name));
+    policies.push_back(CheckpointPolicy::parse(name));
+  }
+  // Per-layer mixes, as a planner makes them.
+  for (const char* schedule :
+       {"store[0,1) save-matmuls[1,2) recompute-attention[2,3) save-projections[3,4)",
+        "save-projections[0,2) recompute[2,4)", "recompute[0,1) store[1,2) save-matmuls[2,4)"}) {
+    policies.push_back(CheckpointPolicy::custom(remat::Schedule::parse(schedule), schedule));
+  }
+  for (const auto& policy : policies) {
+    const auto& name = policy.name();
+    model->gradient_checkpointing_enable(policy);
     auto got = step(model, ids, mask);
     EXPECT_TRUE(torch::equal(got.loss, reference.loss)) << name;
     ASSERT_EQ(got.grads.size(), reference.grads.size());
