@@ -52,8 +52,12 @@ else
 fi
 POLICIES=none,every-layer,selective-attention
 # remat bench alone also runs every-layer under the reentrant checkpoint and
-# with the value fingerprints (their cost, and the GPU tolerance holding).
-REMAT_POLICIES=none,every-layer,every-layer+reentrant,every-layer+values,selective-attention
+# with the value fingerprints (their cost, and the GPU tolerance holding),
+# the per-op policies (save-matmuls keeps the products, incl. the fused SDPA
+# kernels), the compressed saves (bf16, and fp8 with its per-tensor scale)
+# and offload (saved activations >= 1 MiB in pinned host memory, side-stream
+# copies, prefetched two ahead), its peak and step time beside every-layer.
+REMAT_POLICIES=none,every-layer,every-layer+reentrant,every-layer+values,selective-attention,save-matmuls,save-projections,compress,compress-fp8,offload
 DTYPES=(fp32 bf16)
 # Every test that touches CUDA, NCCL or --device (each skips, with the
 # reason, where it cannot run).
