@@ -161,6 +161,19 @@ TEST(BenchCli, LimitNoScheduleCanMeetIsRefusedBeforeAnythingRuns) {
   EXPECT_THAT(r.out, Not(HasSubstr("in its own process")));
 }
 
+// The README's example: every-layer peaks at about 172 MiB here, under the
+// limit, while the estimator's step (which holds zeroed gradients) peaks at
+// 222 MiB at best. The check made before running bounds the step from below,
+// so it lets the run go; none is then stopped cleanly at the limit.
+TEST(BenchCli, ThePreCheckNeverRefusesARunThatFits) {
+  auto r = run_cli(
+      "bench --layers 12 --hidden 256 --heads 4 --seq 256 --batch 8 --steps 1 --warmup 0 "
+      "--policy none,every-layer --memory-limit 200MiB");
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_THAT(r.out, HasSubstr("[1/2] none: in its own process ... failed"));
+  EXPECT_THAT(r.out, HasSubstr("[2/2] every-layer: in its own process ... done"));
+}
+
 TEST(BenchCli, LlamaWithLoraBf16AndBlockwiseAttentionMatchesNoCheckpointing) {
   const std::string path = ::testing::TempDir() + "/bench_llama.json";
   auto r = run_cli(

@@ -8,6 +8,8 @@
 #include "remat/model_sizes.h"
 #include "remat/nn/model_config.h"
 #include "remat/nn/policy_bench.h"
+#include "remat/plan/estimate.h"
+#include "remat/plan/solver.h"
 #include "remat/train/trainer.h"
 #include "train/task.h"
 
@@ -190,8 +192,14 @@ TEST(ModelConfig, TheEstimatorRefusesAStepPastTheLimitBeforeAnythingIsBuilt) {
     EXPECT_THAT(e.what_without_backtrace(),
                 HasSubstr("expected a step that fits the --memory-limit (1.00 GiB)"));
   }
-  const int64_t least = remat::plan::check_fits(flags_config(Family::kBert).spec(), 1LL << 40, "x");
+  const auto bert = flags_config(Family::kBert).spec();
+  const int64_t least = remat::plan::check_fits(bert, 1LL << 40, "x");
   EXPECT_GT(least, 0);
+  // A bound from below: the estimator's step holds zeroed gradients, a step
+  // that sets them to none may peak before most exist.
+  const auto none = remat::plan::estimate(bert, remat::CheckpointPolicy::none());
+  EXPECT_EQ(least + none.gradient_bytes,
+            remat::plan::min_feasible_budget(remat::plan::estimate_chain(bert)));
 }
 
 // --dtype bf16 means one thing in bench, plan and train: float32 master

@@ -244,13 +244,13 @@ int64_t fit_seq(
     int64_t device_bytes,
     int64_t multiple = 1);
 
-/// The smallest peak (bytes) any checkpoint schedule reaches on a step of
-/// `spec` (remat::plan::min_feasible_budget of estimate_chain(spec)). Throws
-/// remat::FieldError("memory_limit") naming both figures when it is above
-/// `limit_bytes` (bytes), which `limit_name` names in the message ("the
-/// --memory-limit 2GiB", "this machine's 16 GiB"). Commands call it before
-/// building a model, so a model that cannot fit is refused in milliseconds
-/// instead of being killed by the kernel.
+/// A lower bound (bytes) on the smallest peak any checkpoint schedule reaches
+/// on a step of `spec`: min_feasible_budget(estimate_chain(spec)) less the
+/// gradients, which a step that sets them to none does not hold when its
+/// backward starts. Throws remat::FieldError("memory_limit") naming both
+/// figures when it is above `limit_bytes` (bytes), named by `limit_name`
+/// ("the --memory-limit", "this machine's memory"). A bound from below: a
+/// run that fits is never refused; one that cannot is refused in milliseconds.
 ///
 /// Example:
 ///   remat::plan::check_fits(spec.optimizer(remat::plan::Optimizer::kSgd),
