@@ -36,36 +36,57 @@ struct Args {
   std::vector<int64_t> blocks{128};
 };
 
+const char* const kUsage =
+    "usage: attention_bench [--seq N] [--batch N] [--heads N] [--dim N] [--runs N]\n"
+    "                       [--warmup N] [--blocks N,N,...] [--causal]\n"
+    "Eager against blockwise attention and the selective-attention core: bytes held\n"
+    "after forward, peak, and forward + backward time (defaults: seq 2048, batch 1,\n"
+    "heads 8, dim 64, runs 5, warmup 1, blocks 128).\n";
+
+// A count for `flag`: digits only, at least `least`.
+int64_t count(const std::string& flag, const std::string& text, int64_t least) {
+  const bool digits = !text.empty() && text.size() < 10 &&
+      text.find_first_not_of("0123456789") == std::string::npos;
+  TORCH_CHECK(
+      digits && std::stoll(text) >= least, flag, ": expected an integer >= ", least,
+      ", but got '", text, "'");
+  return std::stoll(text);
+}
+
 Args parse(int argc, char** argv) {
   Args a;
   for (int i = 1; i < argc; ++i) {
     std::string flag = argv[i];
     auto value = [&]() -> std::string {
-      TORCH_CHECK(i + 1 < argc, "attention_bench: expected a value after ", flag);
+      TORCH_CHECK(i + 1 < argc, flag, ": expected a value after it, but got none");
       return argv[++i];
     };
-    if (flag == "--seq") {
-      a.seq = std::stoll(value());
+    if (flag == "--help" || flag == "-h") {
+      std::printf("%s", kUsage);
+      std::exit(0);
+    } else if (flag == "--seq") {
+      a.seq = count(flag, value(), 1);
     } else if (flag == "--batch") {
-      a.batch = std::stoll(value());
+      a.batch = count(flag, value(), 1);
     } else if (flag == "--heads") {
-      a.heads = std::stoll(value());
+      a.heads = count(flag, value(), 1);
     } else if (flag == "--dim") {
-      a.dim = std::stoll(value());
+      a.dim = count(flag, value(), 1);
     } else if (flag == "--runs") {
-      a.runs = std::stoi(value());
+      a.runs = static_cast<int>(count(flag, value(), 1));
     } else if (flag == "--warmup") {
-      a.warmup = std::stoi(value());
+      a.warmup = static_cast<int>(count(flag, value(), 0));
     } else if (flag == "--causal") {
       a.causal = true;
     } else if (flag == "--blocks") {
       a.blocks.clear();
       std::stringstream list(value());
       for (std::string item; std::getline(list, item, ',');) {
-        a.blocks.push_back(std::stoll(item));
+        a.blocks.push_back(count(flag, item, 1));
       }
     } else {
-      TORCH_CHECK(false, "attention_bench: unknown flag '", flag, "'");
+      TORCH_CHECK(false, flag, ": expected a flag of attention_bench (see --help), but got '",
+                  flag, "'");
     }
   }
   return a;
@@ -123,7 +144,14 @@ void measure(const Args& a, std::vector<Variant>& variants) {
 } // namespace
 
 int main(int argc, char** argv) {
-  const Args a = parse(argc, argv);
+  Args a;
+  try {
+    a = parse(argc, argv);
+  } catch (const c10::Error& e) {
+    const std::string what = e.what_without_backtrace();
+    std::fprintf(stderr, "attention_bench: error: %s\n", what.substr(0, what.find('\n')).c_str());
+    return 2;
+  }
   remat::memory::install();
   std::printf(
       "attention fwd+bwd: batch %lld, heads %lld, seq %lld, head_dim %lld, "

@@ -5,8 +5,11 @@
 
 #include <c10/util/Exception.h>
 
+#include <algorithm>
 #include <iostream>
 #include <map>
+#include <sstream>
+#include <vector>
 
 namespace {
 
@@ -39,6 +42,80 @@ std::string conversion_message(const CLI::App& app, const std::string& what) {
   return flag + ": expected " + expected + ", but got '" + value + "'";
 }
 
+size_t edit_distance(const std::string& a, const std::string& b) {
+  std::vector<size_t> row(b.size() + 1);
+  for (size_t j = 0; j <= b.size(); ++j) {
+    row[j] = j;
+  }
+  for (size_t i = 1; i <= a.size(); ++i) {
+    size_t diagonal = row[0];
+    row[0] = i;
+    for (size_t j = 1; j <= b.size(); ++j) {
+      const size_t up = row[j];
+      row[j] = std::min({row[j] + 1, row[j - 1] + 1, diagonal + (a[i - 1] != b[j - 1])});
+      diagonal = up;
+    }
+  }
+  return row[b.size()];
+}
+
+// The command the user named, or null.
+const CLI::App* chosen(const CLI::App& app) {
+  for (const auto* sub : app.get_subcommands()) {
+    return sub;
+  }
+  return nullptr;
+}
+
+// CLI11 says "The following arguments were not expected: 4 --layer"; the
+// user gets the flag it did not know and the nearest one it does.
+std::string extras_message(const CLI::App& app, const std::string& what) {
+  const auto colon = what.find(" not expected: ");
+  if (what.rfind("The following argument", 0) != 0 || colon == std::string::npos) {
+    return what;
+  }
+  std::istringstream words(what.substr(colon + std::string(" not expected: ").size()));
+  std::vector<std::string> extras;
+  for (std::string w; words >> w;) {
+    extras.push_back(w);
+  }
+  const CLI::App* sub = chosen(app);
+  const std::string command = sub ? "remat " + sub->get_name() : std::string("remat");
+  for (const auto& word : extras) {
+    if (word.rfind("-", 0) != 0) {
+      continue;
+    }
+    const std::string flag = word.substr(0, word.find('='));
+    std::string best;
+    size_t best_distance = 3; // suggest only near misses
+    if (sub) {
+      for (const auto* option : sub->get_options()) {
+        for (const auto& name : option->get_lnames()) {
+          const size_t d = edit_distance(flag, "--" + name);
+          if (d < best_distance && option->get_group() != "") {
+            best_distance = d;
+            best = "--" + name;
+          }
+        }
+      }
+    }
+    return flag + ": expected a flag of " + command + ", but got '" + flag + "'" +
+        (best.empty() ? "; see " + command + " --help" : "; did you mean " + best + "?");
+  }
+  return "expected flags of " + command + ", but got the value '" + extras.front() +
+      "' after no flag; see " + command + " --help";
+}
+
+// "--layers: At Most 1 required but received 2" is a flag given twice.
+std::string mismatch_message(const std::string& what) {
+  const auto at = what.find(": At Most 1 required but received ");
+  if (at == std::string::npos) {
+    return what;
+  }
+  return what.substr(0, at) + ": expected the flag once, but it was given " +
+      what.substr(at + std::string(": At Most 1 required but received ").size()) + " times";
+}
+
 } // namespace
 
 int main(int argc, char** argv) {
@@ -51,6 +128,16 @@ int main(int argc, char** argv) {
   commands["plan"] = remat::cli::add_plan(app);
   commands["estimate"] = remat::cli::add_estimate(app);
 
+  const std::string command_names = "bench, train, plan, estimate";
+  const auto top_level_flag = [](const std::string& a) {
+    return a == "--help" || a == "-h" || a == "--help-all" || a == "--version";
+  };
+  if (argc < 2 || (commands.count(argv[1]) == 0 && !top_level_flag(argv[1]))) {
+    std::cerr << "remat: error: expected a command (" << command_names << "), but got "
+              << (argc < 2 ? std::string("none") : "'" + std::string(argv[1]) + "'")
+              << "; see remat --help\n";
+    return 2;
+  }
   try {
     app.parse(argc, argv);
   } catch (const CLI::CallForHelp& e) {
@@ -61,6 +148,20 @@ int main(int argc, char** argv) {
     return app.exit(e);
   } catch (const CLI::ConversionError& e) {
     std::cerr << "remat: error: " << conversion_message(app, first_line(e.what())) << "\n";
+    return 2;
+  } catch (const CLI::ExtrasError& e) {
+    std::cerr << "remat: error: " << extras_message(app, first_line(e.what())) << "\n";
+    return 2;
+  } catch (const CLI::ArgumentMismatch& e) {
+    std::cerr << "remat: error: " << mismatch_message(first_line(e.what())) << "\n";
+    return 2;
+  } catch (const CLI::RequiredError& e) {
+    const std::string what = first_line(e.what());
+    std::cerr << "remat: error: "
+              << (what == "A subcommand is required"
+                      ? "expected a command (" + command_names + "), but got none; see remat --help"
+                      : what)
+              << "\n";
     return 2;
   } catch (const CLI::ParseError& e) {
     std::cerr << "remat: error: " << first_line(e.what()) << "\n";

@@ -99,6 +99,35 @@ TEST(ModelCli, SizesAndCountsPastTheirBoundAreRefusedOnOneLine) {
   }
 }
 
+// The parser's own wording never reaches the user: a mistyped flag is named
+// with the nearest real one, a repeated flag is named, and a missing or
+// mistyped command lists the commands.
+TEST(ModelCli, ParserMistakesGetOneLineNamingTheFlagOrTheCommands) {
+  struct Case {
+    std::string args;
+    std::string message;
+  };
+  for (const auto& c : std::vector<Case>{
+           {"bench --layer 4",
+            "--layer: expected a flag of remat bench, but got '--layer'; did you mean --layers?"},
+           {"estimate --polcy none", "did you mean --policy?"},
+           {"plan --no-such-flag", "--no-such-flag: expected a flag of remat plan, but got "
+                                   "'--no-such-flag'; see remat plan --help"},
+           {"bench 4", "expected flags of remat bench, but got the value '4' after no flag"},
+           {"train --lr 1 --lr 2", "--lr: expected the flag once, but it was given 2 times"},
+           {"", "expected a command (bench, train, plan, estimate), but got none"},
+           {"bnech", "expected a command (bench, train, plan, estimate), but got 'bnech'"},
+           {"--layers 4", "but got '--layers'"},
+       }) {
+    auto r = run_cli(c.args);
+    EXPECT_EQ(r.exit_code, 2) << c.args << "\n" << r.err;
+    EXPECT_THAT(r.err, StartsWith("remat: error: ")) << c.args;
+    EXPECT_THAT(r.err, HasSubstr(c.message)) << c.args << "\n" << r.err;
+    EXPECT_EQ(std::count(r.err.begin(), r.err.end(), '\n'), 1) << c.args << "\n" << r.err;
+  }
+  EXPECT_EQ(run_cli("--version").exit_code, 0);
+}
+
 TEST(ModelCli, DtypeHasOneSpellingAndTheOldOneIsAnAlias) {
   for (const char* args : {"train --dtype fp16", "bench --dtype f16", "plan --dtype fp16"}) {
     auto r = run_cli(args);
