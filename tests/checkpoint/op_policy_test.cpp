@@ -356,8 +356,8 @@ TEST_F(OpPolicyTest, CompressHooksRoundTrip) {
   EXPECT_LE((back - made).abs().max().item<double>(), made.abs().max().item<double>() / 256);
   auto ints = torch::arange(64) * 2;
   EXPECT_TRUE(bf16.unpack(bf16.pack(ints)).is_same(ints));
-  EXPECT_THROW_WITH(remat::CompressHooks(torch::kInt8), "expected torch::kBFloat16");
-  EXPECT_THROW_WITH(remat::CompressHooks(torch::kBFloat16, -1), "expected min_bytes >= 0");
+  EXPECT_THROW_WITH((remat::CompressHooks(torch::kInt8)), "expected torch::kBFloat16");
+  EXPECT_THROW_WITH((remat::CompressHooks(torch::kBFloat16, -1)), "expected min_bytes >= 0");
   EXPECT_THROW_WITH(remat::parse_compression("fp4"), "but got 'fp4'");
   if (remat::fp8_available()) {
     remat::CompressHooks fp8(remat::parse_compression("fp8"), 0);
