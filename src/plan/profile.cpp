@@ -71,19 +71,28 @@ double seconds(Clock::time_point a, Clock::time_point b) {
   return std::chrono::duration<double>(b - a).count();
 }
 
+// The stage alone under a remat::checkpoint, as run_stack runs a layer it
+// checkpoints; with a non-empty `ops`, keeping those ops' outputs.
+at::Tensor checkpointed(const StageRunner& r, const at::Tensor& input, const OpPolicy& ops) {
+  const auto forward = r.forward;
+  auto options = CheckpointOptions().parameters(r.parameters).name(r.name);
+  if (!ops.empty()) {
+    options.op_policy(ops);
+  }
+  return checkpoint(
+      [forward](const std::vector<at::Tensor>& in) {
+        return std::vector<at::Tensor>{forward(in[0], SegmentMode::kStore)};
+      },
+      {input}, options)[0];
+}
+
 // The stage's output with it run in `mode`: the modes it offers itself
-// through its forward, a per-op mode as run_stack runs it (the stage alone
-// under a checkpoint with the mode's op policy), kCompress under compressed
-// saves (bf16).
+// through its forward, a per-op mode as run_stack runs it (checkpointed
+// with the mode's op policy), kCompress under compressed saves (bf16).
 at::Tensor forward_in(const StageRunner& r, const at::Tensor& input, SegmentMode mode) {
   const OpPolicy ops = op_policy_of(mode);
   if (!ops.empty()) {
-    const auto forward = r.forward;
-    return checkpoint(
-        [forward](const std::vector<at::Tensor>& in) {
-          return std::vector<at::Tensor>{forward(in[0], SegmentMode::kStore)};
-        },
-        {input}, CheckpointOptions().parameters(r.parameters).name(r.name).op_policy(ops))[0];
+    return checkpointed(r, input, ops);
   }
   if (mode == SegmentMode::kCompress) {
     const CompressedSavesGuard compressed(c10::kBFloat16);
@@ -368,12 +377,7 @@ Chain profile(
       const int64_t before = meter.held();
       meter.reset_peak();
       if (grouped) {
-        const auto forward = st.forward;
-        out = checkpoint(
-            [forward](const std::vector<at::Tensor>& in) {
-              return std::vector<at::Tensor>{forward(in[0], SegmentMode::kStore)};
-            },
-            {x}, CheckpointOptions().parameters(st.parameters).name(st.name))[0];
+        out = checkpointed(st, x, OpPolicy());
       } else {
         out = st.forward(x, SegmentMode::kStore);
       }
