@@ -1,10 +1,14 @@
 // libFuzzer harness for the WordPiece vocabulary reader and tokenizer
-// (remat/io/tokenizer.h). An input is: one byte of options (bit 0: lower
-// case), the vocab.txt, a 0 byte, and a text to tokenize. The ids must lie
-// in the vocabulary, encode must respect max_len, decode must accept what
-// tokenize gave, and the byte tokenizer must give the text back.
+// (remat/io/tokenizer.h) and the SentencePiece .model reader
+// (remat/io/sentencepiece_tokenizer.h). An input is one byte of options,
+// then: with bit 1 clear, the vocab.txt, a 0 byte, and a text to tokenize
+// (bit 0: lower case); with bit 1 set, a .model file (protobuf: it may hold
+// 0 bytes), which tokenizes a few fixed texts. The ids must lie in the
+// vocabulary, encode must respect max_len, decode must accept what tokenize
+// gave, and the byte tokenizer must give the text back.
 #include "fuzz_input.h"
 
+#include "remat/io/sentencepiece_tokenizer.h"
 #include "remat/io/tokenizer.h"
 
 #include <cstring>
@@ -13,6 +17,25 @@ using remat_fuzz::require;
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   if (size == 0) {
+    return 0;
+  }
+  if (data[0] & 2) {
+    const auto& path = remat_fuzz::write_input(data + 1, size - 1, ".model");
+    remat_fuzz::expect_refusal_or_success([&] {
+      const auto tok = remat::io::SentencePieceTokenizer::from_file(path);
+      for (const std::string text :
+           {"", "  Hello,  w\xc3\xb6rld!\t\xe4\xbd\xa0\xe5\xa5\xbd ",
+            "\xef\xbc\xa1\xe2\x91\xa0 <s> \xff\xc3 x\xe2\x96\x81y"}) {
+        const auto ids = tok.tokenize(text);
+        for (auto id : ids) {
+          require(id >= 0 && id < tok.vocab_size(), "a token id outside the vocabulary");
+        }
+        (void)tok.decode(ids, /*skip_special=*/true);
+        (void)tok.decode(ids, /*skip_special=*/false);
+        const auto enc = tok.encode(text, /*max_len=*/8, /*pad=*/true);
+        require(enc.input_ids.size() == 8, "encode(max_len 8, pad) is not 8 long");
+      }
+    });
     return 0;
   }
   const bool lower_case = data[0] & 1;

@@ -1,7 +1,9 @@
 #include "remat/io/tokenizer.h"
 
 #include "io/unicode.h"
+#include "remat/io/bpe_tokenizer.h"
 #include "remat/io/file.h"
+#include "remat/io/sentencepiece_tokenizer.h"
 
 #include <c10/util/Exception.h>
 
@@ -24,6 +26,8 @@ std::string hex_byte(char c) {
 
 Encoding Tokenizer::encode(const std::string& text, int64_t max_len, bool pad)
     const {
+  const int64_t begin = begin_id(), end = end_id();
+  const int64_t specials = (begin >= 0) + (end >= 0);
   TORCH_CHECK(
       max_len == 0 || max_len >= 2,
       "encode: expected max_len 0 (no limit) or at least 2 "
@@ -33,14 +37,19 @@ Encoding Tokenizer::encode(const std::string& text, int64_t max_len, bool pad)
       !pad || max_len > 0,
       "encode: padding needs max_len > 0, but got max_len 0");
   auto tokens = tokenize(text);
-  if (max_len > 0 && static_cast<int64_t>(tokens.size()) > max_len - 2) {
-    tokens.resize(static_cast<size_t>(max_len - 2));
+  if (max_len > 0 &&
+      static_cast<int64_t>(tokens.size()) > max_len - specials) {
+    tokens.resize(static_cast<size_t>(max_len - specials));
   }
   Encoding out;
   out.input_ids.reserve(tokens.size() + 2);
-  out.input_ids.push_back(begin_id());
+  if (begin >= 0) {
+    out.input_ids.push_back(begin);
+  }
   out.input_ids.insert(out.input_ids.end(), tokens.begin(), tokens.end());
-  out.input_ids.push_back(end_id());
+  if (end >= 0) {
+    out.input_ids.push_back(end);
+  }
   out.attention_mask.assign(out.input_ids.size(), 1);
   if (pad) {
     out.input_ids.resize(static_cast<size_t>(max_len), pad_id());
@@ -275,34 +284,89 @@ std::string ByteTokenizer::decode(
   return out;
 }
 
+namespace {
+
+enum class TokenizerFile { kWordPiece, kHfJson, kSentencePiece };
+
+TokenizerFile kind_of(const std::string& path) {
+  const auto name = std::filesystem::path(path).filename().string();
+  auto ends_with = [&](const std::string& tail) {
+    return name.size() >= tail.size() &&
+        name.compare(name.size() - tail.size(), tail.size(), tail) == 0;
+  };
+  if (ends_with(".json")) {
+    return TokenizerFile::kHfJson;
+  }
+  if (ends_with(".model")) {
+    return TokenizerFile::kSentencePiece;
+  }
+  return TokenizerFile::kWordPiece;
+}
+
+} // namespace
+
 std::string folder_tokenizer(const std::string& dir) {
   namespace fs = std::filesystem;
   const fs::path folder(dir);
   std::error_code ec;
-  if (fs::exists(folder / "vocab.txt", ec)) {
-    return (folder / "vocab.txt").string();
-  }
-  // What transformers and sentencepiece save, in the order they are preferred.
+  // What transformers and sentencepiece save, in the order they are
+  // preferred. A folder often has two forms of the same tokenizer (BERT's
+  // tokenizer.json and vocab.txt, Llama 2's tokenizer.json and
+  // tokenizer.model): the first that remat reads is taken, and when none
+  // reads, the first one's refusal is the error.
+  std::string first_error;
   for (const char* name :
-       {"tokenizer.json", "tokenizer.model", "spiece.model", "sentencepiece.bpe.model",
-        "vocab.json", "merges.txt", "tokenizer_config.json"}) {
+       {"tokenizer.json", "tokenizer.model", "spiece.model",
+        "sentencepiece.bpe.model", "vocab.txt"}) {
+    const fs::path file = folder / name;
+    if (!fs::exists(file, ec)) {
+      continue;
+    }
+    try {
+      make_tokenizer(file.string());
+      return file.string();
+    } catch (const c10::Error& e) {
+      if (first_error.empty()) {
+        first_error = e.what_without_backtrace();
+        first_error = first_error.substr(0, first_error.find('\n'));
+      }
+    }
+  }
+  TORCH_CHECK(
+      first_error.empty(), first_error,
+      "; expected a folder whose tokenizer remat reads, since tokenizing "
+      "byte by byte would give ids that mean nothing to this model");
+  for (const char* name : {"vocab.json", "merges.txt", "tokenizer_config.json"}) {
     const fs::path file = folder / name;
     TORCH_CHECK(
         !fs::exists(file, ec),
         "'", file.string(), "' is the model's tokenizer, which remat cannot read "
-        "(it reads WordPiece vocab.txt); expected a folder whose tokenizer remat "
-        "reads, since tokenizing byte by byte would give ids that mean nothing "
-        "to this model");
+        "(it reads tokenizer.json, tokenizer.model and vocab.txt); expected a "
+        "folder whose tokenizer remat reads, since tokenizing byte by byte "
+        "would give ids that mean nothing to this model");
   }
   return "";
 }
 
-std::shared_ptr<Tokenizer> make_tokenizer(const std::string& vocab_path) {
-  if (vocab_path.empty()) {
+std::shared_ptr<Tokenizer> make_tokenizer(const std::string& path) {
+  if (path.empty()) {
     return std::make_shared<ByteTokenizer>();
   }
+  std::error_code ec;
+  if (std::filesystem::is_directory(path, ec)) {
+    return make_tokenizer(folder_tokenizer(path));
+  }
+  switch (kind_of(path)) {
+    case TokenizerFile::kHfJson:
+      return std::make_shared<BpeTokenizer>(BpeTokenizer::from_file(path));
+    case TokenizerFile::kSentencePiece:
+      return std::make_shared<SentencePieceTokenizer>(
+          SentencePieceTokenizer::from_file(path));
+    case TokenizerFile::kWordPiece:
+      break;
+  }
   return std::make_shared<WordPieceTokenizer>(
-      WordPieceTokenizer::from_file(vocab_path));
+      WordPieceTokenizer::from_file(path));
 }
 
 } // namespace io

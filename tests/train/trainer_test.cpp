@@ -186,7 +186,17 @@ TEST(Trainer, InitTakesTheFoldersTokenizerOrRefusesIt) {
   { std::ofstream(dir + "/tokenizer.json") << "{}"; }
   EXPECT_THROW_WITH(
       Trainer(TrainOptions(bytes_lm).init_dir(dir)),
-      "'" + dir + "/tokenizer.json' is the model's tokenizer, which remat cannot read");
+      "tokenizer '" + dir + "/tokenizer.json': the file: expected a field \"model\"");
+  // A tokenizer.json with more ids than the model's 259 embedding rows.
+  nlohmann::json vocab = nlohmann::json::object();
+  for (int i = 0; i < 300; ++i) {
+    vocab["t" + std::to_string(i)] = i;
+  }
+  nlohmann::json big = {{"model", {{"type", "BPE"}, {"vocab", vocab}, {"merges", nlohmann::json::array()}}}};
+  { std::ofstream(dir + "/tokenizer.json") << big.dump(); }
+  EXPECT_THROW_WITH(
+      Trainer(TrainOptions(bytes_lm).init_dir(dir)),
+      "init: the model in '" + dir + "' has 259 token ids, but the tokenizer has 300");
   fs::remove(dir + "/tokenizer.json");
 
   nlohmann::json config;

@@ -1,14 +1,20 @@
-// Text to token ids: BERT's WordPiece (reads a vocab.txt) and a byte-level
-// tokenizer for when there is no vocabulary. Both sit behind one interface so
-// that data loading does not care which it has.
+// Text to token ids behind one interface, so that data loading does not care
+// which tokenizer it has: BERT's WordPiece (a vocab.txt), a Hugging Face
+// tokenizer.json with a BPE model (bpe_tokenizer.h), a SentencePiece
+// tokenizer.model (sentencepiece_tokenizer.h), and bytes for when there is
+// no vocabulary. make_tokenizer() picks by the file, folder_tokenizer() finds
+// a model folder's own.
 //
+// clang-format off
 // Example:
 //   auto tok = remat::io::WordPieceTokenizer::from_file("bert-mini/vocab.txt");
 //   auto enc = tok.encode("The quick brown fox!", /*max_len=*/16);
 //   // enc.input_ids: [CLS] the quick brown fox ! [SEP]; enc.attention_mask: 1s
-//   remat::io::ByteTokenizer bytes;                 // ids 0..255, then
-//   pad/bos/eos auto lm = bytes.encode("héllo", 0);             // <bos> 104
-//   195 169 ... <eos>
+//   remat::io::ByteTokenizer bytes;           // ids 0..255, then pad/bos/eos
+//   auto lm = bytes.encode("héllo", 0);       // <bos> 104 195 169 ... <eos>
+//   std::shared_ptr<remat::io::Tokenizer> own = remat::io::make_tokenizer(
+//       remat::io::folder_tokenizer("llama3-folder")); // its tokenizer.json
+// clang-format on
 #pragma once
 
 #include <torch/arg.h>
@@ -41,14 +47,16 @@ class Tokenizer {
       bool skip_special = true) const = 0;
   virtual int64_t vocab_size() const = 0;
   virtual int64_t pad_id() const = 0;
-  /// Put before the text: [CLS] for BERT, <bos> for bytes.
+  /// Put before the text: [CLS] for BERT, <bos> for bytes; -1 for none
+  /// (a tokenizer.json whose post-processor adds nothing, as GPT-2's).
   virtual int64_t begin_id() const = 0;
-  /// Put after the text: [SEP] for BERT, <eos> for bytes.
+  /// Put after the text: [SEP] for BERT, <eos> for bytes; -1 for none.
   virtual int64_t end_id() const = 0;
 
-  /// begin, tokens, end. With max_len > 0 the tokens are cut so that the
-  /// whole fits in max_len (the end token is kept, as Hugging Face does),
-  /// and with `pad` it is padded to exactly max_len (mask 0 on padding).
+  /// begin, tokens, end (those that are not -1). With max_len > 0 the tokens
+  /// are cut so that the whole fits in max_len (the end token is kept, as
+  /// Hugging Face does), and with `pad` it is padded to exactly max_len
+  /// (mask 0 on padding).
   /// Throws c10::Error when 0 < max_len < 2.
   Encoding encode(
       const std::string& text,
@@ -148,15 +156,20 @@ class ByteTokenizer : public Tokenizer {
   }
 };
 
-/// A WordPieceTokenizer for `vocab_path`, or a ByteTokenizer when it is empty.
-std::shared_ptr<Tokenizer> make_tokenizer(const std::string& vocab_path);
+/// The tokenizer of `path`, by its name: a tokenizer.json (any *.json) is a
+/// BpeTokenizer, a *.model a SentencePieceTokenizer, any other file a
+/// WordPieceTokenizer's vocab.txt, a folder its folder_tokenizer(), and ""
+/// a ByteTokenizer. Throws c10::Error naming the file for one it cannot read.
+std::shared_ptr<Tokenizer> make_tokenizer(const std::string& path);
 
 /// The tokenizer a model folder (a Hugging Face save, an --init folder)
-/// carries, as a path make_tokenizer() reads: its vocab.txt (WordPiece), or
-/// "" when the folder has no tokenizer file at all (a model trained on
-/// bytes). A folder whose tokenizer remat cannot read (tokenizer.json,
-/// tokenizer.model, vocab.json with merges.txt, ...) is refused with a
-/// c10::Error naming the file: its ids are never silently replaced by bytes.
+/// carries, as a path make_tokenizer() reads: the first of tokenizer.json,
+/// tokenizer.model (spiece.model, sentencepiece.bpe.model) and vocab.txt
+/// that remat reads, or "" when the folder has no tokenizer file at all (a
+/// model trained on bytes). A folder whose tokenizer remat cannot read (a
+/// tokenizer.json it refuses with nothing else beside it, vocab.json with
+/// merges.txt, ...) is refused with a c10::Error naming the file: its ids
+/// are never silently replaced by bytes.
 std::string folder_tokenizer(const std::string& dir);
 
 } // namespace io
