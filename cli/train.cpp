@@ -66,6 +66,7 @@ struct TrainFlags {
   int64_t compare_steps = defaults.compare_steps();
   int64_t threads = defaults.threads();
   std::string device = defaults.device();
+  int64_t max_bad_steps = defaults.max_bad_steps();
   int64_t log_every = 10;
   int64_t stop_after_step = 0;
   int64_t stop_rank = -1; ///< with stop_after_step: only this rank stops
@@ -176,6 +177,7 @@ TrainOptions apply_flags(const TrainFlags& f, TrainOptions o, const CLI::App& ap
   if (given("--compare-steps")) o.compare_steps(f.compare_steps);
   if (given("--threads")) o.threads(f.threads);
   if (given("--device")) o.device(f.device);
+  if (given("--max-bad-steps")) o.max_bad_steps(f.max_bad_steps);
   o.memory_timeline(!f.report.empty());
   return o;
 }
@@ -329,7 +331,7 @@ Run add_train(CLI::App& root) {
   app->add_option("--valid-fraction", f->valid_fraction,
                   "share of --train held out when there is no --valid (0: none)")
       ->capture_default_str();
-  app->add_option("--vocab", f->vocab, "BERT vocab.txt (WordPiece); default: byte-level");
+  app->add_option("--vocab", f->vocab, "tokenizer.json (BPE), tokenizer.model (SentencePiece) or BERT vocab.txt; default: the --init folder's, else byte-level");
   add_model_flags(app, f->model,
                   kModelLayers | kModelHidden | kModelHeads | kModelKvHeads | kModelIntermediate |
                       kModelSeq | kModelBatch | kModelDtype | kModelDropout);
@@ -377,6 +379,10 @@ Run add_train(CLI::App& root) {
   app->add_option("--device", f->device,
                   "cpu, cuda or cuda:N (a CUDA build and a visible GPU); data parallel on "
                   "CUDA: rank r on cuda:(r % GPUs), NCCL")
+      ->capture_default_str();
+  app->add_option("--max-bad-steps", f->max_bad_steps,
+                  "a step with a NaN or infinite loss or gradient norm is skipped; stop at "
+                  "more than N such steps in a row (0: at the first)")
       ->capture_default_str();
   app->add_option("--log-every", f->log_every, "plain-line progress every N steps")
       ->capture_default_str();

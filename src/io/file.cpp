@@ -2,11 +2,15 @@
 
 #include <c10/util/Exception.h>
 
+#include <algorithm>
 #include <cerrno>
+#include <csignal>
+#include <cstdint>
 #include <cstring>
 #include <fstream>
 #include <sstream>
 
+#include <dirent.h>
 #include <fcntl.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -35,11 +39,33 @@ void fsync_parent(const std::string& path) {
   }
 }
 
+constexpr const char* kTempInfix = ".tmp.";
+
+// The <pid> of a temporary file's name NAME.tmp.<pid>, or -1 when `name`
+// is not one.
+int64_t temp_file_pid(const std::string& name) {
+  const auto at = name.rfind(kTempInfix);
+  if (at == std::string::npos || at == 0) {
+    return -1;
+  }
+  const std::string digits = name.substr(at + std::strlen(kTempInfix));
+  // pid_t is 32 bits: at most 10 digits, and no sign or leading zero.
+  if (digits.empty() || digits.size() > 10 || digits[0] == '0' ||
+      !std::all_of(digits.begin(), digits.end(), [](char c) { return c >= '0' && c <= '9'; })) {
+    return -1;
+  }
+  const int64_t pid = std::stoll(digits);
+  return pid <= INT32_MAX ? pid : -1;
+}
+
 } // namespace
 
+std::string temp_path(const std::string& path) {
+  return path + kTempInfix + std::to_string(::getpid());
+}
+
 AtomicFile::AtomicFile(std::string path)
-    : path_(std::move(path)),
-      temp_path_(path_ + ".tmp." + std::to_string(::getpid())) {
+    : path_(std::move(path)), temp_path_(io::temp_path(path_)) {
   TORCH_CHECK(
       !path_.empty(),
       "AtomicFile: expected a file path, but got an empty string");
@@ -92,6 +118,55 @@ void write_file_atomic(const std::string& path, const std::string& bytes) {
   AtomicFile file(path);
   file.write(bytes);
   file.commit();
+}
+
+void link_file_atomic(const std::string& target, const std::string& link_path) {
+  const std::string temp = temp_path(link_path);
+  ::unlink(temp.c_str()); // one this process left, killed or failed
+  TORCH_CHECK(
+      ::link(target.c_str(), temp.c_str()) == 0, "could not link '", target, "' to '", temp,
+      "': ", errno_text());
+  if (::rename(temp.c_str(), link_path.c_str()) != 0) {
+    const std::string why = errno_text();
+    ::unlink(temp.c_str());
+    TORCH_CHECK(false, "could not rename '", temp, "' to '", link_path, "': ", why);
+  }
+  fsync_parent(link_path);
+}
+
+std::vector<std::string> remove_stale_temp_files(const std::string& dir) {
+  std::vector<std::string> names;
+  DIR* d = ::opendir(dir.c_str());
+  if (d == nullptr) {
+    TORCH_CHECK(
+        errno == ENOENT || errno == ENOTDIR, "could not list '", dir, "': ", errno_text());
+    return {};
+  }
+  while (const dirent* e = ::readdir(d)) {
+    const std::string name = e->d_name;
+    const int64_t pid = temp_file_pid(name);
+    // kill(pid, 0) sends nothing: it fails with ESRCH when no such process
+    // exists, with EPERM when one does under another user (left alone).
+    if (pid > 0 && ::kill(static_cast<pid_t>(pid), 0) != 0 && errno == ESRCH) {
+      names.push_back(name);
+    }
+  }
+  ::closedir(d);
+  std::sort(names.begin(), names.end());
+  std::vector<std::string> removed;
+  for (const auto& name : names) {
+    const std::string path = dir + "/" + name;
+    struct stat st;
+    if (::lstat(path.c_str(), &st) != 0 || !S_ISREG(st.st_mode)) {
+      continue; // gone meanwhile, or a folder, a link, ...: not ours
+    }
+    if (::unlink(path.c_str()) == 0) {
+      removed.push_back(path);
+    } else {
+      TORCH_CHECK(errno == ENOENT, "could not remove '", path, "': ", errno_text());
+    }
+  }
+  return removed;
 }
 
 std::string regular_file_problem(const std::string& path) {

@@ -172,6 +172,7 @@ void TrainOptions::validate() const {
   in_range(save_every_, 0, limits::kMaxCount, "save_every");
   in_range(compare_steps_, 1, limits::kMaxCount, "compare_steps");
   in_range(threads_, 0, 4096, "threads");
+  in_range(max_bad_steps_, 0, limits::kMaxCount, "max_bad_steps");
   try {
     parse_device(device_);
   } catch (const c10::Error& e) {
@@ -254,6 +255,7 @@ nlohmann::json TrainOptions::to_json() const {
       {"memory_timeline", memory_timeline_},
       {"threads", threads_},
       {"device", device_},
+      {"max_bad_steps", max_bad_steps_},
   };
 }
 
@@ -298,6 +300,10 @@ TrainOptions TrainOptions::from_json(const nlohmann::json& j) {
   if (j.contains("device")) {
     o.device(get_string(j, "device", what));
   }
+  // And those saved before --max-bad-steps, with its default.
+  if (j.contains("max_bad_steps")) {
+    o.max_bad_steps(get_int(j, "max_bad_steps", what));
+  }
   const auto& compare = field(j, "compare_policy", what);
   if (!compare.is_null()) {
     o.compare_policy(CheckpointPolicy::parse(get_string(j, "compare_policy", what)));
@@ -306,6 +312,16 @@ TrainOptions TrainOptions::from_json(const nlohmann::json& j) {
 }
 
 // ---------------------------------------------------------------- records
+
+std::string describe_skipped_step(const StepRecord& r, int64_t max_bad_steps) {
+  // What was not finite, the loss first: a NaN loss makes a NaN gradient.
+  const std::string what = !std::isfinite(r.loss)
+      ? c10::str("loss is ", r.loss)
+      : c10::str("gradient norm is ", r.grad_norm, " (loss ", r.loss, ")");
+  return c10::str(
+      "step ", r.step, ": ", what, "; update skipped (", r.skipped_in_a_row, " of ",
+      max_bad_steps, " allowed in a row)");
+}
 
 nlohmann::json StepRecord::to_json() const {
   json j{
@@ -329,6 +345,11 @@ nlohmann::json StepRecord::to_json() const {
     j["compare_loss"] = *compare_loss;
     j["loss_diff"] = std::abs(loss - *compare_loss);
   }
+  // Only on bad steps: a good step's line is as it always was.
+  if (skipped) {
+    j["skipped"] = true;
+    j["skipped_in_a_row"] = skipped_in_a_row;
+  }
   return j;
 }
 
@@ -351,6 +372,10 @@ StepRecord StepRecord::from_json(const nlohmann::json& j) {
   }
   if (j.contains("compare_loss")) {
     r.compare_loss = get_double(j, "compare_loss", what);
+  }
+  if (j.contains("skipped")) {
+    r.skipped = get_bool(j, "skipped", what);
+    r.skipped_in_a_row = get_int(j, "skipped_in_a_row", what);
   }
   return r;
 }

@@ -86,6 +86,14 @@ TrainResult run_training(
                                               ? options.threads()
                                               : std::max(1u, std::thread::hardware_concurrency())));
 
+  if (writer && !options.out_dir().empty()) {
+    // What an earlier process killed mid-save left (NAME.tmp.<pid>); a
+    // live process's temporary files are left alone.
+    for (const auto& path : io::remove_stale_temp_files(options.out_dir())) {
+      say(cb, "removed " + path + ", left by a save that was killed");
+    }
+  }
+
   History compared;
   if (options.compare_policy() && !resume) {
     run_comparison(options, cb, compared, group);
@@ -118,6 +126,10 @@ TrainResult run_training(
 
   const int64_t total = t.total_steps();
   const int64_t per_epoch = t.steps_per_epoch();
+  // The step of the state in out_dir (-1: none yet), for the message that
+  // stops a run on bad steps.
+  int64_t saved_step = resume ? t.step_count() : -1;
+  bool save_due = false; // a save fell on a bad step: at the next good one
   while (t.step_count() < total) {
     auto r = t.step();
     if (cb.on_step) {
@@ -129,6 +141,24 @@ TrainResult run_training(
       std::fflush(nullptr);
       ::_exit(137);
     }
+    if (r.skipped) {
+      // Every rank has the same record (see Trainer::step), so every rank
+      // stops at the same step, and none waits for another.
+      const int64_t allowed = options.max_bad_steps();
+      if (r.skipped_in_a_row > allowed) {
+        const std::string what = describe_skipped_step(r, allowed);
+        const std::string kept = options.out_dir().empty() ? "nothing saved (no out_dir)"
+            : saved_step < 0
+            ? "no state saved yet"
+            : "the last state saved, " + state_path(options.out_dir()) + " (step " +
+                std::to_string(saved_step) + "), is left as it is";
+        TORCH_CHECK(
+            false, "max_bad_steps: expected at most ", allowed, " bad steps in a row, but got ",
+            r.skipped_in_a_row, " (", what.substr(0, what.find(';')), "); training stopped, ",
+            kept);
+      }
+      say(cb, describe_skipped_step(r, allowed));
+    }
     const bool last = r.step == total;
     const bool eval_now = options.eval_every() > 0 ? r.step % options.eval_every() == 0
                                                    : r.step % per_epoch == 0;
@@ -138,8 +168,11 @@ TrainResult run_training(
         cb.on_eval(e);
       }
     }
-    if (writer && !last && options.save_every() > 0 && r.step % options.save_every() == 0) {
+    save_due = save_due || (options.save_every() > 0 && r.step % options.save_every() == 0);
+    if (writer && !last && save_due && !r.skipped) {
       t.save_state(options.out_dir());
+      saved_step = r.step;
+      save_due = false;
       if (cb.on_save) {
         cb.on_save(state_path(options.out_dir()), r.step);
       }

@@ -11,7 +11,6 @@
 #include <cstring>
 
 #include <sys/stat.h>
-#include <unistd.h>
 
 namespace remat {
 namespace train {
@@ -117,19 +116,9 @@ void save_train_state(const std::string& dir, const TrainState& state) {
   io::AtomicFile file(path);
   file.write(bytes);
   if (exists(path)) {
-    // Keep the state being replaced: a hard link made under a temporary
-    // name and renamed into place, so the previous state is whole too.
-    const std::string prev = previous_state_path(dir);
-    const std::string prev_tmp = prev + ".tmp." + std::to_string(::getpid());
-    ::unlink(prev_tmp.c_str());
-    TORCH_CHECK(
-        ::link(path.c_str(), prev_tmp.c_str()) == 0, "could not link '", path,
-        "' to '", prev_tmp, "': ", std::strerror(errno));
-    if (::rename(prev_tmp.c_str(), prev.c_str()) != 0) {
-      const std::string why = std::strerror(errno);
-      ::unlink(prev_tmp.c_str());
-      TORCH_CHECK(false, "could not rename '", prev_tmp, "' to '", prev, "': ", why);
-    }
+    // Keep the state being replaced: a hard link, itself atomic, so the
+    // previous state is whole too.
+    io::link_file_atomic(path, previous_state_path(dir));
   }
   file.commit();
 }

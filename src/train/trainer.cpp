@@ -15,6 +15,7 @@
 #include "remat/train/data.h"
 #include "remat/train/metrics.h"
 #include "remat/train/train_state.h"
+#include "train/step_faults.h"
 #include "train/task.h"
 
 #include <ATen/CPUGeneratorImpl.h>
@@ -34,6 +35,12 @@ namespace train {
 namespace {
 
 using Clock = std::chrono::steady_clock;
+
+// The fault tests install (train/step_faults.h); empty otherwise.
+detail::StepFault& step_fault() {
+  static detail::StepFault fault;
+  return fault;
+}
 
 torch::Tensor rng_state() {
   auto gen = at::detail::getDefaultCPUGenerator();
@@ -160,7 +167,7 @@ Batch shard_rows(const Batch& batch, int64_t rank, int64_t world) {
 // curve and must match the saved run's.
 bool may_change_on_resume(const std::string& key) {
   for (const char* k : {"out_dir", "save_every", "eval_every", "compare_policy",
-                        "compare_steps", "memory_timeline", "threads"}) {
+                        "compare_steps", "memory_timeline", "threads", "max_bad_steps"}) {
     if (key == k) {
       return true;
     }
@@ -169,6 +176,15 @@ bool may_change_on_resume(const std::string& key) {
 }
 
 } // namespace
+
+namespace detail {
+
+StepFault set_step_fault(StepFault fault) {
+  std::swap(step_fault(), fault);
+  return fault;
+}
+
+} // namespace detail
 
 void check_resume_options(
     const TrainOptions& saved_options,
@@ -203,6 +219,7 @@ struct Trainer::Impl {
   std::unique_ptr<LrSchedule> schedule;
   int64_t step = 0;
   int64_t total_steps = 0;
+  int64_t skipped_in_a_row = 0; ///< bad steps up to the last (see step())
   History history;
   std::string init_note; ///< what --init loaded
   torch::Tensor rng; ///< this run's CPU generator state (see RngScope)
@@ -268,8 +285,10 @@ struct Trainer::Impl {
     const auto theirs = nlohmann::json::parse(group->broadcast_string(mine.dump(), 0));
     std::string differs;
     for (auto it = theirs.begin(); it != theirs.end() && differs.empty(); ++it) {
-      if (!may_change_on_resume(it.key()) &&
-          (!mine.contains(it.key()) || mine.at(it.key()) != it.value())) {
+      // max_bad_steps may change on resume, but every rank must stop at
+      // the same bad step.
+      const bool may_differ = may_change_on_resume(it.key()) && it.key() != "max_bad_steps";
+      if (!may_differ && (!mine.contains(it.key()) || mine.at(it.key()) != it.value())) {
         differs = it.key() + ": rank " + std::to_string(group->rank()) + " was started with " +
             mine.value(it.key(), nlohmann::json()).dump() + ", but rank 0 with " +
             it.value().dump();
@@ -387,9 +406,18 @@ Trainer::Trainer(TrainOptions options, std::shared_ptr<dist::ProcessGroup> group
   if (options.lora_rank() > 0) {
     auto targets = options.lora_targets().empty() ? d.task->default_lora_targets()
                                                   : options.lora_targets();
-    nn::apply_lora(
-        d.task->module(),
-        nn::LoraOptions().rank(options.lora_rank()).alpha(options.lora_alpha()).targets(targets));
+    try {
+      nn::apply_lora(
+          d.task->module(),
+          nn::LoraOptions().rank(options.lora_rank()).alpha(options.lora_alpha()).targets(targets));
+    } catch (const c10::Error& e) {
+      // The targets are the user's: name their option, not the function.
+      std::string what = e.what_without_backtrace();
+      what = what.substr(0, what.find('\n'));
+      const auto colon = what.find(": ");
+      check_field(false, "lora_targets",
+                  "lora_targets: " + (colon == std::string::npos ? what : what.substr(colon + 2)));
+    }
     // The classification head is new: it trains with the adapters.
     for (auto& kv : d.task->module().named_parameters()) {
       if (kv.key().rfind("classifier.", 0) == 0) {
@@ -521,6 +549,9 @@ StepRecord Trainer::step() {
     scaled.backward();
     loss += scaled.item<double>();
   }
+  if (step_fault()) {
+    step_fault()(d.step + 1, d.rank(), loss, d.trainable);
+  }
   if (d.reducer) {
     try {
       d.reducer->reduce();
@@ -548,10 +579,25 @@ StepRecord Trainer::step() {
     grad_norm = std::sqrt(sq);
   }
   const double lr = d.schedule->lr(d.step);
-  for (auto& group : d.optimizer->param_groups()) {
-    static_cast<torch::optim::AdamWOptions&>(group.options()).lr(lr);
+  // A NaN or infinite loss or gradient norm would spoil the weights and
+  // AdamW's moments for good: the update is skipped instead, and the step
+  // still counts (batch, step counter, schedule), so the run keeps its
+  // length and data order. Every rank decides alike: `loss` is the sum
+  // over the ranks (non-finite on all when it is on one), `grad_norm` that
+  // of the summed gradients.
+  const bool bad = !std::isfinite(loss) || !std::isfinite(grad_norm);
+  if (bad) {
+    for (auto& p : d.trainable) {
+      p.mutable_grad() = torch::Tensor();
+    }
+    ++d.skipped_in_a_row;
+  } else {
+    for (auto& group : d.optimizer->param_groups()) {
+      static_cast<torch::optim::AdamWOptions&>(group.options()).lr(lr);
+    }
+    d.optimizer->step();
+    d.skipped_in_a_row = 0;
   }
-  d.optimizer->step();
   synchronize(d.device); // the clock stops when the GPU is done
   const double seconds = std::chrono::duration<double>(Clock::now() - t0).count();
   ++d.step;
@@ -575,6 +621,8 @@ StepRecord Trainer::step() {
   if (static_cast<size_t>(r.step) <= compared.size()) {
     r.compare_loss = compared[static_cast<size_t>(r.step - 1)].loss;
   }
+  r.skipped = bad;
+  r.skipped_in_a_row = d.skipped_in_a_row;
   d.history.steps.push_back(r);
   return r;
 }
@@ -834,6 +882,8 @@ void Trainer::load_state(const std::string& path) {
     d.cuda_rng = cuda_it->second.clone();
   }
   d.step = step;
+  // The count of bad steps in a row is the last record's.
+  d.skipped_in_a_row = history.steps.empty() ? 0 : history.steps.back().skipped_in_a_row;
   history.label_names = d.history.label_names;
   d.history = std::move(history);
 }

@@ -1,6 +1,7 @@
 // `remat train` as a user runs it: one-line errors with exit code 2, the
 // metrics file, the HTML report, the LM task, export.
 #include "cli_runner.h"
+#include "remat/train/train_state.h"
 #include "testing.h"
 #include "temp_dir.h"
 
@@ -14,6 +15,9 @@
 #include <fstream>
 #include <regex>
 #include <sstream>
+
+#include <sys/wait.h>
+#include <unistd.h>
 
 namespace {
 
@@ -60,6 +64,7 @@ TEST(TrainCli, BadInputGetsOneLineNamingTheFlagOrFileAndExitCode2) {
            {"train --compare-policy every-0", "--compare-policy"},
            {"train --dtype f16", "--dtype"},
            {"train --save-every 5", "--save-every: expected an out_dir"},
+           {"train --max-bad-steps -1", "--max-bad-steps: expected a value >= 0, but got -1"},
            {"train --resume", "--resume: expected --out DIR"},
            {"train --init " + dir + "/nothing", "--init"},
            {"train --metrics " + dir + "/no/such/folder/m.jsonl", "--metrics: cannot write"},
@@ -253,6 +258,48 @@ TEST(TrainCli, CudaTrainsAndReportsCudaPeaks) {
     }
     EXPECT_EQ(steps, 3);
   }
+}
+
+// A learning rate of 1e30 throws the weights so far in one step that their
+// products overflow, so from the second step on the loss is NaN: each bad
+// step is skipped and said, and the run stops after --max-bad-steps of them
+// in a row, keeping the state of the last good step. At its start it also
+// removed what a killed save had left in --out, and nothing else.
+TEST(TrainCli, NonFiniteLossesAreSkippedThenStopTheRunKeepingTheGoodState) {
+  const auto dir = temp_dir("bad_steps");
+  const pid_t child = ::fork();
+  if (child == 0) {
+    ::_exit(0);
+  }
+  ::waitpid(child, nullptr, 0); // a pid no process has
+  const std::string stale = dir + "/out/state.safetensors.tmp." + std::to_string(child);
+  const std::string live = dir + "/out/state.safetensors.tmp." + std::to_string(::getpid());
+  fs::create_directories(dir + "/out");
+  write(stale, "half a state");
+  write(live, "a save going on");
+  auto r = run_cli(kTiny + "--max-steps 6 --lr 1e30 --max-bad-steps 1 --out " + dir +
+                   "/out --save-every 1 --metrics " + dir + "/m.jsonl");
+  EXPECT_EQ(r.exit_code, 1) << r.err;
+  EXPECT_THAT(r.err, HasSubstr("removed " + stale + ", left by a save that was killed\n"));
+  EXPECT_FALSE(fs::exists(stale));
+  EXPECT_TRUE(fs::exists(live));
+  EXPECT_THAT(r.err, HasSubstr("step 2: loss is "));
+  EXPECT_THAT(r.err, HasSubstr("; update skipped (1 of 1 allowed in a row)\n"));
+  EXPECT_THAT(r.err, HasSubstr("\nremat: error: max_bad_steps: expected at most 1 bad steps in a "
+                               "row, but got 2 (step 3: loss is "));
+  EXPECT_THAT(r.err, HasSubstr("); training stopped, the last state saved, " + dir +
+                               "/out/state.safetensors (step 1), is left as it is\n"));
+  EXPECT_EQ(remat::train::peek_train_state_step(dir + "/out/state.safetensors"), 1);
+  std::istringstream lines(slurp(dir + "/m.jsonl"));
+  std::string line;
+  std::vector<bool> skipped;
+  while (std::getline(lines, line)) {
+    auto j = nlohmann::json::parse(line);
+    if (j["type"] == "step") {
+      skipped.push_back(j.value("skipped", false));
+    }
+  }
+  EXPECT_EQ(skipped, (std::vector<bool>{false, true, true}));
 }
 
 // Two ranks on two GPUs over NCCL give the losses of one process.

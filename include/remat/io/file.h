@@ -1,15 +1,23 @@
 // Whole-file reading and crash-safe writing, shared by everything that saves
-// state (weights, configs, data sets, training checkpoints).
+// state (weights, configs, data sets, training checkpoints, JSON reports).
+// Every file is written under temp_path(path) and renamed into place; what a
+// process killed mid-save leaves is cleared by remove_stale_temp_files.
 //
+// clang-format off
 // Example:
-//   remat::io::AtomicFile out("run/state.json");  // writes
-//   run/state.json.tmp.<pid> out.write(text); out.commit();   // flush, fsync,
-//   rename over run/state.json, fsync the folder
+//   // given: std::string text = "{\"step\": 100}";
+//   remat::io::AtomicFile out("run/state.json");
+//   out.write(text);  // to run/state.json.tmp.<pid>
+//   out.commit();     // fsync, rename over run/state.json, fsync the folder
 //   // Destroyed without commit(), it removes the temporary file instead.
+//   remat::io::remove_stale_temp_files("run");  // at the next start
+// clang-format on
 #pragma once
 
 #include <cstddef>
+#include <cstdint>
 #include <string>
+#include <vector>
 
 namespace remat {
 namespace io {
@@ -18,7 +26,7 @@ namespace io {
 /// so that a reader (or a crash) sees the old content or the new, never part.
 class AtomicFile {
  public:
-  /// Creates `path + ".tmp.<pid>"`. Throws c10::Error naming it on failure.
+  /// Creates temp_path(path). Throws c10::Error naming it on failure.
   explicit AtomicFile(std::string path);
   ~AtomicFile();
   AtomicFile(const AtomicFile&) = delete;
@@ -47,6 +55,30 @@ class AtomicFile {
 
 /// Writes `bytes` to `path` through an AtomicFile.
 void write_file_atomic(const std::string& path, const std::string& bytes);
+
+/// `path + ".tmp.<pid>"`, <pid> this process's: the name under which
+/// AtomicFile (and link_file_atomic) write `path` before the rename.
+std::string temp_path(const std::string& path);
+
+/// Makes `link_path` a hard link to the existing file `target`, atomically:
+/// the link is made under temp_path(link_path) and renamed over
+/// `link_path`, so a reader sees the old file or the new, never none.
+/// Throws c10::Error naming both paths on failure (the temporary link is
+/// then removed).
+void link_file_atomic(const std::string& target, const std::string& link_path);
+
+/// Removes the temporary files that atomic writes of processes no longer
+/// running left in `dir` (a process killed mid-save leaves NAME.tmp.<pid>):
+/// those whose <pid> names no live process of this machine (kill(pid, 0)
+/// fails with ESRCH). A live process's, anything else, and sub-folders
+/// are left alone; the scan is not recursive. Returns the paths removed
+/// (`dir` + "/" + name), in name order; none when `dir` does not exist.
+/// Throws c10::Error naming the file when one cannot be removed.
+///
+///   for (const auto& p : remat::io::remove_stale_temp_files("runs/a")) {
+///     std::cerr << "removed " << p << "\n";
+///   }
+std::vector<std::string> remove_stale_temp_files(const std::string& dir);
 
 /// Checks that `path` names a regular file (or a link to one) before it is
 /// opened, so a folder, a device such as /dev/zero, or a FIFO (whose open

@@ -14,8 +14,8 @@
 //       .policy(remat::CheckpointPolicy::every_layer())
 //       .epochs(3).out_dir("runs/routing").save_every(50);
 //   remat::train::TrainCallbacks cb;
-//   cb.on_step = [](const remat::train::StepRecord& r) {
-//     std::cout << r.step << " " << r.loss << "\n";
+//   cb.on_step = [](const remat::train::StepRecord& r, int64_t total) {
+//     std::cout << r.step << "/" << total << " " << r.loss << "\n";
 //   };
 //   auto result = remat::train::run_training(options, cb);
 //   std::cout << result.final_eval.macro_f1 << "\n";
@@ -62,9 +62,10 @@ Task parse_task(const std::string& text);
 /// --valid-fraction), and validate()'s messages start with them.
 ///
 /// Example:
-///   remat::train::TrainOptions().task(remat::train::Task::kCausalLm)
+///   auto options = remat::train::TrainOptions()
+///       .task(remat::train::Task::kCausalLm)
 ///       .train_path("corpus.jsonl").layers(2).hidden(64).heads(4)
-///       .max_steps(100).dtype(torch::kBFloat16)
+///       .max_steps(100).dtype(torch::kBFloat16);
 struct TrainOptions {
   TORCH_ARG(Task, task) = Task::kClassification;
 
@@ -153,6 +154,16 @@ struct TrainOptions {
   /// device's (on CUDA, the caching allocator's allocated bytes); --dtype
   /// bf16 autocasts on that device.
   TORCH_ARG(std::string, device) = "cpu";
+  /// Bad steps in a row that a run goes on after. A step whose loss or
+  /// gradient norm (before clipping) is NaN or infinite is a bad step: its
+  /// update is skipped (gradients dropped; weights and AdamW state, its step
+  /// counts included, stay as they were), but it still counts as a step (its
+  /// batch is used up, the step counter and the learning-rate schedule move
+  /// on), so that the run keeps its length and data order. run_training says
+  /// so in one line, and at the (max_bad_steps + 1)-th bad step in a row
+  /// stops with a c10::Error, saving nothing more (0: at the first bad
+  /// step). A good step starts the count again. May change on resume.
+  TORCH_ARG(int64_t, max_bad_steps) = 3;
 
  public:
   /// Throws c10::Error whose message starts with the field's name ("batch:
@@ -181,10 +192,21 @@ struct StepRecord {
   int64_t reduced_after_backward_bytes = 0;
   /// Loss of the same step in the comparison run, when there is one.
   c10::optional<double> compare_loss;
+  /// A bad step: the loss or grad_norm is NaN or infinite, and the update
+  /// was skipped (see TrainOptions::max_bad_steps).
+  bool skipped = false;
+  /// Bad steps in a row up to this one, this one included (0: a good step).
+  int64_t skipped_in_a_row = 0;
 
   nlohmann::json to_json() const;
   static StepRecord from_json(const nlohmann::json& j);
 };
+
+/// The line that says a step was skipped, with its step number and the
+/// value that was not finite: "step 12: loss is nan; update skipped (1 of 3
+/// allowed in a row)", or "step 7: gradient norm is inf (loss 2.303); update
+/// skipped (...)". `max_bad_steps` is TrainOptions::max_bad_steps.
+std::string describe_skipped_step(const StepRecord& record, int64_t max_bad_steps);
 
 /// One evaluation on the validation set.
 struct EvalRecord {
@@ -270,6 +292,7 @@ class TaskModel; // the model of a task (src/train/task.h)
 /// step control; run_training() is the whole loop.
 ///
 /// Example:
+///   // given: auto options = remat::train::TrainOptions().max_steps(100);
 ///   remat::train::Trainer t(options);
 ///   while (t.step_count() < t.total_steps()) {
 ///     auto r = t.step();
@@ -286,7 +309,8 @@ class Trainer {
   ///
   /// With a `group` of more than one rank the trainer is data-parallel: the
   /// options must equal rank 0's (checked; the fields that may change on
-  /// resume excepted), the weights are broadcast from rank 0, each rank
+  /// resume excepted, but for max_bad_steps, which every rank needs to stop
+  /// at the same step), the weights are broadcast from rank 0, each rank
   /// computes rows rank, rank + world, ... of each global batch of
   /// batch * accumulate rows, and the gradients are summed across the ranks
   /// (each rank's loss is scaled by its share of the global batch), so
@@ -300,6 +324,12 @@ class Trainer {
   Trainer& operator=(const Trainer&) = delete;
 
   /// One optimizer step over batch * accumulate rows; appended to history().
+  /// A NaN or infinite loss or gradient norm skips the update and returns a
+  /// record with `skipped` set (TrainOptions::max_bad_steps); step() never
+  /// stops for it: run_training does. Data parallel: every rank skips the
+  /// same steps (the loss is summed over the ranks first, so one rank's NaN
+  /// is every rank's, and the gradient norm is that of the summed
+  /// gradients).
   StepRecord step();
   /// Scores on the validation set (grad off, dropout off); appended to
   /// history(). Leaves the RNG and the model's training mode as they were.
@@ -344,8 +374,8 @@ class Trainer {
 /// Checks that a run with `resumed` options may continue a state saved by a
 /// run with `saved` ones: every field that shapes the loss curve (data,
 /// model, optimizer, schedule, seed, policy, ...) is equal; out_dir,
-/// save_every, eval_every, compare_policy, compare_steps, memory_timeline
-/// and threads may differ. Throws c10::Error starting with the first field
+/// save_every, eval_every, compare_policy, compare_steps, memory_timeline,
+/// threads and max_bad_steps may differ. Throws c10::Error starting with the first field
 /// that differs ("batch: the state in 'PATH' was saved by a run with 8, but
 /// this run has 4; ..."); `path` names the state in the message.
 void check_resume_options(
@@ -361,7 +391,8 @@ void check_resume_options(
 /// Example:
 ///   auto saved = remat::train::saved_run_options("runs/a");
 ///   auto o = remat::train::TrainOptions(saved).max_steps(2000);
-///   remat::train::check_resume_options(saved, o, remat::train::state_path("runs/a"));
+///   remat::train::check_resume_options(saved, o,
+///       remat::train::state_path("runs/a"));
 TrainOptions saved_run_options(const std::string& out_dir);
 
 /// Reads the files a run with `options` reads (the training set, the
@@ -376,6 +407,14 @@ void check_run_files(const TrainOptions& options);
 /// (not on resume), training with evaluation every eval_every steps or
 /// epoch, state saves every save_every steps and at the end, a final
 /// evaluation. With `resume`, continues from state_path(out_dir).
+///
+/// A bad step (TrainOptions::max_bad_steps) is said through on_message
+/// (describe_skipped_step) after on_step; a save that falls on a bad step
+/// waits for the next good one, so that the saved state is always that of a
+/// good step. After more than max_bad_steps bad steps in a row it throws a
+/// c10::Error ("max_bad_steps: expected at most 3 bad steps in a row, but
+/// got 4 (step 15: loss is nan); ...") naming the last state saved, which
+/// is left as it is.
 ///
 /// `stop_after_step` > 0 ends the process with _exit(137) right after that
 /// step, before anything else is saved: a deterministic stand-in for a
