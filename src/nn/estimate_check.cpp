@@ -109,10 +109,11 @@ std::vector<EstimateCheck> check_estimate(
       m = measure_step(
           *b,
           BertStep(ids).attention_mask(mask).token_type_ids(types).loss(
-              [](const BertOutput& o) { return o.last_hidden_state.mean(); }));
+              [](const BertOutput& o) { return o.last_hidden_state.mean(); }),
+          1, 0, plan::GradientReset::kZero); // the estimator models zeroed gradients
     } else {
       l->gradient_checkpointing_enable(CheckpointPolicy::custom(schedule, policy.name()));
-      m = measure_step(*l, LlamaStep(ids));
+      m = measure_step(*l, LlamaStep(ids), 1, 0, plan::GradientReset::kZero);
     }
     c.measured_fixed_bytes = m.base_bytes - held_before;
     c.measured_activation_bytes = m.activation_bytes;

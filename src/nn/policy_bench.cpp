@@ -255,7 +255,7 @@ void measure_schedule(BenchWorkload& w, plan::ScheduleCandidate& candidate, bool
         w.module(), [&] { return w.loss(); },
         StepOptions()
             .device(o.device())
-            .gradients(GradientReset::kZero)
+            .gradients(GradientReset::kNone)
             .seed(o.seed() + 1)
             .limit_bytes(o.limit_bytes())
             .autocast(w.config().autocast(o.device())));

@@ -94,7 +94,8 @@ StepMeasurement measure_step(
     torch::nn::Module& model,
     const std::function<torch::Tensor()>& loss_of_step,
     int64_t steps,
-    int64_t warmup) {
+    int64_t warmup,
+    GradientReset gradients) {
   TORCH_CHECK(
       steps >= 1 && warmup >= 0,
       "remat::nn::measure_step: expected steps >= 1 and warmup >= 0, but got steps ",
@@ -105,7 +106,7 @@ StepMeasurement measure_step(
   StepMeasurement m;
   std::vector<double> times;
   for (int64_t i = 0; i < warmup + steps; ++i) {
-    const auto s = measured_step(model, loss_of_step);
+    const auto s = measured_step(model, loss_of_step, StepOptions().gradients(gradients));
     if (i < warmup) {
       continue;
     }

@@ -22,6 +22,10 @@ const char* to_string(StageKind kind) {
   return "?";
 }
 
+const char* to_string(GradientReset reset) {
+  return reset == GradientReset::kZero ? "zeroed" : "none";
+}
+
 c10::optional<SelectiveCost> StageCost::selective(SegmentMode mode) const {
   switch (mode) {
     case SegmentMode::kRecomputeAttention:
@@ -155,7 +159,9 @@ int64_t Chain::first_layer() const {
 
 std::string Chain::str() const {
   std::ostringstream out;
-  out << "base " << memory::format_size(base_bytes);
+  out << "base " << memory::format_size(base_bytes) << " (gradients "
+      << (gradients == GradientReset::kZero ? "included" : "held from each stage's backward")
+      << ")";
   if (checkpoint_bytes > 0) {
     out << ", per checkpointed group " << memory::format_size(checkpoint_bytes);
   }

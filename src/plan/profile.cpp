@@ -109,6 +109,7 @@ Sample run_once(
     const at::Tensor& input,
     SegmentMode mode,
     const Meter& m,
+    GradientReset gradients,
     bool grouped = false) {
   if (r.reset) {
     r.reset();
@@ -156,6 +157,15 @@ Sample run_once(
     const int64_t input_grad = input.requires_grad() ? bytes_of(input) : 0;
     s.backward_transient = std::max<int64_t>(0, m.peak() - held - input_grad);
     s.backward_seconds = seconds(t2, t3);
+    if (gradients == GradientReset::kNone) {
+      // The step keeps them (the planner counts them from here on); the next
+      // run starts without them again.
+      for (const auto& p : r.parameters) {
+        if (p.defined() && p.grad().defined()) {
+          const_cast<at::Tensor&>(p).mutable_grad().reset();
+        }
+      }
+    }
     s.kept_after_backward = std::max<int64_t>(0, m.held() - before - input_grad);
   }
   if (input.requires_grad()) {
@@ -164,12 +174,13 @@ Sample run_once(
   return s;
 }
 
-// Gives every trainable parameter a zeroed gradient of the profiler's own for
-// the duration, as a training loop that zeroes gradients holds them, and puts
-// the caller's (possibly none) back afterwards.
+// Gives every trainable parameter a gradient of the profiler's own for the
+// duration: zeroed (kZero, as a training loop that zeroes gradients holds
+// them) or none (kNone, as a step that frees them starts); puts the caller's
+// (possibly none) back afterwards.
 class GradientSwap {
  public:
-  explicit GradientSwap(const std::vector<StageRunner>& stages) {
+  GradientSwap(const std::vector<StageRunner>& stages, GradientReset reset) {
     std::unordered_set<const c10::TensorImpl*> seen;
     for (const auto& st : stages) {
       for (const auto& p : st.parameters) {
@@ -179,13 +190,11 @@ class GradientSwap {
         }
         params_.push_back(p);
         saved_.push_back(p.grad());
-        if (!p.grad().defined()) {
-          missing_bytes_ += bytes_of(p);
-        }
+        (p.grad().defined() ? present_bytes_ : missing_bytes_) += bytes_of(p);
       }
     }
     for (auto& p : params_) {
-      p.mutable_grad() = at::zeros_like(p);
+      p.mutable_grad() = reset == GradientReset::kZero ? at::zeros_like(p) : at::Tensor();
     }
   }
   ~GradientSwap() {
@@ -198,11 +207,14 @@ class GradientSwap {
 
   /// Bytes of the gradients the caller had not allocated yet.
   int64_t missing_bytes() const { return missing_bytes_; }
+  /// Bytes of the gradients the caller held.
+  int64_t present_bytes() const { return present_bytes_; }
 
  private:
   std::vector<at::Tensor> params_;
   std::vector<at::Tensor> saved_;
   int64_t missing_bytes_ = 0;
+  int64_t present_bytes_ = 0;
 };
 
 // Dropout in the stages draws random numbers; the caller's sequence should
@@ -277,10 +289,13 @@ Chain profile(
   const Meter meter(options.device());
   const int64_t held_at_start = meter.held();
   CpuRngRestore rng;
-  GradientSwap grads(stages);
+  GradientSwap grads(stages, options.gradients());
 
   Chain chain;
-  chain.base_bytes = held_at_start + grads.missing_bytes();
+  chain.gradients = options.gradients();
+  chain.base_bytes = options.gradients() == GradientReset::kZero
+      ? held_at_start + grads.missing_bytes()
+      : held_at_start - grads.present_bytes();
   at::Tensor x = input;
   int64_t kept_by_last = 0;
   for (const auto& st : stages) {
@@ -296,7 +311,7 @@ Chain profile(
     std::vector<std::vector<Sample>> samples(modes.size());
     for (int64_t round = 0; round < options.warmup() + options.repeats(); ++round) {
       for (size_t k = 0; k < modes.size(); ++k) {
-        auto s = run_once(st, x, modes[k], meter);
+        auto s = run_once(st, x, modes[k], meter, options.gradients());
         if (round >= options.warmup()) {
           samples[k].push_back(s);
         }
@@ -341,7 +356,8 @@ Chain profile(
     cost.parameter_gradient_bytes(param_grads);
     if (st.kind == StageKind::kLayer) {
       cost.group_backward_transient_bytes(
-          run_once(st, x, SegmentMode::kStore, meter, /*grouped=*/true).backward_transient);
+          run_once(st, x, SegmentMode::kStore, meter, options.gradients(), /*grouped=*/true)
+              .backward_transient);
     }
     const double store_seconds = total_seconds(base);
     // A recompute runs ops a second time, so it is never free. Where it costs

@@ -61,6 +61,20 @@ int64_t input_grad(const Chain& chain, int64_t i) {
   return i == 0 ? 0 : chain.stages[i - 1].output_bytes();
 }
 
+// later[e] = bytes of the parameter gradients of stages e.. (the ones whose
+// backward has run before stage e - 1's) where a step starts without
+// gradients (GradientReset::kNone), 0 where base_bytes holds them all.
+std::vector<int64_t> later_gradients(const Chain& chain) {
+  const size_t n = chain.stages.size();
+  std::vector<int64_t> later(n + 1, 0);
+  if (chain.gradients == GradientReset::kNone) {
+    for (size_t i = n; i-- > 0;) {
+      later[i] = later[i + 1] + chain.stages[i].parameter_gradient_bytes();
+    }
+  }
+  return later;
+}
+
 std::vector<Unit> units_of(const Chain& chain, const Schedule& schedule) {
   const int64_t first = chain.first_layer();
   const int64_t layers = chain.num_layers();
@@ -112,6 +126,8 @@ Schedule schedule_of(const Chain& chain, const std::vector<Unit>& units) {
 
 Evaluation simulate(const Chain& chain, const std::vector<Unit>& units) {
   const auto& st = chain.stages;
+  // kNone: gradients stay held from their stage's backward on.
+  const bool keep_grads = chain.gradients == GradientReset::kNone;
   int64_t held = chain.base_bytes;
   int64_t peak = held;
   std::string where = "start";
@@ -160,6 +176,10 @@ Evaluation simulate(const Chain& chain, const std::vector<Unit>& units) {
       const auto m = mode_cost(chain, i, u.mode);
       bump(held + input_grad(chain, i) + m.backward_transient, "backward of", i, nullptr);
       held += input_grad(chain, i) - m.stored - st[i].output_bytes();
+      if (keep_grads) {
+        held += st[i].parameter_gradient_bytes();
+        bump(held, "end of backward of", i, nullptr);
+      }
       continue;
     }
     const int64_t last_out = st[u.end - 1].output_bytes();
@@ -185,10 +205,13 @@ Evaluation simulate(const Chain& chain, const std::vector<Unit>& units) {
     bump(held + last_out + param_grads + input_grad(chain, u.begin),
          "end of backward of", u.begin, &u);
     held += input_grad(chain, u.begin) - last_out - chain.checkpoint_bytes;
+    if (keep_grads) {
+      held += param_grads; // taken into `.grad`, not added and freed
+    }
   }
+  const int64_t end = chain.base_bytes + later_gradients(chain)[0];
   TORCH_INTERNAL_ASSERT(
-      held == chain.base_bytes, "remat::plan: memory walk ended at ", held,
-      " bytes, expected the base ", chain.base_bytes);
+      held == end, "remat::plan: memory walk ended at ", held, " bytes, expected ", end);
   return {peak, seconds, activations, where};
 }
 
@@ -199,10 +222,14 @@ Evaluation simulate(const Chain& chain, const std::vector<Unit>& units) {
 // leaves P + held(u) for the units after it. So a schedule's peak is
 // base + max_u (sum of held(v) for v before u + need(u)), and over suffixes
 //   need(u then rest) = max(need(u), held(u) + need(rest)).
+// Where gradients start as none, u's backward also holds the gradients of
+// the stages after it, which depend only on where u ends: need(u) =
+// max(forward need, backward need + later_gradients[end of u]).
 
 struct UnitCost {
-  int64_t held = 0;   // bytes the unit keeps from its forward to its backward
-  int64_t need = 0;   // bytes above what is held before it, at its worst
+  int64_t held = 0;          // bytes the unit keeps from its forward to its backward
+  int64_t need_forward = 0;  // bytes above what is held before it, at its worst in forward
+  int64_t need_backward = 0; // the same in backward, without later stages' gradients
   double seconds = 0;
 };
 
@@ -210,10 +237,9 @@ UnitCost stage_unit(const Chain& chain, int64_t i, SegmentMode mode) {
   const auto m = mode_cost(chain, i, mode);
   UnitCost c;
   c.held = m.stored;
-  c.need = m.stored +
-      std::max(
-          m.forward_transient,
-          chain.stages[i].output_bytes() + input_grad(chain, i) + m.backward_transient);
+  c.need_forward = m.stored + m.forward_transient;
+  c.need_backward =
+      m.stored + chain.stages[i].output_bytes() + input_grad(chain, i) + m.backward_transient;
   c.seconds = m.seconds;
   return c;
 }
@@ -229,17 +255,20 @@ UnitCost group_unit(const Chain& chain, int64_t a, int64_t b) {
   int64_t acc = 0;
   for (int64_t i = a; i < b; ++i) {
     const int64_t in = i > a ? st[i - 1].output_bytes() : 0;
-    c.need = std::max(c.need, in + st[i].output_bytes() + st[i].nograd_transient_bytes());
+    c.need_forward = std::max(
+        c.need_forward, in + st[i].output_bytes() + st[i].nograd_transient_bytes());
     // Recompute: the incoming gradient, the layers recomputed so far.
-    c.need = std::max(c.need, last_out + acc + st[i].stored_bytes() + st[i].forward_transient_bytes());
+    c.need_backward = std::max(
+        c.need_backward,
+        last_out + acc + st[i].stored_bytes() + st[i].forward_transient_bytes());
     acc += st[i].stored_bytes();
     c.seconds += 2 * st[i].forward_seconds() + st[i].backward_seconds();
   }
   int64_t param_grads = 0;
   for (int64_t i = b - 1; i >= a; --i) {
     const int64_t inner = i < b - 1 ? st[i].output_bytes() + last_out : 0;
-    c.need = std::max(
-        c.need,
+    c.need_backward = std::max(
+        c.need_backward,
         last_out + acc + inner + param_grads + input_grad(chain, i) +
             group_backward(chain, i));
     param_grads += st[i].parameter_gradient_bytes();
@@ -247,7 +276,8 @@ UnitCost group_unit(const Chain& chain, int64_t a, int64_t b) {
   }
   // The group's return (x_{b-1} + x_{a-1} + parameter gradients) is below
   // layer a's backward, which holds at least as much; no need to check it.
-  c.need += kept;
+  c.need_forward += kept;
+  c.need_backward += kept;
   return c;
 }
 
@@ -258,20 +288,30 @@ int64_t round_up(int64_t bytes, int64_t resolution) {
   return (bytes + resolution - 1) / resolution * resolution;
 }
 
+// A unit as the programme sees it: what it keeps, and its need with the
+// later stages' gradients counted.
+struct ChoiceCost {
+  int64_t held = 0;
+  int64_t need = 0;
+  double seconds = 0;
+};
+
 // The units that may start at stage i, with their costs.
 struct Choice {
   Unit unit;
-  UnitCost cost;
+  ChoiceCost cost;
 };
 
 std::vector<std::vector<Choice>> choices(const Chain& chain, const PlannerOptions& o) {
   const int64_t n = static_cast<int64_t>(chain.stages.size());
+  const auto later = later_gradients(chain);
   std::vector<std::vector<Choice>> out(n);
   for (int64_t i = 0; i < n; ++i) {
-    auto add = [&](Unit u, UnitCost c) {
-      c.held = round_up(c.held, o.memory_resolution_bytes());
-      c.need = round_up(c.need, o.memory_resolution_bytes());
-      out[i].push_back({u, c});
+    auto add = [&](Unit u, const UnitCost& c) {
+      const int64_t need = std::max(c.need_forward, c.need_backward + later[u.end]);
+      out[i].push_back({u,
+                        {round_up(c.held, o.memory_resolution_bytes()),
+                         round_up(need, o.memory_resolution_bytes()), c.seconds}});
     };
     add({i, i + 1, SegmentMode::kStore}, stage_unit(chain, i, SegmentMode::kStore));
     if (chain.stages[i].kind() != StageKind::kLayer) {
@@ -424,19 +464,21 @@ int64_t min_feasible_budget(const Chain& chain, const PlannerOptions& options) {
       need[i] = std::min(need[i], std::max(cost.need, cost.held + need[unit.end]));
     }
   }
-  return chain.base_bytes + need[0];
+  // At the end of a step that starts without gradients, all of them are held.
+  return chain.base_bytes + std::max(need[0], later_gradients(chain)[0]);
 }
 
 Plan solve(const Chain& chain, int64_t budget_bytes, const PlannerOptions& options) {
   chain.validate();
   check_options(options);
   const int64_t cap = budget_bytes - chain.base_bytes;
+  const int64_t all_gradients = later_gradients(chain)[0];
   auto ch = choices(chain, options);
   std::vector<std::vector<Point>> f;
-  if (cap >= 0) {
+  if (cap >= all_gradients) {
     f = fronts(ch, cap);
   }
-  if (cap < 0 || f[0].empty()) {
+  if (cap < all_gradients || f[0].empty()) {
     const int64_t min = min_feasible_budget(chain, options);
     TORCH_CHECK(
         false, "remat::plan: expected a memory budget of at least ", min,
@@ -453,8 +495,9 @@ Plan solve(const Chain& chain, int64_t budget_bytes, const PlannerOptions& optio
       " exceeds the budget ", budget_bytes);
   TORCH_INTERNAL_ASSERT(
       options.memory_resolution_bytes() > 1 ||
-          plan.peak_bytes == chain.base_bytes + f[0][best].need,
-      "remat::plan: planner and evaluator disagree: ", chain.base_bytes + f[0][best].need,
+          plan.peak_bytes == chain.base_bytes + std::max(f[0][best].need, all_gradients),
+      "remat::plan: planner and evaluator disagree: ",
+      chain.base_bytes + std::max(f[0][best].need, all_gradients),
       " vs ", plan.peak_bytes, " bytes");
   return plan;
 }
@@ -464,8 +507,15 @@ std::vector<Plan> frontier(const Chain& chain, const PlannerOptions& options) {
   check_options(options);
   auto ch = choices(chain, options);
   auto f = fronts(ch, std::numeric_limits<int64_t>::max());
+  // Points that need no more than all the gradients peak alike, at the end
+  // of the step: the fastest of them (the last) stands for them all.
+  const int64_t all_gradients = later_gradients(chain)[0];
+  size_t first = 0;
+  while (first + 1 < f[0].size() && f[0][first + 1].need <= all_gradients) {
+    ++first;
+  }
   std::vector<Plan> plans;
-  for (size_t k = 0; k < f[0].size(); ++k) {
+  for (size_t k = first; k < f[0].size(); ++k) {
     plans.push_back(plan_of(chain, units_from(ch, f, k)));
   }
   return plans;
@@ -570,6 +620,7 @@ nlohmann::json chain_json(const Chain& chain) {
     stages.push_back(j);
   }
   return {{"base_bytes", chain.base_bytes},
+          {"gradients", to_string(chain.gradients)},
           {"checkpoint_bytes", chain.checkpoint_bytes},
           {"stages", stages}};
 }

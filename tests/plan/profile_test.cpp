@@ -50,11 +50,12 @@ class PlanProfile : public ::testing::Test {
     s.name = "llama";
     s.layers = 4;
     s.profile = [this] {
-      return remat::nn::profile_model(llama_, remat::nn::LlamaStep(ids_));
+      return remat::nn::profile_model(
+          llama_, remat::nn::LlamaStep(ids_), remat::plan::ProfileOptions().gradients(gradients_));
     };
     s.measure = [this](const CheckpointPolicy& p) {
       llama_->gradient_checkpointing_enable(p);
-      return remat::nn::measure_step(*llama_, remat::nn::LlamaStep(ids_));
+      return remat::nn::measure_step(*llama_, remat::nn::LlamaStep(ids_), 1, 0, gradients_);
     };
     s.plan = [this](int64_t budget) {
       return remat::nn::plan_checkpointing(llama_, remat::nn::LlamaStep(ids_), budget);
@@ -85,10 +86,13 @@ class PlanProfile : public ::testing::Test {
     Subject s;
     s.name = "bert";
     s.layers = 4;
-    s.profile = [this, step] { return remat::nn::profile_model(bert_, step()); };
+    s.profile = [this, step] {
+      return remat::nn::profile_model(
+          bert_, step(), remat::plan::ProfileOptions().gradients(gradients_));
+    };
     s.measure = [this, step](const CheckpointPolicy& p) {
       bert_->gradient_checkpointing_enable(p);
-      return remat::nn::measure_step(*bert_, step());
+      return remat::nn::measure_step(*bert_, step(), 1, 0, gradients_);
     };
     s.plan = [this, step](int64_t budget) {
       return remat::nn::plan_checkpointing(bert_, step(), budget);
@@ -96,6 +100,9 @@ class PlanProfile : public ::testing::Test {
     return s;
   }
 
+  // The step profiled and measured: gradients freed (remat's bench and
+  // trainer) or zeroed and kept.
+  remat::plan::GradientReset gradients_ = remat::plan::GradientReset::kNone;
   remat::nn::Llama llama_{nullptr};
   remat::nn::Bert bert_{nullptr};
   torch::Tensor ids_, mask_, target_;
@@ -153,6 +160,32 @@ void expect_budget_sweep_holds(const Subject& s) {
     std::cout << s.name << " budget " << budget << ": " << plan.str() << ", measured peak "
               << m.peak_bytes << "\n";
   }
+}
+
+// The step that keeps zeroed gradients holds them from the start: its chain
+// puts them in the base, and predicts that step as closely.
+TEST_F(PlanProfile, ZeroedGradientStepsArePredictedToo) {
+  gradients_ = remat::plan::GradientReset::kZero;
+  expect_fixed_policies_predicted(llama());
+  expect_fixed_policies_predicted(bert());
+}
+
+TEST_F(PlanProfile, FreedGradientsPeakBelowZeroedOnesAndArePlannedSo) {
+  auto s = llama();
+  const auto freed = s.profile();
+  gradients_ = remat::plan::GradientReset::kZero;
+  const auto zeroed = s.profile();
+  EXPECT_EQ(freed.gradients, remat::plan::GradientReset::kNone);
+  int64_t grads = 0;
+  for (const auto& st : zeroed.stages) {
+    grads += st.parameter_gradient_bytes();
+  }
+  EXPECT_EQ(zeroed.base_bytes - freed.base_bytes, grads);
+  const auto none = CheckpointPolicy::none().schedule(s.layers);
+  EXPECT_LT(remat::plan::peak(freed, none), remat::plan::peak(zeroed, none));
+  // A budget that the freed step meets without checkpointing stores all.
+  const auto plan = remat::plan::solve(freed, remat::plan::peak(freed, none));
+  EXPECT_EQ(plan.schedule.str(), none.str());
 }
 
 TEST_F(PlanProfile, LlamaBudgetSweepStaysWithinBudget) {

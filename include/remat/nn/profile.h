@@ -10,24 +10,26 @@
 // Budgets are total bytes as remat::memory counts them: everything the
 // process holds at the worst moment of a training step (weights, gradients,
 // optimizer state, the batch, activations). A profile's base_bytes is what
-// is held when it is taken, plus the gradients not allocated yet, plus
+// is held when it is taken, less the gradients the step frees, plus
 // PlanOptions::reserve_bytes for what the step will hold later (AdamW's two
 // moments per trainable parameter before the first optimizer step).
 //
-// The step the planner predicts is the usual one: forward, loss, backward,
-// with gradients allocated (zeroed, not dropped, between steps) and no
+// The step the planner predicts is the one remat's bench and trainer run:
+// gradients set to none, forward, loss, backward (ProfileOptions::gradients
+// kZero predicts a loop that zeroes them instead), with no
 // reference to the model's output kept through backward. Holding the logits
 // of a language model across backward (`auto logits = model->forward(ids);
 // ... loss.backward();`) keeps B*S*vocab*4 bytes that nothing else needs;
 // compute the loss from a temporary, or reserve those bytes.
 //
 // Example:
+//   // given: auto opts = remat::nn::LlamaOptions().num_layers(8);
 //   remat::memory::install();
 //   remat::nn::Llama model(opts);
 //   auto ids = torch::randint(opts.vocab_size(), {2, 1024});
-//   auto plan = remat::nn::plan_checkpointing(*model, remat::nn::StageBatch(ids),
-//                                             model->step_head(ids),
-//                                             int64_t(3) << 30);  // 3 GiB
+//   auto plan = remat::nn::plan_checkpointing(*model,
+//       remat::nn::StageBatch(ids), model->step_head(ids),
+//       int64_t(3) << 30);  // 3 GiB
 //   model->gradient_checkpointing_enable(
 //       remat::CheckpointPolicy::custom(plan.schedule, "budget:3GiB"));
 //   std::cout << plan.str() << "\n";
@@ -70,6 +72,8 @@ std::vector<plan::StageRunner> stage_runners(
 /// generator are left as they were.
 ///
 /// Example:
+///   // given: remat::nn::Llama llama(remat::nn::LlamaOptions().num_layers(8));
+///   // given: torch::Tensor ids = torch::randint(32000, {2, 1024});  // [B, S]
 ///   auto chain = remat::nn::profile_model(*llama, remat::nn::StageBatch(ids),
 ///                                         llama->step_head(ids));
 ///   std::cout << chain.str();
@@ -82,7 +86,9 @@ plan::Chain profile_model(
 /// Options of plan_checkpointing.
 ///
 /// Example:
-///   remat::nn::PlanOptions().reserve_bytes(2 * trainable_bytes)  // AdamW
+///   // given: int64_t trainable_bytes = int64_t(440) << 20;  // fp32 weights
+///   auto options =
+///       remat::nn::PlanOptions().reserve_bytes(2 * trainable_bytes);  // AdamW
 struct PlanOptions {
   TORCH_ARG(plan::ProfileOptions, profile) = {};
   TORCH_ARG(plan::PlannerOptions, planner) = {};
@@ -99,6 +105,9 @@ struct PlanOptions {
 /// smallest feasible budget (bytes and human-readable) when nothing fits.
 ///
 /// Example:
+///   // given: remat::nn::Bert bert(remat::nn::BertOptions().num_layers(4));
+///   // given: torch::Tensor ids = torch::randint(30522, {8, 128});  // [B, S]
+///   // given: torch::Tensor mask = torch::ones({8, 128}, torch::kLong);
 ///   auto plan = remat::nn::plan_checkpointing(*bert,
 ///       remat::nn::StageBatch(ids).attention_mask(mask), bert->step_head(),
 ///       int64_t(1) << 30);
@@ -120,20 +129,24 @@ struct StepMeasurement {
 
 /// Runs `warmup + steps` training steps (`loss_of_step`: forward and loss;
 /// then backward) with the model's current policy, as the planner predicts
-/// them (remat::nn::measured_step, remat/nn/step.h): before each step every
-/// trainable parameter's gradient is zeroed in place (allocated where
-/// missing), and the output is dropped once the loss is computed. Peaks and
+/// them (remat::nn::measured_step, remat/nn/step.h): before each step the
+/// gradients are reset as `gradients` says (kNone: freed; kZero: zeroed in
+/// place, allocated where missing), and the output is dropped once the loss
+/// is computed. Peaks and
 /// held bytes are the largest over the timed steps. Leaves the last step's
 /// gradients in `.grad`. Needs remat::memory::install().
 ///
 /// Example:
+///   // given: remat::nn::Llama model(remat::nn::LlamaOptions().num_layers(8));
+///   // given: torch::Tensor ids = torch::randint(32000, {2, 1024});  // [B, S]
 ///   auto m = remat::nn::measure_step(*model,
 ///       [&] { return model->forward_loss(ids, ids); }, 3);
 StepMeasurement measure_step(
     torch::nn::Module& model,
     const std::function<torch::Tensor()>& loss_of_step,
     int64_t steps = 1,
-    int64_t warmup = 0);
+    int64_t warmup = 0,
+    plan::GradientReset gradients = plan::GradientReset::kNone);
 
 // ---------------------------------------------------------------------------
 // A family's own step. remat::nn::BertStep and remat::nn::LlamaStep (and a
@@ -142,6 +155,9 @@ StepMeasurement measure_step(
 // overloads take such a step, with the model or its module holder.
 //
 // Example:
+//   // given: remat::nn::Bert bert(remat::nn::BertOptions().num_layers(4));
+//   // given: remat::nn::Llama llama(remat::nn::LlamaOptions().num_layers(8));
+//   // given: torch::Tensor ids = torch::randint(30522, {8, 128});  // [B, S]
 //   auto chain = remat::nn::profile_model(bert, remat::nn::BertStep(ids));
 //   auto plan = remat::nn::plan_checkpointing(*llama,
 //       remat::nn::LlamaStep(ids), int64_t(3) << 30);
@@ -182,10 +198,15 @@ auto plan_checkpointing(
 
 /// measure_step of the step's forward_loss.
 template <typename Model, typename Step>
-auto measure_step(Model& model, const Step& step, int64_t steps = 1, int64_t warmup = 0)
+auto measure_step(
+    Model& model,
+    const Step& step,
+    int64_t steps = 1,
+    int64_t warmup = 0,
+    plan::GradientReset gradients = plan::GradientReset::kNone)
     -> decltype(step.forward_loss(model), StepMeasurement()) {
   return measure_step(
-      model, [&] { return step.forward_loss(model); }, steps, warmup);
+      model, [&] { return step.forward_loss(model); }, steps, warmup, gradients);
 }
 
 } // namespace nn

@@ -4,14 +4,18 @@
 // their steps with it, so their figures mean the same thing.
 //
 // Example:
+//   // given: remat::nn::Llama model(remat::nn::LlamaOptions().num_layers(8));
+//   // given: torch::Tensor ids = torch::randint(32000, {2, 1024});  // [B, S]
 //   remat::memory::install();
 //   auto s = remat::nn::measured_step(*model,
 //       [&] { return model->forward_loss(ids, ids); },
-//       remat::nn::StepOptions().limit_bytes(int64_t(2) << 30));
-//   std::cout << s.peak_bytes << " bytes at the peak, " << s.step_seconds << " s\n";
+//       remat::nn::StepOptions().limit_bytes(int64_t(2) << 30));  // 2 GiB
+//   std::cout << s.peak_bytes << " bytes at the peak, " << s.step_seconds
+//             << " s\n";
 #pragma once
 
 #include "remat/autocast.h"
+#include "remat/plan/chain.h"
 
 #include <c10/core/Device.h>
 #include <c10/util/Optional.h>
@@ -24,18 +28,17 @@
 namespace remat {
 namespace nn {
 
-/// What happens to the gradients of the previous step before a step.
-enum class GradientReset {
-  kZero, ///< zeroed in place, allocated where missing (a training loop's
-         ///< zero_grad that keeps the buffers; what the planner predicts)
-  kNone, ///< set to none (freed), so the step starts from the weights alone
-};
+/// What happens to the previous step's gradients before a step (defined
+/// with the planner's chain, which models both).
+using plan::GradientReset;
 
 /// How a measured step runs.
 struct StepOptions {
   /// Where the model and batch are; bytes and clocks are that device's.
   TORCH_ARG(c10::Device, device) = c10::kCPU;
-  TORCH_ARG(GradientReset, gradients) = GradientReset::kZero;
+  /// kNone, as remat's bench and trainer step; kZero for a loop that
+  /// zeroes gradients and keeps them (what remat's estimator models).
+  TORCH_ARG(GradientReset, gradients) = GradientReset::kNone;
   /// Seeds every generator before the step, so that every run draws the
   /// same dropout masks; none: the generators go on as they are.
   TORCH_ARG(c10::optional<uint64_t>, seed) = c10::nullopt;

@@ -55,6 +55,18 @@ enum class StageKind {
 
 const char* to_string(StageKind kind);
 
+/// What happens to the parameters' gradients of the previous step before a
+/// step starts, which decides when a step holds them.
+enum class GradientReset {
+  kZero, ///< zeroed in place, allocated where missing: held for the whole
+         ///< step (Chain::base_bytes counts them)
+  kNone, ///< set to none (freed): stage i's gradients appear in its backward
+         ///< and stay held to the end of the step (what remat's bench and
+         ///< trainer run, and PyTorch 2's zero_grad() default)
+};
+
+const char* to_string(GradientReset reset);
+
 /// The cost of running one layer in a partial mode (remat::partial_modes():
 /// kRecomputeAttention, kRecomputeMlp, a per-op policy, compressed saves): it
 /// keeps less, and pays for it in backward (a sub-block or the ops between
@@ -62,9 +74,9 @@ const char* to_string(StageKind kind);
 /// what StageCost's do, measured with the layer in that mode.
 ///
 /// Example:
-///   remat::plan::SelectiveCost(/*stored_bytes=*/40 << 20,
-///                              /*recompute_seconds=*/0.002)
-///       .backward_transient_bytes(90 << 20)
+///   auto cost = remat::plan::SelectiveCost(/*stored_bytes=*/40 << 20,
+///                                          /*recompute_seconds=*/0.002)
+///                   .backward_transient_bytes(90 << 20);
 struct SelectiveCost {
   SelectiveCost(int64_t stored_bytes, double recompute_seconds)
       : stored_bytes_(stored_bytes), recompute_seconds_(recompute_seconds) {}
@@ -103,9 +115,9 @@ struct SelectiveCost {
 ///   SelectiveCost fields    = the same, measured with the layer in that mode.
 ///
 /// Example:
-///   remat::plan::StageCost("layer.3").forward_seconds(0.01)
+///   auto cost = remat::plan::StageCost("layer.3").forward_seconds(0.01)
 ///       .backward_seconds(0.02).output_bytes(8 << 20)
-///       .stored_bytes(120 << 20).backward_transient_bytes(32 << 20)
+///       .stored_bytes(120 << 20).backward_transient_bytes(32 << 20);
 struct StageCost {
   explicit StageCost(std::string name = "", StageKind kind = StageKind::kLayer)
       : name_(std::move(name)), kind_(kind) {}
@@ -167,9 +179,12 @@ struct StageCost {
 struct Chain {
   /// Embeddings first, then at least one layer, then heads.
   std::vector<StageCost> stages;
-  /// Bytes held for the whole step whatever the schedule: weights, gradients,
-  /// optimizer state, the input batch.
+  /// Bytes held for the whole step whatever the schedule: weights, optimizer
+  /// state, the input batch, and with GradientReset::kZero the gradients.
   int64_t base_bytes = 0;
+  /// kNone: the parameters' gradients are not in base_bytes; each stage's
+  /// parameter_gradient_bytes are held from its backward to the step's end.
+  GradientReset gradients = GradientReset::kZero;
   /// Bytes a checkpointed group keeps from its forward until its backward
   /// has run, besides its input and output: remat's checkpoint saves the
   /// generator state for the recompute (5,056 bytes for the CPU generator).
@@ -191,6 +206,8 @@ struct Chain {
 /// One stage of a real model, as a profiler needs it.
 ///
 /// Example:
+///   // given: remat::nn::Bert model(remat::nn::BertOptions().num_layers(4));
+///   // given: torch::Tensor mask;  // additive [B, 1, 1, S], or undefined
 ///   remat::plan::StageRunner layer;
 ///   layer.name = "layer.0";
 ///   layer.forward = [&](const at::Tensor& h, remat::SegmentMode mode) {
@@ -222,7 +239,7 @@ struct StageRunner {
 /// Options of `profile`.
 ///
 /// Example:
-///   remat::plan::ProfileOptions().warmup(1).repeats(5)
+///   auto options = remat::plan::ProfileOptions().warmup(1).repeats(5);
 struct ProfileOptions {
   TORCH_ARG(int64_t, warmup) = 1;  ///< runs per stage and mode discarded
   TORCH_ARG(int64_t, repeats) = 3; ///< timed runs per stage and mode; the
@@ -234,6 +251,9 @@ struct ProfileOptions {
   /// it is measured (and planned) only when asked for.
   TORCH_ARG(std::vector<SegmentMode>, layer_modes) =
       std::vector<SegmentMode>{SegmentMode::kSaveMatmuls, SegmentMode::kSaveProjections};
+  /// The step the chain describes: gradients set to none (remat's bench and
+  /// trainer) or zeroed and kept (a loop that zeroes them).
+  TORCH_ARG(GradientReset, gradients) = GradientReset::kNone;
 };
 
 /// Measures each stage on `input` and returns its Chain (fields as
@@ -253,17 +273,22 @@ struct ProfileOptions {
 /// recompute_seconds is the median extra time of its rounds over kStore's
 /// (0 when it is not slower).
 ///
-/// Every trainable parameter holds a gradient during the step, as in a
-/// training loop that zeroes gradients rather than dropping them, so
-/// base_bytes = the bytes held when `profile` is called, plus the gradients
-/// of the stages' trainable parameters that have none yet, plus what the
-/// last stage still holds when its backward has returned while its output
-/// is referenced (the loss, its gradient, and what the loss's graph keeps:
-/// a step holds them until its backward ends). checkpoint_bytes is measured around a real remat::checkpoint of
-/// a layer. The caller's
+/// With options.gradients() kZero every trainable parameter holds a gradient
+/// during the step, as in a training loop that zeroes gradients rather than
+/// dropping them, so base_bytes = the bytes held when `profile` is called,
+/// plus the gradients of the stages' trainable parameters that have none
+/// yet. With kNone (the default) the step frees them first, so base_bytes =
+/// the bytes held when `profile` is called, less the stages' gradients held
+/// then. Either way base_bytes adds what the last stage still holds when its
+/// backward has returned while its output is referenced (the loss, its
+/// gradient, and what the loss's graph keeps: a step holds them until its
+/// backward ends). checkpoint_bytes is measured around a real
+/// remat::checkpoint of a layer. The caller's
 /// gradients and the default CPU generator's state are left as they were.
 ///
 /// Example:
+///   // given: std::vector<remat::plan::StageRunner> runners;  // as above
+///   // given: torch::Tensor input_ids = torch::randint(30522, {8, 128});
 ///   auto chain = remat::plan::profile(runners, input_ids);
 ///   auto plan = remat::plan::solve(chain, int64_t(2) << 30);
 Chain profile(
