@@ -6,9 +6,12 @@
 // these.
 //
 // Example:
+//   // given: torch::nn::Linear model(256, 256);
+//   // given: torch::Tensor x = torch::randn({8, 256});
+//   torch::Tensor loss;
 //   {
-//     remat::AutocastScope bf16(remat::AutocastState::bf16(device));
-//     loss = model->forward_loss(ids, ids);   // matmuls in bfloat16
+//     remat::AutocastScope bf16(remat::AutocastState::bf16(torch::kCPU));
+//     loss = model(x).pow(2).mean();          // matmuls in bfloat16
 //   }                                         // autocast as it was
 //   loss.backward();
 #pragma once

@@ -36,6 +36,7 @@
 // without checkpointing on the CPU.
 //
 // Example (a lambda over a module's weights; nothing to list):
+//   // given: torch::Tensor hidden = torch::randn({8, 256});  // [B, 256]
 //   torch::nn::Linear fc(256, 256);
 //   auto out = remat::checkpoint(
 //       [&](const std::vector<torch::Tensor>& in) {
@@ -44,6 +45,8 @@
 //       {hidden}, remat::CheckpointOptions().name("layer.3"))[0];
 //
 // Example (a module; what forward returns comes back):
+//   // given: torch::nn::Linear fc(256, 256);
+//   // given: torch::Tensor x = torch::randn({8, 256});
 //   torch::Tensor y = remat::checkpoint(fc, {x});
 #pragma once
 
@@ -115,9 +118,12 @@ CheckpointDefaults checkpoint_defaults();
 /// Sets this thread's defaults for its lifetime, then restores them.
 ///
 /// Example:
+///   // given: remat::nn::Llama model(remat::nn::LlamaOptions().num_layers(2));
+///   // given: torch::Tensor ids = torch::randint(32000, {2, 64});  // [B, S]
 ///   {
 ///     remat::CheckpointDefaultsGuard old({remat::CheckpointImpl::kReentrant});
-///     loss = model->forward_loss(ids, ids);  // every segment reentrant
+///     auto loss = model->forward_loss(ids, ids);  // every segment reentrant
+///     loss.backward();
 ///   }
 class CheckpointDefaultsGuard {
  public:
@@ -133,7 +139,8 @@ class CheckpointDefaultsGuard {
 /// Options of one checkpointed segment.
 ///
 /// Example:
-///   remat::CheckpointOptions().name("layer.3").preserve_rng_state(false)
+///   auto options =
+///       remat::CheckpointOptions().name("layer.3").preserve_rng_state(false);
 struct CheckpointOptions {
   /// Restore the RNG state (CPU generator, and the CUDA generator of the
   /// inputs' device where built) before recomputing, so dropout draws the

@@ -18,6 +18,9 @@
 //     rounding error <= 2^-4 of the largest |x|).
 //
 // Example (a block whose activations are stored as bf16):
+//   // given: torch::nn::Linear block(256, 256);
+//   // given: torch::Tensor x = torch::randn({8, 256});
+//   torch::Tensor loss;
 //   {
 //     remat::CompressedSavesGuard bf16(torch::kBFloat16);
 //     loss = block->forward(x).pow(2).mean();

@@ -4,11 +4,12 @@
 // with the reason.
 //
 // Example:
+//   // given: torch::nn::Linear model(256, 256);
 //   auto device = remat::parse_device("cuda:1");       // c10::Device
 //   device = remat::require_device(device);            // throws: no GPU here
 //   model->to(device);
 //   ...
-//   remat::synchronize(device);                        // before reading a clock
+//   remat::synchronize(device);                   // before reading a clock
 #pragma once
 
 #include <c10/core/Device.h>

@@ -6,6 +6,8 @@
 // the caching allocator's device statistics.
 //
 // Example:
+//   // given: torch::nn::Linear model(256, 256);
+//   // given: torch::Tensor x = torch::randn({8, 256});
 //   remat::memory::install();
 //   remat::memory::reset_peak();
 //   auto before = remat::memory::current_bytes();

@@ -8,6 +8,8 @@
 // gets the same bounds by calling the options' validate().
 //
 // Example:
+//   // given: int64_t layers = 0;
+//   // given: auto options = remat::nn::LlamaOptions().num_layers(layers);
 //   remat::check_size("layers", layers, 1, remat::limits::kMaxLayers);
 //   int64_t mlp = remat::llama_mlp_size(4096);   // 11008
 //   try { options.validate(); }

@@ -21,7 +21,10 @@
 // which tests the mechanism on machines without a GPU.
 //
 // Example (a block whose activations wait in host memory until backward):
+//   // given: torch::nn::Linear block(256, 256);
+//   // given: torch::Tensor x = torch::randn({8, 256});
 //   auto hooks = std::make_shared<remat::OffloadHooks>();
+//   torch::Tensor loss;
 //   {
 //     remat::SavedTensorHooksGuard offload(hooks);
 //     loss = block->forward(x).pow(2).mean();

@@ -23,11 +23,14 @@
 // as forward read it (docs/saved_tensor_hooks.md, "Per-op policies").
 //
 // Example (keep the outputs of matrix products in a user's block):
+//   // given: torch::nn::Linear mlp(256, 256);
+//   // given: torch::Tensor x = torch::randn({8, 256});
 //   auto y = remat::checkpoint(
 //       [&](const std::vector<torch::Tensor>& in) {
 //         return std::vector<torch::Tensor>{mlp->forward(in[0])};
 //       },
-//       {x}, remat::CheckpointOptions().op_policy(remat::OpPolicy::matmuls()))[0];
+//       {x},
+//       remat::CheckpointOptions().op_policy(remat::OpPolicy::matmuls()))[0];
 #pragma once
 
 #include <string>

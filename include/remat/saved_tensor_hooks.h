@@ -39,6 +39,9 @@
 //     itself ("Compiled Autograd only supports python saved tensor hooks").
 //
 // Example (keep saved float32 tensors as bfloat16):
+//   // given: torch::nn::Linear model(256, 256);
+//   // given: torch::Tensor x = torch::randn({8, 256});
+//   torch::Tensor loss;
 //   {
 //     remat::SavedTensorHooksGuard bf16(
 //         [](const torch::Tensor& t) -> std::any {

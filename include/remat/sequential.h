@@ -2,10 +2,13 @@
 // and any module a predicate picks out of one.
 //
 // Example (a Sequential of 8 blocks in 4 checkpointed segments):
-//   torch::nn::Sequential net(...);
+//   // given: torch::Tensor x = torch::randn({8, 256});  // [B, 256]
+//   torch::nn::Sequential net;
+//   for (int i = 0; i < 8; ++i) net->push_back(torch::nn::Linear(256, 256));
 //   auto y = remat::checkpoint_sequential(net, 4, x);
 //
 // Example (checkpoint every Linear of a Sequential, by type or by name):
+//   // given: torch::nn::Sequential net(torch::nn::Linear(4, 4));
 //   net = remat::apply_activation_checkpointing(
 //       net, [](const std::string& name, const torch::nn::Module& m) {
 //         return m.as<torch::nn::Linear>() != nullptr;

@@ -29,12 +29,17 @@
 // data_parallel_test.cpp counts the hooks.
 //
 // Example (gradient accumulation over `micros`):
+//   // given: remat::dist::DistOptions options;  // this rank's
+//   // given: torch::nn::Linear model(256, 256);
+//   // given: torch::optim::SGD optimizer(model->parameters(), /*lr=*/0.1);
+//   // given: std::vector<torch::Tensor> micros;  // [B, 256] each
 //   auto group = std::make_shared<remat::dist::ProcessGroup>(options);
-//   remat::dist::broadcast_parameters(*group, model);
+//   remat::dist::broadcast_parameters(*group, *model);
 //   remat::dist::GradReducer reducer(group, model->parameters());
 //   for (size_t i = 0; i < micros.size(); ++i) {
 //     reducer.prepare_for_backward(/*sync=*/i + 1 == micros.size());
-//     loss_of(micros[i]).backward();  // the last one starts the all-reduces
+//     auto loss = model(micros[i]).pow(2).mean();
+//     loss.backward();  // the last one starts the all-reduces
 //   }
 //   reducer.reduce();  // every rank's .grad is now the average
 //   optimizer.step();
@@ -60,7 +65,10 @@ namespace dist {
 
 /// How GradReducer packs and combines gradients.
 ///
-/// Example: remat::dist::GradReducerOptions().bucket_bytes(1 << 20).average(false)
+/// Example:
+///   auto options = remat::dist::GradReducerOptions()
+///                      .bucket_bytes(1 << 20)  // 1 MiB
+///                      .average(false);
 struct GradReducerOptions {
   /// Largest bucket, in bytes of gradient (a parameter larger than this is a
   /// bucket of its own). 25 MiB, as PyTorch's DDP.

@@ -35,7 +35,8 @@ namespace dist {
 /// Where a process stands in its group and how the group meets.
 ///
 /// Example:
-///   remat::dist::DistOptions().rank(1).world_size(2).master_port(29511)
+///   auto options =
+///       remat::dist::DistOptions().rank(1).world_size(2).master_port(29511);
 struct DistOptions {
   TORCH_ARG(int64_t, rank) = 0;
   TORCH_ARG(int64_t, world_size) = 1;

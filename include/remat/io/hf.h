@@ -8,8 +8,9 @@
 //   auto options = remat::io::read_bert_config("bert-mini/config.json");
 //   remat::nn::Bert bert(options.hidden_dropout(0.0));
 //   auto report = remat::io::load_state(*bert,
-//   remat::io::read_hf_weights("bert-mini"),
-//       remat::io::LoadStateOptions().strip_prefixes({"bert."}).ignore_unexpected(true));
+//       remat::io::read_hf_weights("bert-mini"),
+//       remat::io::LoadStateOptions().strip_prefixes({"bert."})
+//           .ignore_unexpected(true));
 //   // report.unexpected lists what was skipped, e.g. "cls.predictions.bias"
 //   remat::io::save_state(*bert, "out/model.safetensors");
 //   remat::io::write_bert_config("out/config.json", options);

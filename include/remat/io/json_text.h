@@ -3,6 +3,7 @@
 // states share it.
 //
 // Example:
+//   // given: auto j = nlohmann::json::parse("[1, 2, 3]");  // from a file
 //   TORCH_CHECK(j.is_number_integer(), "expected an integer, but got ",
 //               remat::io::describe_json(j));   // "an array of 3 items"
 #pragma once

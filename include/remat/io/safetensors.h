@@ -10,11 +10,14 @@
 // names the file and the tensor; it never reads out of bounds. The writer is
 // atomic: a crash leaves either the old file or the new one, never a part.
 //
+// clang-format off
 // Example:
-//   std::map<std::string, torch::Tensor> w{{"linear.weight", torch::randn({4,
-//   3})}}; remat::io::save_safetensors("model.safetensors", w, {{"format",
-//   "pt"}}); auto back = remat::io::load_safetensors("model.safetensors"); auto
-//   meta = remat::io::read_safetensors("model.safetensors").metadata;
+//   std::map<std::string, torch::Tensor> w{
+//       {"linear.weight", torch::randn({4, 3})}};
+//   remat::io::save_safetensors("model.safetensors", w, {{"format", "pt"}});
+//   auto back = remat::io::load_safetensors("model.safetensors");
+//   auto meta = remat::io::read_safetensors("model.safetensors").metadata;
+// clang-format on
 #pragma once
 
 #include <torch/types.h>

@@ -22,6 +22,10 @@
 //     nothing), and 0 with a zero gradient in blockwise.
 //
 // Example:
+//   // given: torch::Tensor q = torch::randn({2, 8, 128, 64});
+//   // given: torch::Tensor k = torch::randn({2, 8, 128, 64});
+//   // given: torch::Tensor v = torch::randn({2, 8, 128, 64});
+//   // given: torch::Tensor mask;  // undefined: every key is kept
 //   // q, k, v: [batch, heads, seq, head_dim]
 //   auto ctx = remat::nn::attention(q, k, v, mask,
 //       remat::nn::AttentionOptions()
@@ -59,7 +63,9 @@ void check_attention_supported(AttentionKind kind);
 /// Options of one attention call.
 ///
 /// Example:
-///   remat::nn::AttentionOptions().kind(AttentionKind::kBlockwise).block_size(64)
+///   auto options = remat::nn::AttentionOptions()
+///                      .kind(remat::nn::AttentionKind::kBlockwise)
+///                      .block_size(64);
 struct AttentionOptions {
   TORCH_ARG(AttentionKind, kind) = AttentionKind::kEager;
   /// Dropout on the attention probabilities (applied only when training).
@@ -95,6 +101,7 @@ torch::Tensor attention(
 /// repeat_kv. groups == 1 returns x itself.
 ///
 /// Example:
+///   // given: torch::Tensor k = torch::randn({2, 2, 128, 64});
 ///   // k: [2, 2, 128, 64] for 8 query heads
 ///   auto k8 = remat::nn::repeat_kv(k, /*groups=*/4);  // [2, 8, 128, 64]
 torch::Tensor repeat_kv(const torch::Tensor& x, int64_t groups);
@@ -121,6 +128,9 @@ torch::Tensor repeat_kv(const torch::Tensor& x, int64_t groups);
 ///     whole core under the forward's RNG and autocast state.
 ///
 /// Example:
+///   // given: torch::Tensor q = torch::randn({2, 8, 128, 64});
+///   // given: torch::Tensor k = torch::randn({2, 2, 128, 64});
+///   // given: torch::Tensor v = torch::randn({2, 2, 128, 64});
 ///   // q: [batch, 8, seq, 64]; k, v: [batch, 2, seq, 64]
 ///   auto ctx = remat::nn::checkpointed_attention(
 ///       q, k, v, /*mask=*/{}, remat::nn::AttentionOptions().causal(true));

@@ -5,9 +5,12 @@
 // their names are Hugging Face's ("query", "key", "value", "dense").
 //
 // Example:
-//   remat::nn::Bert bert(remat::nn::BertOptions().num_layers(12).hidden_size(256)
-//                            .num_heads(4));
-//   bert->gradient_checkpointing_enable(remat::CheckpointPolicy::every_layer());
+//   // given: torch::Tensor input_ids = torch::randint(30522, {8, 128});
+//   // given: torch::Tensor attention_mask = torch::ones_like(input_ids);
+//   remat::nn::Bert bert(
+//       remat::nn::BertOptions().num_layers(12).hidden_size(256).num_heads(4));
+//   bert->gradient_checkpointing_enable(
+//       remat::CheckpointPolicy::every_layer());
 //   auto out = bert->forward(input_ids, attention_mask);   // [B, S] each
 //   auto loss = out.last_hidden_state.pow(2).mean();
 //   loss.backward();
@@ -209,10 +212,13 @@ class BertImpl;
 /// measure_step).
 ///
 /// Example:
-///   remat::nn::BertStep(input_ids).attention_mask(mask).loss(
+///   // given: torch::Tensor input_ids = torch::randint(30522, {8, 128});
+///   // given: torch::Tensor mask = torch::ones({8, 128}, torch::kLong);
+///   // given: torch::Tensor target = torch::zeros({8, 128, 768});  // [B,S,H]
+///   auto step = remat::nn::BertStep(input_ids).attention_mask(mask).loss(
 ///       [&](const remat::nn::BertOutput& o) {
 ///         return torch::mse_loss(o.last_hidden_state, target);
-///       })
+///       });
 struct BertStep {
   explicit BertStep(torch::Tensor input_ids) : input_ids_(std::move(input_ids)) {}
   TORCH_ARG(torch::Tensor, input_ids);            ///< [B, S] int64

@@ -10,7 +10,8 @@
 // use rand_like.
 //
 // Example:
-//   auto y = remat::nn::dropout(x, 0.1, is_training());
+//   // given: torch::Tensor x = torch::randn({8, 128, 256});
+//   auto y = remat::nn::dropout(x, /*p=*/0.1, /*training=*/true);
 #pragma once
 
 #include <torch/types.h>
@@ -37,6 +38,7 @@ bool seeded_dropout_supports(const torch::Tensor& input);
 /// dropout(x, p, true) equals seeded_dropout(x, p, draw_dropout_seed()).
 ///
 /// Example:
+///   // given: torch::Tensor x = torch::randn({8, 128, 256});
 ///   const uint64_t seed = remat::nn::draw_dropout_seed();
 ///   auto y = remat::nn::seeded_dropout(x, 0.1, seed);
 torch::Tensor seeded_dropout(const torch::Tensor& input, double p, uint64_t seed);

@@ -6,11 +6,13 @@
 //
 // Example:
 //   remat::memory::install();
-//   auto spec = remat::plan::ModelSpec(remat::plan::Family::kLlama, 4, 64, 4, 128)
-//                   .kv_heads(2).seq(64).batch(2)
-//                   .head(remat::plan::Head::kLanguageModel);
+//   auto spec = remat::plan::ModelSpec(remat::plan::Family::kLlama,
+//       /*layers=*/4, /*hidden=*/64, /*heads=*/4, /*vocab=*/128)
+//       .kv_heads(2).seq(64).batch(2)
+//       .head(remat::plan::Head::kLanguageModel);
 //   for (const auto& c : remat::nn::check_estimate(spec,
-//            {remat::CheckpointPolicy::none(), remat::CheckpointPolicy::every_layer()})) {
+//            {remat::CheckpointPolicy::none(),
+//             remat::CheckpointPolicy::every_layer()})) {
 //     std::cout << c.policy << ": " << c.estimated_peak_bytes << " estimated, "
 //               << c.measured_peak_bytes << " measured\n";
 //   }

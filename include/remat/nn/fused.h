@@ -17,6 +17,10 @@
 // the caller's state. Gradients come back in each input's dtype.
 //
 // Example:
+//   // given: torch::Tensor x = torch::randn({2, 128, 512});  // [B, S, H]
+//   // given: torch::Tensor norm_weight = torch::ones({512});
+//   // given: torch::nn::Linear gate_proj(512, 1376), up_proj(512, 1376);
+//   // given: torch::Tensor down_weight = torch::randn({512, 1376});  // [H, I]
 //   auto h = remat::nn::rms_norm(x, norm_weight, 1e-6);   // [B, S, H]
 //   auto g = gate_proj->forward(h);                        // [B, S, I]
 //   auto u = up_proj->forward(h);                          // [B, S, I]

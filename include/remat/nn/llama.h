@@ -22,10 +22,13 @@
 // a second time.
 //
 // Example:
+//   // given: torch::Tensor input_ids = torch::randint(32000, {2, 256});
+//   // given: torch::Tensor prompt = torch::randint(32000, {1, 8});  // [B, S]
 //   remat::nn::Llama model(remat::nn::LlamaOptions().vocab_size(32000)
 //       .hidden_size(512).intermediate_size(1376).num_layers(8)
 //       .num_heads(8).num_kv_heads(2));
-//   model->gradient_checkpointing_enable(remat::CheckpointPolicy::every_layer());
+//   model->gradient_checkpointing_enable(
+//       remat::CheckpointPolicy::every_layer());
 //   auto loss = model->forward_loss(input_ids, input_ids);  // next-token loss
 //   loss.backward();                                // no [B, S, vocab] kept
 //   auto logits = model->forward(input_ids);        // [B, S] -> [B, S, vocab]
@@ -55,8 +58,9 @@ namespace nn {
 /// Sizes and settings of a Llama decoder. Defaults are Llama-2-7B's.
 ///
 /// Example:
-///   remat::nn::LlamaOptions().hidden_size(64).intermediate_size(172)
-///       .num_layers(2).num_heads(4).num_kv_heads(2).vocab_size(100)
+///   auto options = remat::nn::LlamaOptions().hidden_size(64)
+///       .intermediate_size(172).num_layers(2).num_heads(4).num_kv_heads(2)
+///       .vocab_size(100);
 struct LlamaOptions {
   TORCH_ARG(int64_t, vocab_size) = 32000;
   TORCH_ARG(int64_t, hidden_size) = 4096;
@@ -246,7 +250,9 @@ class LlamaImpl;
 /// (remat/nn/profile.h: profile_model, plan_checkpointing, measure_step).
 ///
 /// Example:
-///   remat::nn::LlamaStep(input_ids).labels(labels)
+///   // given: torch::Tensor input_ids = torch::randint(32000, {2, 256});
+///   // given: torch::Tensor labels = input_ids;  // [B, S]
+///   auto step = remat::nn::LlamaStep(input_ids).labels(labels);
 struct LlamaStep {
   explicit LlamaStep(torch::Tensor input_ids) : input_ids_(std::move(input_ids)) {}
   TORCH_ARG(torch::Tensor, input_ids);            ///< [B, S] int64
@@ -298,6 +304,9 @@ class LlamaImpl : public torch::nn::Cloneable<LlamaImpl>, public StagedModel {
   /// input_ids, labels: [B, S] int64. Returns a 0-dim float32 tensor.
   ///
   /// Example:
+  ///   // given: auto opts = remat::nn::LlamaOptions().num_layers(8);
+  ///   // given: remat::nn::Llama model(opts);
+  ///   // given: torch::Tensor input_ids = torch::randint(32000, {2, 256});
   ///   auto loss = model->forward_loss(input_ids, input_ids);
   ///   loss.backward();
   torch::Tensor forward_loss(

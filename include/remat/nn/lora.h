@@ -11,11 +11,13 @@
 // and "...self_attn.q_proj.lora_B.weight" ([out_features, rank]).
 //
 // Example:
+//   // given: auto opts = remat::nn::LlamaOptions().num_layers(8);
 //   remat::nn::Llama model(opts);
 //   auto adapted = remat::nn::apply_lora(*model,
 //       remat::nn::LoraOptions().rank(8).alpha(16).dropout(0.05)
 //           .targets({"q_proj", "v_proj"}));
-//   model->gradient_checkpointing_enable(remat::CheckpointPolicy::every_layer());
+//   model->gradient_checkpointing_enable(
+//       remat::CheckpointPolicy::every_layer());
 //   torch::optim::AdamW opt(remat::nn::trainable_parameters(*model).values());
 //   ... train ...
 //   remat::nn::merge_lora(*model);  // adapters folded into the weights
@@ -37,8 +39,8 @@ namespace nn {
 /// Settings of LoRA adapters.
 ///
 /// Example:
-///   remat::nn::LoraOptions().rank(8).alpha(16).dropout(0.05)
-///       .targets({"query", "value"})
+///   auto lora = remat::nn::LoraOptions().rank(8).alpha(16).dropout(0.05)
+///                   .targets({"query", "value"});
 struct LoraOptions {
   /// Inner dimension of the adapter (rows of A, columns of B).
   TORCH_ARG(int64_t, rank) = 8;
@@ -77,7 +79,9 @@ struct ProjectionOptions {
 /// shapes and default initialisation).
 ///
 /// Example:
-///   remat::nn::Projection proj(remat::nn::ProjectionOptions(64, 64).bias(false));
+///   // given: torch::Tensor x = torch::randn({2, 128, 64});
+///   remat::nn::Projection proj(
+///       remat::nn::ProjectionOptions(64, 64).bias(false));
 ///   proj->add_adapter(remat::nn::LoraOptions().rank(4));
 ///   auto y = proj->forward(x);   // x: [..., 64]
 class ProjectionImpl : public torch::nn::Cloneable<ProjectionImpl> {

@@ -15,6 +15,9 @@
 // fp32. The loss is fp32; gradients come back in the inputs' dtypes.
 //
 // Example:
+//   // given: torch::Tensor hidden = torch::randn({512, 256});  // [N, h]
+//   // given: torch::nn::Linear lm_head(256, 32000);
+//   // given: torch::Tensor labels = torch::randint(32000, {512});  // [N]
 //   // hidden [N, h] (after the final norm), weight [vocab, h], labels [N]
 //   auto loss = remat::nn::linear_cross_entropy(hidden, lm_head->weight,
 //       labels, remat::nn::LinearCrossEntropyOptions().chunk_bytes(16 << 20));
@@ -32,8 +35,8 @@ namespace nn {
 /// Settings of linear_cross_entropy.
 ///
 /// Example:
-///   remat::nn::LinearCrossEntropyOptions().ignore_index(-100)
-///       .chunk_bytes(32 << 20)
+///   auto options = remat::nn::LinearCrossEntropyOptions().ignore_index(-100)
+///                      .chunk_bytes(32 << 20);  // 32 MiB of logits per chunk
 struct LinearCrossEntropyOptions {
   /// Rows whose label equals this add nothing to the loss or the count.
   TORCH_ARG(int64_t, ignore_index) = -100;

@@ -11,8 +11,10 @@
 //   remat::nn::BenchWorkload w(config, remat::nn::BenchOptions().steps(3));
 //   remat::nn::ReferenceGradients none_grads;
 //   std::vector<remat::nn::PolicyRun> runs{
-//       remat::nn::run_policy(w, remat::CheckpointPolicy::none(), nullptr, &none_grads),
-//       remat::nn::run_policy(w, remat::CheckpointPolicy::every_layer(), &none_grads)};
+//       remat::nn::run_policy(w, remat::CheckpointPolicy::none(), nullptr,
+//                             &none_grads),
+//       remat::nn::run_policy(w, remat::CheckpointPolicy::every_layer(),
+//                             &none_grads)};
 //   remat::nn::time_interleaved(w, runs);
 //   std::cout << remat::nn::policy_table(runs);
 #pragma once
@@ -174,10 +176,12 @@ void time_interleaved(BenchWorkload& w, std::vector<PolicyRun>& runs);
 /// Put `none` first to compare every policy with it.
 ///
 /// Example:
-///   nn::ReferenceGradients none_grads;
-///   auto runs = nn::run_policies(w, {CheckpointPolicy::none(),
-///                                    CheckpointPolicy::every_layer()},
-///                                nullptr, &none_grads);
+///   // given: remat::nn::BenchWorkload w(remat::nn::ModelConfig(), {});
+///   remat::nn::ReferenceGradients none_grads;
+///   auto runs = remat::nn::run_policies(w,
+///       {remat::CheckpointPolicy::none(),
+///        remat::CheckpointPolicy::every_layer()},
+///       nullptr, &none_grads);
 std::vector<PolicyRun> run_policies(
     BenchWorkload& w,
     const std::vector<CheckpointPolicy>& policies,
@@ -193,11 +197,14 @@ std::vector<PolicyRun> run_policies(
 /// a round is that failure from then on.
 ///
 /// Example:
-///   nn::PolicyRounds pool(policies.size(), rounds);
+///   // given: std::vector<remat::CheckpointPolicy> policies;
+///   // given: int64_t rounds = 3;
+///   // given: std::function<remat::nn::PolicyRun(size_t)> run_in_own_process;
+///   remat::nn::PolicyRounds pool(policies.size(), rounds);
 ///   for (int64_t round = 0; round < rounds; ++round)
 ///     for (size_t k = 0; k < policies.size(); ++k)
 ///       if (pool.wants(k)) pool.add(k, run_in_own_process(k));
-///   std::cout << nn::policy_table(pool.runs());
+///   std::cout << remat::nn::policy_table(pool.runs());
 class PolicyRounds {
  public:
   /// `policies` runs per round, `rounds` >= 1 rounds.

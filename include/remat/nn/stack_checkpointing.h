@@ -8,16 +8,22 @@
 // (needs_plan / plan), and again when a later batch is larger in batch size
 // or sequence length than the one it was planned for.
 //
-// Example (inside the forward of a model that is a StagedModel,
-// remat/nn/stages.h):
-//   if (checkpointing_.needs_plan(ids.size(0), ids.size(1))) {
-//     checkpointing_.plan(ids.size(0), ids.size(1), [&](int64_t budget_bytes) {
-//       return plan_checkpointing(*this, StageBatch(ids), my_head(ids),
-//                                 budget_bytes);   // remat/nn/profile.h
+// Example (in the forward of a StagedModel of your own, remat/nn/stages.h,
+// with `model` as *this, a member `checkpointing`, and its loss `head`):
+//   // given: remat::nn::Llama llama(remat::nn::LlamaOptions().num_layers(8));
+//   // given: remat::nn::StagedModel& model = *llama;
+//   // given: remat::nn::StackCheckpointing checkpointing("MyModel", 8);
+//   // given: torch::Tensor ids = torch::randint(32000, {2, 1024});  // [B, S]
+//   // given: remat::nn::StageHead head = llama->step_head(ids);
+//   if (checkpointing.needs_plan(ids.size(0), ids.size(1))) {
+//     checkpointing.plan(ids.size(0), ids.size(1), [&](int64_t budget_bytes) {
+//       return remat::nn::plan_checkpointing(  // remat/nn/profile.h
+//           model, remat::nn::StageBatch(ids), head, budget_bytes);
 //     });
 //   }
-//   auto e = embed(StageBatch(ids));
-//   hidden = run_stack(layer_stack(), e.hidden, e.side, checkpointing_.schedule());
+//   auto e = model.embed(remat::nn::StageBatch(ids));
+//   auto hidden = remat::nn::run_stack(model.layer_stack(), e.hidden, e.side,
+//                                      checkpointing.schedule());
 #pragma once
 
 #include "remat/checkpoint.h"
@@ -90,8 +96,11 @@ class StackCheckpointing {
 /// are not the stack's.
 ///
 /// Example:
-///   hidden = remat::nn::run_stack(model->layer_stack(), hidden, side,
-///                                 model->checkpoint_schedule());
+///   // given: remat::nn::Llama model(remat::nn::LlamaOptions().num_layers(8));
+///   // given: torch::Tensor ids = torch::randint(32000, {2, 1024});  // [B, S]
+///   auto e = model->embed(remat::nn::StageBatch(ids));
+///   auto hidden = remat::nn::run_stack(model->layer_stack(), e.hidden, e.side,
+///                                      model->checkpoint_schedule());
 torch::Tensor run_stack(
     const std::shared_ptr<LayerStack>& stack,
     torch::Tensor hidden,
@@ -129,12 +138,17 @@ class CallStack : public LayerStack {
 /// (torch::nn::ModuleHolder) and `call(layer, hidden, side, mode)` runs one
 /// layer and returns its output. Copies of both are kept until backward.
 ///
-/// Example:
+/// Example (a layer is a holder, taken by reference: a const holder gives
+/// only const access to its module):
+///   // given: std::vector<torch::nn::Linear> layers;  // 64 -> 64 each
+///   // given: torch::Tensor hidden = torch::randn({2, 128, 64});  // [B,S,64]
+///   // given: torch::Tensor mask = torch::ones({2, 128, 1});
+///   // given: remat::nn::StackCheckpointing checkpointing("MyModel", 4);
 ///   hidden = remat::nn::run_stack(layers, hidden, {mask},
-///       checkpointing_.schedule(),
-///       [](const MyLayer& l, const torch::Tensor& h,
+///       checkpointing.schedule(),
+///       [](torch::nn::Linear& l, const torch::Tensor& h,
 ///          const std::vector<torch::Tensor>& side, remat::SegmentMode mode) {
-///         return l->forward(h, side[0], mode);
+///         return l->forward(h) * side[0];  // mode: for selective layers
 ///       });
 template <typename Layer, typename Call>
 torch::Tensor run_stack(

@@ -17,6 +17,9 @@
 // classifier of your own).
 //
 // Example (a training step through the stages; what forward does):
+//   // given: remat::nn::Llama llama(remat::nn::LlamaOptions().num_layers(8));
+//   // given: torch::Tensor ids = torch::randint(32000, {2, 1024});  // [B, S]
+//   // given: torch::Tensor mask = torch::ones({2, 1024}, torch::kLong);
 //   remat::nn::StagedModel& m = *llama;
 //   auto e = m.embed(remat::nn::StageBatch(ids).attention_mask(mask));
 //   auto h = remat::nn::run_stack(m.layer_stack(), e.hidden, e.side,
@@ -70,7 +73,9 @@ class LayerStack {
 /// The batch of one step, as an embedding stage reads it.
 ///
 /// Example:
-///   remat::nn::StageBatch(input_ids).attention_mask(mask)
+///   // given: torch::Tensor input_ids = torch::randint(32000, {2, 1024});
+///   // given: torch::Tensor mask = torch::ones({2, 1024}, torch::kLong);
+///   auto batch = remat::nn::StageBatch(input_ids).attention_mask(mask);
 struct StageBatch {
   explicit StageBatch(torch::Tensor input_ids) : input_ids_(std::move(input_ids)) {}
   TORCH_ARG(torch::Tensor, input_ids);            ///< [B, S] int64
@@ -115,11 +120,16 @@ class StagedModel {
 /// instrumented step samples memory with it.
 ///
 /// Example:
+///   // given: remat::nn::Llama llama(remat::nn::LlamaOptions().num_layers(8));
+///   // given: remat::nn::StagedModel& m = *llama;
+///   // given: torch::Tensor ids = torch::randint(32000, {2, 1024});  // [B, S]
+///   // given: auto e = m.embed(remat::nn::StageBatch(ids));
 ///   auto watched = std::make_shared<remat::nn::ObservedStack>(
 ///       m.layer_stack(),
 ///       [](int64_t i, const torch::Tensor& h, remat::SegmentMode) {},
 ///       [](int64_t i, const torch::Tensor& out) { std::cout << i << "\n"; });
-///   h = remat::nn::run_stack(watched, e.hidden, e.side, m.checkpoint_schedule());
+///   auto h = remat::nn::run_stack(watched, e.hidden, e.side,
+///                                 m.checkpoint_schedule());
 class ObservedStack : public LayerStack {
  public:
   using Before = std::function<void(int64_t i, const torch::Tensor& hidden, SegmentMode mode)>;

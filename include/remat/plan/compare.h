@@ -9,10 +9,11 @@
 // checkpointing.
 //
 // Example:
+//   // given: auto spec = remat::plan::ModelSpec::llama2_7b().seq(4096);
 //   auto chain = remat::plan::estimate_chain(spec);
-//   auto c = remat::plan::compare_schedules(
-//       chain, {remat::plan::parse_budget("50%"), remat::plan::parse_budget("2GiB")});
-//   for (const auto& e : c.refused) std::cerr << e << "\n";  // budgets too small
+//   auto c = remat::plan::compare_schedules(chain,
+//       {remat::plan::parse_budget("50%"), remat::plan::parse_budget("2GiB")});
+//   for (const auto& e : c.refused) std::cerr << e << "\n";  // too small
 //   std::cout << c.budgets_text() << c.table();
 #pragma once
 

@@ -38,7 +38,8 @@
 // Example:
 //   auto spec = remat::plan::ModelSpec::llama2_7b().seq(4096).batch(1)
 //                   .precision(remat::plan::Precision::kBf16Mixed);
-//   auto e = remat::plan::estimate(spec, remat::CheckpointPolicy::every_layer());
+//   auto e =
+//       remat::plan::estimate(spec, remat::CheckpointPolicy::every_layer());
 //   std::cout << e.str() << "\n";
 //   int64_t b = remat::plan::fit_batch(spec,
 //       remat::CheckpointPolicy::every_layer(), 80LL << 30);  // 80 GiB device
@@ -106,11 +107,11 @@ Head parse_head(const std::string& text);
 /// The shape and training setup of a model to estimate.
 ///
 /// Example:
-///   remat::plan::ModelSpec(remat::plan::Family::kLlama, /*layers=*/32,
-///       /*hidden=*/4096, /*heads=*/32, /*vocab=*/32000)
+///   auto spec = remat::plan::ModelSpec(remat::plan::Family::kLlama,
+///       /*layers=*/32, /*hidden=*/4096, /*heads=*/32, /*vocab=*/32000)
 ///       .intermediate(11008).seq(4096).batch(2)
 ///       .precision(remat::plan::Precision::kBf16Mixed)
-///       .lora_rank(16).lora_targets({"q", "v"})
+///       .lora_rank(16).lora_targets({"q", "v"});
 struct ModelSpec {
   ModelSpec(Family family, int64_t layers, int64_t hidden, int64_t heads, int64_t vocab);
 
@@ -165,15 +166,19 @@ struct ModelSpec {
   /// Llama-2-7B (32 layers, hidden 4096, 32 heads, intermediate 11008,
   /// vocab 32000, untied LM head), seq 4096.
   static ModelSpec llama2_7b();
-  /// The seeds' Harbor Analytics fine-tune, as remat reads it: a 13B
+  /// The 13B fine-tune worked in remat's source documents, as remat reads
+  /// it: a 13B
   /// "Mistral-class" model treated as Llama-family with Llama-2-13B's shape
   /// (40 layers, hidden 5120, 40 heads, 40 KV heads, intermediate 13824,
   /// vocab 32000), seq 8192, batch 2, LoRA rank 64 on q, k, v, o, bf16
   /// weights with fp32 AdamW state for the adapters, blockwise attention, a
   /// 4-label classifier head (multi-label document routing), on CUDA.
-  static ModelSpec harbor_13b();
-  /// One of "bert-base", "llama2-7b", "harbor-13b"; throws naming the text.
+  static ModelSpec llama_13b_lora_8k();
+  /// One of "bert-base", "llama2-7b", "llama-13b-lora-8k" (or its old name,
+  /// "harbor-13b"); throws naming the text.
   static ModelSpec preset(const std::string& name);
+  /// The current name of a preset: an old name's new one, else `name`.
+  static std::string preset_name(const std::string& name);
 };
 
 /// Parameter counts (numbers, not bytes).
@@ -253,6 +258,7 @@ int64_t fit_seq(
 /// run that fits is never refused; one that cannot is refused in milliseconds.
 ///
 /// Example:
+///   // given: auto spec = remat::plan::ModelSpec::llama2_7b().seq(4096);
 ///   remat::plan::check_fits(spec.optimizer(remat::plan::Optimizer::kSgd),
 ///       remat::memory::physical_bytes(), "this machine's memory");
 int64_t check_fits(

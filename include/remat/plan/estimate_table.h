@@ -5,10 +5,14 @@
 //
 // Example:
 //   auto t = remat::plan::estimate_table(
-//       remat::plan::ModelSpec::llama2_7b().precision(remat::plan::Precision::kBf16Mixed),
-//       {remat::CheckpointPolicy::none(), remat::CheckpointPolicy::every_layer()},
-//       remat::plan::EstimateTableOptions().fit_bytes(int64_t(80) << 30));  // 80 GiB
-//   std::cout << remat::plan::describe(t.spec) << "\n" << t.summary_text() << t.str();
+//       remat::plan::ModelSpec::llama2_7b()
+//           .precision(remat::plan::Precision::kBf16Mixed),
+//       {remat::CheckpointPolicy::none(),
+//        remat::CheckpointPolicy::every_layer()},
+//       remat::plan::EstimateTableOptions()
+//           .fit_bytes(int64_t(80) << 30));  // 80 GiB
+//   std::cout << remat::plan::describe(t.spec) << "\n"
+//             << t.summary_text() << t.str();
 #pragma once
 
 #include "remat/plan/estimate.h"

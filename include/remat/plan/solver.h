@@ -62,6 +62,8 @@
 // nested checkpoint inside the layer.
 //
 // Example:
+//   // given: auto spec = remat::plan::ModelSpec::llama2_7b().seq(4096);
+//   // given: remat::nn::Llama model(remat::nn::LlamaOptions().num_layers(32));
 //   auto chain = remat::plan::estimate_chain(spec);         // or profile(...)
 //   auto plan = remat::plan::solve(chain, 40LL << 30);      // 40 GiB
 //   model->gradient_checkpointing_enable(
@@ -109,7 +111,7 @@ double time(const Chain& chain, const Schedule& schedule);
 /// What the planner may choose.
 ///
 /// Example:
-///   remat::plan::PlannerOptions().selective(false)
+///   auto options = remat::plan::PlannerOptions().selective(false);
 struct PlannerOptions {
   /// Consider the partial modes (remat::partial_modes(): selective, per-op,
   /// compressed) where a stage offers them.

@@ -3,19 +3,21 @@
 // loader that resumes exactly where it stopped and shards each global batch
 // over data-parallel ranks.
 //
+// clang-format off
 // Example:
 //   auto tok = remat::io::make_tokenizer("data/routing/vocab.txt");
 //   auto train = std::make_shared<remat::train::Dataset>(
 //       remat::train::read_classification_jsonl("data/routing/train.jsonl"));
 //   remat::train::DataLoader loader(train, tok,
-//       remat::train::DataLoaderOptions(/*batch_size=*/32).seed(1).max_len(128));
+//       remat::train::DataLoaderOptions(/*batch_size=*/32).seed(1)
+//           .max_len(128));
 //   while (auto batch = loader.next()) {       // one epoch
 //     // batch->input_ids, batch->attention_mask: [B, S] int64
 //     // batch->labels: [B, 4] float multi-hot
 //   }
-//   auto pos = loader.position();              // save with pos.to_json() ...
-//   loader.set_position(pos);                  // ... and resume on the same
-//   batch
+//   auto pos = loader.position();    // save with pos.to_json() ...
+//   loader.set_position(pos);        // ... and resume on the same batch
+// clang-format on
 #pragma once
 
 #include "remat/io/tokenizer.h"

@@ -3,9 +3,12 @@
 // a JSONL file with one line per step and per evaluation.
 //
 // Example:
+//   // given: remat::train::TrainCallbacks cb;  // remat/train/trainer.h
 //   remat::train::Progress progress(stderr, isatty(2), /*log_every=*/10);
 //   remat::train::MetricsLog metrics("run.jsonl");
-//   cb.on_start = [&](const remat::train::Trainer& t) { metrics.start(t.history()); };
+//   cb.on_start = [&](const remat::train::Trainer& t) {
+//     metrics.start(t.history());
+//   };
 //   cb.on_step = [&](const remat::train::StepRecord& r, int64_t total) {
 //     progress.step(r, total, "train");
 //     metrics.step(r);

@@ -4,11 +4,15 @@
 // schedule exactly.
 //
 // Example:
+//   // given: torch::nn::Linear model(256, 4);
+//   // given: torch::optim::AdamW optimizer(model->parameters());
 //   remat::train::LrSchedule schedule(
 //       remat::train::LrScheduleOptions(/*lr=*/1e-3, /*total_steps=*/1000)
 //           .warmup_steps(100).kind(remat::train::LrScheduleKind::kCosine));
 //   for (int64_t step = 0; step < 1000; ++step) {
-//     set_lr(optimizer, schedule.lr(step));   // step 0 gets 1e-5
+//     for (auto& group : optimizer.param_groups()) {
+//       group.options().set_lr(schedule.lr(step));  // step 0 gets 1e-5
+//     }
 //     ...
 //   }
 #pragma once

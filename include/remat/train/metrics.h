@@ -2,6 +2,8 @@
 // predictions sigmoid(logit) >= threshold, accumulated over batches.
 //
 // Example:
+//   // given: std::vector<remat::train::Batch> eval_batches;  // data.h
+//   // given: std::function<torch::Tensor(torch::Tensor)> model;  // -> [B, 4]
 //   remat::train::MultilabelF1 f1(/*num_labels=*/4);
 //   for (auto& batch : eval_batches) {
 //     f1.update(model(batch.input_ids), batch.labels);   // [B, 4] each

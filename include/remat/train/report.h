@@ -4,6 +4,7 @@
 // no script and no other file, so it can be mailed or attached to a ticket.
 //
 // Example:
+//   // given: auto options = remat::train::TrainOptions().max_steps(100);
 //   auto result = remat::train::run_training(options);
 //   remat::train::write_report("run.html", result.history, options,
 //                              "bert classifier, 4 layers");

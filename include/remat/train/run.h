@@ -5,15 +5,18 @@
 // flags and printing over this; the loop alone is run_training
 // (remat/train/trainer.h).
 //
-// Example:
+// Example (summary_text is in remat/train/summary.h):
 //   using namespace remat::train;
-//   auto options = new_run_options(TrainOptions().max_steps(20), /*hold_out=*/false);
+//   auto options =
+//       new_run_options(TrainOptions().max_steps(20), /*hold_out=*/false);
 //   options.validate();
 //   check_run_files(options);
-//   auto outputs = RunOutputs().metrics_path("run.jsonl").report_path("run.html");
+//   auto outputs =
+//       RunOutputs().metrics_path("run.jsonl").report_path("run.html");
 //   check_run_outputs(options, outputs);
 //   auto result = run_with_outputs(options, outputs);
-//   std::cout << summary_text(result, options) << outputs_text(result, options, outputs);
+//   std::cout << summary_text(result, options)
+//             << outputs_text(result, options, outputs);
 #pragma once
 
 #include "remat/train/trainer.h"
@@ -60,8 +63,8 @@ TrainOptions new_run_options(
 /// (check_resume_options). Throws what those throw.
 ///
 /// Example:
-///   auto o = remat::train::resumed_run_options(
-///       "runs/a", [](TrainOptions o) { return o.max_steps(2000); });
+///   auto o = remat::train::resumed_run_options("runs/a",
+///       [](remat::train::TrainOptions o) { return o.max_steps(2000); });
 TrainOptions resumed_run_options(
     const std::string& out_dir,
     const std::function<TrainOptions(TrainOptions)>& change = {});

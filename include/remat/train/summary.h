@@ -5,6 +5,7 @@
 // `remat train` prints these; the HTML page is remat/train/report.h.
 //
 // Example:
+//   // given: auto options = remat::train::TrainOptions().max_steps(100);
 //   auto result = remat::train::run_training(options);
 //   std::cout << remat::train::summary_text(result, options)
 //             << remat::train::throughput_text(result, options, /*world=*/1);

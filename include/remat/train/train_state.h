@@ -10,11 +10,13 @@
 // old state; the state it replaces is kept as DIR/state.prev.safetensors.
 //
 // Example:
+//   // given: torch::Tensor w = torch::randn({4, 4});
 //   remat::train::TrainState s;
 //   s.tensors["model.weight"] = w;
 //   s.info = {{"step", 100}};
 //   remat::train::save_train_state("run", s);      // run/state.safetensors
-//   auto back = remat::train::load_train_state(remat::train::state_path("run"));
+//   auto back =
+//       remat::train::load_train_state(remat::train::state_path("run"));
 #pragma once
 
 #include <nlohmann/json.hpp>
