@@ -12,6 +12,7 @@
 #include "device_flag.h"
 #include "isolate.h"
 
+#include "remat/io/file.h"
 #include "remat/memory.h"
 #include "remat/model_sizes.h"
 #include "remat/nn/attention.h"
@@ -153,6 +154,21 @@ enum ModelFlag : unsigned {
   kAllModelFlags = (1u << 12) - 1,
 };
 
+/// Checks a --dropout where it is given: a probability in [0, 1), in every
+/// command alike (a command's "family default" stays a value no one types).
+inline CLI::Validator probability_check() {
+  return CLI::Validator(
+      [](std::string& text) -> std::string {
+        char* end = nullptr;
+        const double p = std::strtod(text.c_str(), &end);
+        if (end == text.c_str() || *end != '\0' || !(p >= 0 && p < 1)) {
+          return "expected a probability in [0, 1), but got " + text;
+        }
+        return "";
+      },
+      "", "probability");
+}
+
 /// Adds the model flags in `which`. Their defaults are `f`'s values as the
 /// command set them before the call (shown in --help when `show_defaults`;
 /// a command whose 0 means "the preset's" hides them).
@@ -184,9 +200,11 @@ inline void add_model_flags(
   if ((which & kModelDropout) != 0 && f.dropout < 0) {
     // No default shown: it is the family's unless given.
     app->add_option("--dropout", f.dropout,
-                    "hidden and attention dropout (default 0.1 bert, 0 llama)");
-  } else {
+                    "hidden and attention dropout (default 0.1 bert, 0 llama)")
+        ->check(probability_check());
+  } else if ((which & kModelDropout) != 0) {
     add(kModelDropout, "--dropout", f.dropout, "hidden and attention dropout");
+    app->get_option("--dropout")->check(probability_check());
   }
 }
 
@@ -197,11 +215,13 @@ inline std::vector<std::string> model_args(const ModelFlags& f) {
     out << v;
     return out.str();
   };
+  // The dropout that is every model's (as the child's flags give it).
+  const double dropout = f.config().dropout_p();
   return {"--model", f.model, "--layers", num(f.layers), "--hidden", num(f.hidden),
           "--heads", num(f.heads), "--kv-heads", num(f.kv_heads), "--intermediate",
           num(f.intermediate), "--vocab", num(f.vocab), "--seq", num(f.seq), "--batch",
           num(f.batch), "--attention", f.attention, "--dtype", f.dtype, "--dropout",
-          num(f.dropout)};
+          num(dropout)};
 }
 
 /// Throws UsageError naming the first bad flag.
@@ -335,19 +355,16 @@ inline std::string size_cell(int64_t bytes) {
   return memory::format_size(bytes);
 }
 
-/// Writes `j` to a temporary file and renames it over `path`, so a failed run
-/// never leaves a half-written report where a previous one was.
+/// Writes `j` to `path` atomically (remat::io::write_file_atomic: a
+/// temporary file, fsynced and renamed over `path`), so a failed run never
+/// leaves a half-written report where a previous one was.
 inline void write_json_file(const std::string& path, const nlohmann::json& j) {
-  const std::string tmp = path + ".tmp";
-  {
-    std::ofstream f(tmp);
-    require(static_cast<bool>(f), "--json", "cannot open '" + path + "' for writing");
-    f << j.dump(2) << "\n";
-    f.flush();
-    require(static_cast<bool>(f), "--json", "cannot write '" + path + "'");
+  try {
+    io::write_file_atomic(path, j.dump(2) + "\n");
+  } catch (const c10::Error& e) {
+    const std::string what = e.what_without_backtrace();
+    throw UsageError("--json: " + what.substr(0, what.find('\n')));
   }
-  require(std::rename(tmp.c_str(), path.c_str()) == 0, "--json",
-          "cannot rename the report into '" + path + "'");
 }
 
 } // namespace cli

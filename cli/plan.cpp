@@ -46,6 +46,12 @@ struct PlanConfig {
 std::vector<plan::Budget> parse_budgets(const std::string& list) {
   std::vector<plan::Budget> out;
   for (const auto& item : split_list(list, "--budget")) {
+    // A bare number is bytes to the library; on the command line it is
+    // almost always a percentage whose '%' was forgotten.
+    require(
+        item.find_first_not_of("0123456789. ") != std::string::npos, "--budget",
+        "expected a size with its unit (512MiB, 2GiB, " + item + "B) or a percentage (" +
+            item + "%), but got '" + item + "'");
     try {
       out.push_back(plan::parse_budget(item));
     } catch (const c10::Error& e) {

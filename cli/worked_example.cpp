@@ -1,7 +1,7 @@
 // The seeds' worked example (a 13B LoRA fine-tune at 8k tokens, batch 2, on
 // an 80 GB A100) set against remat's estimator: what `remat estimate
-// --preset harbor-13b` prints. docs/estimate.md discusses the rows.
-#include "harbor.h"
+// --preset llama-13b-lora-8k` prints. docs/estimate.md discusses the rows.
+#include "worked_example.h"
 
 #include "remat/plan/estimate.h"
 
@@ -23,14 +23,14 @@ double gib(int64_t bytes) {
 
 } // namespace
 
-std::vector<HarborRow> harbor_comparison() {
-  const auto spec = ModelSpec::harbor_13b();
+std::vector<WorkedExampleRow> worked_example_comparison() {
+  const auto spec = ModelSpec::llama_13b_lora_8k();
   const auto none = CheckpointPolicy::none();
   const auto every = CheckpointPolicy::every_layer();
   const auto n = estimate(spec, none);
   const auto e = estimate(spec, every);
   const int64_t fixed = n.weight_bytes + n.gradient_bytes + n.optimizer_bytes + n.input_bytes;
-  std::vector<HarborRow> rows = {
+  std::vector<WorkedExampleRow> rows = {
       {"parameters", "billion", 13, n.parameters.total / 1e9},
       {"trainable parameters (LoRA)", "billion", -1, n.parameters.trainable / 1e9},
       {"weights", "GiB", -1, gib(n.weight_bytes)},
@@ -70,12 +70,12 @@ std::vector<HarborRow> harbor_comparison() {
   return rows;
 }
 
-std::string harbor_comparison_table() {
+std::string worked_example_table() {
   std::ostringstream out;
   out << "| quantity | unit | seed | remat |\n|---|---|---:|---:|\n";
   char seed[32];
   char ours[32];
-  for (const auto& r : harbor_comparison()) {
+  for (const auto& r : worked_example_comparison()) {
     if (r.seed < 0) {
       std::snprintf(seed, sizeof(seed), "-");
     } else {

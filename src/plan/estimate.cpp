@@ -168,7 +168,7 @@ ModelSpec ModelSpec::llama2_7b() {
       .head(Head::kLanguageModel);
 }
 
-ModelSpec ModelSpec::harbor_13b() {
+ModelSpec ModelSpec::llama_13b_lora_8k() {
   return ModelSpec(Family::kLlama, 40, 5120, 40, 32000)
       .kv_heads(40) // intermediate 0: the Llama rule gives 13824
       .seq(8192)
@@ -190,9 +190,13 @@ ModelSpec ModelSpec::preset(const std::string& name) {
     return llama2_7b();
   }
   TORCH_CHECK(
-      name == "harbor-13b",
-      "expected a preset (bert-base, llama2-7b, harbor-13b), but got '", name, "'");
-  return harbor_13b();
+      preset_name(name) == "llama-13b-lora-8k",
+      "expected a preset (bert-base, llama2-7b, llama-13b-lora-8k), but got '", name, "'");
+  return llama_13b_lora_8k();
+}
+
+std::string ModelSpec::preset_name(const std::string& name) {
+  return name == "harbor-13b" ? "llama-13b-lora-8k" : name;
 }
 
 namespace {

@@ -12,9 +12,20 @@ namespace remat {
 namespace plan {
 namespace {
 
-std::string billions(int64_t n) {
-  char b[32];
-  std::snprintf(b, sizeof(b), "%.3f B", static_cast<double>(n) / 1e9);
+// A parameter count for people: 13.02 billion, 110.1 million, 328,960.
+std::string count_text(int64_t n) {
+  char b[48];
+  if (n >= 1000000000) {
+    std::snprintf(b, sizeof(b), "%.2f billion", static_cast<double>(n) / 1e9);
+  } else if (n >= 1000000) {
+    std::snprintf(b, sizeof(b), "%.1f million", static_cast<double>(n) / 1e6);
+  } else {
+    std::string digits = std::to_string(n);
+    for (int i = static_cast<int>(digits.size()) - 3; i > 0; i -= 3) {
+      digits.insert(static_cast<size_t>(i), ",");
+    }
+    return digits;
+  }
   return b;
 }
 
@@ -109,8 +120,8 @@ EstimateTable estimate_table(
 
 std::string EstimateTable::summary_text() const {
   std::ostringstream out;
-  out << "parameters " << billions(none.parameters.total) << " ("
-      << billions(none.parameters.trainable) << " trainable); weights "
+  out << "parameters " << count_text(none.parameters.total) << " ("
+      << count_text(none.parameters.trainable) << " trainable); weights "
       << memory::format_size(none.weight_bytes) << ", gradients "
       << memory::format_size(none.gradient_bytes) << ", optimizer state "
       << memory::format_size(none.optimizer_bytes) << ", inputs "

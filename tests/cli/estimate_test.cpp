@@ -69,17 +69,19 @@ TEST(EstimateCli, FitSeqIsMonotonicAndAMultiple) {
   EXPECT_GT(last, 0);
 }
 
-TEST(EstimateCli, HarborPresetPrintsTheSeedsFiguresBesideRemats) {
-  auto r = run_cli("estimate --preset harbor-13b --policy none,every-layer");
+TEST(EstimateCli, WorkedFineTunePresetPrintsItsFiguresBesideRemats) {
+  auto r = run_cli("estimate --preset llama-13b-lora-8k --policy none,every-layer");
   ASSERT_EQ(r.exit_code, 0) << r.err;
-  EXPECT_THAT(r.out, HasSubstr("Harbor"));
+  EXPECT_THAT(r.out, HasSubstr("The worked 13B fine-tune's own figures"));
+  // The old name is an alias.
+  EXPECT_EQ(run_cli("estimate --preset harbor-13b --policy none,every-layer").out, r.out);
   EXPECT_THAT(r.out, HasSubstr("LoRA rank 64"));
   EXPECT_THAT(r.out, HasSubstr("| quantity"));
   EXPECT_THAT(r.out, HasSubstr("| total peak, none | GiB | 74 |"));
-  const auto j = run_json("estimate --preset harbor-13b --policy none", "harbor");
-  ASSERT_GE(j["harbor_comparison"].size(), 10u);
+  const auto j = run_json("estimate --preset llama-13b-lora-8k --policy none", "worked");
+  ASSERT_GE(j["worked_example_comparison"].size(), 10u);
   int with_seed = 0;
-  for (const auto& row : j["harbor_comparison"]) {
+  for (const auto& row : j["worked_example_comparison"]) {
     with_seed += !row["seed"].is_null();
     EXPECT_GT(row["remat"].get<double>(), 0) << row;
   }
@@ -114,7 +116,7 @@ TEST(EstimateCli, BadInputGetsOneLineNamingTheFlagAndExitCode2) {
            {"estimate --policy bogus", "--policy"},
            {"estimate --lora-rank=-1", "--lora-rank"},
            {"estimate --no-such-flag", "--no-such-flag"},
-           {"estimate --preset harbor-13b --check", "--check"},
+           {"estimate --preset llama-13b-lora-8k --check", "--check"},
        }) {
     auto r = run_cli(c.args);
     EXPECT_EQ(r.exit_code, 2) << c.args << "\n" << r.err;

@@ -16,6 +16,7 @@ namespace {
 using remat::test::run_cli;
 using remat::test::run_json;
 using ::testing::HasSubstr;
+using ::testing::Not;
 using ::testing::StartsWith;
 
 // The defect of issue #14: with --hidden 128, plan and estimate described a
@@ -128,6 +129,35 @@ TEST(ModelCli, ParserMistakesGetOneLineNamingTheFlagOrTheCommands) {
   EXPECT_EQ(run_cli("--version").exit_code, 0);
 }
 
+// A flag is checked alike in every command, before anything is built,
+// profiled or loaded, and the message names the flag.
+TEST(ModelCli, FlagValuesAreCheckedAlikeAndBeforeAnyWork) {
+  struct Case {
+    std::string args;
+    std::string message;
+  };
+  for (const auto& c : std::vector<Case>{
+           {"bench --dropout -1", "--dropout: expected a probability in [0, 1), but got -1"},
+           {"plan --dropout 1", "--dropout: expected a probability in [0, 1), but got 1"},
+           {"train --dropout -1", "--dropout: expected a probability in [0, 1), but got -1"},
+           {"bench --lora-rank 2 --lora-alpha nan", "--lora-alpha: expected a value above 0"},
+           {"plan --budget 50", "--budget: expected a size with its unit (512MiB, 2GiB, 50B) "
+                                "or a percentage (50%), but got '50'"},
+           {"train --lora-rank 8 --lora-targets q_proj,v_proj --max-steps 1",
+            "--lora-targets: expected targets matching projections of the model (dense, key, "
+            "query, value), but got q_proj, v_proj"},
+       }) {
+    const bool train = c.args.rfind("train", 0) == 0;
+    auto r = run_cli(train ? c.args + " --out " + ::testing::TempDir() + "remat_flag_values"
+                           : c.args);
+    EXPECT_EQ(r.exit_code, 2) << c.args << "\n" << r.err;
+    EXPECT_THAT(r.err, HasSubstr(c.message)) << c.args << "\n" << r.err;
+    EXPECT_EQ(std::count(r.err.begin(), r.err.end(), '\n'), 1) << c.args << "\n" << r.err;
+    EXPECT_THAT(r.out, Not(HasSubstr("profiled"))) << c.args;
+  }
+  EXPECT_THAT(run_cli("estimate --help").out, HasSubstr("eager or blockwise (sdpa is not modelled)"));
+}
+
 TEST(ModelCli, DtypeHasOneSpellingAndTheOldOneIsAnAlias) {
   for (const char* args : {"train --dtype fp16", "bench --dtype f16", "plan --dtype fp16"}) {
     auto r = run_cli(args);
@@ -154,9 +184,16 @@ TEST(ModelCli, Bf16IsAutocastOverFloat32WeightsAndEstimateRefusesIt) {
       "--isolation in-process" + flags,
       "bf16_plan");
   EXPECT_EQ(plan["config"]["dtype"], "bf16");
-  // Weights and gradients held through the step, both float32: 8 bytes each.
+  // float32 weights held through the step; gradients (float32 too) only from
+  // each stage's backward on, since the step starts without them.
+  EXPECT_EQ(plan["chain"]["gradients"], "none");
   EXPECT_GE(plan["chain"]["base_bytes"].get<int64_t>(),
-            8 * plan["config"]["parameters"].get<int64_t>());
+            4 * plan["config"]["parameters"].get<int64_t>());
+  int64_t gradient_bytes = 0;
+  for (const auto& stage : plan["chain"]["stages"]) {
+    gradient_bytes += stage["parameter_gradient_bytes"].get<int64_t>();
+  }
+  EXPECT_EQ(gradient_bytes, 4 * plan["config"]["parameters"].get<int64_t>());
   EXPECT_EQ(plan["policies"][0]["measured_ok"], true);
 
   auto r = run_cli("estimate --dtype bf16");

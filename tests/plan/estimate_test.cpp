@@ -224,7 +224,7 @@ TEST(PlanEstimate, FitFindsTheLargestBatchAndSequence) {
 }
 
 TEST(PlanEstimate, BudgetPolicyIsPlanned) {
-  auto spec = ModelSpec::harbor_13b();
+  auto spec = ModelSpec::llama_13b_lora_8k();
   const int64_t budget = int64_t(60) << 30;
   auto e = estimate(spec, CheckpointPolicy::budget(budget));
   EXPECT_LE(e.peak_bytes, budget);
@@ -262,8 +262,8 @@ TEST(PlanEstimate, LanguageModelHeadKeepsNoLogits) {
   EXPECT_NE(e.peak_event, "backward of head");
 }
 
-TEST(PlanEstimate, HarborComparison) {
-  auto spec = ModelSpec::harbor_13b();
+TEST(PlanEstimate, WorkedFineTuneComparison) {
+  auto spec = ModelSpec::llama_13b_lora_8k();
   auto params = count_parameters(spec);
   EXPECT_NEAR(params.total / 1e9, 13.0, 0.1);
   // Per-layer checkpointing keeps 40 layer inputs of B*S*H*2 bytes, plus
@@ -301,7 +301,8 @@ TEST(PlanEstimate, ErrorsNameTheField) {
     EXPECT_NE(std::string(e.what_without_backtrace()).find("bf16 autocast"), std::string::npos);
   }
   EXPECT_EQ(parse_head("lm"), Head::kLanguageModel);
-  EXPECT_EQ(ModelSpec::preset("harbor-13b").layers(), 40);
+  EXPECT_EQ(ModelSpec::preset("llama-13b-lora-8k").layers(), 40);
+  EXPECT_EQ(ModelSpec::preset("harbor-13b").layers(), 40); // the old name
   try {
     ModelSpec::preset("gpt-5");
     FAIL();
