@@ -2,12 +2,13 @@
 // counters and a clock, and writes down the Chain the planner optimises over.
 #include "remat/plan/chain.h"
 
+#include "checkpoint/rng_state.h"
+
 #include "remat/checkpoint.h"
 #include "remat/compress.h"
 #include "remat/memory.h"
 #include "remat/timing.h"
 
-#include <ATen/CPUGeneratorImpl.h>
 #include <ATen/core/grad_mode.h>
 #include <ATen/ops/ones_like.h>
 #include <ATen/ops/zeros_like.h>
@@ -19,7 +20,6 @@
 
 #include <algorithm>
 #include <chrono>
-#include <mutex>
 #include <unordered_set>
 
 namespace remat {
@@ -217,27 +217,6 @@ class GradientSwap {
   int64_t present_bytes_ = 0;
 };
 
-// Dropout in the stages draws random numbers; the caller's sequence should
-// not depend on whether it profiled first.
-class CpuRngRestore {
- public:
-  CpuRngRestore() {
-    auto gen = at::detail::getDefaultCPUGenerator();
-    std::lock_guard<std::mutex> lock(gen.mutex());
-    state_ = gen.get_state();
-  }
-  ~CpuRngRestore() {
-    auto gen = at::detail::getDefaultCPUGenerator();
-    std::lock_guard<std::mutex> lock(gen.mutex());
-    gen.set_state(state_);
-  }
-  CpuRngRestore(const CpuRngRestore&) = delete;
-  CpuRngRestore& operator=(const CpuRngRestore&) = delete;
-
- private:
-  at::Tensor state_;
-};
-
 bool is_selective(SegmentMode mode) {
   return mode == SegmentMode::kRecomputeAttention || mode == SegmentMode::kRecomputeMlp;
 }
@@ -288,7 +267,9 @@ Chain profile(
   c10::AutoGradMode grad_on(true);
   const Meter meter(options.device());
   const int64_t held_at_start = meter.held();
-  CpuRngRestore rng;
+  // Dropout in the stages draws random numbers; the caller's sequence must
+  // not depend on whether it profiled first.
+  const detail::RngScope keep_generators(detail::RngState::capture({}));
   GradientSwap grads(stages, options.gradients());
 
   Chain chain;
