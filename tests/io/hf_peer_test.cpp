@@ -22,7 +22,6 @@
 #include <iterator>
 #include <set>
 #include <sstream>
-#include <sys/wait.h>
 
 namespace {
 
@@ -38,42 +37,12 @@ using remat_io_test::TempDir;
 // the same layer's key weight gradient instead.
 constexpr double kRelativeBound = 1e-5;
 
-struct PeerRun {
-  bool skipped = false;
-  std::string skip_reason; ///< the script's "SKIP: ..." line
-  int status = -1;
-  std::string output;
-};
-
-PeerRun run_peer(const std::string& args) {
-  PeerRun r;
-  const std::string command = std::string(REMAT_PYTHON) + " " + REMAT_SOURCE_DIR +
-      "/tests/io/hf_peer.py " + args + " 2>&1";
-  FILE* pipe = ::popen(command.c_str(), "r");
-  if (!pipe) {
-    r.output = "popen failed";
-    return r;
-  }
-  char buffer[4096];
-  size_t n;
-  while ((n = std::fread(buffer, 1, sizeof buffer, pipe)) > 0) {
-    r.output.append(buffer, n);
-  }
-  const int raw = ::pclose(pipe);
-  r.status = WIFEXITED(raw) ? WEXITSTATUS(raw) : -1;
-  const auto skip = r.output.find("SKIP: ");
-  if (r.status == 77 && skip != std::string::npos) {
-    r.skipped = true;
-    r.skip_reason = r.output.substr(skip + 6);
-    while (!r.skip_reason.empty() && r.skip_reason.back() == '\n') {
-      r.skip_reason.pop_back();
-    }
-  }
-  return r;
+remat_io_test::ScriptRun run_peer(const std::string& args) {
+  return remat_io_test::run_python_script("hf_peer.py", args);
 }
 
 #define RUN_PEER_OR_SKIP(var, args)          \
-  const PeerRun var = run_peer(args);        \
+  const auto var = run_peer(args);           \
   if (var.skipped) {                         \
     GTEST_SKIP() << var.skip_reason;         \
   }                                          \

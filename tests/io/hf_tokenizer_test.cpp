@@ -15,7 +15,6 @@
 
 #include <cstdio>
 #include <cstring>
-#include <sys/wait.h>
 
 namespace {
 
@@ -360,47 +359,13 @@ TEST(SentencePieceTokenizerTest, RefusesDamagedFilesNamingThem) {
 
 // ---------------------------------------------------------------- reference
 
-struct Reference {
-  bool skipped = false;
-  std::string reason;
-  int status = -1;
-  std::string output;
-};
-
-Reference run_reference(const std::string& out_dir) {
-  Reference r;
-  const std::string command = std::string(REMAT_PYTHON) + " " + REMAT_SOURCE_DIR +
-      "/tests/io/tokenizer_reference.py " + out_dir + " 2>&1";
-  FILE* pipe = ::popen(command.c_str(), "r");
-  if (!pipe) {
-    r.output = "popen failed";
-    return r;
-  }
-  char buffer[4096];
-  size_t n;
-  while ((n = std::fread(buffer, 1, sizeof buffer, pipe)) > 0) {
-    r.output.append(buffer, n);
-  }
-  const int raw = ::pclose(pipe);
-  r.status = WIFEXITED(raw) ? WEXITSTATUS(raw) : -1;
-  const auto skip = r.output.find("SKIP: ");
-  if (r.status == 77 && skip != std::string::npos) {
-    r.skipped = true;
-    r.reason = r.output.substr(skip + 6);
-    while (!r.reason.empty() && r.reason.back() == '\n') {
-      r.reason.pop_back();
-    }
-  }
-  return r;
-}
-
 // Every document of the corpus, through each tokenizer: the same ids and the
 // same decoded text as the Python libraries.
 TEST(TokenizerCrossCheck, IdsMatchHuggingFaceTokenizersAndSentencePiece) {
   TempDir dir;
-  const auto ref = run_reference(dir.path());
+  const auto ref = remat_io_test::run_python_script("tokenizer_reference.py", dir.path());
   if (ref.skipped) {
-    GTEST_SKIP() << ref.reason;
+    GTEST_SKIP() << ref.skip_reason;
   }
   ASSERT_EQ(ref.status, 0) << ref.output;
   const auto corpus = json::parse(remat::io::read_file(dir.file("corpus.json")))

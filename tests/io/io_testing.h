@@ -5,6 +5,9 @@
 #include <c10/util/Exception.h>
 #include <gtest/gtest.h>
 
+#include <sys/wait.h>
+
+#include <cstdio>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
@@ -58,6 +61,43 @@ std::string error_of(F&& f) {
     return std::string("<not a c10::Error> ") + e.what();
   }
   return "<nothing thrown>";
+}
+
+/// How a Python reference script ended and what it printed.
+struct ScriptRun {
+  bool skipped = false;    ///< it cannot run here (REMAT_PYTHON lacks a package)
+  std::string skip_reason; ///< the script's "SKIP: ..." line
+  int status = -1;         ///< exit code; -1: killed or not started
+  std::string output;      ///< stdout and stderr together
+};
+
+/// Runs tests/io/`script` with REMAT_PYTHON (the test binary's), passing
+/// `args`. A script that exits 77 after printing "SKIP: why" is skipped.
+inline ScriptRun run_python_script(const std::string& script, const std::string& args) {
+  ScriptRun r;
+  const std::string command = std::string(REMAT_PYTHON) + " " + REMAT_SOURCE_DIR +
+      "/tests/io/" + script + " " + args + " 2>&1";
+  FILE* pipe = ::popen(command.c_str(), "r");
+  if (!pipe) {
+    r.output = "popen failed";
+    return r;
+  }
+  char buffer[4096];
+  size_t n;
+  while ((n = std::fread(buffer, 1, sizeof buffer, pipe)) > 0) {
+    r.output.append(buffer, n);
+  }
+  const int raw = ::pclose(pipe);
+  r.status = WIFEXITED(raw) ? WEXITSTATUS(raw) : -1;
+  const auto skip = r.output.find("SKIP: ");
+  if (r.status == 77 && skip != std::string::npos) {
+    r.skipped = true;
+    r.skip_reason = r.output.substr(skip + 6);
+    while (!r.skip_reason.empty() && r.skip_reason.back() == '\n') {
+      r.skip_reason.pop_back();
+    }
+  }
+  return r;
 }
 
 } // namespace remat_io_test
