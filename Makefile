@@ -24,7 +24,7 @@ else
 $(error TORCH: expected 1 (LibTorch 1.13) or 2 (LibTorch 2.15), but got '$(TORCH)')
 endif
 
-.PHONY: all setup configure build test demo consumer clean print-build \
+.PHONY: all setup configure build test demo consumer clean print-build figures \
   build-sanitize test-sanitize fuzz fuzz-ci hostile
 
 all: build
@@ -60,6 +60,13 @@ demo: configure
 	cmake --build $(BUILD) -j $(JOBS) --target remat_cli
 	$(BUILD)/remat bench --layers 12 --hidden 256 --heads 4 --seq 256 --batch 8 \
 	  --policy none,every-layer,every-2,sqrt,selective-attention --steps 3 --warmup 1
+
+# Every measured figure block of README.md and docs/ (between
+# "<!-- figure: NAME -->" markers), measured again and rewritten by
+# scripts/figures.py (several minutes on 2 cores).
+figures: configure
+	cmake --build $(BUILD) -j $(JOBS) --target remat_cli
+	python3 scripts/figures.py --remat $(BUILD)/remat
 
 # Several hundred crafted inputs (huge sizes and counts, damaged and crafted
 # files) against every command; prints a table by kind and fails if any case

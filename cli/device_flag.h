@@ -4,6 +4,7 @@
 #include "command.h"
 
 #include "remat/device.h"
+#include "remat/field_error.h"
 
 #include <c10/util/Exception.h>
 
@@ -19,8 +20,8 @@ inline c10::Device parse_device_flag(const std::string& text, const std::string&
   try {
     return require_device(parse_device(text));
   } catch (const c10::Error& e) {
-    const std::string what = e.what_without_backtrace();
-    throw UsageError(flag + ": " + what.substr(0, what.find('\n')));
+    std::string what = first_line(e);
+    throw UsageError(flag + ": " + what);
   }
 }
 

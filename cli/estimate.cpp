@@ -72,8 +72,8 @@ auto parse_flag(const std::string& flag, const std::string& text, const Parse& p
   try {
     return parse(text);
   } catch (const c10::Error& e) {
-    const std::string what = e.what_without_backtrace();
-    throw UsageError(flag + ": " + what.substr(0, what.find('\n')));
+    std::string what = first_line(e);
+    throw UsageError(flag + ": " + what);
   }
 }
 
@@ -124,16 +124,7 @@ plan::ModelSpec make_spec(const EstimateConfig& c, const CLI::App& app) {
                 std::to_string(c.model.intermediate));
     s.intermediate(c.model.intermediate);
   }
-  require(s.hidden() % s.heads() == 0, given("--hidden") ? "--hidden" : "--heads",
-          "expected hidden (" + std::to_string(s.hidden()) + ") to be a multiple of heads (" +
-              std::to_string(s.heads()) + ")");
-  if (s.kv_heads() > 0) {
-    require(s.heads() % s.kv_heads() == 0 && (!bert || s.kv_heads() == s.heads()), "--kv-heads",
-            bert ? "expected no --kv-heads for bert (or as many as --heads), but got " +
-                       std::to_string(s.kv_heads())
-                 : "expected a divisor of heads (" + std::to_string(s.heads()) + "), but got " +
-                       std::to_string(s.kv_heads()));
-  }
+  // The head rules (remat/model_sizes.h) are the spec's: s.validate() below.
   if (given("--dtype")) {
     s.precision(parse_precision_flag(c.dtype));
   }
@@ -154,9 +145,9 @@ plan::ModelSpec make_spec(const EstimateConfig& c, const CLI::App& app) {
     s.backend(c.backend == "cpu" ? plan::Backend::kCpu : plan::Backend::kCuda);
   }
   if (given("--dropout")) {
-    require(c.dropout == "on" || c.dropout == "off", "--dropout",
-            "expected on or off, but got '" + c.dropout + "'");
-    s.dropout(c.dropout == "on");
+    // A probability, as in bench, plan and train (the estimate depends only
+    // on whether there is dropout); "on" and "off" stay as aliases.
+    s.dropout(c.dropout == "on" || (c.dropout != "off" && parse_probability(c.dropout) > 0));
   }
   if (given("--lora-rank")) {
     require(c.lora_rank >= 0, "--lora-rank",
@@ -164,7 +155,12 @@ plan::ModelSpec make_spec(const EstimateConfig& c, const CLI::App& app) {
     s.lora_rank(c.lora_rank);
   }
   if (given("--lora-targets")) {
-    s.lora_targets(split_list(c.lora_targets, "--lora-targets"));
+    // Short names or the family's module names, as train takes them.
+    std::vector<std::string> targets;
+    for (const auto& t : split_list(c.lora_targets, "--lora-targets")) {
+      targets.push_back(with_flag_errors([&] { return plan::lora_target_short(s.family(), t); }));
+    }
+    s.lora_targets(targets);
   }
   if (given("--lora-dropout")) {
     s.lora_dropout(c.lora_dropout);
@@ -173,11 +169,11 @@ plan::ModelSpec make_spec(const EstimateConfig& c, const CLI::App& app) {
   try {
     s.validate();
   } catch (const FieldError& e) {
-    std::string what = e.what_without_backtrace();
+    std::string what = first_line(e);
     const std::string flag = e.field() == "num_labels"      ? "--labels"
         : e.field() == "max_positions" ? "--seq"
                                        : flag_of_field(e.field());
-    throw UsageError(flag + ": " + what.substr(0, what.find('\n')));
+    throw UsageError(flag + ": " + what);
   }
   return s;
 }
@@ -231,8 +227,8 @@ int run_estimate(const EstimateConfig& c, const CLI::App& app) {
     try {
       results = nn::check_estimate(spec, policies);
     } catch (const c10::Error& e) {
-      const std::string what = e.what_without_backtrace();
-      throw UsageError("--check: " + what.substr(0, what.find('\n')));
+      std::string what = first_line(e);
+      throw UsageError("--check: " + what);
     }
     std::cout << nn::check_table(results);
     status = nn::checks_within(results) ? 0 : 1;
@@ -294,10 +290,13 @@ Run add_estimate(CLI::App& root) {
   app->add_option("--labels", c->labels, "classifier labels");
   app->add_option("--backend", c->backend, "cpu or cuda (how dropout keeps its mask)")
       ->capture_default_str();
-  app->add_option("--dropout", c->dropout, "on or off (default: on for bert, off for llama)");
+  app->add_option("--dropout", c->dropout,
+                  "dropout probability; the estimate counts its masks when above 0 (on and "
+                  "off accepted; default: 0.1 for bert, 0 for llama)");
   app->add_option("--lora-rank", c->lora_rank, "LoRA rank (0: full fine-tuning)");
   app->add_option("--lora-targets", c->lora_targets,
-                  "comma-separated: q, k, v, o, gate (llama), up, down")
+                  "comma-separated: q, k, v, o, gate (llama), up, down, or the model's own "
+                  "names (q_proj, query, ...), as train takes them")
       ->capture_default_str();
   app->add_flag("--lora-dropout", c->lora_dropout, "dropout on the adapters' input");
   app->add_option("--policy", c->policies,

@@ -2,6 +2,7 @@
 #include "command.h"
 
 #include "remat/memory.h"
+#include "remat/field_error.h"
 
 #include <c10/util/Exception.h>
 
@@ -15,9 +16,7 @@ namespace {
 
 // c10::Error messages can span lines (and carry a backtrace); a command line
 // user gets the first line of the message only.
-std::string first_line(const std::string& text) {
-  return text.substr(0, text.find('\n'));
-}
+using remat::first_line;
 
 // CLI11 says "Could not convert: --layers = abc"; the user gets what the
 // flag expects, from the flag's own type.

@@ -50,8 +50,8 @@ auto with_flag_errors(F&& f) -> decltype(f()) {
   try {
     return f();
   } catch (const FieldError& e) {
-    std::string what = e.what_without_backtrace();
-    throw UsageError(flag_of_field(e.field()) + ": " + what.substr(0, what.find('\n')));
+    std::string what = first_line(e);
+    throw UsageError(flag_of_field(e.field()) + ": " + what);
   }
 }
 
@@ -74,34 +74,66 @@ struct ModelFlags {
 
   bool llama() const { return model == "llama"; }
 
-  /// The model description. Throws UsageError naming the flag.
-  nn::ModelConfig config() const {
-    require(model == "bert" || model == "llama", "--model",
-            "expected bert or llama, but got '" + model + "'");
-    nn::AttentionKind kind = nn::AttentionKind::kEager;
-    try {
-      kind = nn::parse_attention(attention);
-      nn::check_attention_supported(kind);
-    } catch (const c10::Error& e) {
-      std::string what = e.what_without_backtrace();
-      throw UsageError("--attention: " + what.substr(0, what.find('\n')));
-    }
-    return with_flag_errors([&] {
-      return nn::ModelConfig(llama() ? plan::Family::kLlama : plan::Family::kBert)
-          .layers(layers)
-          .hidden(hidden)
-          .heads(heads)
-          .kv_heads(kv_heads)
-          .intermediate(intermediate)
-          .vocab(vocab)
-          .seq(seq)
-          .batch(batch)
-          .attention(kind)
-          .dtype(nn::parse_model_dtype(dtype))
-          .dropout(dropout);
-    });
+  /// The flags whose defaults are `config`'s (a command's own defaults).
+  static ModelFlags of(const nn::ModelConfig& config) {
+    ModelFlags f;
+    f.model = config.llama() ? "llama" : "bert";
+    f.layers = config.layers();
+    f.hidden = config.hidden();
+    f.heads = config.heads();
+    f.kv_heads = config.kv_heads();
+    f.intermediate = config.intermediate();
+    f.vocab = config.vocab();
+    f.seq = config.seq();
+    f.batch = config.batch();
+    f.attention = nn::to_string(config.attention());
+    f.dtype = nn::model_dtype_name(config.dtype());
+    f.dropout = config.dropout();
+    return f;
   }
+
+  /// The model description. Throws UsageError naming the flag.
+  nn::ModelConfig config() const;
 };
+
+/// Sets the fields of `config` whose flags `given("--layers")` says were
+/// given (all of them for a new run; on a resumed run only those typed), but
+/// the family, which is the command's. Throws UsageError for an attention
+/// or dtype that is not one, FieldError for the rest (see validate()).
+template <typename Given>
+void apply_model_flags(const ModelFlags& f, nn::ModelConfig& config, const Given& given) {
+  if (given("--layers")) config.layers(f.layers);
+  if (given("--hidden")) config.hidden(f.hidden);
+  if (given("--heads")) config.heads(f.heads);
+  if (given("--kv-heads")) config.kv_heads(f.kv_heads);
+  if (given("--intermediate")) config.intermediate(f.intermediate);
+  if (given("--seq")) config.seq(f.seq);
+  if (given("--batch")) config.batch(f.batch);
+  if (given("--dropout")) config.dropout(f.dropout);
+  if (given("--attention")) {
+    try {
+      const auto kind = nn::parse_attention(f.attention);
+      nn::check_attention_supported(kind);
+      config.attention(kind);
+    } catch (const c10::Error& e) {
+      std::string what = first_line(e);
+      throw UsageError("--attention: " + what);
+    }
+  }
+  // One spelling with bench and plan ("fp32"); "f32" stays an alias.
+  if (given("--dtype")) config.dtype(nn::parse_model_dtype(f.dtype));
+}
+
+inline nn::ModelConfig ModelFlags::config() const {
+  require(model == "bert" || model == "llama", "--model",
+          "expected bert or llama, but got '" + model + "'");
+  nn::ModelConfig c(llama() ? plan::Family::kLlama : plan::Family::kBert);
+  return with_flag_errors([&] {
+    c.vocab(vocab);
+    apply_model_flags(*this, c, [](const char*) { return true; });
+    return c;
+  });
+}
 
 /// "bert, 12 layers, hidden 256, 4 heads, intermediate 1024, vocab 30522,
 /// seq 256, batch 8, eager attention, fp32, dropout 0.1": the model line the
@@ -154,17 +186,33 @@ enum ModelFlag : unsigned {
   kAllModelFlags = (1u << 12) - 1,
 };
 
+/// The one reading of a --dropout value: a probability in [0, 1). Returns
+/// an empty message and sets `p`, or the message of a refusal.
+inline std::string probability_problem(const std::string& text, double& p) {
+  char* end = nullptr;
+  p = std::strtod(text.c_str(), &end);
+  if (end == text.c_str() || *end != '\0' || !(p >= 0 && p < 1)) {
+    return "expected a probability in [0, 1), but got " + text;
+  }
+  return "";
+}
+
+/// A --dropout value parsed after the flag parser (estimate's, which also
+/// takes on and off); throws UsageError.
+inline double parse_probability(const std::string& text) {
+  double p = 0;
+  const auto problem = probability_problem(text, p);
+  require(problem.empty(), "--dropout", problem);
+  return p;
+}
+
 /// Checks a --dropout where it is given: a probability in [0, 1), in every
 /// command alike (a command's "family default" stays a value no one types).
 inline CLI::Validator probability_check() {
   return CLI::Validator(
       [](std::string& text) -> std::string {
-        char* end = nullptr;
-        const double p = std::strtod(text.c_str(), &end);
-        if (end == text.c_str() || *end != '\0' || !(p >= 0 && p < 1)) {
-          return "expected a probability in [0, 1), but got " + text;
-        }
-        return "";
+        double p = 0;
+        return probability_problem(text, p);
       },
       "", "probability");
 }
@@ -251,9 +299,9 @@ inline void require_fits(const plan::ModelSpec& spec, int64_t limit_bytes) {
   try {
     plan::check_fits(spec, limit, given ? "the --memory-limit" : "this machine's memory");
   } catch (const FieldError& e) {
-    std::string what = e.what_without_backtrace();
+    std::string what = first_line(e);
     throw UsageError(std::string(given ? "--memory-limit" : "--model") + ": " +
-                     what.substr(0, what.find('\n')));
+                     what);
   }
 }
 
@@ -350,11 +398,6 @@ inline std::vector<std::string> split_list(const std::string& text, const std::s
   return out;
 }
 
-/// "1.23 GiB" without the space, for tables.
-inline std::string size_cell(int64_t bytes) {
-  return memory::format_size(bytes);
-}
-
 /// Writes `j` to `path` atomically (remat::io::write_file_atomic: a
 /// temporary file, fsynced and renamed over `path`), so a failed run never
 /// leaves a half-written report where a previous one was.
@@ -362,8 +405,8 @@ inline void write_json_file(const std::string& path, const nlohmann::json& j) {
   try {
     io::write_file_atomic(path, j.dump(2) + "\n");
   } catch (const c10::Error& e) {
-    const std::string what = e.what_without_backtrace();
-    throw UsageError("--json: " + what.substr(0, what.find('\n')));
+    std::string what = first_line(e);
+    throw UsageError("--json: " + what);
   }
 }
 

@@ -10,6 +10,7 @@
 #include "model_flags.h"
 
 #include "remat/memory.h"
+#include "remat/field_error.h"
 #include "remat/nn/policy_bench.h"
 #include "remat/plan/compare.h"
 #include "remat/policy.h"
@@ -55,8 +56,8 @@ std::vector<plan::Budget> parse_budgets(const std::string& list) {
     try {
       out.push_back(plan::parse_budget(item));
     } catch (const c10::Error& e) {
-      const std::string what = e.what_without_backtrace();
-      throw UsageError("--budget: " + what.substr(0, what.find('\n')));
+      std::string what = first_line(e);
+      throw UsageError("--budget: " + what);
     }
   }
   require(!out.empty(), "--budget", "expected at least one budget, but got '" + list + "'");

@@ -7,7 +7,7 @@
 #include "model_flags.h"
 #include "device_flag.h"
 
-#include "remat/dist/process_group.h"
+#include "remat/distributed/process_group.h"
 #include "remat/io/file.h"
 #include "remat/train/run.h"
 #include "remat/train/summary.h"
@@ -33,25 +33,18 @@ using train::TrainOptions;
 struct TrainFlags {
   TrainOptions defaults;
   std::string task = "classify";
-  std::string train, valid, vocab, init, save, out, metrics, report;
+  std::string train, valid, tokenizer, init, save, out, metrics, report;
+  /// A vocabulary size, as in the other commands; a file here is the
+  /// tokenizer (the flag's old meaning, kept as an alias of --tokenizer).
+  std::string vocab;
   double valid_fraction = defaults.valid_fraction();
   /// The shared model flags (cli/model_flags.h), TrainOptions' defaults;
   /// the task decides the family.
-  ModelFlags model = [this] {
-    ModelFlags m;
-    m.layers = defaults.layers();
-    m.hidden = defaults.hidden();
-    m.heads = defaults.heads();
-    m.kv_heads = defaults.kv_heads();
-    m.intermediate = defaults.intermediate();
-    m.seq = defaults.seq();
-    m.batch = defaults.batch();
-    m.dropout = defaults.dropout();
-    m.dtype = nn::model_dtype_name(defaults.dtype());
-    return m;
-  }();
+  ModelFlags model = ModelFlags::of(defaults.model());
   int64_t accumulate = defaults.accumulate();
   int64_t epochs = defaults.epochs(), max_steps = defaults.max_steps();
+  int64_t max_tokens = defaults.max_tokens();
+  bool pack = defaults.pack();
   std::string policy = defaults.policy().name();
   double lr = defaults.lr(), weight_decay = defaults.weight_decay(), clip = defaults.clip();
   int64_t warmup = defaults.warmup();
@@ -78,7 +71,7 @@ struct TrainFlags {
 // except where the flag is named otherwise.
 std::string flag_of(const std::string& field) {
   static const std::map<std::string, std::string> special{
-      {"train_path", "--train"},   {"valid_path", "--valid"}, {"vocab_path", "--vocab"},
+      {"train_path", "--train"},   {"valid_path", "--valid"}, {"vocab_path", "--tokenizer"},
       {"init_dir", "--init"},      {"out_dir", "--out"},      {"memory_timeline", "--report"},
       {"resume", "--resume"}};
   auto it = special.find(field);
@@ -93,8 +86,7 @@ std::string flag_of(const std::string& field) {
     throw;
   }
   // The message may carry "field: " already.
-  std::string what = e.what_without_backtrace();
-  what = what.substr(0, what.find('\n'));
+  std::string what = first_line(e);
   const std::string prefix = field->field() + ": ";
   if (what.compare(0, prefix.size(), prefix) == 0) {
     what = what.substr(prefix.size());
@@ -110,8 +102,8 @@ auto as_flag(const std::string& flag, F&& f) -> decltype(f()) {
   try {
     return f();
   } catch (const c10::Error& e) {
-    std::string what = e.what_without_backtrace();
-    throw UsageError(flag + ": " + what.substr(0, what.find('\n')));
+    std::string what = first_line(e);
+    throw UsageError(flag + ": " + what);
   }
 }
 
@@ -124,6 +116,20 @@ void require_file(const std::string& path, const std::string& flag) {
   require(problem.empty(), flag, "cannot read '" + path + "': " + problem);
 }
 
+// --vocab as a vocabulary size (an integer), or nullopt: a file name.
+// Throws UsageError for an integer that is not a size.
+c10::optional<int64_t> vocab_size_of(const std::string& text) {
+  const size_t digits = !text.empty() && text[0] == '-' ? 1 : 0;
+  if (text.size() == digits ||
+      !std::all_of(text.begin() + digits, text.end(), [](char c) { return c >= '0' && c <= '9'; })) {
+    return c10::nullopt;
+  }
+  require(digits == 0 && text.size() <= 9, "--vocab",
+          "expected a vocabulary size in [0, " + std::to_string(limits::kMaxVocab) +
+              "] (0: the tokenizer's), but got " + text);
+  return std::stoll(text);
+}
+
 // Sets the options the user gave (all of them for a new run; on --resume
 // only the flags on the command line, over the saved run's options).
 TrainOptions apply_flags(const TrainFlags& f, TrainOptions o, const CLI::App& app, bool all) {
@@ -132,25 +138,26 @@ TrainOptions apply_flags(const TrainFlags& f, TrainOptions o, const CLI::App& ap
   if (given("--train")) o.train_path(f.train);
   if (given("--valid")) o.valid_path(f.valid);
   if (given("--valid-fraction")) o.valid_fraction(f.valid_fraction);
-  if (given("--vocab")) o.vocab_path(f.vocab);
-  if (given("--seq")) o.seq(f.model.seq);
-  if (given("--batch")) o.batch(f.model.batch);
+  if (given("--tokenizer")) o.vocab_path(f.tokenizer);
+  if (given("--vocab") && !f.vocab.empty()) {
+    if (const auto size = vocab_size_of(f.vocab)) {
+      o.model().vocab(*size);
+    } else {
+      require(f.tokenizer.empty(), "--vocab",
+              "expected a vocabulary size with --tokenizer, but got the file '" + f.vocab + "'");
+      o.vocab_path(f.vocab);
+    }
+  }
   if (given("--accumulate")) o.accumulate(f.accumulate);
   if (given("--epochs")) o.epochs(f.epochs);
   if (given("--max-steps")) o.max_steps(f.max_steps);
-  if (given("--layers")) o.layers(f.model.layers);
-  if (given("--hidden")) o.hidden(f.model.hidden);
-  if (given("--heads")) o.heads(f.model.heads);
-  if (given("--kv-heads")) o.kv_heads(f.model.kv_heads);
-  if (given("--intermediate")) o.intermediate(f.model.intermediate);
-  if (given("--dropout")) o.dropout(f.model.dropout);
+  if (given("--max-tokens")) o.max_tokens(f.max_tokens);
+  if (given("--pack")) o.pack(f.pack);
+  // The model's flags, onto its one description (the family is the task's).
+  with_flag_errors([&] { apply_model_flags(f.model, o.model(), given); });
   if (given("--init")) o.init_dir(f.init);
   if (given("--policy")) {
     o.policy(as_flag("--policy", [&] { return CheckpointPolicy::parse(f.policy); }));
-  }
-  if (given("--dtype")) {
-    // One spelling with bench and plan ("fp32"); "f32" stays an alias.
-    o.dtype(with_flag_errors([&] { return nn::parse_model_dtype(f.model.dtype); }));
   }
   if (given("--lr")) o.lr(f.lr);
   if (given("--weight-decay")) o.weight_decay(f.weight_decay);
@@ -216,7 +223,10 @@ TrainOptions prepare(const TrainFlags& f, const CLI::App& app) {
   require(f.stop_after_step >= 0, "--stop-after-step", "expected a value >= 0");
   require_file(f.train, "--train");
   require_file(f.valid, "--valid");
-  require_file(f.vocab, "--vocab");
+  require_file(f.tokenizer, "--tokenizer");
+  if (!vocab_size_of(f.vocab)) {
+    require_file(f.vocab, "--vocab");
+  }
   if (f.resume) {
     require(!f.out.empty(), "--resume", "expected --out DIR, the folder of the run to continue");
   }
@@ -254,8 +264,8 @@ c10::optional<dist::DistOptions> dist_options(const TrainFlags& f) {
       d->validate();
     }
   } catch (const c10::Error& e) {
-    std::string what = e.what_without_backtrace();
-    throw UsageError("data parallel: " + what.substr(0, what.find('\n')));
+    std::string what = first_line(e);
+    throw UsageError("data parallel: " + what);
   }
   if (d && d->world_size() == 1) {
     return c10::nullopt;
@@ -287,19 +297,22 @@ int run_train(const TrainFlags& f, const CLI::App& app) {
     try {
       place->validate();
     } catch (const c10::Error& e) {
-      std::string what = e.what_without_backtrace();
-      throw UsageError("--device: data parallel: " + what.substr(0, what.find('\n')));
+      std::string what = first_line(e);
+      throw UsageError("--device: data parallel: " + what);
     }
     group = std::make_shared<dist::ProcessGroup>(*place);
   }
   const bool writer = !group || group->rank() == 0;
 
   const bool stops = f.stop_rank < 0 || (group ? group->rank() : 0) == f.stop_rank;
+  if (stops && f.stop_after_step > 0) {
+    // The library's private test hook (src/train/step_faults.h).
+    ::setenv("REMAT_TEST_EXIT_AFTER_STEP", std::to_string(f.stop_after_step).c_str(), 1);
+  }
   const auto outputs = run_outputs(f);
   train::TrainResult result;
   try {
-    result = train::run_with_outputs(options, outputs, f.resume,
-                                     stops ? f.stop_after_step : 0, group);
+    result = train::run_with_outputs(options, outputs, f.resume, group);
   } catch (const FieldError& e) {
     // What the trainer refuses before training (the model's sizes, a step
     // too large for this machine) is about a flag.
@@ -331,16 +344,28 @@ Run add_train(CLI::App& root) {
   app->add_option("--valid-fraction", f->valid_fraction,
                   "share of --train held out when there is no --valid (0: none)")
       ->capture_default_str();
-  app->add_option("--vocab", f->vocab, "tokenizer.json (BPE), tokenizer.model (SentencePiece) or BERT vocab.txt; default: the --init folder's, else byte-level");
+  app->add_option("--tokenizer", f->tokenizer,
+                  "tokenizer.json (BPE), tokenizer.model (SentencePiece) or BERT vocab.txt; "
+                  "default: the --init folder's, else byte-level");
+  app->add_option("--vocab", f->vocab,
+                  "vocabulary size, as in bench, plan and estimate (default: the tokenizer's); "
+                  "a file is taken as --tokenizer, the flag's old meaning");
   add_model_flags(app, f->model,
                   kModelLayers | kModelHidden | kModelHeads | kModelKvHeads | kModelIntermediate |
-                      kModelSeq | kModelBatch | kModelDtype | kModelDropout);
+                      kModelSeq | kModelBatch | kModelAttention | kModelDtype | kModelDropout);
   app->add_option("--accumulate", f->accumulate,
                   "micro-batches per optimizer step (gradient accumulation)")
       ->capture_default_str();
   app->add_option("--epochs", f->epochs, "passes over the training set")->capture_default_str();
   app->add_option("--max-steps", f->max_steps, "optimizer steps (0: --epochs decides)")
       ->capture_default_str();
+  app->add_option("--max-tokens", f->max_tokens,
+                  "token budget of a step: documents bucketed by length, rows x longest row "
+                  "<= N, at most --batch x --accumulate rows (0: off)")
+      ->capture_default_str();
+  app->add_flag("--pack", f->pack,
+                "lm: several documents per row of --seq tokens, each attending only to itself "
+                "with its own positions");
   app->add_option("--init", f->init, "start from a Hugging Face folder (config.json, "
                                      "model.safetensors)");
   app->add_option("--save", f->save, "write model.safetensors + config.json here at the end");
@@ -359,7 +384,8 @@ Run add_train(CLI::App& root) {
       ->capture_default_str();
   app->add_option("--lora-alpha", f->lora_alpha, "LoRA alpha")->capture_default_str();
   app->add_option("--lora-targets", f->lora_targets,
-                  "comma-separated projections (default: query,value or q_proj,v_proj)");
+                  "comma-separated projections: q, k, v, o, gate, up, down (as estimate "
+                  "takes them) or the model's names (default: query,value or q_proj,v_proj)");
   app->add_option("--seed", f->seed, "seed for weights, data order and dropout")
       ->capture_default_str();
   app->add_option("--eval-every", f->eval_every, "evaluate every N steps (0: every epoch)")

@@ -16,38 +16,14 @@
 //   catch (const remat::FieldError& e) { std::cerr << e.field(); }  // "layers"
 #pragma once
 
+#include "remat/field_error.h"
+
 #include <c10/util/Exception.h>
 
 #include <cstdint>
 #include <string>
 
 namespace remat {
-
-/// A value out of its range, with the name of the field it is about
-/// ("layers", "hidden_size", "repeats"), so a caller maps it to its own
-/// spelling (a command-line flag, a JSON key) without reading the message.
-class FieldError : public c10::Error {
- public:
-  FieldError(std::string field, const std::string& message)
-      : c10::Error(
-            c10::SourceLocation{__func__, __FILE__, static_cast<uint32_t>(__LINE__)},
-            message),
-        field_(std::move(field)) {}
-
-  const std::string& field() const {
-    return field_;
-  }
-
- private:
-  std::string field_;
-};
-
-/// Throws FieldError(field, message) unless `ok`.
-inline void check_field(bool ok, const std::string& field, const std::string& message) {
-  if (!ok) {
-    throw FieldError(field, message);
-  }
-}
 
 /// Bounds a real model meets, with room: the largest public models have 126
 /// layers, hidden 16384 (25600 for the widest), 128 heads, MLP width 53248,
@@ -80,28 +56,68 @@ inline void check_size(const std::string& field, int64_t value, int64_t lo, int6
           "], but got " + std::to_string(value));
 }
 
+/// How a description spells its head fields, for FieldError and its
+/// messages: remat's own ("hidden", "heads", "kv_heads"), the models'
+/// options' ("hidden_size", "num_heads", "num_kv_heads") or config.json's.
+struct HeadFields {
+  const char* hidden = "hidden";
+  const char* heads = "heads";
+  const char* kv_heads = "kv_heads";
+};
+
+/// The head rules, written once for every description of a model: heads in
+/// [1, kMaxHeads], hidden a multiple of heads, and kv_heads (grouped-query
+/// attention; 0: as many as heads) in [0, heads] and dividing heads. Throws
+/// FieldError naming `names.hidden` ("expected hidden (30) to be a multiple
+/// of heads (4)") or `names.kv_heads`.
+inline void check_heads(
+    int64_t hidden,
+    int64_t heads,
+    int64_t kv_heads,
+    const HeadFields& names = {}) {
+  const std::string hidden_name = names.hidden;
+  const std::string heads_name = names.heads;
+  const std::string kv_name = names.kv_heads;
+  check_size(heads_name, heads, 1, limits::kMaxHeads);
+  check_field(
+      hidden % heads == 0, hidden_name,
+      "expected " + hidden_name + " (" + std::to_string(hidden) + ") to be a multiple of " +
+          heads_name + " (" + std::to_string(heads) + ")");
+  check_field(
+      kv_heads >= 0 && kv_heads <= heads && (kv_heads == 0 || heads % kv_heads == 0), kv_name,
+      "expected " + kv_name + " dividing " + heads_name + " (" + std::to_string(heads) +
+          "; 0: as many), but got " + std::to_string(kv_heads));
+}
+
 /// The sizes the options of every transformer family share, checked under
 /// the options' field names (vocab_size, hidden_size, num_layers, num_heads,
-/// intermediate_size (0: the family's rule), max_position_embeddings), with
-/// hidden_size divisible by num_heads. Throws FieldError.
+/// num_kv_heads (0: num_heads), intermediate_size (0: the family's rule),
+/// max_position_embeddings), with the head rules of check_heads. Throws
+/// FieldError.
 inline void check_transformer_sizes(
     int64_t vocab_size,
     int64_t hidden_size,
     int64_t num_layers,
     int64_t num_heads,
+    int64_t num_kv_heads,
     int64_t intermediate_size,
     int64_t max_position_embeddings) {
   check_size("vocab_size", vocab_size, 1, limits::kMaxVocab);
   check_size("hidden_size", hidden_size, 1, limits::kMaxHidden);
   check_size("num_layers", num_layers, 1, limits::kMaxLayers);
-  check_size("num_heads", num_heads, 1, limits::kMaxHeads);
-  check_field(
-      hidden_size % num_heads == 0, "num_heads",
-      "expected hidden_size divisible by num_heads, but got hidden_size " +
-          std::to_string(hidden_size) + " and num_heads " + std::to_string(num_heads));
+  check_heads(hidden_size, num_heads, num_kv_heads, {"hidden_size", "num_heads", "num_kv_heads"});
   check_size("intermediate_size", intermediate_size, 0, limits::kMaxIntermediate);
   check_size(
       "max_position_embeddings", max_position_embeddings, 1, limits::kMaxPositions);
+}
+
+/// A layer-norm or RMS-norm epsilon: finite and above 0 (a config.json
+/// with "layer_norm_eps": -1 is a mistake that would train on NaN).
+/// Throws FieldError(field).
+inline void check_norm_eps(const std::string& field, double eps) {
+  check_field(
+      eps > 0 && eps < 1, field,
+      c10::str("expected ", field, " in (0, 1), but got ", eps));
 }
 
 /// BERT's MLP width: 4 x hidden (bert-base: 3072 for 768).

@@ -1,7 +1,7 @@
 #include "remat/checkpoint.h"
 
 #include "remat/autocast.h"
-#include "checkpoint/rng_state.h"
+#include "remat/rng_state.h"
 #include "checkpoint/tensor_meta.h"
 #include "compat/torch.h"
 
@@ -23,8 +23,6 @@ using torch::autograd::variable_list;
 
 std::atomic<int64_t> recomputes{0};
 
-using detail::RngScope;
-using detail::RngState;
 using detail::TensorMeta;
 
 std::atomic<int64_t> skipped_nodes{0};

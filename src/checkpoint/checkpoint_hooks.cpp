@@ -26,7 +26,7 @@
 #include "remat/autocast.h"
 #include "remat/checkpoint.h"
 #include "remat/saved_tensor_hooks.h"
-#include "checkpoint/rng_state.h"
+#include "remat/rng_state.h"
 #include "checkpoint/tensor_meta.h"
 
 #include <ATen/SequenceNumber.h>

@@ -1,4 +1,4 @@
-#include "checkpoint/rng_state.h"
+#include "remat/rng_state.h"
 
 #include <ATen/CPUGeneratorImpl.h>
 
@@ -9,7 +9,6 @@
 #include <mutex>
 
 namespace remat {
-namespace detail {
 namespace {
 
 torch::Tensor swap_cpu(const torch::Tensor& state) {
@@ -53,11 +52,26 @@ RngState RngState::capture(const std::vector<torch::Tensor>& inputs) {
   return s;
 }
 
-RngScope::RngScope(const RngState& state) {
+RngState RngState::capture(c10::Device device) {
+  RngState s;
+  s.cpu = swap_cpu(torch::Tensor());
+#ifdef REMAT_WITH_CUDA
+  if (device.is_cuda() && device.has_index()) {
+    s.cuda_device = device.index();
+    s.cuda = swap_cuda(s.cuda_device, torch::Tensor());
+  }
+#else
+  (void)device;
+#endif
+  return s;
+}
+
+RngScope::RngScope(const RngState& state, RngState* advanced) {
   if (!state.defined()) {
     return;
   }
   found_.cpu = swap_cpu(state.cpu);
+  advanced_ = advanced;
 #ifdef REMAT_WITH_CUDA
   if (state.cuda.defined()) {
     found_.cuda_device = state.cuda_device;
@@ -70,13 +84,20 @@ RngScope::~RngScope() {
   if (!found_.defined()) {
     return;
   }
-  swap_cpu(found_.cpu);
+  const torch::Tensor cpu = swap_cpu(found_.cpu);
+  torch::Tensor cuda;
 #ifdef REMAT_WITH_CUDA
   if (found_.cuda.defined()) {
-    swap_cuda(found_.cuda_device, found_.cuda);
+    cuda = swap_cuda(found_.cuda_device, found_.cuda);
   }
 #endif
+  if (advanced_ != nullptr) {
+    advanced_->cpu = cpu;
+    if (cuda.defined()) {
+      advanced_->cuda_device = found_.cuda_device;
+      advanced_->cuda = cuda;
+    }
+  }
 }
 
-} // namespace detail
 } // namespace remat

@@ -93,56 +93,11 @@ std::string join_problems(const std::vector<std::string>& problems) {
 
 // --- JSON config fields
 
-const nlohmann::json* field(const nlohmann::json& j, const char* key) {
-  auto it = j.find(key);
-  return it == j.end() || it->is_null() ? nullptr : &*it;
-}
-
-int64_t get_int(const nlohmann::json& j, const char* key, int64_t fallback) {
-  const auto* v = field(j, key);
-  if (!v) {
-    return fallback;
-  }
-  TORCH_CHECK(
-      v->is_number_integer(), "config field \"", key,
-      "\": expected an integer, but got ", describe_json(*v));
-  return v->get<int64_t>();
-}
-
-double get_double(const nlohmann::json& j, const char* key, double fallback) {
-  const auto* v = field(j, key);
-  if (!v) {
-    return fallback;
-  }
-  TORCH_CHECK(
-      v->is_number(), "config field \"", key, "\": expected a number, but got ",
-      describe_json(*v));
-  return v->get<double>();
-}
-
-bool get_bool(const nlohmann::json& j, const char* key, bool fallback) {
-  const auto* v = field(j, key);
-  if (!v) {
-    return fallback;
-  }
-  TORCH_CHECK(
-      v->is_boolean(), "config field \"", key,
-      "\": expected true or false, but got ", describe_json(*v));
-  return v->get<bool>();
-}
-
-std::string get_string(
-    const nlohmann::json& j,
-    const char* key,
-    const std::string& fallback) {
-  const auto* v = field(j, key);
-  if (!v) {
-    return fallback;
-  }
-  TORCH_CHECK(
-      v->is_string(), "config field \"", key, "\": expected a string, but got ",
-      describe_json(*v));
-  return v->get<std::string>();
+// config.json's fields, read and refused as every remat reader does
+// (remat/io/json_text.h): "config field \"hidden_size\": expected an
+// integer, but got \"64\"".
+JsonReader config(const nlohmann::json& j) {
+  return JsonReader(j, "config");
 }
 
 // A config.json or shard index is a few kilobytes; past this it is not one.
@@ -385,18 +340,18 @@ nn::BertOptions bert_options_from_json(const nlohmann::json& j) {
   TORCH_CHECK(
       j.is_object(), "BERT config: expected a JSON object, but got ",
       j.type_name());
-  const auto model_type = get_string(j, "model_type", "bert");
+  const auto model_type = config(j).string("model_type", "bert");
   TORCH_CHECK(
       model_type == "bert",
       "config field \"model_type\": expected \"bert\", but got \"", model_type,
       "\"");
-  const auto act = get_string(j, "hidden_act", "gelu");
+  const auto act = config(j).string("hidden_act", "gelu");
   TORCH_CHECK(
       act == "gelu",
       "config field \"hidden_act\": expected \"gelu\" (the exact erf GELU "
       "that remat's BERT computes), but got \"",
       act, "\"");
-  const auto position = get_string(j, "position_embedding_type", "absolute");
+  const auto position = config(j).string("position_embedding_type", "absolute");
   TORCH_CHECK(
       position == "absolute",
       "config field \"position_embedding_type\": expected "
@@ -404,20 +359,20 @@ nn::BertOptions bert_options_from_json(const nlohmann::json& j) {
       position, "\"");
   auto options =
       nn::BertOptions()
-          .vocab_size(get_int(j, "vocab_size", 30522))
-          .hidden_size(get_int(j, "hidden_size", 768))
-          .num_layers(get_int(j, "num_hidden_layers", 12))
-          .num_heads(get_int(j, "num_attention_heads", 12))
-          .intermediate_size(get_int(j, "intermediate_size", 3072))
-          .max_position_embeddings(get_int(j, "max_position_embeddings", 512))
-          .type_vocab_size(get_int(j, "type_vocab_size", 2))
+          .vocab_size(config(j).integer("vocab_size", 30522))
+          .hidden_size(config(j).integer("hidden_size", 768))
+          .num_layers(config(j).integer("num_hidden_layers", 12))
+          .num_heads(config(j).integer("num_attention_heads", 12))
+          .intermediate_size(config(j).integer("intermediate_size", 3072))
+          .max_position_embeddings(config(j).integer("max_position_embeddings", 512))
+          .type_vocab_size(config(j).integer("type_vocab_size", 2))
           .pad_token_id(
-              field(j, "pad_token_id") ? get_int(j, "pad_token_id", 0)
+              config(j).has("pad_token_id") ? config(j).integer("pad_token_id")
                   : j.contains("pad_token_id") ? -1 // null: no padding token
                                                : 0)
-          .hidden_dropout(get_double(j, "hidden_dropout_prob", 0.1))
-          .attention_dropout(get_double(j, "attention_probs_dropout_prob", 0.1))
-          .layer_norm_eps(get_double(j, "layer_norm_eps", 1e-12));
+          .hidden_dropout(config(j).number("hidden_dropout_prob", 0.1))
+          .attention_dropout(config(j).number("attention_probs_dropout_prob", 0.1))
+          .layer_norm_eps(config(j).number("layer_norm_eps", 1e-12));
   options.validate();
   return options;
 }
@@ -465,88 +420,79 @@ void LlamaConfig::validate() const {
   check_size("hidden_size", hidden_size, 1, limits::kMaxHidden);
   check_size("intermediate_size", intermediate_size, 1, limits::kMaxIntermediate);
   check_size("num_hidden_layers", num_hidden_layers, 1, limits::kMaxLayers);
-  check_size("num_attention_heads", num_attention_heads, 1, limits::kMaxHeads);
   check_size("num_key_value_heads", num_key_value_heads, 1, limits::kMaxHeads);
   check_size("max_position_embeddings", max_position_embeddings, 1, limits::kMaxPositions);
-  TORCH_CHECK(
-      hidden_size % num_attention_heads == 0,
-      "expected hidden_size divisible by "
-      "num_attention_heads, but got hidden_size ",
-      hidden_size, " and num_attention_heads ", num_attention_heads);
-  TORCH_CHECK(
-      num_key_value_heads > 0 && num_attention_heads % num_key_value_heads == 0,
-      "expected num_key_value_heads > 0 dividing num_attention_heads ",
-      num_attention_heads, ", but got ", num_key_value_heads);
+  check_heads(hidden_size, num_attention_heads, num_key_value_heads,
+              {"hidden_size", "num_attention_heads", "num_key_value_heads"});
   TORCH_CHECK(rope_theta > 0, "expected rope_theta > 0, but got ", rope_theta);
-  TORCH_CHECK(
-      rms_norm_eps > 0, "expected rms_norm_eps > 0, but got ", rms_norm_eps);
+  check_norm_eps("rms_norm_eps", rms_norm_eps);
 }
 
 LlamaConfig llama_config_from_json(const nlohmann::json& j) {
   TORCH_CHECK(
       j.is_object(), "Llama config: expected a JSON object, but got ",
       j.type_name());
-  const auto model_type = get_string(j, "model_type", "llama");
+  const auto model_type = config(j).string("model_type", "llama");
   TORCH_CHECK(
       model_type == "llama",
       "config field \"model_type\": expected \"llama\", but got \"", model_type,
       "\"");
-  const auto act = get_string(j, "hidden_act", "silu");
+  const auto act = config(j).string("hidden_act", "silu");
   TORCH_CHECK(
       act == "silu",
       "config field \"hidden_act\": expected \"silu\", but got \"", act, "\"");
-  const auto* scaling = field(j, "rope_scaling");
   TORCH_CHECK(
-      scaling == nullptr,
+      !config(j).has("rope_scaling"),
       "config field \"rope_scaling\": expected null (remat's Llama has "
       "plain RoPE), but got ",
-      scaling ? describe_json(*scaling) : "");
+      config(j).has("rope_scaling") ? describe_json(j.at("rope_scaling")) : "");
   TORCH_CHECK(
-      !get_bool(j, "attention_bias", false),
+      !config(j).boolean("attention_bias", false),
       "config field \"attention_bias\": expected "
       "false (remat's Llama has no projection biases), but got true");
   TORCH_CHECK(
-      !get_bool(j, "mlp_bias", false),
+      !config(j).boolean("mlp_bias", false),
       "config field \"mlp_bias\": expected false, but got true");
   LlamaConfig c;
-  c.vocab_size = get_int(j, "vocab_size", c.vocab_size);
-  c.hidden_size = get_int(j, "hidden_size", c.hidden_size);
-  c.intermediate_size = get_int(j, "intermediate_size", c.intermediate_size);
-  c.num_hidden_layers = get_int(j, "num_hidden_layers", c.num_hidden_layers);
+  c.vocab_size = config(j).integer("vocab_size", c.vocab_size);
+  c.hidden_size = config(j).integer("hidden_size", c.hidden_size);
+  c.intermediate_size = config(j).integer("intermediate_size", c.intermediate_size);
+  c.num_hidden_layers = config(j).integer("num_hidden_layers", c.num_hidden_layers);
   c.num_attention_heads =
-      get_int(j, "num_attention_heads", c.num_attention_heads);
+      config(j).integer("num_attention_heads", c.num_attention_heads);
   c.num_key_value_heads =
-      get_int(j, "num_key_value_heads", c.num_attention_heads);
+      config(j).integer("num_key_value_heads", c.num_attention_heads);
   c.max_position_embeddings =
-      get_int(j, "max_position_embeddings", c.max_position_embeddings);
-  c.rope_theta = get_double(j, "rope_theta", c.rope_theta);
+      config(j).integer("max_position_embeddings", c.max_position_embeddings);
+  c.rope_theta = config(j).number("rope_theta", c.rope_theta);
   // transformers 5 writes RoPE settings as "rope_parameters": {"rope_type":
   // "default", "rope_theta": ...} instead of a top-level rope_theta; reading
   // only the latter would run such a model with the default theta, silently.
-  if (const auto* rope = field(j, "rope_parameters")) {
+  if (config(j).has("rope_parameters")) {
+    const auto* rope = &j.at("rope_parameters");
     TORCH_CHECK(
         rope->is_object(),
         "config field \"rope_parameters\": expected an object, but got ",
         describe_json(*rope));
-    const auto type = get_string(*rope, "rope_type", "default");
+    const auto type = config(*rope).string("rope_type", "default");
     TORCH_CHECK(
         type == "default",
         "config field \"rope_parameters\": expected rope_type \"default\" "
         "(remat's Llama has plain RoPE), but got \"",
         type, "\"");
-    const auto theta = get_double(*rope, "rope_theta", c.rope_theta);
+    const auto theta = config(*rope).number("rope_theta", c.rope_theta);
     TORCH_CHECK(
-        field(j, "rope_theta") == nullptr || theta == c.rope_theta,
+        !config(j).has("rope_theta") || theta == c.rope_theta,
         "config fields \"rope_theta\" ", c.rope_theta,
         " and \"rope_parameters\".rope_theta ", theta, " disagree");
     c.rope_theta = theta;
   }
-  c.rms_norm_eps = get_double(j, "rms_norm_eps", c.rms_norm_eps);
+  c.rms_norm_eps = config(j).number("rms_norm_eps", c.rms_norm_eps);
   c.tie_word_embeddings =
-      get_bool(j, "tie_word_embeddings", c.tie_word_embeddings);
+      config(j).boolean("tie_word_embeddings", c.tie_word_embeddings);
   c.validate();
   const auto head_dim =
-      get_int(j, "head_dim", c.hidden_size / c.num_attention_heads);
+      config(j).integer("head_dim", c.hidden_size / c.num_attention_heads);
   TORCH_CHECK(
       head_dim == c.hidden_size / c.num_attention_heads,
       "config field \"head_dim\": expected "

@@ -457,10 +457,6 @@ void write_planned(const WritePlan& plan, Sink&& sink) {
 
 } // namespace
 
-std::string safetensors_dtype_name(torch::Dtype dtype) {
-  return dtype_info(dtype).name;
-}
-
 SafetensorsFile read_safetensors(const std::string& path) {
   FileSource src(path);
   return read_all(src, path);

@@ -1,4 +1,5 @@
 #include "remat/io/tokenizer.h"
+#include "remat/field_error.h"
 
 #include "io/unicode.h"
 #include "remat/io/bpe_tokenizer.h"
@@ -327,8 +328,7 @@ std::string folder_tokenizer(const std::string& dir) {
       return file.string();
     } catch (const c10::Error& e) {
       if (first_error.empty()) {
-        first_error = e.what_without_backtrace();
-        first_error = first_error.substr(0, first_error.find('\n'));
+        first_error = first_line(e);
       }
     }
   }

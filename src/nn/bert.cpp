@@ -14,9 +14,10 @@ namespace nn {
 
 void BertOptions::validate() const {
   check_transformer_sizes(
-      vocab_size_, hidden_size_, num_layers_, num_heads_, intermediate_size_,
-      max_position_embeddings_);
+      vocab_size_, hidden_size_, num_layers_, num_heads_, /*num_kv_heads=*/0,
+      intermediate_size_, max_position_embeddings_);
   check_size("type_vocab_size", type_vocab_size_, 1, limits::kMaxVocab);
+  check_norm_eps("layer_norm_eps", layer_norm_eps_);
   check_field(
       pad_token_id_ >= -1 && pad_token_id_ < vocab_size_, "pad_token_id",
       "expected pad_token_id in [0, vocab_size " + std::to_string(vocab_size_) +

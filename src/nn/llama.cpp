@@ -15,19 +15,14 @@ namespace nn {
 
 void LlamaOptions::validate() const {
   check_transformer_sizes(
-      vocab_size_, hidden_size_, num_layers_, num_heads_, intermediate_size_,
+      vocab_size_, hidden_size_, num_layers_, num_heads_, num_kv_heads_, intermediate_size_,
       max_position_embeddings_);
   check_field(
       head_dim() % 2 == 0, "num_heads",
       "expected an even head_dim (hidden_size / num_heads) for rotary embeddings, but got " +
           std::to_string(head_dim()));
-  check_field(
-      num_kv_heads_ >= 0 && num_kv_heads_ <= num_heads_ && num_heads_ % kv_heads() == 0,
-      "num_kv_heads",
-      "expected num_kv_heads dividing num_heads (0: num_heads), but got num_kv_heads " +
-          std::to_string(num_kv_heads_) + " and num_heads " + std::to_string(num_heads_));
   TORCH_CHECK(rope_theta_ > 0, "expected rope_theta > 0, but got ", rope_theta_);
-  TORCH_CHECK(rms_norm_eps_ > 0, "expected rms_norm_eps > 0, but got ", rms_norm_eps_);
+  check_norm_eps("rms_norm_eps", rms_norm_eps_);
   TORCH_CHECK(
       attention_dropout_ >= 0 && attention_dropout_ < 1,
       "expected attention_dropout in [0, 1), but got ", attention_dropout_);
@@ -263,6 +258,12 @@ torch::Tensor LlamaModelImpl::forward(
   auto hidden = e.hidden;
   const auto& side = e.side;
   torch::Tensor mask = side.size() > 2 ? side[2] : torch::Tensor();
+  // Per-token rotary tables mean packed documents, whose positions restart
+  // per document where a cache continues one position per row.
+  TORCH_CHECK(
+      cache == nullptr || side[0].dim() == 2,
+      "remat::nn::Llama: expected an attention_mask of 1 (keep) / 0 (pad) with a "
+      "KV cache, but got document numbers (packed documents)");
   if (cache != nullptr) {
     // Generation: no grad, so nothing to checkpoint; each layer extends its
     // cache entries.
@@ -312,6 +313,54 @@ std::vector<SegmentMode> LlamaModelImpl::selective_modes(int64_t /*i*/) const {
   return {SegmentMode::kRecomputeAttention, SegmentMode::kRecomputeMlp};
 }
 
+namespace {
+
+// [B, S, S] or [B, T] of true (keep) / false (drop) -> additive: 0 /
+// float's most negative value, in `options`' dtype. One expression for the
+// padding mask and the packed one, so that both drop keys alike.
+torch::Tensor additive_mask(const torch::Tensor& keep, const torch::TensorOptions& options) {
+  return (1.0 - keep.to(options.dtype())) * std::numeric_limits<float>::lowest();
+}
+
+// Whether attention_mask holds document numbers (some value > 1) rather
+// than 1 keep / 0 pad. A bool mask cannot; any other dtype costs one
+// reduction and a host sync (max().item()).
+bool has_packed_documents(const torch::Tensor& attention_mask) {
+  return attention_mask.scalar_type() != torch::kBool && attention_mask.numel() > 0 &&
+      attention_mask.max().item<double>() > 1;
+}
+
+// Side inputs of a row-packed batch: docs [B, S] of document numbers (0 on
+// padding, which counts as one more document). A token's rotary position
+// is its index minus the index of its document's first token; the mask
+// keeps the keys of the query's own document (the kernel's causal mask
+// hides the later ones), so it is block-diagonal [B, 1, S, S].
+std::vector<torch::Tensor> packed_side_inputs(
+    const torch::Tensor& docs,
+    const std::pair<torch::Tensor, torch::Tensor>& tables,
+    const torch::TensorOptions& options) {
+  const auto batch = docs.size(0);
+  const auto seq = docs.size(1);
+  const auto head_dim = tables.first.size(1);
+  auto index = torch::arange(seq, docs.options()).expand({batch, seq});
+  auto first = torch::ones({batch, seq}, docs.options().dtype(torch::kBool));
+  if (seq > 1) {
+    first.narrow(1, 1, seq - 1).copy_(docs.narrow(1, 1, seq - 1) != docs.narrow(1, 0, seq - 1));
+  }
+  // Index of the first token of each token's document: the running max of
+  // the indices where a document starts.
+  auto start = std::get<0>(torch::cummax(index * first, 1));
+  auto flat = (index - start).reshape({-1});
+  // Rows of the [0, S) tables, so that a document's positions get the very
+  // values they would get alone in a row.
+  auto cos = tables.first.index_select(0, flat).view({batch, 1, seq, head_dim});
+  auto sin = tables.second.index_select(0, flat).view({batch, 1, seq, head_dim});
+  auto same = (docs.unsqueeze(2) == docs.unsqueeze(1)).unsqueeze(1); // [B, 1, S, S]
+  return {cos, sin, additive_mask(same, options)};
+}
+
+} // namespace
+
 std::vector<torch::Tensor> LlamaModelImpl::side_inputs(
     const torch::Tensor& input_ids,
     const torch::Tensor& attention_mask,
@@ -321,18 +370,28 @@ std::vector<torch::Tensor> LlamaModelImpl::side_inputs(
   const auto seq = input_ids.size(1);
   auto tables = rotary_tables(
       this->options.head_dim(), this->options.rope_theta(), past, seq, options);
-  std::vector<torch::Tensor> side{tables.first, tables.second};
-  if (attention_mask.defined()) {
-    TORCH_CHECK(
-        attention_mask.dim() == 2 && attention_mask.size(0) == batch &&
-            attention_mask.size(1) == past + seq,
-        "remat::nn::Llama: expected attention_mask of shape [", batch, ", ",
-        past + seq, "] (cached + new tokens), but got ", attention_mask.sizes());
-    // [B, T] of 1/0 -> additive [B, 1, 1, T] of 0 / most negative value.
-    auto keep = attention_mask.to(options.dtype()).view({batch, 1, 1, past + seq});
-    side.push_back((1.0 - keep) * std::numeric_limits<float>::lowest());
+  if (!attention_mask.defined()) {
+    return {tables.first, tables.second};
   }
-  return side;
+  TORCH_CHECK(
+      attention_mask.dim() == 2 && attention_mask.size(0) == batch &&
+          attention_mask.size(1) == past + seq,
+      "remat::nn::Llama: expected attention_mask of shape [", batch, ", ",
+      past + seq, "] (cached + new tokens), but got ", attention_mask.sizes());
+  if (has_packed_documents(attention_mask)) {
+    // Positions restart per document, which a cache (one running position
+    // per row) cannot continue.
+    TORCH_CHECK(
+        past == 0,
+        "remat::nn::Llama: expected an attention_mask of 1 (keep) / 0 (pad) with a "
+        "KV cache, but got document numbers up to ", attention_mask.max().item<int64_t>(),
+        " (packed documents) after ", past, " cached tokens");
+    return packed_side_inputs(
+        attention_mask.to(options.device(), torch::kLong), tables, options);
+  }
+  // [B, T] of 1/0 -> additive [B, 1, 1, T] of 0 / most negative value.
+  auto keep = attention_mask.view({batch, 1, 1, past + seq});
+  return {tables.first, tables.second, additive_mask(keep, options)};
 }
 
 namespace {

@@ -39,13 +39,9 @@ void ModelConfig::validate() const {
   check_size("intermediate", intermediate_, 0, limits::kMaxIntermediate);
   check_size("vocab", vocab_, 0, limits::kMaxVocab);
   check_size("max_positions", max_positions_, 0, limits::kMaxPositions);
-  // hidden before the division by heads, which spec() checks the other way.
-  check_size("heads", heads_, 1, limits::kMaxHeads);
+  // The head rules before the division by heads below.
   check_size("hidden", hidden_, 1, limits::kMaxHidden);
-  check_field(
-      hidden_ % heads_ == 0, "hidden",
-      "expected a multiple of heads (" + std::to_string(heads_) + "), but got " +
-          std::to_string(hidden_));
+  check_heads(hidden_, heads_, kv_heads_);
   check_field(
       !llama() || (hidden_ / heads_) % 2 == 0, "heads",
       "expected an even head size (hidden / heads) for rotary embeddings, but got " +

@@ -1,4 +1,5 @@
 #include "remat/nn/policy_bench.h"
+#include "remat/field_error.h"
 
 #include "remat/autocast.h"
 #include "remat/device.h"
@@ -36,11 +37,11 @@ StepSample train_step(BenchWorkload& w) {
 }
 
 void fail(PolicyRun& r, const c10::Error& e) {
-  std::string what = e.what_without_backtrace();
+  std::string what = first_line(e);
   r.ok = false;
   // remat's CPU limit and CUDA's caching allocator both throw this.
   r.out_of_memory = dynamic_cast<const c10::OutOfMemoryError*>(&e) != nullptr;
-  r.error = what.substr(0, what.find('\n'));
+  r.error = what;
 }
 
 std::string mib(int64_t bytes) {
@@ -164,8 +165,8 @@ BenchWorkload::BenchWorkload(const ModelConfig& config, const BenchOptions& opti
     } catch (const FieldError&) {
       throw;
     } catch (const c10::Error& e) {
-      std::string what = e.what_without_backtrace();
-      throw FieldError("lora_targets", what.substr(0, what.find('\n')));
+      std::string what = first_line(e);
+      throw FieldError("lora_targets", what);
     }
   }
   // Built and initialised on the CPU, from the same seed, then moved: the
@@ -264,9 +265,9 @@ void measure_schedule(BenchWorkload& w, plan::ScheduleCandidate& candidate, bool
       candidate.times.push_back(s.step_seconds);
     }
   } catch (const c10::Error& e) {
-    const std::string what = e.what_without_backtrace();
+    std::string what = first_line(e);
     candidate.ok = false;
-    candidate.error = what.substr(0, what.find('\n'));
+    candidate.error = what;
   }
 }
 

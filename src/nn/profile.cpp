@@ -72,7 +72,7 @@ plan::Chain profile_model(
     const StageBatch& batch,
     const StageHead& head,
     const plan::ProfileOptions& options) {
-  return plan::profile(stage_runners(model, batch, head), batch.input_ids(), options);
+  return plan::profile_stages(stage_runners(model, batch, head), batch.input_ids(), options);
 }
 
 plan::Plan plan_checkpointing(

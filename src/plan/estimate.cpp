@@ -102,20 +102,74 @@ int64_t ModelSpec::activation_bytes_per_element() const {
   return precision_ == Precision::kFp32 ? 4 : 2;
 }
 
+namespace {
+
+struct LoraName {
+  const char* short_name;
+  const char* bert;  ///< nullptr: BERT has none apply_lora can match alone
+  const char* llama;
+};
+
+constexpr LoraName kLoraNames[] = {
+    {"q", "query", "q_proj"},
+    {"k", "key", "k_proj"},
+    {"v", "value", "v_proj"},
+    {"o", "attention.output.dense", "o_proj"},
+    {"gate", nullptr, "gate_proj"},
+    {"up", "intermediate.dense", "up_proj"},
+    {"down", nullptr, "down_proj"},
+};
+
+const LoraName& lora_name(Family family, const std::string& target) {
+  const bool bert = family == Family::kBert;
+  for (const auto& n : kLoraNames) {
+    const char* module = bert ? n.bert : n.llama;
+    if (target == n.short_name || (module != nullptr && target == module)) {
+      // BERT's "down" exists for the estimate alone (see the header).
+      check_field(
+          !(bert && target == "gate"), "lora_targets",
+          "expected LoRA targets of bert among q, k, v, o, up, down (or query, key, value, "
+          "attention.output.dense, intermediate.dense), but got 'gate'");
+      return n;
+    }
+  }
+  std::string accepted;
+  for (const auto& n : kLoraNames) {
+    const char* module = bert ? n.bert : n.llama;
+    if (bert && std::string(n.short_name) == "gate") {
+      continue;
+    }
+    accepted += std::string(accepted.empty() ? "" : ", ") + n.short_name +
+        (module != nullptr ? std::string(" (") + module + ")" : "");
+  }
+  check_field(false, "lora_targets",
+              "expected LoRA targets of " + std::string(to_string(family)) + " among " +
+                  accepted + ", but got '" + target + "'");
+  return kLoraNames[0]; // not reached
+}
+
+} // namespace
+
+std::string lora_target_short(Family family, const std::string& target) {
+  return lora_name(family, target).short_name;
+}
+
+std::string lora_target_module(Family family, const std::string& target) {
+  const auto& n = lora_name(family, target);
+  const char* module = family == Family::kBert ? n.bert : n.llama;
+  check_field(
+      module != nullptr, "lora_targets",
+      "expected LoRA targets of bert that training can adapt (q, k, v, o, up), but got '" +
+          target + "': its module name, output.dense, is also the end of the attention's "
+          "output.dense");
+  return module;
+}
+
 void ModelSpec::validate() const {
   check_size("layers", layers_, 1, limits::kMaxLayers);
   check_size("hidden", hidden_, 1, limits::kMaxHidden);
-  check_size("heads", heads_, 1, limits::kMaxHeads);
-  check_field(
-      hidden_ % heads_ == 0, "heads",
-      "expected heads dividing hidden " + std::to_string(hidden_) + ", but got " +
-          std::to_string(heads_));
-  check_size("kv_heads", kv_heads_, 0, heads_);
+  check_heads(hidden_, heads_, kv_heads_);
   const int64_t kv = kv_heads_or_heads();
-  check_field(
-      heads_ % kv == 0, "kv_heads",
-      "expected kv_heads dividing heads " + std::to_string(heads_) + ", but got " +
-          std::to_string(kv_heads_));
   check_field(
       family_ == Family::kLlama || kv == heads_, "kv_heads",
       "expected kv_heads == heads for BERT, but got " + std::to_string(kv_heads_));
@@ -132,12 +186,12 @@ void ModelSpec::validate() const {
   check_size("num_labels", num_labels_, 1, limits::kMaxLabels);
   check_size("lora_rank", lora_rank_, 0, limits::kMaxLoraRank);
   for (const auto& t : lora_targets_) {
-    const bool known = t == "q" || t == "k" || t == "v" || t == "o" || t == "up" ||
-        t == "down" || (t == "gate" && family_ == Family::kLlama);
+    // Throws for a name in neither column of the table.
+    const auto short_name = lora_target_short(family_, t);
     check_field(
-        known, "lora_targets",
-        std::string("expected LoRA targets among q, k, v, o, up, down") +
-            (family_ == Family::kLlama ? ", gate" : "") + ", but got '" + t + "'");
+        short_name == t, "lora_targets",
+        "expected LoRA targets by their short names here (" + short_name + " for " + t +
+            "), but got '" + t + "'");
   }
   // Each size is within its bound; their product must be too, or the
   // estimate's byte counts would leave int64. Rough and generous: every
@@ -462,7 +516,7 @@ bool fits(const ModelSpec& spec, const CheckpointPolicy& policy, int64_t device_
   if (policy.kind() == CheckpointPolicy::Kind::kBudget) {
     return min_feasible_budget(chain) <= device_bytes;
   }
-  return peak(chain, policy.schedule(spec.layers())) <= device_bytes;
+  return predicted_peak_bytes(chain, policy.schedule(spec.layers())) <= device_bytes;
 }
 
 // The largest n >= 1 with ok(n), given that ok is monotone (true then false);

@@ -1,5 +1,6 @@
 // estimate_table: the estimator's rows for several policies, as text and JSON.
 #include "remat/plan/estimate_table.h"
+#include "remat/field_error.h"
 
 #include "remat/memory.h"
 
@@ -105,8 +106,7 @@ EstimateTable estimate_table(
       row.estimate = estimate(spec, policy);
     } catch (const c10::Error& err) {
       row.ok = false;
-      row.error = err.what_without_backtrace();
-      row.error = row.error.substr(0, row.error.find('\n'));
+      row.error = first_line(err);
     }
     if (options.fit_bytes() > 0) {
       row.fit = options.fit_seq()

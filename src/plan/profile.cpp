@@ -2,7 +2,7 @@
 // counters and a clock, and writes down the Chain the planner optimises over.
 #include "remat/plan/chain.h"
 
-#include "checkpoint/rng_state.h"
+#include "remat/rng_state.h"
 
 #include "remat/checkpoint.h"
 #include "remat/compress.h"
@@ -121,7 +121,7 @@ Sample run_once(
   at::Tensor out = forward_in(r, input, mode);
   const auto t1 = m.now();
   TORCH_CHECK(
-      out.defined(), "remat::plan::profile: expected stage '", r.name,
+      out.defined(), "remat::plan::profile_stages: expected stage '", r.name,
       "' to return a defined tensor, but it returned an undefined one");
   const int64_t after = m.held();
   s.output = bytes_of(out);
@@ -228,39 +228,39 @@ bool is_partial(SegmentMode mode) {
 
 } // namespace
 
-Chain profile(
+Chain profile_stages(
     const std::vector<StageRunner>& stages,
     const at::Tensor& input,
     const ProfileOptions& options) {
   TORCH_CHECK(
-      !stages.empty(), "remat::plan::profile: expected at least one stage, but got none");
+      !stages.empty(), "remat::plan::profile_stages: expected at least one stage, but got none");
   TORCH_CHECK(
-      input.defined(), "remat::plan::profile: expected a defined input, but got an undefined one");
+      input.defined(), "remat::plan::profile_stages: expected a defined input, but got an undefined one");
   TORCH_CHECK(
       options.warmup() >= 0 && options.repeats() >= 1,
-      "remat::plan::profile: expected warmup >= 0 and repeats >= 1, but got warmup ",
+      "remat::plan::profile_stages: expected warmup >= 0 and repeats >= 1, but got warmup ",
       options.warmup(), " and repeats ", options.repeats());
   TORCH_CHECK(
       options.device().is_cpu() || options.device().is_cuda(),
-      "remat::plan::profile: expected a CPU or CUDA device, but got ", options.device());
+      "remat::plan::profile_stages: expected a CPU or CUDA device, but got ", options.device());
   TORCH_CHECK(
       !options.device().is_cpu() || memory::installed(),
-      "remat::plan::profile: expected remat::memory::install() to have run (the "
+      "remat::plan::profile_stages: expected remat::memory::install() to have run (the "
       "profiler reads its byte counters), but it has not");
   for (auto mode : options.layer_modes()) {
     TORCH_CHECK(
         is_partial(mode) && !is_selective(mode),
-        "remat::plan::profile: expected layer modes that profile runs itself (save-matmuls, "
+        "remat::plan::profile_stages: expected layer modes that profile runs itself (save-matmuls, "
         "save-projections, compress), but got ", to_string(mode));
   }
   for (const auto& st : stages) {
     TORCH_CHECK(
-        static_cast<bool>(st.forward), "remat::plan::profile: expected stage '", st.name,
+        static_cast<bool>(st.forward), "remat::plan::profile_stages: expected stage '", st.name,
         "' to have a forward function, but it has none");
     for (auto mode : st.modes) {
       TORCH_CHECK(
           is_selective(mode) && st.kind == StageKind::kLayer,
-          "remat::plan::profile: expected selective modes only on layers, but stage '",
+          "remat::plan::profile_stages: expected selective modes only on layers, but stage '",
           st.name, "' (", to_string(st.kind), ") offers ", to_string(mode));
     }
   }
@@ -269,7 +269,7 @@ Chain profile(
   const int64_t held_at_start = meter.held();
   // Dropout in the stages draws random numbers; the caller's sequence must
   // not depend on whether it profiled first.
-  const detail::RngScope keep_generators(detail::RngState::capture({}));
+  const RngScope keep_generators(RngState::capture(std::vector<torch::Tensor>{}));
   GradientSwap grads(stages, options.gradients());
 
   Chain chain;

@@ -436,11 +436,11 @@ Evaluation evaluate(const Chain& chain, const Schedule& schedule) {
   return simulate(chain, units_of(chain, schedule));
 }
 
-int64_t peak(const Chain& chain, const Schedule& schedule) {
+int64_t predicted_peak_bytes(const Chain& chain, const Schedule& schedule) {
   return evaluate(chain, schedule).peak_bytes;
 }
 
-double time(const Chain& chain, const Schedule& schedule) {
+double predicted_step_seconds(const Chain& chain, const Schedule& schedule) {
   return evaluate(chain, schedule).step_seconds;
 }
 

@@ -9,7 +9,10 @@
 #include <torch/torch.h>
 
 #include <algorithm>
+#include <functional>
 #include <cmath>
+#include <limits>
+#include <numeric>
 #include <set>
 
 namespace remat {
@@ -98,7 +101,236 @@ std::string read_text(
   return it->get<std::string>();
 }
 
+// The text and/or token ids of one line. The first line decides whether a
+// file is text or ids, and every other line must follow it: ids come from
+// the tokenizer that made the file, and the loader's tokenizer, which would
+// tokenize the text lines, need not be that one.
+struct Document {
+  std::string text;
+  std::vector<int64_t> ids;
+};
+
+class DocumentReader {
+ public:
+  DocumentReader(const JsonlOptions& options, const std::string& path)
+      : options_(options), path_(path) {}
+
+  Document read(const nlohmann::json& j, int64_t line) {
+    Document d;
+    auto ids = j.find(options_.ids_key());
+    const bool has_ids = ids != j.end();
+    if (first_line_ == 0) {
+      first_line_ = line;
+      first_has_ids_ = has_ids;
+    }
+    TORCH_CHECK(
+        has_ids == first_has_ids_, where(path_, line),
+        ": expected every line to give ", kind(first_has_ids_), " as line ",
+        first_line_, " does, but this line gives ", kind(has_ids));
+    if (!has_ids) {
+      d.text = read_text(j, options_, path_, line);
+      return d;
+    }
+    // An ids line may keep its text, for reading; collate uses the ids.
+    if (j.contains(options_.text_key())) {
+      d.text = read_text(j, options_, path_, line);
+    }
+    TORCH_CHECK(
+        ids->is_array() && !ids->empty(), where(path_, line), ": expected \"",
+        options_.ids_key(), "\" to be a non-empty list of token ids, but got ",
+        ids->is_array() ? std::string("an empty list")
+                        : io::describe_json(*ids));
+    d.ids.reserve(ids->size());
+    for (size_t i = 0; i < ids->size(); ++i) {
+      const auto& id = (*ids)[i];
+      const bool ok = id.is_number_unsigned()
+          ? id.get<uint64_t>() <=
+              static_cast<uint64_t>(std::numeric_limits<int64_t>::max())
+          : id.is_number_integer() && id.get<int64_t>() >= 0;
+      TORCH_CHECK(
+          ok, where(path_, line), ": expected \"", options_.ids_key(),
+          "\" to hold non-negative integer token ids, but item ", i, " is ",
+          io::describe_json(id));
+      d.ids.push_back(id.get<int64_t>());
+    }
+    return d;
+  }
+
+ private:
+  std::string kind(bool ids) const {
+    return ids ? "token ids (\"" + options_.ids_key() + "\")"
+               : "text (\"" + options_.text_key() + "\")";
+  }
+
+  const JsonlOptions& options_;
+  const std::string& path_;
+  int64_t first_line_ = 0;
+  bool first_has_ids_ = false;
+};
+
+// The token ids of one document cut to max_len: a pre-tokenized document's
+// ids as given, a text's with the tokenizer's begin and end tokens.
+std::vector<int64_t> encode_example(
+    const Example& e,
+    const io::Tokenizer& tokenizer,
+    int64_t max_len) {
+  if (!e.ids.empty()) {
+    const auto n = std::min<size_t>(e.ids.size(), static_cast<size_t>(max_len));
+    return std::vector<int64_t>(e.ids.begin(), e.ids.begin() + n);
+  }
+  return tokenizer.encode(e.text, max_len).input_ids;
+}
+
+// The generator of epoch `epoch`: its first number seeds the permutation of
+// the documents (epoch_permutation), its second the order of the batches.
+SplitMix64 epoch_generator(uint64_t seed, int64_t epoch) {
+  // Mix the epoch in with a second generator so that nearby seeds and epochs
+  // give unrelated permutations.
+  return SplitMix64(
+      seed ^ (0xD1B54A32D192ED03ULL * static_cast<uint64_t>(epoch + 1)));
+}
+
+// Rows of each batch when documents of token counts `lengths` (longest
+// first) are cut greedily so that rows <= max_rows and rows * longest <=
+// max_tokens, every batch having at least min_rows rows. Fewer than min_rows
+// documents may be left at the end.
+std::vector<int64_t> cut_by_budget(
+    const std::vector<int64_t>& lengths,
+    int64_t max_rows,
+    int64_t max_tokens,
+    int64_t min_rows) {
+  auto fits = [&](int64_t rows, int64_t longest) {
+    return rows <= max_rows &&
+        rows <= max_tokens / std::max<int64_t>(longest, 1);
+  };
+  std::vector<int64_t> rows;
+  std::vector<int64_t> longest; // each batch's first, longest, row
+  for (auto len : lengths) {
+    if (rows.empty() || !fits(rows.back() + 1, longest.back())) {
+      rows.push_back(0);
+      longest.push_back(len);
+    }
+    ++rows.back();
+  }
+  // The greedy cut closes a batch only when it is full or over the budget,
+  // and min_rows rows of any length fit, so only the last can be short.
+  if (!rows.empty() && rows.back() < min_rows) {
+    const auto tail = rows.back();
+    if (rows.size() == 1) {
+      rows.pop_back();
+    } else if (fits(rows[rows.size() - 2] + tail, longest[rows.size() - 2])) {
+      rows.pop_back();
+      rows.back() += tail;
+    } else if (rows[rows.size() - 2] + tail >= 2 * min_rows) {
+      // Its shortest rows move to the tail, whose longest row is then one of
+      // them: min_rows rows of at most max_len tokens fit.
+      rows[rows.size() - 2] -= min_rows - tail;
+      rows.back() = min_rows;
+    } else {
+      rows.pop_back();
+    }
+  }
+  return rows;
+}
+
+// Packs documents of token counts `lengths`, in order, into rows of at most
+// max_len tokens; a document that does not fit starts a new row.
+std::vector<std::vector<int64_t>> pack_rows(
+    const std::vector<int64_t>& lengths,
+    int64_t max_len) {
+  std::vector<std::vector<int64_t>> rows;
+  int64_t used = 0;
+  for (size_t i = 0; i < lengths.size(); ++i) {
+    if (rows.empty() || used + lengths[i] > max_len) {
+      rows.emplace_back();
+      used = 0;
+    }
+    rows.back().push_back(static_cast<int64_t>(i));
+    used += lengths[i];
+  }
+  return rows;
+}
+
+// One batch of packed rows: document numbers in the mask, -100 in the labels
+// on padding and on each document's first token.
+// The id that fills padding (masked, and -100 in LM labels): the
+// tokenizer's, or 0 for pre-tokenized documents, whose ids need not be the
+// tokenizer's and whose model may have fewer rows than the tokenizer's pad.
+int64_t padding_id(const Dataset& data, const io::Tokenizer& tokenizer) {
+  return data.pretokenized() ? 0 : tokenizer.pad_id();
+}
+
+Batch collate_packed(
+    const Dataset& data,
+    const std::vector<std::vector<int64_t>>& rows,
+    const io::Tokenizer& tokenizer,
+    int64_t max_len,
+    bool pad_to_max_len) {
+  struct Row {
+    std::vector<int64_t> ids, doc;
+    std::vector<char> first;
+  };
+  std::vector<Row> made(rows.size());
+  Batch out;
+  int64_t longest = 0;
+  for (size_t r = 0; r < rows.size(); ++r) {
+    int64_t number = 0;
+    for (auto i : rows[r]) {
+      auto ids = encode_example(
+          data.examples[static_cast<size_t>(i)], tokenizer, max_len);
+      ++number;
+      for (size_t t = 0; t < ids.size(); ++t) {
+        made[r].ids.push_back(ids[t]);
+        made[r].doc.push_back(number);
+        made[r].first.push_back(t == 0);
+      }
+      out.indices.push_back(i);
+    }
+    const auto len = static_cast<int64_t>(made[r].ids.size());
+    TORCH_INTERNAL_ASSERT(len <= max_len, "a packed row overflows max_len");
+    longest = std::max(longest, len);
+  }
+  const auto b = static_cast<int64_t>(rows.size());
+  const int64_t s = pad_to_max_len ? max_len : longest;
+  out.input_ids = torch::full({b, s}, padding_id(data, tokenizer), torch::kLong);
+  out.attention_mask = torch::zeros({b, s}, torch::kLong);
+  out.labels = torch::full({b, s}, -100, torch::kLong);
+  auto ids_a = out.input_ids.accessor<int64_t, 2>();
+  auto mask_a = out.attention_mask.accessor<int64_t, 2>();
+  auto labels_a = out.labels.accessor<int64_t, 2>();
+  for (int64_t r = 0; r < b; ++r) {
+    const auto& row = made[static_cast<size_t>(r)];
+    for (size_t c = 0; c < row.ids.size(); ++c) {
+      const auto col = static_cast<int64_t>(c);
+      ids_a[r][col] = row.ids[c];
+      mask_a[r][col] = row.doc[c];
+      if (!row.first[c]) {
+        labels_a[r][col] = row.ids[c];
+      }
+    }
+  }
+  out.global_size = b;
+  return out;
+}
+
 } // namespace
+
+bool Dataset::pretokenized() const {
+  return !examples.empty() &&
+      std::all_of(examples.begin(), examples.end(), [](const Example& e) {
+           return !e.ids.empty();
+         });
+}
+
+int64_t Dataset::max_token_id() const {
+  int64_t out = -1;
+  for (const auto& e : examples) {
+    for (auto id : e.ids) {
+      out = std::max(out, id);
+    }
+  }
+  return out;
+}
 
 std::vector<int64_t> epoch_permutation(
     int64_t n,
@@ -108,11 +340,7 @@ std::vector<int64_t> epoch_permutation(
       n >= 0 && epoch >= 0,
       "epoch_permutation: expected n >= 0 and epoch >= 0, but got ", n, " and ",
       epoch);
-  // Mix the epoch in with a second generator so that nearby seeds and epochs
-  // give unrelated permutations.
-  SplitMix64 mix(
-      seed ^ (0xD1B54A32D192ED03ULL * static_cast<uint64_t>(epoch + 1)));
-  return shuffled(n, mix.next());
+  return shuffled(n, epoch_generator(seed, epoch).next());
 }
 
 Dataset read_classification_jsonl(
@@ -120,15 +348,16 @@ Dataset read_classification_jsonl(
     const JsonlOptions& options) {
   // Pass 1 reads text and raw labels; the label set may come from the file.
   struct Raw {
-    std::string text;
+    Document doc;
     std::vector<std::string> names;
     std::vector<float> hot;
     int64_t line;
   };
   std::vector<Raw> raws;
   bool any_names = false, any_hot = false;
+  DocumentReader reader(options, path);
   for_each_json_line(path, [&](int64_t line, const nlohmann::json& j) {
-    Raw raw{read_text(j, options, path, line), {}, {}, line};
+    Raw raw{reader.read(j, line), {}, {}, line};
     auto it = j.find(options.labels_key());
     TORCH_CHECK(
         it != j.end(), where(path, line), ": expected a field \"",
@@ -208,7 +437,9 @@ Dataset read_classification_jsonl(
   out.examples.reserve(raws.size());
   for (auto& r : raws) {
     Example e{
-        std::move(r.text), std::vector<float>(out.label_names.size(), 0.0f)};
+        std::move(r.doc.text),
+        std::vector<float>(out.label_names.size(), 0.0f),
+        std::move(r.doc.ids)};
     for (const auto& name : r.names) {
       auto it = index.find(name);
       TORCH_CHECK(
@@ -231,17 +462,32 @@ Dataset read_classification_jsonl(
 
 Dataset read_text_jsonl(const std::string& path, const JsonlOptions& options) {
   Dataset out;
+  DocumentReader reader(options, path);
   for_each_json_line(path, [&](int64_t line, const nlohmann::json& j) {
-    out.examples.push_back({read_text(j, options, path, line), {}});
+    auto d = reader.read(j, line);
+    out.examples.push_back({std::move(d.text), {}, std::move(d.ids)});
   });
   return out;
 }
 
 void write_jsonl(const std::string& path, const Dataset& data) {
   std::string text;
-  for (const auto& e : data.examples) {
+  const bool ids = data.pretokenized();
+  for (size_t i = 0; i < data.examples.size(); ++i) {
+    const auto& e = data.examples[i];
+    TORCH_CHECK(
+        e.ids.empty() != ids,
+        "write_jsonl: expected every example to have token ids or none to "
+        "(a file is all ids or all text), but example 0 has ",
+        data.examples[0].ids.empty() ? "none" : "some", " and example ", i,
+        " has ", e.ids.empty() ? "none" : "some");
     nlohmann::ordered_json j;
-    j["text"] = e.text;
+    if (!ids || !e.text.empty()) {
+      j["text"] = e.text;
+    }
+    if (ids) {
+      j["input_ids"] = e.ids;
+    }
     if (data.is_classification()) {
       TORCH_CHECK(
           e.labels.size() == data.label_names.size(), "write_jsonl: expected ",
@@ -293,28 +539,28 @@ Batch collate(
   TORCH_CHECK(
       options.max_len() >= 2, "collate: expected max_len >= 2, but got ",
       options.max_len());
-  std::vector<io::Encoding> rows;
+  std::vector<std::vector<int64_t>> rows;
   rows.reserve(indices.size());
   int64_t longest = 0;
   for (auto i : indices) {
     TORCH_CHECK(
         i >= 0 && i < data.size(), "collate: expected indices in [0, ",
         data.size(), "), but got ", i);
-    rows.push_back(tokenizer.encode(
-        data.examples[static_cast<size_t>(i)].text, options.max_len()));
-    longest = std::max<int64_t>(
-        longest, static_cast<int64_t>(rows.back().input_ids.size()));
+    rows.push_back(encode_example(
+        data.examples[static_cast<size_t>(i)], tokenizer, options.max_len()));
+    longest =
+        std::max<int64_t>(longest, static_cast<int64_t>(rows.back().size()));
   }
   const int64_t b = static_cast<int64_t>(indices.size());
   const int64_t s = options.pad_to_max_len() ? options.max_len() : longest;
-  auto ids = torch::full({b, s}, tokenizer.pad_id(), torch::kLong);
+  auto ids = torch::full({b, s}, padding_id(data, tokenizer), torch::kLong);
   auto mask = torch::zeros({b, s}, torch::kLong);
   auto ids_a = ids.accessor<int64_t, 2>();
   auto mask_a = mask.accessor<int64_t, 2>();
   for (int64_t r = 0; r < b; ++r) {
-    const auto& enc = rows[static_cast<size_t>(r)];
-    for (size_t c = 0; c < enc.input_ids.size(); ++c) {
-      ids_a[r][static_cast<int64_t>(c)] = enc.input_ids[c];
+    const auto& row = rows[static_cast<size_t>(r)];
+    for (size_t c = 0; c < row.size(); ++c) {
+      ids_a[r][static_cast<int64_t>(c)] = row[c];
       mask_a[r][static_cast<int64_t>(c)] = 1;
     }
   }
@@ -389,6 +635,8 @@ DataLoader::DataLoader(
   const auto n = data_->size();
   const auto b = options_.batch_size();
   const auto w = options_.world_size();
+  const auto max_len = options_.max_len();
+  const auto max_tokens = options_.max_tokens();
   TORCH_CHECK(
       n > 0, "DataLoader: expected a non-empty data set, but got 0 documents");
   TORCH_CHECK(b > 0, "DataLoader: expected batch_size > 0, but got ", b);
@@ -403,18 +651,81 @@ DataLoader::DataLoader(
       "rank gets a document, but got batch_size ",
       b, " and world_size ", w);
   TORCH_CHECK(
-      options_.max_len() >= 2, "DataLoader: expected max_len >= 2, but got ",
-      options_.max_len());
-  batches_per_epoch_ = n / b;
-  const auto rest = n % b;
-  if (rest > 0 && !options_.drop_last() && rest >= w) {
-    ++batches_per_epoch_;
-  }
+      max_len >= 2, "DataLoader: expected max_len >= 2, but got ", max_len);
   TORCH_CHECK(
-      batches_per_epoch_ > 0,
-      "DataLoader: expected at least one batch per epoch, but ", n,
-      " documents make none with batch_size ", b, " (drop_last ",
-      options_.drop_last(), ")");
+      max_tokens >= 0,
+      "DataLoader: max_tokens: expected 0 (off) or a token count, but got ",
+      max_tokens);
+  TORCH_CHECK(
+      !options_.pack() || max_tokens == 0,
+      "DataLoader: pack: expected max_tokens 0 (a packed batch is batch_size "
+      "rows of max_len tokens), but got max_tokens ",
+      max_tokens);
+  TORCH_CHECK(
+      !options_.pack() || !data_->is_classification(),
+      "DataLoader: pack: expected a language-modelling set (a packed row has "
+      "no single label vector), but got a classification set with ",
+      data_->num_labels(), " labels");
+  if (max_tokens > 0) {
+    if (w == 1) {
+      TORCH_CHECK(
+          max_tokens >= max_len,
+          "DataLoader: max_tokens: expected at least max_len (", max_len,
+          ") tokens, so that a row of any length fits, but got ", max_tokens);
+    } else {
+      TORCH_CHECK(
+          max_tokens / w >= max_len,
+          "DataLoader: max_tokens: expected at least world_size * max_len (",
+          w, " * ", max_len,
+          ") tokens, so that every rank gets a row of any length, but got ",
+          max_tokens);
+    }
+    TORCH_CHECK(
+        !options_.drop_last(),
+        "DataLoader: drop_last: expected false with max_tokens (a token "
+        "budget's batches have no fixed size), but got true");
+  }
+
+  const bool budget = max_tokens > 0;
+  if (options_.pack() || (budget && !options_.pad_to_max_len())) {
+    lengths_.reserve(static_cast<size_t>(n));
+    for (const auto& e : data_->examples) {
+      lengths_.push_back(static_cast<int64_t>(
+          encode_example(e, *tokenizer_, max_len).size()));
+    }
+  } else if (budget) {
+    lengths_.assign(static_cast<size_t>(n), max_len); // every row is padded
+  }
+
+  if (budget) {
+    auto sorted = lengths_;
+    std::sort(sorted.begin(), sorted.end(), std::greater<int64_t>());
+    budget_rows_ = cut_by_budget(sorted, b, max_tokens, w);
+    batches_per_epoch_ = static_cast<int64_t>(budget_rows_.size());
+    TORCH_CHECK(
+        batches_per_epoch_ > 0,
+        "DataLoader: expected at least one batch per epoch, but ", n,
+        " documents make none for world_size ", w, " with max_tokens ",
+        max_tokens);
+  } else {
+    if (options_.pack()) {
+      packed_ = pack_rows(lengths_, max_len);
+    }
+    const auto rows =
+        options_.pack() ? static_cast<int64_t>(packed_.size()) : n;
+    batches_per_epoch_ = rows / b;
+    const auto rest = rows % b;
+    if (rest > 0 && !options_.drop_last() && rest >= w) {
+      ++batches_per_epoch_;
+    }
+    TORCH_CHECK(
+        batches_per_epoch_ > 0,
+        "DataLoader: expected at least one batch per epoch, but ", n,
+        " documents",
+        options_.pack() ? c10::str(" (", rows, " packed rows)") : "",
+        " make none with batch_size ", b, " (drop_last ", options_.drop_last(),
+        ")");
+  }
   position_.seed = options_.seed();
 }
 
@@ -431,28 +742,74 @@ void DataLoader::set_position(const LoaderPosition& position) {
   position_ = position;
 }
 
+const std::vector<std::vector<int64_t>>& DataLoader::epoch_batches(
+    int64_t epoch) const {
+  if (cached_epoch_ == epoch) {
+    return batches_;
+  }
+  const bool budget = options_.max_tokens() > 0;
+  const auto units =
+      options_.pack() ? static_cast<int64_t>(packed_.size()) : data_->size();
+  std::vector<int64_t> order;
+  if (options_.shuffle()) {
+    order = epoch_permutation(units, position_.seed, epoch);
+  } else {
+    order.resize(static_cast<size_t>(units));
+    std::iota(order.begin(), order.end(), int64_t{0});
+  }
+  batches_.clear();
+  batches_.reserve(static_cast<size_t>(batches_per_epoch_));
+  if (budget) {
+    std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) {
+      return lengths_[static_cast<size_t>(a)] >
+          lengths_[static_cast<size_t>(b)];
+    });
+    auto begin = order.begin();
+    for (auto rows : budget_rows_) {
+      batches_.emplace_back(begin, begin + rows);
+      begin += rows;
+    }
+    if (options_.shuffle()) {
+      auto gen = epoch_generator(position_.seed, epoch);
+      gen.next(); // the documents' permutation's
+      const auto batch_order = shuffled(batches_per_epoch_, gen.next());
+      std::vector<std::vector<int64_t>> reordered;
+      reordered.reserve(batches_.size());
+      for (auto i : batch_order) {
+        reordered.push_back(std::move(batches_[static_cast<size_t>(i)]));
+      }
+      batches_ = std::move(reordered);
+    }
+  } else {
+    const auto b = options_.batch_size();
+    for (int64_t i = 0; i < batches_per_epoch_; ++i) {
+      const auto begin = i * b;
+      const auto end = std::min(begin + b, units);
+      batches_.emplace_back(order.begin() + begin, order.begin() + end);
+    }
+  }
+  cached_epoch_ = epoch;
+  return batches_;
+}
+
 std::vector<int64_t> DataLoader::global_batch(int64_t epoch, int64_t index)
     const {
   TORCH_CHECK(
       index >= 0 && index < batches_per_epoch_,
       "DataLoader: expected a batch index in [0, ", batches_per_epoch_,
       "), but got ", index);
-  const auto n = data_->size();
-  if (cached_epoch_ != epoch) {
-    if (options_.shuffle()) {
-      order_ = epoch_permutation(n, position_.seed, epoch);
-    } else {
-      order_.resize(static_cast<size_t>(n));
-      for (int64_t i = 0; i < n; ++i) {
-        order_[static_cast<size_t>(i)] = i;
-      }
-    }
-    cached_epoch_ = epoch;
+  TORCH_CHECK(
+      epoch >= 0, "DataLoader: expected an epoch >= 0, but got ", epoch);
+  const auto& rows = epoch_batches(epoch)[static_cast<size_t>(index)];
+  if (!options_.pack()) {
+    return rows;
   }
-  const auto b = options_.batch_size();
-  const auto begin = index * b;
-  const auto end = std::min(begin + b, n);
-  return std::vector<int64_t>(order_.begin() + begin, order_.begin() + end);
+  std::vector<int64_t> out;
+  for (auto r : rows) {
+    const auto& docs = packed_[static_cast<size_t>(r)];
+    out.insert(out.end(), docs.begin(), docs.end());
+  }
+  return out;
 }
 
 std::optional<Batch> DataLoader::next() {
@@ -461,17 +818,33 @@ std::optional<Batch> DataLoader::next() {
     position_.index = 0;
     return std::nullopt;
   }
-  auto global = global_batch(position_.epoch, position_.index);
+  const auto& global =
+      epoch_batches(position_.epoch)[static_cast<size_t>(position_.index)];
+  const auto w = static_cast<size_t>(options_.world_size());
+  TORCH_INTERNAL_ASSERT(
+      global.size() >= w, "a global batch has fewer rows than ranks");
   std::vector<int64_t> mine;
   for (size_t i = static_cast<size_t>(options_.rank()); i < global.size();
-       i += static_cast<size_t>(options_.world_size())) {
+       i += w) {
     mine.push_back(global[i]);
   }
-  auto batch = collate(
-      *data_, mine, *tokenizer_,
-      CollateOptions()
-          .max_len(options_.max_len())
-          .pad_to_max_len(options_.pad_to_max_len()));
+  Batch batch;
+  if (options_.pack()) {
+    std::vector<std::vector<int64_t>> rows;
+    rows.reserve(mine.size());
+    for (auto r : mine) {
+      rows.push_back(packed_[static_cast<size_t>(r)]);
+    }
+    batch = collate_packed(
+        *data_, rows, *tokenizer_, options_.max_len(),
+        options_.pad_to_max_len());
+  } else {
+    batch = collate(
+        *data_, mine, *tokenizer_,
+        CollateOptions()
+            .max_len(options_.max_len())
+            .pad_to_max_len(options_.pad_to_max_len()));
+  }
   batch.global_size = static_cast<int64_t>(global.size());
   batch.epoch = position_.epoch;
   batch.index = position_.index;

@@ -3,7 +3,9 @@
 // (remat/train/run.h): its options made ready, its outputs checked and wired.
 #include "remat/train/run.h"
 
-#include "remat/dist/process_group.h"
+#include "train/step_faults.h"
+
+#include "remat/distributed/process_group.h"
 #include "remat/io/file.h"
 #include "remat/io/json_text.h"
 #include "remat/io/tokenizer.h"
@@ -70,8 +72,8 @@ TrainResult run_training(
     const TrainOptions& options,
     const TrainCallbacks& callbacks,
     bool resume,
-    int64_t stop_after_step,
     std::shared_ptr<dist::ProcessGroup> group) {
+  const int64_t stop_after_step = detail::exit_after_step();
   options.validate();
   if (group && group->world_size() == 1) {
     group = nullptr;
@@ -222,8 +224,7 @@ TrainOptions saved_run_options(const std::string& out_dir) {
   try {
     state = load_train_state(path);
   } catch (const c10::Error& e) {
-    std::string what = e.what_without_backtrace();
-    what = what.substr(0, what.find('\n'));
+    std::string what = first_line(e);
     const auto prev = previous_state_path(out_dir);
     const auto prev_step = peek_train_state_step(prev);
     if (prev_step >= 0) {
@@ -242,9 +243,9 @@ TrainOptions saved_run_options(const std::string& out_dir) {
   try {
     return TrainOptions::from_json(state.info.at("options"));
   } catch (const c10::Error& e) {
-    const std::string what = e.what_without_backtrace();
+    std::string what = first_line(e);
     TORCH_CHECK(
-        false, "'", path, "' holds no usable run options: ", what.substr(0, what.find('\n')));
+        false, "'", path, "' holds no usable run options: ", what);
   } catch (const nlohmann::json::exception& e) {
     TORCH_CHECK(false, "'", path, "' holds no usable run options: ", io::json_error_text(e));
   }
@@ -259,8 +260,8 @@ void check_run_files(const TrainOptions& o) {
     } catch (const FieldError&) {
       throw;
     } catch (const c10::Error& e) {
-      const std::string what = e.what_without_backtrace();
-      throw FieldError(field, what.substr(0, what.find('\n')));
+      std::string what = first_line(e);
+      throw FieldError(field, what);
     }
   };
   auto data = as_field("train_path", [&] {
@@ -389,7 +390,6 @@ TrainResult run_with_outputs(
     const TrainOptions& options,
     const RunOutputs& outputs,
     bool resume,
-    int64_t stop_after_step,
     std::shared_ptr<dist::ProcessGroup> group) {
   const bool writer = !group || group->world_size() == 1 || group->rank() == 0;
   Progress progress(outputs.progress_stream(), outputs.terminal() && writer, outputs.log_every());
@@ -437,7 +437,7 @@ TrainResult run_with_outputs(
   };
   TrainResult result;
   try {
-    result = run_training(options, cb, resume, stop_after_step, std::move(group));
+    result = run_training(options, cb, resume, std::move(group));
   } catch (...) {
     progress.finish(); // the error goes on a line of its own
     throw;

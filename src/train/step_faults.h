@@ -1,7 +1,12 @@
-// For tests only: a hook into Trainer::step() that may spoil a step's loss
-// or gradients (a NaN, an infinity) on a chosen step and rank, to exercise
-// the guard on bad steps (TrainOptions::max_bad_steps) without a data set
-// or a model that diverges. Private: not part of remat's API.
+// For tests only, private (not part of remat's API):
+//   - a hook into Trainer::step() that may spoil a step's loss or gradients
+//     (a NaN, an infinity) on a chosen step and rank, to exercise the guard
+//     on bad steps (TrainOptions::max_bad_steps) without a data set or a
+//     model that diverges;
+//   - REMAT_TEST_EXIT_AFTER_STEP=N in the environment: run_training ends the
+//     process with _exit(137) right after step N, before anything else is
+//     saved, a deterministic stand-in for a kill (`remat train`'s hidden
+//     --stop-after-step sets it).
 //
 // Example:
 //   remat::train::detail::ScopedStepFault fault(
@@ -34,6 +39,10 @@ using StepFault = std::function<void(
 /// Installs `fault` for every Trainer of this process (empty: none) and
 /// returns the one it replaces. Set it before steps run, not during.
 StepFault set_step_fault(StepFault fault);
+
+/// REMAT_TEST_EXIT_AFTER_STEP as a step number; 0 when unset or not a
+/// positive number.
+int64_t exit_after_step();
 
 /// Installs a fault for its lifetime.
 class ScopedStepFault {

@@ -97,12 +97,12 @@ std::string throughput_text(const TrainResult& r, const TrainOptions& o, int64_t
     seconds += s.step_seconds;
   }
   const double rows = static_cast<double>(r.history.steps.size()) *
-      static_cast<double>(o.batch() * o.accumulate());
+      static_cast<double>(o.model().batch() * o.accumulate());
   char line[256];
   if (world == 1) {
     std::snprintf(line, sizeof(line), "throughput: %.1f samples/s (batch %lld rows)\n",
                   seconds > 0 ? rows / seconds : 0.0,
-                  static_cast<long long>(o.batch() * o.accumulate()));
+                  static_cast<long long>(o.model().batch() * o.accumulate()));
     return line;
   }
   double in_backward = 0, total = 0;
@@ -113,8 +113,8 @@ std::string throughput_text(const TrainResult& r, const TrainOptions& o, int64_t
   std::snprintf(line, sizeof(line),
                 "data parallel: %lld ranks, global batch %lld rows (%lld per rank), "
                 "%.1f samples/s, %.0f%% of gradient bytes all-reduced during backward\n",
-                static_cast<long long>(world), static_cast<long long>(o.batch() * o.accumulate()),
-                static_cast<long long>((o.batch() * o.accumulate() + world - 1) / world),
+                static_cast<long long>(world), static_cast<long long>(o.model().batch() * o.accumulate()),
+                static_cast<long long>((o.model().batch() * o.accumulate() + world - 1) / world),
                 seconds > 0 ? rows / seconds : 0.0, total > 0 ? 100.0 * in_backward / total : 0.0);
   return line;
 }

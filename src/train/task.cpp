@@ -204,7 +204,10 @@ class ClassificationTask : public TaskModel {
 
 class CausalLmTask : public TaskModel {
  public:
-  explicit CausalLmTask(nn::LlamaOptions options) : model_(std::move(options)) {}
+  /// `packed`: batches hold several documents per row (TrainOptions::pack),
+  /// so a plan is profiled on such rows, their attention mask included.
+  CausalLmTask(nn::LlamaOptions options, bool packed)
+      : model_(std::move(options)), packed_(packed) {}
 
   torch::nn::Module& module() override {
     return *model_;
@@ -226,6 +229,11 @@ class CausalLmTask : public TaskModel {
     Batch b;
     b.input_ids = torch::zeros({batch, seq}, torch::TensorOptions(torch::kLong).device(device));
     b.attention_mask = torch::ones_like(b.input_ids);
+    if (packed_) {
+      // Two documents per row: the packed path, with its [B, 1, S, S] mask
+      // and per-row positions, is what the steps will run.
+      b.attention_mask.narrow(1, seq / 2, seq - seq / 2).fill_(2);
+    }
     b.labels = b.input_ids; // next-token labels
     return b;
   }
@@ -274,6 +282,7 @@ class CausalLmTask : public TaskModel {
 
  private:
   nn::Llama model_;
+  bool packed_ = false;
 };
 
 } // namespace
@@ -324,18 +333,14 @@ torch::Tensor TaskModel::instrumented_loss(const Batch& batch, const Sample& sam
 }
 
 nn::ModelConfig model_config(const TrainOptions& o, int64_t vocab_size) {
-  return nn::ModelConfig(
-             o.task() == Task::kClassification ? plan::Family::kBert : plan::Family::kLlama)
-      .layers(o.layers())
-      .hidden(o.hidden())
-      .heads(o.heads())
-      .kv_heads(o.kv_heads())
-      .intermediate(o.intermediate())
-      .vocab(vocab_size)
-      .seq(o.seq())
-      .batch(o.batch())
-      .dtype(o.dtype())
-      .dropout(o.dropout());
+  auto config = o.model();
+  if (config.vocab() == 0) {
+    return config.vocab(vocab_size);
+  }
+  check_field(config.vocab() >= vocab_size, "vocab",
+              c10::str("vocab: expected an embedding of at least the tokenizer's ", vocab_size,
+                       " token ids, but got ", config.vocab()));
+  return config;
 }
 
 int64_t check_step_fits(const nn::ModelConfig& config, bool lora, int64_t limit_bytes) {
@@ -351,7 +356,8 @@ int64_t check_step_fits(const nn::ModelConfig& config, bool lora, int64_t limit_
 std::unique_ptr<TaskModel> make_task_model(
     const TrainOptions& o,
     int64_t vocab_size,
-    int64_t num_labels) {
+    int64_t num_labels,
+    bool pretokenized) {
   const bool init = !o.init_dir().empty();
   const std::string config_path = o.init_dir() + "/config.json";
   // A new model's sizes go through the one description every command
@@ -367,28 +373,38 @@ std::unique_ptr<TaskModel> make_task_model(
   // byte ids another meaning, silently.
   auto check_covers = [&](int64_t model_vocab, int64_t positions) {
     check_field(model_vocab >= vocab_size, "init",
-                c10::str("init: the model in '", o.init_dir(), "' has ", model_vocab,
-                         " token ids, but the tokenizer has ", vocab_size));
-    check_field(!o.vocab_path().empty() || model_vocab == vocab_size, "init",
+                pretokenized
+                    ? c10::str("init: the model in '", o.init_dir(), "' has ", model_vocab,
+                               " token ids, but the data's largest id is ", vocab_size - 1)
+                    : c10::str("init: the model in '", o.init_dir(), "' has ", model_vocab,
+                               " token ids, but the tokenizer has ", vocab_size));
+    check_field(!o.vocab_path().empty() || pretokenized || model_vocab == vocab_size, "init",
                 c10::str("init: the model in '", o.init_dir(), "' has ", model_vocab,
                          " token ids and no tokenizer file; expected the byte-level "
                          "tokenizer's ", vocab_size, " ids (a model remat trained on "
                          "bytes), or pass its tokenizer with --vocab"));
-    check_field(positions >= o.seq(), "seq",
+    check_field(positions >= o.model().seq(), "seq",
                 c10::str("seq: expected at most the model's ", positions,
-                         " positions, but got ", o.seq()));
+                         " positions, but got ", o.model().seq()));
   };
   if (o.task() == Task::kClassification) {
     nn::BertOptions b = init ? io::read_bert_config(config_path) : config.bert_options();
-    b.hidden_dropout(o.dropout()).attention_dropout(o.dropout());
-    check_covers(b.vocab_size(), b.max_position_embeddings());
+    // What the run decides, over the folder's config: dropout, attention.
+    b.hidden_dropout(config.dropout_p())
+        .attention_dropout(config.dropout_p())
+        .attention(config.attention());
+    if (init) {
+      check_covers(b.vocab_size(), b.max_position_embeddings());
+    }
     return std::make_unique<ClassificationTask>(b, num_labels);
   }
   nn::LlamaOptions l =
       init ? io::llama_options(io::read_llama_config(config_path)) : config.llama_options();
-  l.attention_dropout(o.dropout());
-  check_covers(l.vocab_size(), l.max_position_embeddings());
-  return std::make_unique<CausalLmTask>(l);
+  l.attention_dropout(config.dropout_p()).attention(config.attention());
+  if (init) {
+    check_covers(l.vocab_size(), l.max_position_embeddings());
+  }
+  return std::make_unique<CausalLmTask>(l, o.pack());
 }
 
 } // namespace train

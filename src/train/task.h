@@ -87,11 +87,13 @@ int64_t check_step_fits(const nn::ModelConfig& config, bool lora, int64_t limit_
 
 /// Builds the model of options.task(): from options' sizes, or from
 /// init_dir/config.json when options.init_dir() is set. `vocab_size` is the
-/// tokenizer's; `num_labels` is for classification.
+/// tokenizer's, or with `pretokenized` data the largest id + 1 (then an
+/// --init model need only hold them); `num_labels` is for classification.
 std::unique_ptr<TaskModel> make_task_model(
     const TrainOptions& options,
     int64_t vocab_size,
-    int64_t num_labels);
+    int64_t num_labels,
+    bool pretokenized = false);
 
 } // namespace train
 } // namespace remat

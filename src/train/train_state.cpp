@@ -1,4 +1,5 @@
 #include "remat/train/train_state.h"
+#include "remat/field_error.h"
 
 #include "remat/io/file.h"
 #include "remat/io/safetensors.h"
@@ -129,8 +130,8 @@ TrainState load_train_state(const std::string& path) {
   try {
     file = io::read_safetensors(path);
   } catch (const c10::Error& e) {
-    std::string what = e.what_without_backtrace();
-    TORCH_CHECK(false, "'", path, "' is damaged (", what.substr(0, what.find('\n')),
+    std::string what = first_line(e);
+    TORCH_CHECK(false, "'", path, "' is damaged (", what,
                 ")");
   }
   auto meta = [&](const char* key) -> const std::string& {

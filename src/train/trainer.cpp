@@ -5,13 +5,15 @@
 #include "remat/autocast.h"
 #include "remat/io/json_text.h"
 #include "remat/model_sizes.h"
-#include "remat/dist/data_parallel.h"
+#include "remat/distributed/data_parallel.h"
 #include "remat/device.h"
-#include "remat/dist/process_group.h"
+#include "remat/distributed/process_group.h"
 #include "remat/io/file.h"
 #include "remat/io/tokenizer.h"
 #include "remat/memory.h"
 #include "remat/nn/lora.h"
+#include "remat/rng_state.h"
+#include "remat/plan/estimate.h"
 #include "remat/train/data.h"
 #include "remat/train/metrics.h"
 #include "remat/train/train_state.h"
@@ -25,6 +27,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cstdlib>
 #include <cmath>
 #include <limits>
 #include <sstream>
@@ -42,78 +45,6 @@ detail::StepFault& step_fault() {
   return fault;
 }
 
-torch::Tensor rng_state() {
-  auto gen = at::detail::getDefaultCPUGenerator();
-  std::lock_guard<std::mutex> lock(gen.mutex());
-  return gen.get_state();
-}
-
-void set_rng_state(const torch::Tensor& state) {
-  auto gen = at::detail::getDefaultCPUGenerator();
-  std::lock_guard<std::mutex> lock(gen.mutex());
-  gen.set_state(state);
-}
-
-/// Puts `state` into the CPU generator for its lifetime (dropout draws from
-/// it), then stores what became of it back into `state` when `advance`, and
-/// gives the generator back the state it had. Each trainer thus has a
-/// random stream of its own: two trainers in one process, a comparison run
-/// or an instrumented step, do not draw from each other's. On a CUDA device
-/// the same for its generator, from `cuda_state` (dropout on CUDA draws
-/// from that one).
-class RngScope {
- public:
-  RngScope(torch::Tensor& state, bool advance)
-      : state_(state), advance_(advance), outer_(rng_state()) {
-    set_rng_state(state_);
-  }
-  RngScope(torch::Tensor& state, torch::Tensor& cuda_state, c10::Device device, bool advance)
-      : RngScope(state, advance) {
-    if (device.is_cuda() && cuda_state.defined()) {
-      cuda_state_ = &cuda_state;
-      device_ = device;
-      cuda_outer_ = cuda_rng_state(device);
-      set_cuda_rng_state(device, cuda_state);
-    }
-  }
-  ~RngScope() {
-    if (cuda_state_ != nullptr) {
-      if (advance_) {
-        *cuda_state_ = cuda_rng_state(device_);
-      }
-      set_cuda_rng_state(device_, cuda_outer_);
-    }
-    if (advance_) {
-      state_ = rng_state();
-    }
-    set_rng_state(outer_);
-  }
-  RngScope(const RngScope&) = delete;
-  RngScope& operator=(const RngScope&) = delete;
-
- private:
-  torch::Tensor& state_;
-  bool advance_;
-  torch::Tensor outer_;
-  torch::Tensor* cuda_state_ = nullptr;
-  c10::Device device_ = c10::kCPU;
-  torch::Tensor cuda_outer_;
-};
-
-// BF16 autocast on the device the model is on (CPU or CUDA), float32
-// master weights.
-AutocastState autocast_for(torch::Dtype dtype, c10::Device device) {
-  AutocastState s = AutocastState::capture();
-  if (device.is_cuda()) {
-    s.cuda_enabled = dtype == torch::kBFloat16;
-    s.cuda_dtype = torch::kBFloat16;
-  } else {
-    s.cpu_enabled = dtype == torch::kBFloat16;
-    s.cpu_dtype = torch::kBFloat16;
-  }
-  return s;
-}
-
 // A batch's tensors on `device` (batches are cut and sharded on the CPU).
 Batch to_device(Batch batch, c10::Device device) {
   if (!device.is_cpu()) {
@@ -129,8 +60,10 @@ Batch to_device(Batch batch, c10::Device device) {
 Batch slice_rows(const Batch& batch, int64_t begin, int64_t end, bool lm) {
   Batch out;
   out.attention_mask = batch.attention_mask.slice(0, begin, end);
+  // Tokens come first in a row, then padding (0); a packed row numbers its
+  // documents 1, 2, ..., so count what is not padding.
   const int64_t len = std::max<int64_t>(
-      out.attention_mask.sum(1).max().item<int64_t>(), 2);
+      out.attention_mask.ne(0).sum(1).max().item<int64_t>(), 2);
   out.attention_mask = out.attention_mask.narrow(1, 0, len);
   out.input_ids = batch.input_ids.slice(0, begin, end).narrow(1, 0, len);
   out.labels = batch.labels.slice(0, begin, end);
@@ -184,6 +117,16 @@ StepFault set_step_fault(StepFault fault) {
   return fault;
 }
 
+int64_t exit_after_step() {
+  const char* text = std::getenv("REMAT_TEST_EXIT_AFTER_STEP");
+  if (text == nullptr) {
+    return 0;
+  }
+  char* end = nullptr;
+  const long long step = std::strtoll(text, &end, 10);
+  return end != text && *end == '\0' && step > 0 ? step : 0;
+}
+
 } // namespace detail
 
 void check_resume_options(
@@ -222,8 +165,10 @@ struct Trainer::Impl {
   int64_t skipped_in_a_row = 0; ///< bad steps up to the last (see step())
   History history;
   std::string init_note; ///< what --init loaded
-  torch::Tensor rng; ///< this run's CPU generator state (see RngScope)
-  torch::Tensor cuda_rng; ///< and its CUDA device's (undefined on the CPU)
+  /// This run's random stream: its CPU generator's state, and its CUDA
+  /// device's. Each step draws from it in an RngScope that moves it on, so
+  /// trainers in one process do not draw from each other's.
+  RngState rng;
   c10::Device device = c10::kCPU; ///< resolved: cuda -> cuda:N
   /// Data parallelism (both null when alone).
   std::shared_ptr<dist::ProcessGroup> group;
@@ -256,6 +201,12 @@ struct Trainer::Impl {
     return std::make_unique<torch::optim::AdamW>(std::move(groups), base);
   }
 
+  void read_data();
+  int64_t data_vocab_size() const;
+  void build_model();
+  void add_lora();
+  void plan_budget();
+
   std::optional<Batch> next_batch() {
     auto batch = loader->next();
     if (!batch) { // the end of an epoch: the loader has moved to the next
@@ -264,10 +215,10 @@ struct Trainer::Impl {
     return batch;
   }
 
-  /// Micro-batches of `rows_per` rows (default: options.batch()).
+  /// Micro-batches of `rows_per` rows (default: options.model().batch()).
   std::vector<Batch> micro_batches(const Batch& batch, int64_t rows_per = 0) const {
     if (rows_per <= 0) {
-      rows_per = options.batch();
+      rows_per = options.model().batch();
     }
     std::vector<Batch> out;
     const int64_t rows = batch.input_ids.size(0);
@@ -306,53 +257,22 @@ struct Trainer::Impl {
   }
 };
 
-Trainer::Trainer(TrainOptions options, std::shared_ptr<dist::ProcessGroup> group)
-    : impl_(std::make_unique<Impl>()) {
-  auto& d = *impl_;
-  options.validate();
-  if (options.vocab_path().empty() && !options.init_dir().empty()) {
-    // The model's own tokenizer, or a refusal naming the file remat cannot
-    // read; bytes only for a folder with no tokenizer (checked against the
-    // model's vocabulary by make_task_model).
-    try {
-      options.vocab_path(io::folder_tokenizer(options.init_dir()));
-    } catch (const c10::Error& e) {
-      const std::string what = e.what_without_backtrace();
-      throw FieldError("init_dir", what.substr(0, what.find('\n')));
-    }
-  }
-  d.options = options;
-  if (group && group->world_size() > 1) {
-    d.group = std::move(group);
-    d.check_same_options_as_rank0();
-  }
-  d.device = require_device(parse_device(options.device()));
-  if (d.device.is_cuda() && d.group) {
-    // One GPU per rank, as NCCL wants: the group's, cuda:(rank % GPUs).
-    check_field(
-        d.group->device().is_cuda(), "device",
-        c10::str("device: data parallel training on ", d.device,
-                 " needs a ProcessGroup on CUDA (DistOptions::device, NCCL), but this one is on ",
-                 d.group->device(), " (Gloo only)"));
-    d.device = d.group->device();
-  }
-  make_current(d.device);
-  d.tokenizer = io::make_tokenizer(options.vocab_path());
-
-  // Data: the validation set is a file, a seeded split, or nothing.
-  Dataset train = d.lm() ? read_text_jsonl(options.train_path())
-                         : read_classification_jsonl(options.train_path());
+// The data of the run: the training set, the validation set (a file, a
+// seeded split, or nothing), the loader and the step count.
+void Trainer::Impl::read_data() {
+  Dataset train = lm() ? read_text_jsonl(options.train_path())
+                        : read_classification_jsonl(options.train_path());
   check_field(train.size() > 0, "train_path",
               c10::str("train_path: expected at least one document in '", options.train_path(),
                        "', but got none"));
   check_field(
-      d.lm() || train.num_labels() > 0, "train_path",
+      lm() || train.num_labels() > 0, "train_path",
       c10::str("train_path: expected labels in '", options.train_path(), "', but got none"));
   Dataset valid;
   if (!options.valid_path().empty()) {
-    valid = d.lm() ? read_text_jsonl(options.valid_path())
-                   : read_classification_jsonl(options.valid_path(),
-                                               JsonlOptions().label_names(train.label_names));
+    valid = lm() ? read_text_jsonl(options.valid_path())
+                 : read_classification_jsonl(options.valid_path(),
+                                             JsonlOptions().label_names(train.label_names));
   } else if (options.valid_fraction() > 0) {
     auto split = split_dataset(train, options.valid_fraction(), options.seed());
     train = std::move(split.train);
@@ -361,224 +281,318 @@ Trainer::Trainer(TrainOptions options, std::shared_ptr<dist::ProcessGroup> group
         train.size() > 0, "valid_fraction",
         c10::str("valid_fraction: ", options.valid_fraction(), " leaves no training documents"));
   }
-  d.history.label_names = train.label_names;
-  d.train_set = std::make_shared<Dataset>(std::move(train));
+  history.label_names = train.label_names;
+  train_set = std::make_shared<Dataset>(std::move(train));
   if (valid.size() > 0) {
-    d.valid_set = std::make_shared<Dataset>(std::move(valid));
+    valid_set = std::make_shared<Dataset>(std::move(valid));
   }
-  d.loader = std::make_unique<DataLoader>(
-      d.train_set, d.tokenizer,
-      DataLoaderOptions(options.batch() * options.accumulate())
-          .seed(options.seed())
-          .max_len(options.seq()));
+  try {
+    loader = std::make_unique<DataLoader>(
+        train_set, tokenizer,
+        DataLoaderOptions(options.model().batch() * options.accumulate())
+            .seed(options.seed())
+            .max_len(options.model().seq())
+            .max_tokens(options.max_tokens())
+            .pack(options.pack()));
+  } catch (const c10::Error& e) {
+    // The loader's refusals of a budget or of packing start with the option.
+    const std::string what = first_line(e);
+    for (const char* field : {"max_tokens", "pack"}) {
+      if (what.rfind(std::string(field) + ":", 0) == 0) {
+        throw FieldError(field, what);
+      }
+    }
+    throw;
+  }
   TORCH_CHECK(
       options.max_steps() > 0 ||
-          options.epochs() <= std::numeric_limits<int64_t>::max() / d.loader->batches_per_epoch(),
+          options.epochs() <= std::numeric_limits<int64_t>::max() / loader->batches_per_epoch(),
       "epochs: expected at most ",
-      std::numeric_limits<int64_t>::max() / d.loader->batches_per_epoch(), " epochs of ",
-      d.loader->batches_per_epoch(), " steps (the step count is a 64-bit integer), but got ",
+      std::numeric_limits<int64_t>::max() / loader->batches_per_epoch(), " epochs of ",
+      loader->batches_per_epoch(), " steps (the step count is a 64-bit integer), but got ",
       options.epochs());
-  d.total_steps = options.max_steps() > 0
+  total_steps = options.max_steps() > 0
       ? options.max_steps()
-      : options.epochs() * d.loader->batches_per_epoch();
+      : options.epochs() * loader->batches_per_epoch();
+}
 
-  // Model: everything random comes from the seeded CPU generator, in a
-  // fixed order, so that the same options build the same model. The
-  // caller's generator state is given back afterwards.
-  const torch::Tensor caller_rng = rng_state();
-  const torch::Tensor caller_cuda_rng = cuda_rng_state(d.device);
-  torch::manual_seed(options.seed()); // the CPU's generator and every GPU's
-  d.task = make_task_model(options, d.tokenizer->vocab_size(), d.train_set->num_labels());
+// The rows of the model's embedding that the data needs: the tokenizer's,
+// or with pre-tokenized data its largest id + 1, which the model's
+// vocabulary (model().vocab(), or the --init folder's) must hold.
+int64_t Trainer::Impl::data_vocab_size() const {
+  const bool ids = train_set->pretokenized();
+  if (valid_set) {
+    check_field(
+        valid_set->pretokenized() == ids, "valid_path",
+        c10::str("valid_path: expected ", ids ? "token ids (\"input_ids\")" : "text",
+                 " as in the training file, but got ", ids ? "text" : "token ids"));
+  }
+  if (ids) {
+    const int64_t largest = std::max(train_set->max_token_id(),
+                                     valid_set ? valid_set->max_token_id() : -1);
+    check_field(
+        options.model().vocab() > 0 || !options.init_dir().empty(), "vocab",
+        c10::str("vocab: expected the model's vocabulary size with pre-tokenized data (its "
+                 "largest id is ", largest, "), but got none"));
+    check_field(
+        options.model().vocab() == 0 || options.model().vocab() > largest, "vocab",
+        c10::str("vocab: expected more than the data's largest token id, ", largest,
+                 ", but got ", options.model().vocab()));
+    return largest + 1;
+  }
+  return tokenizer->vocab_size();
+}
+
+// The task's model, from the options' sizes or the --init folder (whose
+// weights it then loads).
+void Trainer::Impl::build_model() {
+  task = make_task_model(options, data_vocab_size(), train_set->num_labels(),
+                         train_set->pretokenized());
   if (!options.init_dir().empty()) {
     try {
-      d.init_note = d.task->load_pretrained(options.init_dir());
+      init_note = task->load_pretrained(options.init_dir());
     } catch (const c10::Error& e) {
       // The safetensors reader names its file already; a mismatch between
       // the weights and the model config.json describes does not.
-      std::string what = e.what_without_backtrace();
-      what = what.substr(0, what.find('\n'));
+      std::string what = first_line(e);
       TORCH_CHECK(
           what.find(options.init_dir()) != std::string::npos, "'", options.init_dir(),
           "': its weights do not fit the model its config.json describes: ", what);
       throw;
     }
   }
-  if (options.lora_rank() > 0) {
-    auto targets = options.lora_targets().empty() ? d.task->default_lora_targets()
-                                                  : options.lora_targets();
+}
+
+// LoRA adapters on the targets (the task's by default), the base frozen;
+// a classification head, new, trains with them.
+void Trainer::Impl::add_lora() {
+  auto targets = options.lora_targets().empty() ? task->default_lora_targets()
+                                                : options.lora_targets();
+  // The estimator's short names ("q", "v") are the model's too (one table,
+  // remat/plan/estimate.h); any other name is a module path of its own.
+  for (auto& t : targets) {
     try {
-      nn::apply_lora(
-          d.task->module(),
-          nn::LoraOptions().rank(options.lora_rank()).alpha(options.lora_alpha()).targets(targets));
+      t = plan::lora_target_module(options.model().family(), t);
+    } catch (const FieldError&) {
+    }
+  }
+  try {
+    nn::apply_lora(
+        task->module(),
+        nn::LoraOptions().rank(options.lora_rank()).alpha(options.lora_alpha()).targets(targets));
+  } catch (const c10::Error& e) {
+    // The targets are the user's: name their option, not the function.
+    std::string what = first_line(e);
+    const auto colon = what.find(": ");
+    check_field(false, "lora_targets",
+                "lora_targets: " + (colon == std::string::npos ? what : what.substr(colon + 2)));
+  }
+  // The classification head is new: it trains with the adapters.
+  for (auto& kv : task->module().named_parameters()) {
+    if (kv.key().rfind("classifier.", 0) == 0) {
+      kv.value().set_requires_grad(true);
+    }
+  }
+}
+
+// A budget policy's schedule, planned before any optimizer step: AdamW's
+// two moments per trainable element do not exist yet, so they are reserved.
+// Profiling leaves the generator as it was.
+void Trainer::Impl::plan_budget() {
+  int64_t moments = 0;
+  for (const auto& p : trainable) {
+    moments += 2 * p.numel() * static_cast<int64_t>(p.element_size());
+  }
+  // Data-parallel: rank 0 plans for its share of each micro-batch (the
+  // largest one) and every rank runs that plan. Plans made apart could
+  // differ, since profiled times are noisy, and the ranks would no
+  // longer recompute in step.
+  const int64_t world = group ? group->world_size() : 1;
+  const int64_t rows = (options.model().batch() + world - 1) / world;
+  std::string schedule;
+  std::string error;
+  if (!group || group->rank() == 0) {
+    AutocastScope autocast(options.model().autocast(device));
+    try {
+      schedule = task->plan_policy(options.policy(), rows, options.model().seq(), moments)
+                     .custom_schedule()
+                     .str();
     } catch (const c10::Error& e) {
-      // The targets are the user's: name their option, not the function.
-      std::string what = e.what_without_backtrace();
-      what = what.substr(0, what.find('\n'));
-      const auto colon = what.find(": ");
-      check_field(false, "lora_targets",
-                  "lora_targets: " + (colon == std::string::npos ? what : what.substr(colon + 2)));
+      error = e.what_without_backtrace();
     }
-    // The classification head is new: it trains with the adapters.
-    for (auto& kv : d.task->module().named_parameters()) {
-      if (kv.key().rfind("classifier.", 0) == 0) {
-        kv.value().set_requires_grad(true);
-      }
+  }
+  if (group) {
+    const auto shared =
+        group->broadcast_string(error.empty() ? "plan " + schedule : "error " + error);
+    const auto space = shared.find(' ');
+    (shared.compare(0, space, "plan") == 0 ? schedule : error) = shared.substr(space + 1);
+  }
+  TORCH_CHECK(
+      error.empty(), "policy '", options.policy().name(), "': ",
+      group && group->rank() != 0 ? "rank 0 could not plan it: " : "", error);
+  task->set_policy(
+      CheckpointPolicy::custom(Schedule::parse(schedule), options.policy().name()));
+}
+
+Trainer::Trainer(TrainOptions options, std::shared_ptr<dist::ProcessGroup> group)
+    : impl_(std::make_unique<Impl>()) {
+  auto& run = *impl_;
+  options.validate();
+  if (options.vocab_path().empty() && !options.init_dir().empty()) {
+    // The model's own tokenizer, or a refusal naming the file remat cannot
+    // read; bytes only for a folder with no tokenizer (checked against the
+    // model's vocabulary by make_task_model).
+    try {
+      options.vocab_path(io::folder_tokenizer(options.init_dir()));
+    } catch (const c10::Error& e) {
+      std::string what = first_line(e);
+      throw FieldError("init_dir", what);
     }
+  }
+  run.options = options;
+  if (group && group->world_size() > 1) {
+    run.group = std::move(group);
+    run.check_same_options_as_rank0();
+  }
+  run.device = require_device(parse_device(options.device()));
+  if (run.device.is_cuda() && run.group) {
+    // One GPU per rank, as NCCL wants: the group's, cuda:(rank % GPUs).
+    check_field(
+        run.group->device().is_cuda(), "device",
+        c10::str("device: data parallel training on ", run.device,
+                 " needs a ProcessGroup on CUDA (DistOptions::device, NCCL), but this one is on ",
+                 run.group->device(), " (Gloo only)"));
+    run.device = run.group->device();
+  }
+  make_current(run.device);
+  run.tokenizer = io::make_tokenizer(options.vocab_path());
+
+  run.read_data();
+
+  // Model: everything random comes from the seeded CPU generator, in a
+  // fixed order, so that the same options build the same model. The
+  // caller's generator state is given back afterwards.
+  const RngScope keep_callers(RngState::capture(run.device));
+  torch::manual_seed(options.seed()); // the CPU's generator and every GPU's
+  run.build_model();
+  if (options.lora_rank() > 0) {
+    run.add_lora();
   }
   // Built on the CPU (the same weights on every device), then moved.
-  d.task->module().to(d.device);
-  d.task->set_policy(options.policy());
-  d.task->module().train();
-  for (const auto& p : d.task->module().parameters()) {
+  run.task->module().to(run.device);
+  run.task->set_policy(options.policy());
+  run.task->module().train();
+  for (const auto& p : run.task->module().parameters()) {
     if (p.requires_grad()) {
-      d.trainable.push_back(p);
+      run.trainable.push_back(p);
     }
   }
-  d.optimizer = d.make_optimizer();
+  run.optimizer = run.make_optimizer();
   if (options.policy().kind() == CheckpointPolicy::Kind::kBudget) {
-    // Planned here, before any optimizer step: AdamW's two moments per
-    // trainable element do not exist yet, so they are reserved. Profiling
-    // leaves the generator as it was.
-    int64_t moments = 0;
-    for (const auto& p : d.trainable) {
-      moments += 2 * p.numel() * static_cast<int64_t>(p.element_size());
-    }
-    // Data-parallel: rank 0 plans for its share of each micro-batch (the
-    // largest one) and every rank runs that plan. Plans made apart could
-    // differ, since profiled times are noisy, and the ranks would no
-    // longer recompute in step.
-    const int64_t world = d.group ? d.group->world_size() : 1;
-    const int64_t rows = (options.batch() + world - 1) / world;
-    std::string schedule;
-    std::string error;
-    if (!d.group || d.group->rank() == 0) {
-      AutocastScope autocast(autocast_for(options.dtype(), d.device));
-      try {
-        schedule = d.task->plan_policy(options.policy(), rows, options.seq(), moments)
-                       .custom_schedule()
-                       .str();
-      } catch (const c10::Error& e) {
-        error = e.what_without_backtrace();
-      }
-    }
-    if (d.group) {
-      const auto shared = d.group->broadcast_string(error.empty() ? "plan " + schedule
-                                                                  : "error " + error);
-      const auto space = shared.find(' ');
-      (shared.compare(0, space, "plan") == 0 ? schedule : error) = shared.substr(space + 1);
-    }
-    TORCH_CHECK(
-        error.empty(), "policy '", options.policy().name(), "': ",
-        d.group && d.group->rank() != 0 ? "rank 0 could not plan it: " : "", error);
-    d.task->set_policy(
-        CheckpointPolicy::custom(Schedule::parse(schedule), options.policy().name()));
+    run.plan_budget();
   }
-  d.rng = rng_state();
-  set_rng_state(caller_rng);
-  d.cuda_rng = cuda_rng_state(d.device);
-  set_cuda_rng_state(d.device, caller_cuda_rng);
-  if (d.group) {
+  run.rng = RngState::capture(run.device);
+  if (run.group) {
     // The same seed builds the same weights everywhere; the broadcast makes
     // sure of it (an --init folder read differently, another build).
-    dist::broadcast_parameters(*d.group, d.task->module(), 0);
+    dist::broadcast_parameters(*run.group, run.task->module(), 0);
     // Sums, not averages: each rank's loss is already scaled by its share
     // of the global batch (see step()).
-    d.reducer = std::make_unique<dist::GradReducer>(
-        d.group, d.trainable, dist::GradReducerOptions().average(false));
+    run.reducer = std::make_unique<dist::GradReducer>(
+        run.group, run.trainable, dist::GradReducerOptions().average(false));
   }
-  const int64_t warmup = options.warmup() >= 0 ? options.warmup() : d.total_steps / 10;
-  d.schedule = std::make_unique<LrSchedule>(
-      LrScheduleOptions(options.lr(), d.total_steps)
-          .warmup_steps(std::min(warmup, d.total_steps))
+  const int64_t warmup = options.warmup() >= 0 ? options.warmup() : run.total_steps / 10;
+  run.schedule = std::make_unique<LrSchedule>(
+      LrScheduleOptions(options.lr(), run.total_steps)
+          .warmup_steps(std::min(warmup, run.total_steps))
           .kind(options.schedule()));
 }
 
 Trainer::~Trainer() = default;
 
 StepRecord Trainer::step() {
-  auto& d = *impl_;
-  auto batch = d.next_batch();
+  auto& run = *impl_;
+  auto batch = run.next_batch();
   TORCH_INTERNAL_ASSERT(batch, "the data loader returned no batch");
-  auto micros = d.micro_batches(*batch);
+  auto micros = run.micro_batches(*batch);
   // The loss units (rows or predicted tokens) of the whole global batch:
   // every rank has all of it, so no collective is needed to weigh its part.
   int64_t units = 0;
   for (const auto& m : micros) {
-    units += d.task->loss_units(m);
+    units += run.task->loss_units(m);
   }
-  if (d.reducer) {
-    d.group->mark_progress(d.step + 1);
+  if (run.reducer) {
+    run.group->mark_progress(run.step + 1);
     // This rank's rows, in micro-batches of 1/world of --batch rows.
-    const int64_t per = (d.options.batch() + d.world() - 1) / d.world();
-    auto shard = shard_rows(*batch, d.rank(), d.world());
+    const int64_t per = (run.options.model().batch() + run.world() - 1) / run.world();
+    auto shard = shard_rows(*batch, run.rank(), run.world());
     micros.clear();
     if (shard.input_ids.size(0) > 0) {
-      micros = d.micro_batches(shard, per);
+      micros = run.micro_batches(shard, per);
     }
   }
 
   for (auto& m : micros) {
-    m = to_device(std::move(m), d.device);
+    m = to_device(std::move(m), run.device);
   }
 
-  for (auto& p : d.trainable) {
+  for (auto& p : run.trainable) {
     p.mutable_grad() = torch::Tensor();
   }
-  RngScope rng(d.rng, d.cuda_rng, d.device, /*advance=*/true);
-  synchronize(d.device);
-  memory::reset_peak(d.device);
+  RngScope rng(run.rng, /*advanced=*/&run.rng);
+  synchronize(run.device);
+  memory::reset_peak(run.device);
   const auto t0 = Clock::now();
   double loss = 0;
   for (size_t i = 0; i < micros.size(); ++i) {
     const auto& m = micros[i];
-    if (d.reducer) {
+    if (run.reducer) {
       // Only the last micro-batch's backward starts the all-reduces (the
       // others would reduce gradients that are still accumulating).
-      d.reducer->prepare_for_backward(/*sync=*/i + 1 == micros.size());
+      run.reducer->prepare_for_backward(/*sync=*/i + 1 == micros.size());
     }
     torch::Tensor scaled;
     {
-      AutocastScope autocast(autocast_for(d.options.dtype(), d.device));
+      AutocastScope autocast(run.options.model().autocast(run.device));
       // Each micro-batch's mean, weighted by its share of the step's rows
       // (or predicted tokens): the sum is the mean over the whole batch.
       const double weight = units > 0
-          ? static_cast<double>(d.task->loss_units(m)) / static_cast<double>(units)
+          ? static_cast<double>(run.task->loss_units(m)) / static_cast<double>(units)
           : 0.0;
-      scaled = d.task->loss(m) * weight;
+      scaled = run.task->loss(m) * weight;
     }
     scaled.backward();
     loss += scaled.item<double>();
   }
   if (step_fault()) {
-    step_fault()(d.step + 1, d.rank(), loss, d.trainable);
+    step_fault()(run.step + 1, run.rank(), loss, run.trainable);
   }
-  if (d.reducer) {
+  if (run.reducer) {
     try {
-      d.reducer->reduce();
+      run.reducer->reduce();
       std::vector<torch::Tensor> sum{torch::full({1}, loss, torch::kDouble)};
-      d.group->all_reduce_sum(sum);
+      run.group->all_reduce_sum(sum);
       loss = sum[0].item<double>();
     } catch (const c10::Error& e) {
-      std::string what = e.what_without_backtrace();
-      what = what.substr(0, what.find('\n'));
-      const std::string who = d.group->describe_failure(d.step + 1);
-      TORCH_CHECK(false, what, who.empty() ? "" : "; " + who, " (at step ", d.step + 1, ")");
+      std::string what = first_line(e);
+      const std::string who = run.group->describe_failure(run.step + 1);
+      TORCH_CHECK(false, what, who.empty() ? "" : "; " + who, " (at step ", run.step + 1, ")");
     }
   }
   double grad_norm = 0;
-  if (d.options.clip() > 0) {
-    grad_norm = torch::nn::utils::clip_grad_norm_(d.trainable, d.options.clip());
+  if (run.options.clip() > 0) {
+    grad_norm = torch::nn::utils::clip_grad_norm_(run.trainable, run.options.clip());
   } else {
     torch::NoGradGuard no_grad;
     double sq = 0;
-    for (const auto& p : d.trainable) {
+    for (const auto& p : run.trainable) {
       if (p.grad().defined()) {
         sq += p.grad().pow(2).sum().item<double>();
       }
     }
     grad_norm = std::sqrt(sq);
   }
-  const double lr = d.schedule->lr(d.step);
+  const double lr = run.schedule->lr(run.step);
   // A NaN or infinite loss or gradient norm would spoil the weights and
   // AdamW's moments for good: the update is skipped instead, and the step
   // still counts (batch, step counter, schedule), so the run keeps its
@@ -587,43 +601,43 @@ StepRecord Trainer::step() {
   // of the summed gradients.
   const bool bad = !std::isfinite(loss) || !std::isfinite(grad_norm);
   if (bad) {
-    for (auto& p : d.trainable) {
+    for (auto& p : run.trainable) {
       p.mutable_grad() = torch::Tensor();
     }
-    ++d.skipped_in_a_row;
+    ++run.skipped_in_a_row;
   } else {
-    for (auto& group : d.optimizer->param_groups()) {
+    for (auto& group : run.optimizer->param_groups()) {
       static_cast<torch::optim::AdamWOptions&>(group.options()).lr(lr);
     }
-    d.optimizer->step();
-    d.skipped_in_a_row = 0;
+    run.optimizer->step();
+    run.skipped_in_a_row = 0;
   }
-  synchronize(d.device); // the clock stops when the GPU is done
+  synchronize(run.device); // the clock stops when the GPU is done
   const double seconds = std::chrono::duration<double>(Clock::now() - t0).count();
-  ++d.step;
+  ++run.step;
 
   StepRecord r;
-  r.step = d.step;
+  r.step = run.step;
   r.epoch = batch->epoch;
   r.loss = loss;
   r.lr = lr;
   r.grad_norm = grad_norm;
   r.tokens = batch->attention_mask.sum().item<int64_t>();
   r.step_seconds = seconds;
-  if (d.reducer) {
-    r.reduced_in_backward_bytes = d.reducer->stats().bytes_in_backward;
-    r.reduced_after_backward_bytes = d.reducer->stats().bytes_in_reduce;
+  if (run.reducer) {
+    r.reduced_in_backward_bytes = run.reducer->stats().bytes_in_backward;
+    r.reduced_after_backward_bytes = run.reducer->stats().bytes_in_reduce;
   }
   r.tokens_per_s = seconds > 0 ? static_cast<double>(r.tokens) / seconds : 0;
-  r.peak_bytes = memory::peak_bytes(d.device);
-  r.policy = d.options.policy().name();
-  const auto& compared = d.history.compare_steps;
+  r.peak_bytes = memory::peak_bytes(run.device);
+  r.policy = run.options.policy().name();
+  const auto& compared = run.history.compare_steps;
   if (static_cast<size_t>(r.step) <= compared.size()) {
     r.compare_loss = compared[static_cast<size_t>(r.step - 1)].loss;
   }
   r.skipped = bad;
-  r.skipped_in_a_row = d.skipped_in_a_row;
-  d.history.steps.push_back(r);
+  r.skipped_in_a_row = run.skipped_in_a_row;
+  run.history.steps.push_back(r);
   return r;
 }
 
@@ -632,44 +646,44 @@ bool Trainer::has_validation() const {
 }
 
 EvalRecord Trainer::evaluate() {
-  auto& d = *impl_;
+  auto& run = *impl_;
   TORCH_CHECK(has_validation(), "evaluate: this run has no validation set");
-  RngScope rng(d.rng, d.cuda_rng, d.device, /*advance=*/false);
+  RngScope rng(run.rng);
   torch::NoGradGuard no_grad;
-  auto& module = d.task->module();
+  auto& module = run.task->module();
   const bool was_training = module.is_training();
   module.eval();
-  AutocastScope autocast(autocast_for(d.options.dtype(), d.device));
+  AutocastScope autocast(run.options.model().autocast(run.device));
 
-  const auto& valid = *d.valid_set;
+  const auto& valid = *run.valid_set;
   MultilabelF1 f1(std::max<int64_t>(valid.num_labels(), 1));
   double loss_sum = 0;
   int64_t units = 0;
   std::vector<int64_t> indices;
-  for (int64_t begin = 0; begin < valid.size(); begin += d.options.batch()) {
+  for (int64_t begin = 0; begin < valid.size(); begin += run.options.model().batch()) {
     indices.clear();
-    for (int64_t i = begin; i < std::min(valid.size(), begin + d.options.batch()); ++i) {
+    for (int64_t i = begin; i < std::min(valid.size(), begin + run.options.model().batch()); ++i) {
       indices.push_back(i);
     }
     auto batch = to_device(
-        collate(valid, indices, *d.tokenizer, CollateOptions().max_len(d.options.seq())),
-        d.device);
+        collate(valid, indices, *run.tokenizer, CollateOptions().max_len(run.options.model().seq())),
+        run.device);
     torch::Tensor logits;
-    auto loss = d.task->loss(batch, &logits);
-    const int64_t n = d.task->loss_units(batch);
+    auto loss = run.task->loss(batch, &logits);
+    const int64_t n = run.task->loss_units(batch);
     loss_sum += loss.item<double>() * static_cast<double>(n);
     units += n;
-    if (!d.lm()) {
+    if (!run.lm()) {
       f1.update(logits.to(torch::kFloat), batch.labels);
     }
   }
   module.train(was_training);
 
   EvalRecord r;
-  r.step = d.step;
-  r.epoch = d.history.steps.empty() ? 0 : d.history.steps.back().epoch;
+  r.step = run.step;
+  r.epoch = run.history.steps.empty() ? 0 : run.history.steps.back().epoch;
   r.loss = units > 0 ? loss_sum / static_cast<double>(units) : 0;
-  if (d.lm()) {
+  if (run.lm()) {
     r.perplexity = std::exp(r.loss);
   } else {
     auto scores = f1.compute();
@@ -677,64 +691,64 @@ EvalRecord Trainer::evaluate() {
     r.micro_f1 = scores.micro;
     r.per_label_f1 = scores.per_label;
   }
-  d.history.evals.push_back(r);
+  run.history.evals.push_back(r);
   return r;
 }
 
 MemoryTimeline Trainer::memory_timeline() {
-  auto& d = *impl_;
+  auto& run = *impl_;
   // Nothing of this step may reach the run: RNG, data position and
   // gradients are put back afterwards.
-  RngScope rng(d.rng, d.cuda_rng, d.device, /*advance=*/false);
-  const auto position = d.loader->position();
-  auto batch = d.next_batch();
-  d.loader->set_position(position);
+  RngScope rng(run.rng);
+  const auto position = run.loader->position();
+  auto batch = run.next_batch();
+  run.loader->set_position(position);
   TORCH_INTERNAL_ASSERT(batch);
-  auto micro = to_device(d.micro_batches(*batch).front(), d.device);
+  auto micro = to_device(run.micro_batches(*batch).front(), run.device);
 
   std::vector<torch::Tensor> grads;
-  for (auto& p : d.trainable) {
+  for (auto& p : run.trainable) {
     grads.push_back(p.grad());
     p.mutable_grad() = torch::Tensor();
   }
   MemoryTimeline timeline;
-  timeline.policy = d.options.policy().name();
+  timeline.policy = run.options.policy().name();
   auto points = std::make_shared<std::vector<TimelinePoint>>();
-  const auto device = d.device;
+  const auto device = run.device;
   Sample sample = [points, device](const std::string& label) {
     points->push_back({label, memory::current_bytes(device)});
   };
   {
     torch::Tensor loss;
     {
-      AutocastScope autocast(autocast_for(d.options.dtype(), d.device));
-      loss = d.task->instrumented_loss(micro, sample);
+      AutocastScope autocast(run.options.model().autocast(run.device));
+      loss = run.task->instrumented_loss(micro, sample);
     }
     loss.backward();
   }
-  for (auto& p : d.trainable) {
+  for (auto& p : run.trainable) {
     p.mutable_grad() = torch::Tensor();
   }
   sample("end of backward");
-  for (size_t i = 0; i < d.trainable.size(); ++i) {
-    d.trainable[i].mutable_grad() = grads[i];
+  for (size_t i = 0; i < run.trainable.size(); ++i) {
+    run.trainable[i].mutable_grad() = grads[i];
   }
   timeline.points = *points;
   return timeline;
 }
 
 void Trainer::save_state(const std::string& dir) {
-  auto& d = *impl_;
+  auto& run = *impl_;
   TrainState state;
   // The state file holds CPU tensors, whatever the device.
-  for (const auto& kv : d.task->module().named_parameters()) {
+  for (const auto& kv : run.task->module().named_parameters()) {
     state.tensors["model." + kv.key()] = kv.value().detach().to(torch::kCPU);
   }
-  for (const auto& kv : d.task->module().named_buffers()) {
+  for (const auto& kv : run.task->module().named_buffers()) {
     state.tensors["model." + kv.key()] = kv.value().detach().to(torch::kCPU);
   }
   torch::serialize::OutputArchive archive;
-  d.optimizer->save(archive);
+  run.optimizer->save(archive);
   std::string bytes;
   archive.save_to([&bytes](const void* data, size_t n) {
     bytes.append(static_cast<const char*>(data), n);
@@ -743,29 +757,29 @@ void Trainer::save_state(const std::string& dir) {
   state.tensors["optimizer"] =
       torch::from_blob(bytes.data(), {static_cast<int64_t>(bytes.size())}, torch::kUInt8)
           .clone();
-  state.tensors["rng.cpu"] = d.rng.clone();
-  if (d.cuda_rng.defined()) {
-    state.tensors["rng.cuda"] = d.cuda_rng.clone();
+  state.tensors["rng.cpu"] = run.rng.cpu.clone();
+  if (run.rng.cuda.defined()) {
+    state.tensors["rng.cuda"] = run.rng.cuda.clone();
   }
   state.info = {
-      {"step", d.step},
+      {"step", run.step},
       {"epoch", epoch()},
-      {"total_steps", d.total_steps},
-      {"loader", d.loader->position().to_json()},
+      {"total_steps", run.total_steps},
+      {"loader", run.loader->position().to_json()},
       {"schedule",
-       {{"kind", to_string(d.schedule->options().kind())},
-        {"lr", d.schedule->options().lr()},
-        {"warmup_steps", d.schedule->options().warmup_steps()},
-        {"total_steps", d.schedule->options().total_steps()},
-        {"next_lr", d.schedule->lr(d.step)}}},
-      {"options", d.options.to_json()},
-      {"history", d.history.to_json()},
+       {{"kind", to_string(run.schedule->options().kind())},
+        {"lr", run.schedule->options().lr()},
+        {"warmup_steps", run.schedule->options().warmup_steps()},
+        {"total_steps", run.schedule->options().total_steps()},
+        {"next_lr", run.schedule->lr(run.step)}}},
+      {"options", run.options.to_json()},
+      {"history", run.history.to_json()},
   };
   save_train_state(dir, state);
 }
 
 void Trainer::load_state(const std::string& path) {
-  auto& d = *impl_;
+  auto& run = *impl_;
   auto state = load_train_state(path);
   const auto& info = state.info;
   auto need = [&](const char* key) -> const nlohmann::json& {
@@ -782,10 +796,10 @@ void Trainer::load_state(const std::string& path) {
     try {
       return read(value);
     } catch (const c10::Error& e) {
-      const std::string what = e.what_without_backtrace();
+      std::string what = first_line(e);
       TORCH_CHECK(
           false, "'", path, "' is damaged: field \"", key, "\": ",
-          what.substr(0, what.find('\n')));
+          what);
     } catch (const nlohmann::json::exception& e) {
       TORCH_CHECK(
           false, "'", path, "' is damaged: field \"", key, "\": ", io::json_error_text(e));
@@ -794,15 +808,15 @@ void Trainer::load_state(const std::string& path) {
   // Everything is read and checked before anything changes.
   auto saved = read_field(
       "options", [](const nlohmann::json& j) { return TrainOptions::from_json(j); });
-  check_resume_options(saved, d.options, path);
+  check_resume_options(saved, run.options, path);
   const int64_t step = read_field("step", [](const nlohmann::json& j) {
     TORCH_CHECK(
         j.is_number_integer(), "expected an integer, but got ", io::describe_json(j));
     return j.get<int64_t>();
   });
   TORCH_CHECK(
-      step >= 0 && step <= d.total_steps, "'", path, "' is at step ", step,
-      ", outside this run's ", d.total_steps, " steps");
+      step >= 0 && step <= run.total_steps, "'", path, "' is at step ", step,
+      ", outside this run's ", run.total_steps, " steps");
   auto position = read_field(
       "loader", [](const nlohmann::json& j) { return LoaderPosition::from_json(j); });
   auto history =
@@ -820,10 +834,10 @@ void Trainer::load_state(const std::string& path) {
         target.scalar_type());
     copies.emplace_back(target, it->second);
   };
-  for (const auto& kv : d.task->module().named_parameters()) {
+  for (const auto& kv : run.task->module().named_parameters()) {
     take(kv.key(), kv.value());
   }
-  for (const auto& kv : d.task->module().named_buffers()) {
+  for (const auto& kv : run.task->module().named_buffers()) {
     take(kv.key(), kv.value());
   }
   auto opt_it = state.tensors.find("optimizer");
@@ -840,7 +854,7 @@ void Trainer::load_state(const std::string& path) {
   };
   check_bytes("optimizer", opt_it->second);
   check_bytes("RNG", rng_it->second);
-  auto optimizer = d.make_optimizer();
+  auto optimizer = run.make_optimizer();
   try {
     torch::serialize::InputArchive archive;
     const auto& bytes = opt_it->second;
@@ -854,19 +868,20 @@ void Trainer::load_state(const std::string& path) {
         " bytes) is not an AdamW state this model can load");
   }
   {
-    const int64_t expected = rng_state().numel();
+    const int64_t expected = RngState::capture(c10::Device(c10::kCPU)).cpu.numel();
     TORCH_CHECK(
         rng_it->second.numel() == expected, "'", path,
         "' is damaged: its RNG record holds ", rng_it->second.numel(),
         " bytes, but a CPU generator state is ", expected);
-    torch::Tensor probe = rng_it->second.clone();
+    RngState probe;
+    probe.cpu = rng_it->second.clone();
     try {
-      RngScope check(probe, /*advance=*/false); // throws for a malformed state
+      RngScope check(probe); // throws for a malformed state
     } catch (const c10::Error& e) {
       TORCH_CHECK(false, "'", path, "' is damaged: its RNG record is not a CPU generator state");
     }
   }
-  d.loader->set_position(position);
+  run.loader->set_position(position);
 
   // Commit.
   {
@@ -875,37 +890,38 @@ void Trainer::load_state(const std::string& path) {
       c.first.copy_(c.second);
     }
   }
-  d.optimizer = std::move(optimizer);
-  d.rng = rng_it->second.clone();
+  run.optimizer = std::move(optimizer);
+  run.rng.cpu = rng_it->second.clone();
   auto cuda_it = state.tensors.find("rng.cuda");
-  if (d.device.is_cuda() && cuda_it != state.tensors.end()) {
-    d.cuda_rng = cuda_it->second.clone();
+  if (run.device.is_cuda() && cuda_it != state.tensors.end()) {
+    run.rng.cuda_device = run.device.index();
+    run.rng.cuda = cuda_it->second.clone();
   }
-  d.step = step;
+  run.step = step;
   // The count of bad steps in a row is the last record's.
-  d.skipped_in_a_row = history.steps.empty() ? 0 : history.steps.back().skipped_in_a_row;
-  history.label_names = d.history.label_names;
-  d.history = std::move(history);
+  run.skipped_in_a_row = history.steps.empty() ? 0 : history.steps.back().skipped_in_a_row;
+  history.label_names = run.history.label_names;
+  run.history = std::move(history);
 }
 
 void Trainer::save_model(const std::string& dir) const {
-  const auto& d = *impl_;
-  d.task->save_pretrained(dir, d.history.label_names);
-  if (!d.options.vocab_path().empty()) {
-    io::write_file_atomic(dir + "/vocab.txt", io::read_file(d.options.vocab_path()));
+  const auto& run = *impl_;
+  run.task->save_pretrained(dir, run.history.label_names);
+  if (!run.options.vocab_path().empty()) {
+    io::write_file_atomic(dir + "/vocab.txt", io::read_file(run.options.vocab_path()));
   }
 }
 
 std::string Trainer::summary() const {
-  const auto& d = *impl_;
+  const auto& run = *impl_;
   std::ostringstream out;
-  out << d.task->describe() << ", " << parameter_count() << " parameters (" << trainable_parameter_count()
-      << " trainable); " << d.train_set->size() << " training documents, "
-      << (d.valid_set ? d.valid_set->size() : 0) << " validation; "
-      << steps_per_epoch() << " steps per epoch of " << d.options.batch() << " x "
-      << d.options.accumulate() << " rows";
-  if (!d.init_note.empty()) {
-    out << "; " << d.init_note;
+  out << run.task->describe() << ", " << parameter_count() << " parameters (" << trainable_parameter_count()
+      << " trainable); " << run.train_set->size() << " training documents, "
+      << (run.valid_set ? run.valid_set->size() : 0) << " validation; "
+      << steps_per_epoch() << " steps per epoch of " << run.options.model().batch() << " x "
+      << run.options.accumulate() << " rows";
+  if (!run.init_note.empty()) {
+    out << "; " << run.init_note;
   }
   return out.str();
 }

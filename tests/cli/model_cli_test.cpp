@@ -54,6 +54,56 @@ TEST(ModelCli, TheSameFlagsGiveTheSameLlamaInBenchPlanEstimateAndTrain) {
   EXPECT_THAT(r.err, HasSubstr(", " + std::to_string(params) + " parameters"));
 }
 
+// One vocabulary: --lora-targets takes the estimator's short names and the
+// model's own in estimate and train alike, --dropout is a probability in
+// estimate too, and train has --attention.
+TEST(ModelCli, EachFlagTakesTheSameValuesInEveryCommand) {
+  const std::string llama =
+      "estimate --model llama --layers 2 --hidden 64 --heads 4 --seq 32 --batch 1 --lora-rank 4";
+  const auto short_names = run_json(llama + " --lora-targets q,v", "vocab_short");
+  const auto long_names = run_json(llama + " --lora-targets q_proj,v_proj", "vocab_long");
+  EXPECT_EQ(short_names["trainable_parameters"], long_names["trainable_parameters"]);
+  EXPECT_EQ(run_json(llama + " --dropout 0.1", "vocab_p")["policies"],
+            run_json(llama + " --dropout on", "vocab_on")["policies"]);
+  auto refused = run_cli(llama + " --dropout 2");
+  EXPECT_EQ(refused.exit_code, 2);
+  EXPECT_THAT(refused.err, HasSubstr("--dropout: expected a probability in [0, 1), but got 2"));
+  refused = run_cli(llama + " --lora-targets query");
+  EXPECT_EQ(refused.exit_code, 2);
+  EXPECT_THAT(refused.err, HasSubstr("--lora-targets: expected LoRA targets of llama among q "
+                                     "(q_proj), k (k_proj)"));
+
+  // train: "q,v" are BERT's query and value, as the default; and --attention.
+  const std::string train =
+      "train --layers 1 --hidden 16 --heads 2 --seq 16 --batch 4 --max-steps 1 --threads 1 "
+      "--valid-fraction 0 --lora-rank 2";
+  auto by_short = run_cli(train + " --lora-targets q,v");
+  auto by_default = run_cli(train);
+  ASSERT_EQ(by_short.exit_code, 0) << by_short.err;
+  ASSERT_EQ(by_default.exit_code, 0) << by_default.err;
+  const std::regex trainable("\\(([0-9]+) trainable\\)");
+  std::smatch a, b;
+  ASSERT_TRUE(std::regex_search(by_short.err, a, trainable)) << by_short.err;
+  ASSERT_TRUE(std::regex_search(by_default.err, b, trainable)) << by_default.err;
+  EXPECT_EQ(a[1], b[1]);
+  auto blockwise = run_cli("train --task lm --layers 1 --hidden 16 --heads 2 --seq 16 "
+                           "--batch 4 --max-steps 1 --threads 1 --attention blockwise");
+  ASSERT_EQ(blockwise.exit_code, 0) << blockwise.err;
+  EXPECT_THAT(blockwise.err, HasSubstr("attention=blockwise"));
+
+  // --vocab is a vocabulary size in train too (a file there is the
+  // tokenizer, its old meaning); it must cover the tokenizer's ids.
+  auto sized = run_cli("train --task lm --layers 1 --hidden 16 --heads 2 --seq 16 --batch 4 "
+                       "--max-steps 1 --threads 1 --vocab 400");
+  ASSERT_EQ(sized.exit_code, 0) << sized.err;
+  EXPECT_THAT(sized.err, HasSubstr("vocab=400"));
+  auto small = run_cli("train --task lm --layers 1 --hidden 16 --heads 2 --seq 16 --batch 4 "
+                       "--max-steps 1 --threads 1 --vocab 100");
+  EXPECT_EQ(small.exit_code, 2) << small.err;
+  EXPECT_THAT(small.err, HasSubstr("--vocab: expected an embedding of at least the "
+                                   "tokenizer's 318 token ids, but got 100"));
+}
+
 // Sizes past their bound, counts that overflow, steps larger than memory:
 // each one line naming the flag, exit code 2, in bounded time (these hung or
 // crashed before: plan --repeats 1e18, estimate --layers 10^18).
@@ -88,7 +138,7 @@ TEST(ModelCli, SizesAndCountsPastTheirBoundAreRefusedOnOneLine) {
             "expected a step that fits this machine's memory"},
            {"train --max-steps 1e18", "--max-steps"},
            {"train --max-steps 2000000000", "--max-steps: expected a value <= 1000000000"},
-           {"train --layers 5000", "--layers: expected a value <= 1024"},
+           {"train --layers 5000", "--layers: expected layers in [1, 1024], but got 5000"},
            {"train --hidden 16384 --layers 1024 --heads 128 --task lm",
             "expected a step that fits this machine's memory"},
        }) {

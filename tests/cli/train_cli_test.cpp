@@ -59,7 +59,7 @@ TEST(TrainCli, BadInputGetsOneLineNamingTheFlagOrFileAndExitCode2) {
            {"train --train " + dir + "/broken.jsonl", "broken.jsonl:2"},
            {"train --train " + dir + "/empty.jsonl", "--train"},
            {"train --accumulate 0", "--accumulate: expected a value >= 1, but got 0"},
-           {"train --hidden 30 --heads 4", "--hidden: expected a multiple of heads"},
+           {"train --hidden 30 --heads 4", "--hidden: expected hidden (30) to be a multiple of heads (4)"},
            {"train --policy bogus", "--policy"},
            {"train --compare-policy every-0", "--compare-policy"},
            {"train --dtype f16", "--dtype"},
@@ -69,6 +69,10 @@ TEST(TrainCli, BadInputGetsOneLineNamingTheFlagOrFileAndExitCode2) {
            {"train --init " + dir + "/nothing", "--init"},
            {"train --metrics " + dir + "/no/such/folder/m.jsonl", "--metrics: cannot write"},
            {"train --out " + dir + "/broken.jsonl", "--out: cannot create the folder"},
+           {"train --pack", "--pack: expected the lm task"},
+           {"train --task lm --max-tokens 10", "--max-tokens: expected at least seq (64) tokens"},
+           {"train --task lm --pack --max-tokens 128", "--pack: expected no max_tokens"},
+           {"train --vocab 10000000000", "--vocab: expected a vocabulary size in [0, 4194304]"},
        }) {
     auto r = run_cli(c.args);
     EXPECT_EQ(r.exit_code, 2) << c.args << "\n" << r.err;

@@ -220,7 +220,7 @@ def size_flag_cases():
                      "--vocab", "--seq", "--batch", "--labels", "--lora-rank",
                      "--seq-multiple", "--threads"],
         "train": ["--layers", "--hidden", "--heads", "--kv-heads", "--intermediate",
-                  "--seq", "--batch", "--accumulate", "--epochs", "--max-steps",
+                  "--vocab", "--seq", "--batch", "--accumulate", "--epochs", "--max-steps", "--max-tokens",
                   "--lora-rank", "--eval-every", "--save-every", "--compare-steps",
                   "--threads", "--log-every", "--nproc", "--warmup"],
     }

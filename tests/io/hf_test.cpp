@@ -191,7 +191,18 @@ TEST_F(HfTest, BertConfigErrorsNameTheField) {
   EXPECT_ERROR_CONTAINS(
       remat::io::bert_options_from_json(
           {{"hidden_size", 100}, {"num_attention_heads", 3}}),
-      "expected hidden_size divisible by num_heads");
+      "expected hidden_size (100) to be a multiple of num_heads (3)");
+  // What a config.json can break that a model would train on as NaN.
+  EXPECT_ERROR_CONTAINS(
+      remat::io::bert_options_from_json({{"layer_norm_eps", -1}}),
+      "expected layer_norm_eps in (0, 1), but got -1");
+  EXPECT_ERROR_CONTAINS(
+      remat::io::llama_config_from_json({{"rms_norm_eps", 0}}).validate(),
+      "expected rms_norm_eps in (0, 1), but got 0");
+  EXPECT_ERROR_CONTAINS(
+      remat::io::llama_config_from_json(
+          {{"num_attention_heads", 32}, {"num_key_value_heads", 6}}).validate(),
+      "expected num_key_value_heads dividing num_attention_heads (32; 0: as many), but got 6");
   remat_io_test::write_text(dir.file("bad.json"), "{oops");
   EXPECT_ERROR_CONTAINS(
       remat::io::read_bert_config(dir.file("bad.json")), "invalid JSON");
@@ -406,7 +417,7 @@ TEST_F(HfTest, LlamaConfigReadsHuggingFaceFields) {
   EXPECT_ERROR_CONTAINS(
       remat::io::llama_config_from_json(
           {{"num_attention_heads", 32}, {"num_key_value_heads", 3}}),
-      "expected num_key_value_heads > 0 dividing num_attention_heads 32, but got 3");
+      "expected num_key_value_heads dividing num_attention_heads (32; 0: as many), but got 3");
   EXPECT_ERROR_CONTAINS(
       remat::io::llama_config_from_json({{"head_dim", 256}}),
       "config field \"head_dim\": expected");

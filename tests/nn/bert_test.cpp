@@ -199,7 +199,7 @@ TEST_F(BertTest, RejectsBadOptionsAndInputs) {
     Bert model(tiny().hidden_size(30));
     FAIL() << "expected an error";
   } catch (const c10::Error& e) {
-    EXPECT_THAT(e.what(), HasSubstr("hidden_size divisible by num_heads"));
+    EXPECT_THAT(e.what(), HasSubstr("expected hidden_size (30) to be a multiple of num_heads"));
     EXPECT_THAT(e.what(), HasSubstr("30"));
   }
   Bert model(tiny());

@@ -93,14 +93,9 @@ TEST_P(SameModel, InAllFiveCommands) {
   EXPECT_EQ(built(ModelConfig::from_spec(spec)), bench);
 
   // train: the task's model (BERT under a classifier head).
-  auto options = remat::train::TrainOptions()
-                     .task(llama ? remat::train::Task::kCausalLm
-                                 : remat::train::Task::kClassification)
-                     .layers(2)
-                     .hidden(128)
-                     .heads(4)
-                     .seq(64)
-                     .batch(2);
+  auto options = remat::train::TrainOptions().task(
+      llama ? remat::train::Task::kCausalLm : remat::train::Task::kClassification);
+  options.model().layers(2).hidden(128).heads(4).seq(64).batch(2);
   auto task = remat::train::make_task_model(options, 1000, 3);
   EXPECT_EQ(shapes_of(task->module(), llama ? "" : "bert."), bench);
 
@@ -149,8 +144,10 @@ TEST(ModelConfig, SizesPastTheirBoundNameTheField) {
            {ModelConfig(bert).batch(1 << 20), "batch", "expected batch in [1, 65536]"},
            {ModelConfig(bert).vocab(1LL << 40), "vocab", "expected vocab in [0, 4194304]"},
            {ModelConfig(bert).intermediate(-1), "intermediate", "expected intermediate in"},
-           {ModelConfig(bert).hidden(130), "hidden", "expected a multiple of heads (4)"},
+           {ModelConfig(bert).hidden(130), "hidden", "expected hidden (130) to be a multiple of heads (4)"},
            {ModelConfig(bert).kv_heads(2), "kv_heads", "expected kv_heads == heads for BERT"},
+           {ModelConfig(Family::kLlama).heads(4).kv_heads(3), "kv_heads",
+            "expected kv_heads dividing heads (4; 0: as many), but got 3"},
            {ModelConfig(bert).dtype(torch::kHalf), "dtype", "expected fp32 or bf16"},
            // Each size within its bound, their product not.
            {ModelConfig(bert).layers(1024).hidden(65536).heads(1024).seq(1 << 20).batch(65536),

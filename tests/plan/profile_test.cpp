@@ -143,7 +143,7 @@ TEST_F(PlanProfile, BertFixedPoliciesPeaksArePredicted) {
 void expect_budget_sweep_holds(const Subject& s) {
   const auto chain = s.profile();
   const int64_t lo = remat::plan::min_feasible_budget(chain);
-  const int64_t hi = remat::plan::peak(chain, CheckpointPolicy::none().schedule(s.layers));
+  const int64_t hi = remat::plan::predicted_peak_bytes(chain, CheckpointPolicy::none().schedule(s.layers));
   ASSERT_LT(lo, hi);
   double previous_seconds = std::numeric_limits<double>::infinity();
   const int n = 10;
@@ -182,9 +182,9 @@ TEST_F(PlanProfile, FreedGradientsPeakBelowZeroedOnesAndArePlannedSo) {
   }
   EXPECT_EQ(zeroed.base_bytes - freed.base_bytes, grads);
   const auto none = CheckpointPolicy::none().schedule(s.layers);
-  EXPECT_LT(remat::plan::peak(freed, none), remat::plan::peak(zeroed, none));
+  EXPECT_LT(remat::plan::predicted_peak_bytes(freed, none), remat::plan::predicted_peak_bytes(zeroed, none));
   // A budget that the freed step meets without checkpointing stores all.
-  const auto plan = remat::plan::solve(freed, remat::plan::peak(freed, none));
+  const auto plan = remat::plan::solve(freed, remat::plan::predicted_peak_bytes(freed, none));
   EXPECT_EQ(plan.schedule.str(), none.str());
 }
 
@@ -225,7 +225,7 @@ TEST_F(PlanProfile, BudgetPolicyIsPlannedAtTheFirstForward) {
   const auto step = remat::nn::BertStep(ids_).attention_mask(mask_);
   const auto chain = remat::nn::profile_model(bert_, step);
   const int64_t lo = remat::plan::min_feasible_budget(chain);
-  const int64_t hi = remat::plan::peak(chain, CheckpointPolicy::none().schedule(4));
+  const int64_t hi = remat::plan::predicted_peak_bytes(chain, CheckpointPolicy::none().schedule(4));
   const int64_t budget = lo + (hi - lo) / 3;
 
   const auto policy = CheckpointPolicy::parse("budget:" + std::to_string(budget));
@@ -236,7 +236,7 @@ TEST_F(PlanProfile, BudgetPolicyIsPlannedAtTheFirstForward) {
   remat::nn::default_bert_loss(bert_->forward(ids_, mask_)).backward();
   const auto planned = bert_->checkpoint_schedule();
   EXPECT_NE(planned.str(), "store[0,4)");
-  EXPECT_LE(remat::plan::peak(chain, planned), budget) << planned.str();
+  EXPECT_LE(remat::plan::predicted_peak_bytes(chain, planned), budget) << planned.str();
   EXPECT_EQ(bert_->checkpoint_policy().name(), policy.name());
   // Planning ran the model, yet left the generator where it was: the step
   // drew the same masks and gave the same gradients.
@@ -265,7 +265,7 @@ TEST_F(PlanProfile, RecomputeIsNeverFreeSoABudgetThatStoringFitsStores) {
       }
     }
     const auto store = CheckpointPolicy::none().schedule(s.layers);
-    const auto plan = remat::plan::solve(chain, remat::plan::peak(chain, store));
+    const auto plan = remat::plan::solve(chain, remat::plan::predicted_peak_bytes(chain, store));
     EXPECT_EQ(plan.schedule.str(), store.str()) << s.name;
   };
   check(llama());
@@ -306,7 +306,7 @@ TEST_F(PlanProfile, PerOpPoliciesAreMeasuredOnEveryLayerAndPlanned) {
       stage.save_projections(sel->recompute_seconds(1e-9));
     }
   }
-  const int64_t budget = remat::plan::peak(
+  const int64_t budget = remat::plan::predicted_peak_bytes(
       cheap, CheckpointPolicy::parse("save-projections").schedule(s.layers));
   const auto plan = remat::plan::solve(cheap, budget);
   EXPECT_NE(plan.schedule.str().find("save-projections"), std::string::npos) << plan.str();
@@ -341,7 +341,7 @@ TEST_F(PlanProfile, CompressedLayersArePlannedWhenAskedFor) {
   EXPECT_LE(ev.peak_bytes, m.peak_bytes * 1.05);
 
   const int64_t lo = remat::plan::min_feasible_budget(chain);
-  const int64_t hi = remat::plan::peak(chain, CheckpointPolicy::none().schedule(s.layers));
+  const int64_t hi = remat::plan::predicted_peak_bytes(chain, CheckpointPolicy::none().schedule(s.layers));
   for (int k = 1; k <= 3; ++k) {
     const int64_t budget = lo + (hi - lo) * k / 4;
     const auto plan = remat::plan::solve(chain, budget);
@@ -368,23 +368,23 @@ TEST_F(PlanProfile, ProfilingLeavesGradientsAlone) {
 
 TEST_F(PlanProfile, ProfileChecksItsArguments) {
   EXPECT_THROW_WITH(
-      remat::plan::profile({}, torch::zeros({1})), "expected at least one stage");
+      remat::plan::profile_stages({}, torch::zeros({1})), "expected at least one stage");
   remat::plan::StageRunner r;
   r.name = "layer.0";
   EXPECT_THROW_WITH(
-      remat::plan::profile({r}, torch::zeros({1})),
+      remat::plan::profile_stages({r}, torch::zeros({1})),
       "expected stage 'layer.0' to have a forward function");
   r.forward = [](const torch::Tensor& x, remat::SegmentMode) { return x * 2; };
   r.kind = remat::plan::StageKind::kHead;
   r.modes = {remat::SegmentMode::kRecomputeMlp};
   EXPECT_THROW_WITH(
-      remat::plan::profile({r}, torch::zeros({1})),
+      remat::plan::profile_stages({r}, torch::zeros({1})),
       "expected selective modes only on layers, but stage 'layer.0' (head)");
   EXPECT_THROW_WITH(
-      remat::plan::profile({r}, torch::zeros({1}), remat::plan::ProfileOptions().repeats(0)),
+      remat::plan::profile_stages({r}, torch::zeros({1}), remat::plan::ProfileOptions().repeats(0)),
       "expected warmup >= 0 and repeats >= 1");
   EXPECT_THROW_WITH(
-      remat::plan::profile(
+      remat::plan::profile_stages(
           {r}, torch::zeros({1}),
           remat::plan::ProfileOptions().layer_modes({remat::SegmentMode::kRecomputeMlp})),
       "expected layer modes that profile runs itself (save-matmuls, save-projections, "

@@ -70,8 +70,8 @@ TEST(PlanEvaluate, ToyChainByHand) {
   auto full = remat::plan::evaluate(chain, CheckpointPolicy::full().schedule(3));
   EXPECT_EQ(full.peak_bytes, 1350);
   EXPECT_EQ(full.activation_bytes, 70);
-  EXPECT_EQ(remat::plan::peak(chain, CheckpointPolicy::full().schedule(3)), 1350);
-  EXPECT_DOUBLE_EQ(remat::plan::time(chain, CheckpointPolicy::full().schedule(3)), 32);
+  EXPECT_EQ(remat::plan::predicted_peak_bytes(chain, CheckpointPolicy::full().schedule(3)), 1350);
+  EXPECT_DOUBLE_EQ(remat::plan::predicted_step_seconds(chain, CheckpointPolicy::full().schedule(3)), 32);
 }
 
 TEST(PlanEvaluate, ParameterGradientsAndSelectiveModesByHand) {
@@ -81,12 +81,12 @@ TEST(PlanEvaluate, ParameterGradientsAndSelectiveModesByHand) {
   }
   // Run normally, a layer's parameter gradients go straight into .grad
   // (part of the base): none is unchanged.
-  EXPECT_EQ(remat::plan::peak(chain, CheckpointPolicy::none().schedule(3)), 1411);
+  EXPECT_EQ(remat::plan::predicted_peak_bytes(chain, CheckpointPolicy::none().schedule(3)), 1411);
   // A checkpointed group holds its layers' until it returns: every-layer's
   // peak (1170 above) grows by one layer's, full's by all three at layer 0
   // but peaks at layer 2: 1350 + 7.
-  EXPECT_EQ(remat::plan::peak(chain, CheckpointPolicy::every_layer().schedule(3)), 1177);
-  EXPECT_EQ(remat::plan::peak(chain, CheckpointPolicy::full().schedule(3)), 1357);
+  EXPECT_EQ(remat::plan::predicted_peak_bytes(chain, CheckpointPolicy::every_layer().schedule(3)), 1177);
+  EXPECT_EQ(remat::plan::predicted_peak_bytes(chain, CheckpointPolicy::full().schedule(3)), 1357);
 
   // Layer 1 recomputes its attention: keeps 40 instead of 100, costs 0.5 s,
   // and its backward needs 80 above what it keeps and the two gradients.
@@ -306,7 +306,7 @@ TEST(PlanSolve, RestrictedOptionsMatchBruteForce) {
   for (int trial = 0; trial < 10; ++trial) {
     auto chain = random_chain(rng, 6, true, true);
     const auto opts = remat::plan::PlannerOptions().selective(false);
-    const int64_t none = remat::plan::peak(chain, CheckpointPolicy::none().schedule(6));
+    const int64_t none = remat::plan::predicted_peak_bytes(chain, CheckpointPolicy::none().schedule(6));
     const int64_t lo = remat::plan::min_feasible_budget(chain, opts);
     std::vector<remat::plan::Evaluation> plain;
     for (const auto& s : all_schedules(chain)) {
@@ -411,7 +411,7 @@ TEST(PlanSolve, ToyChainPlans) {
 TEST(PlanSolve, MemoryResolutionStaysWithinBudget) {
   std::mt19937 rng(99);
   auto chain = random_chain(rng, 24, true, true);
-  const int64_t none = remat::plan::peak(chain, CheckpointPolicy::none().schedule(24));
+  const int64_t none = remat::plan::predicted_peak_bytes(chain, CheckpointPolicy::none().schedule(24));
   const int64_t lo = remat::plan::min_feasible_budget(chain);
   const auto coarse = remat::plan::PlannerOptions().memory_resolution_bytes(16);
   for (int k = 0; k <= 10; ++k) {

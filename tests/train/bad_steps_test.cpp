@@ -3,7 +3,7 @@
 // as they were, is said in one line, is recorded, and more than
 // max_bad_steps of them in a row stop the run with the last good state kept.
 // Faults come from the private hook train/step_faults.h.
-#include "remat/dist/process_group.h"
+#include "remat/distributed/process_group.h"
 #include "remat/train/run.h"
 #include "remat/train/train_state.h"
 #include "remat/train/trainer.h"
@@ -43,11 +43,7 @@ TrainOptions tiny() {
       .train_path(kData + "/train.jsonl")
       .vocab_path(kData + "/vocab.txt")
       .valid_fraction(0.05)
-      .layers(1)
-      .hidden(16)
-      .heads(2)
-      .seq(32)
-      .batch(8)
+      .model(remat::nn::ModelConfig().layers(1).hidden(16).heads(2).seq(32).batch(8).dropout(0))
       .max_steps(8)
       .threads(1);
 }
@@ -210,7 +206,8 @@ TEST(TrainBadSteps, AResumedRunKeepsTheCountAndTheCurve) {
   // step in a row, so step 3 is the second, as in the run never stopped.
   ScopedStepFault fault(nan_loss_on({2, 3}));
   const auto dir = temp_dir("resume");
-  const auto o = tiny().dropout(0.1).out_dir(dir);
+  auto o = tiny().out_dir(dir);
+  o.model().dropout(0.1);
   Trainer a(o);
   a.step();
   a.step();
@@ -276,7 +273,7 @@ TEST(TrainBadSteps, ANanOnOneRankSkipsTheStepOnEveryRank) {
       try {
         auto group = std::make_shared<remat::dist::ProcessGroup>(
             remat::dist::DistOptions().rank(rank).world_size(2).store_path(store).timeout_seconds(30));
-        Trainer t(tiny().dropout(0), group);
+        Trainer t(tiny(), group);
         for (int i = 0; i < 3; ++i) {
           records[rank].push_back(t.step());
         }

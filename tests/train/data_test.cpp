@@ -144,6 +144,129 @@ TEST(DataTest, MalformedLinesNameFileAndLine) {
       "could not open '" + dir.file("absent.jsonl"));
 }
 
+TEST(DataTest, ReadsTokenIds) {
+  TempDir dir;
+  write_text(
+      dir.file("ids.jsonl"),
+      "{\"input_ids\": [5, 6, 7, 8]}\n"
+      "\n"
+      "{\"input_ids\": [9], \"text\": \"kept for reading\"}\n");
+  auto d = remat::train::read_text_jsonl(dir.file("ids.jsonl"));
+  ASSERT_EQ(d.size(), 2);
+  EXPECT_EQ(d.examples[0].ids, (std::vector<int64_t>{5, 6, 7, 8}));
+  EXPECT_EQ(d.examples[0].text, "");
+  EXPECT_EQ(d.examples[1].ids, (std::vector<int64_t>{9}));
+  EXPECT_EQ(d.examples[1].text, "kept for reading");
+  EXPECT_TRUE(d.pretokenized());
+  EXPECT_EQ(d.max_token_id(), 9);
+
+  // The ids as given: no [CLS]/[SEP] added, cut to max_len.
+  auto tok = tokenizer();
+  auto b = remat::train::collate(
+      d, {0, 1}, *tok, remat::train::CollateOptions().max_len(3));
+  EXPECT_TRUE(torch::equal(
+      b.input_ids, torch::tensor({{5, 6, 7}, {9, 0, 0}}, torch::kLong)));
+  EXPECT_TRUE(torch::equal(
+      b.attention_mask, torch::tensor({{1, 1, 1}, {1, 0, 0}}, torch::kLong)));
+  EXPECT_TRUE(torch::equal(
+      b.labels, torch::tensor({{5, 6, 7}, {9, -100, -100}}, torch::kLong)));
+
+  remat::train::write_jsonl(dir.file("back.jsonl"), d);
+  auto back = remat::train::read_text_jsonl(dir.file("back.jsonl"));
+  ASSERT_EQ(back.size(), 2);
+  for (int64_t i = 0; i < 2; ++i) {
+    EXPECT_EQ(back.examples[i].ids, d.examples[i].ids);
+    EXPECT_EQ(back.examples[i].text, d.examples[i].text);
+  }
+
+  write_text(
+      dir.file("cls.jsonl"),
+      "{\"input_ids\": [2, 5, 3], \"labels\": [\"spam\"]}\n"
+      "{\"input_ids\": [2, 3], \"labels\": []}\n");
+  auto cls = remat::train::read_classification_jsonl(dir.file("cls.jsonl"));
+  EXPECT_EQ(cls.label_names, (std::vector<std::string>{"spam"}));
+  EXPECT_EQ(cls.examples[0].ids, (std::vector<int64_t>{2, 5, 3}));
+  EXPECT_EQ(cls.examples[0].labels, (std::vector<float>{1}));
+  remat::train::write_jsonl(dir.file("cls_back.jsonl"), cls);
+  auto cls_back = remat::train::read_classification_jsonl(
+      dir.file("cls_back.jsonl"),
+      remat::train::JsonlOptions().label_names(cls.label_names));
+  EXPECT_EQ(cls_back.examples[1].ids, (std::vector<int64_t>{2, 3}));
+  EXPECT_EQ(cls_back.examples[1].labels, (std::vector<float>{0}));
+
+  auto text = numbered(3);
+  EXPECT_FALSE(text->pretokenized());
+  EXPECT_EQ(text->max_token_id(), -1);
+}
+
+TEST(DataTest, RefusesBadTokenIds) {
+  TempDir dir;
+  const auto path = dir.file("bad.jsonl");
+  auto fails = [&](const std::string& content, const std::string& message) {
+    write_text(path, content);
+    EXPECT_ERROR_CONTAINS(remat::train::read_text_jsonl(path), message);
+  };
+  fails(
+      "{\"text\": \"a\"}\n{\"input_ids\": [1]}\n",
+      path +
+          ":2: expected every line to give text (\"text\") as line 1 does, "
+          "but this line gives token ids (\"input_ids\")");
+  fails(
+      "\n{\"input_ids\": [1]}\n{\"input_ids\": [2]}\n{\"text\": \"a\"}\n",
+      path +
+          ":4: expected every line to give token ids (\"input_ids\") as line "
+          "2 does, but this line gives text (\"text\")");
+  fails(
+      "{\"input_ids\": [1, 1.5]}\n",
+      path +
+          ":1: expected \"input_ids\" to hold non-negative integer token ids, "
+          "but item 1 is 1.5");
+  fails(
+      "{\"input_ids\": [1, 2.0]}\n",
+      path + ":1: expected \"input_ids\" to hold non-negative integer token "
+             "ids, but item 1 is 2.0");
+  fails(
+      "{\"input_ids\": [-3]}\n",
+      path + ":1: expected \"input_ids\" to hold non-negative integer token "
+             "ids, but item 0 is -3");
+  fails(
+      "{\"input_ids\": [\"7\"]}\n",
+      path + ":1: expected \"input_ids\" to hold non-negative integer token "
+             "ids, but item 0 is \"7\"");
+  fails(
+      "{\"input_ids\": [18446744073709551615]}\n",
+      path + ":1: expected \"input_ids\" to hold non-negative integer token "
+             "ids, but item 0 is 18446744073709551615");
+  fails(
+      "{\"input_ids\": []}\n",
+      path + ":1: expected \"input_ids\" to be a non-empty list of token ids, "
+             "but got an empty list");
+  fails(
+      "{\"input_ids\": 5}\n",
+      path + ":1: expected \"input_ids\" to be a non-empty list of token ids, "
+             "but got 5");
+  fails(
+      "{\"input_ids\": [1], \"text\": 5}\n",
+      path + ":1: expected a string field \"text\", but got 5");
+  write_text(
+      path,
+      "{\"input_ids\": [1], \"labels\": [\"x\"]}\n"
+      "{\"text\": \"a\", \"labels\": [\"x\"]}\n");
+  EXPECT_ERROR_CONTAINS(
+      remat::train::read_classification_jsonl(path),
+      path + ":2: expected every line to give token ids");
+
+  Dataset mixed;
+  mixed.examples = {{"a", {}, {}}, {"", {}, {4, 5}}};
+  EXPECT_FALSE(mixed.pretokenized());
+  EXPECT_EQ(mixed.max_token_id(), 5);
+  EXPECT_ERROR_CONTAINS(
+      remat::train::write_jsonl(dir.file("mixed.jsonl"), mixed),
+      "write_jsonl: expected every example to have token ids or none to (a "
+      "file is all ids or all text), but example 0 has none and example 1 "
+      "has some");
+}
+
 TEST(DataTest, SplitIsSeededDisjointAndOrdered) {
   auto d = numbered(101);
   auto a = remat::train::split_dataset(*d, 0.2, 7);

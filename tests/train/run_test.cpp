@@ -27,11 +27,7 @@ TrainOptions tiny() {
       .train_path(kData + "/train.jsonl")
       .vocab_path(kData + "/vocab.txt")
       .valid_fraction(0.05)
-      .layers(1)
-      .hidden(16)
-      .heads(2)
-      .seq(32)
-      .batch(8)
+      .model(remat::nn::ModelConfig().layers(1).hidden(16).heads(2).seq(32).batch(8).dropout(0))
       .max_steps(3)
       .eval_every(2)
       .threads(1);
@@ -152,9 +148,10 @@ TEST(TrainRun, WritesMetricsReportModelAndSaysWhere) {
       dir + "/state", [](TrainOptions o) { return o.eval_every(1).out_dir("elsewhere"); });
   EXPECT_EQ(resumed.out_dir(), dir + "/state");
   EXPECT_EQ(resumed.eval_every(), 1);
-  EXPECT_EQ(resumed.hidden(), 16);
+  EXPECT_EQ(resumed.model().hidden(), 16);
   EXPECT_THROW_WITH(
-      resumed_run_options(dir + "/state", [](TrainOptions o) { return o.batch(4); }),
+      resumed_run_options(dir + "/state",
+                          [](TrainOptions o) { o.model().batch(4); return o; }),
       "batch: the state in '" + state_path(dir + "/state") +
           "' was saved by a run with 8, but this run has 4");
   const auto [field, what] = field_error([&] { resumed_run_options(dir + "/none"); });

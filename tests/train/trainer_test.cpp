@@ -3,6 +3,7 @@
 // in-process resume, the memory timeline.
 #include "remat/train/trainer.h"
 
+#include "remat/train/run.h"
 #include "remat/train/train_state.h"
 #include "io/io_testing.h"
 #include "temp_dir.h"
@@ -30,13 +31,17 @@ TrainOptions tiny() {
       .train_path(kData + "/train.jsonl")
       .vocab_path(kData + "/vocab.txt")
       .valid_fraction(0.05)
-      .layers(2)
-      .hidden(16)
-      .heads(2)
-      .seq(32)
-      .batch(8)
+      .model(remat::nn::ModelConfig().layers(2).hidden(16).heads(2).seq(32).batch(8).dropout(0))
       .max_steps(4)
       .threads(1);
+}
+
+// tiny() with its model changed by `edit`: tiny([](auto& m) { m.batch(4); }).
+template <typename Edit>
+TrainOptions tiny(Edit edit) {
+  auto o = tiny();
+  edit(o.model());
+  return o;
 }
 
 std::string temp_dir(const std::string& name) {
@@ -53,7 +58,7 @@ std::vector<double> losses(const History& h) {
 
 TEST(Trainer, CheckpointingLeavesTheLossCurveBitForBit) {
   // Dropout is on: the recompute must draw the same masks.
-  auto r = run_training(tiny().dropout(0.1).policy(CheckpointPolicy::every_layer())
+  auto r = run_training(tiny([](auto& m) { m.dropout(0.1); }).policy(CheckpointPolicy::every_layer())
                             .compare_policy(CheckpointPolicy::none()).compare_steps(3));
   ASSERT_EQ(r.history.compare_steps.size(), 3u);
   EXPECT_EQ(r.history.compare_policy, "none");
@@ -64,7 +69,8 @@ TEST(Trainer, CheckpointingLeavesTheLossCurveBitForBit) {
 }
 
 TEST(Trainer, CheckpointingLeavesTheLmLossCurveBitForBitToo) {
-  auto r = run_training(tiny().task(Task::kCausalLm).dropout(0.1).kv_heads(1)
+  auto r = run_training(tiny([](auto& m) { m.dropout(0.1).kv_heads(1); })
+                            .task(Task::kCausalLm)
                             .policy(CheckpointPolicy::parse("selective-attention"))
                             .compare_policy(CheckpointPolicy::parse("sqrt")).compare_steps(2)
                             .max_steps(2));
@@ -77,7 +83,7 @@ TEST(Trainer, CheckpointingLeavesTheLmLossCurveBitForBitToo) {
 TEST(Trainer, BudgetPolicyIsPlannedOnTheModelAndLeavesTheCurve) {
   // A budget everything fits in: planned on the trained model at start,
   // and, checkpointing being exact, the same losses as none.
-  auto r = run_training(tiny().dropout(0.1).policy(CheckpointPolicy::parse("budget:1GiB"))
+  auto r = run_training(tiny([](auto& m) { m.dropout(0.1); }).policy(CheckpointPolicy::parse("budget:1GiB"))
                             .compare_policy(CheckpointPolicy::none()).compare_steps(2)
                             .max_steps(2));
   EXPECT_EQ(r.history.max_compare_diff(), 0.0);
@@ -90,9 +96,9 @@ TEST(Trainer, BudgetPolicyIsPlannedOnTheModelAndLeavesTheCurve) {
 
 TEST(Trainer, AccumulationEqualsOneBigBatch) {
   // Without dropout the only difference is the order of float additions.
-  Trainer big(tiny().dropout(0).batch(16).accumulate(1));
-  Trainer small(tiny().dropout(0).batch(8).accumulate(2));
-  Trainer odd(tiny().dropout(0).batch(5).accumulate(4)); // 5 + 5 + 5 + 1 rows
+  Trainer big(tiny([](auto& m) { m.batch(16); }).accumulate(1));
+  Trainer small(tiny([](auto& m) { m.batch(8); }).accumulate(2));
+  Trainer odd(tiny([](auto& m) { m.batch(5); }).accumulate(4)); // 5 + 5 + 5 + 1 rows
   for (int i = 0; i < 2; ++i) {
     auto a = big.step();
     auto b = small.step();
@@ -106,13 +112,13 @@ TEST(Trainer, AccumulationEqualsOneBigBatch) {
     EXPECT_TRUE(torch::allclose(pa[i], pb[i], 1e-4, 1e-5)) << i;
   }
   // Rows per step are batch * accumulate, the last micro-batch short.
-  Trainer ref(tiny().dropout(0).batch(20).accumulate(1));
+  Trainer ref(tiny([](auto& m) { m.batch(20); }).accumulate(1));
   EXPECT_NEAR(odd.step().loss, ref.step().loss, 1e-5);
 }
 
 TEST(Trainer, Bf16AutocastTrainsWithFloat32MasterWeights) {
-  Trainer f32(tiny().dropout(0));
-  Trainer bf16(tiny().dropout(0).dtype(torch::kBFloat16));
+  Trainer f32(tiny());
+  Trainer bf16(tiny([](auto& m) { m.dtype(torch::kBFloat16); }));
   auto a = f32.step();
   auto b = bf16.step();
   EXPECT_TRUE(std::isfinite(b.loss));
@@ -156,7 +162,7 @@ TEST(Trainer, SavedModelLoadsBackWithInit) {
     EXPECT_EQ(config["architectures"][0], "BertForSequenceClassification");
     EXPECT_EQ(config["id2label"]["3"], "spam");
     // The folder's config replaces the sizes; adapters were merged.
-    Trainer back(tiny().init_dir(dir).layers(7).hidden(64));
+    Trainer back(tiny([](auto& m) { m.layers(7).hidden(64); }).init_dir(dir));
     EXPECT_EQ(back.parameter_count(), Trainer(tiny()).parameter_count());
     EXPECT_NEAR(back.evaluate().loss, loss, 1e-5) << "rank " << rank;
   }
@@ -226,7 +232,7 @@ TEST(Trainer, InitWithoutVocabUsesTheFoldersVocab) {
 
 TEST(Trainer, ResumedInProcessFollowsTheSameCurve) {
   const auto dir = temp_dir("resume");
-  auto options = tiny().dropout(0.1).max_steps(5).out_dir(dir);
+  auto options = tiny([](auto& m) { m.dropout(0.1); }).max_steps(5).out_dir(dir);
   Trainer whole(options);
   for (int i = 0; i < 5; ++i) {
     whole.step();
@@ -258,7 +264,7 @@ TEST(Trainer, LoadStateRefusesAnotherRunsStateUnchanged) {
   Trainer a(tiny().out_dir(dir));
   a.step();
   a.save_state(dir);
-  Trainer b(tiny().batch(4));
+  Trainer b(tiny([](auto& m) { m.batch(4); }));
   auto before = b.model().parameters()[0].clone();
   EXPECT_THROW_WITH(b.load_state(state_path(dir)), "batch: the state in '");
   EXPECT_EQ(b.step_count(), 0);
@@ -279,7 +285,7 @@ TEST(Trainer, LoadStateRefusesAnotherRunsStateUnchanged) {
 }
 
 TEST(Trainer, MemoryTimelineShowsRecomputeAndChangesNothing) {
-  auto options = tiny().dropout(0.1).layers(3).seq(64).batch(16);
+  auto options = tiny([](auto& m) { m.dropout(0.1).layers(3).seq(64).batch(16); });
   Trainer plain(options.policy(CheckpointPolicy::none()));
   Trainer ckpt(options.policy(CheckpointPolicy::every_layer()));
   auto a = plain.memory_timeline();
@@ -313,7 +319,7 @@ TEST(Trainer, MemoryTimelineShowsRecomputeAndChangesNothing) {
 }
 
 TEST(Trainer, TrainersInOneProcessDoNotShareTheirRandomStream) {
-  auto options = tiny().dropout(0.1);
+  auto options = tiny([](auto& m) { m.dropout(0.1); });
   Trainer alone(options);
   std::vector<double> expected;
   for (int i = 0; i < 3; ++i) {
@@ -332,24 +338,27 @@ TEST(Trainer, TrainersInOneProcessDoNotShareTheirRandomStream) {
 }
 
 TEST(Trainer, OptionsRoundTripThroughJsonAndNameTheFieldWhenBad) {
-  auto o = tiny().lora_rank(2).lora_targets({"query"}).dtype(torch::kBFloat16)
+  auto o = tiny([](auto& m) { m.dtype(torch::kBFloat16).attention(remat::nn::AttentionKind::kBlockwise); })
+               .lora_rank(2).lora_targets({"query"})
                .compare_policy(CheckpointPolicy::parse("every-2"))
                .schedule(LrScheduleKind::kCosine);
   EXPECT_EQ(TrainOptions::from_json(o.to_json()).to_json(), o.to_json());
   EXPECT_THROW_WITH(tiny().accumulate(0).validate(), "accumulate: expected a value >= 1");
-  EXPECT_THROW_WITH(tiny().hidden(30).heads(4).validate(), "hidden: expected a multiple");
+  EXPECT_THROW_WITH(tiny([](auto& m) { m.hidden(30).heads(4); }).validate(),
+                    "expected hidden (30) to be a multiple of heads (4)");
   tiny().policy(CheckpointPolicy::parse("budget:1GiB")).validate();
   EXPECT_THROW_WITH(
       tiny().policy(CheckpointPolicy::custom(CheckpointPolicy::none().schedule(2))).validate(),
       "policy: expected a named policy");
   EXPECT_THROW_WITH(tiny().save_every(3).validate(), "save_every: expected an out_dir");
-  EXPECT_THROW_WITH(tiny().batch(0).validate(), "batch: expected a value >= 1, but got 0");
-  EXPECT_THROW_WITH(tiny().seq(1).validate(), "seq: expected a value >= 2");
+  EXPECT_THROW_WITH(tiny([](auto& m) { m.batch(0); }).validate(), "expected batch in [1, 65536], but got 0");
+  EXPECT_THROW_WITH(tiny([](auto& m) { m.seq(1); }).validate(), "seq: expected a value >= 2");
   EXPECT_THROW_WITH(tiny().lr(0).validate(), "lr: expected a learning rate above 0");
   EXPECT_THROW_WITH(tiny().lora_rank(-1).validate(), "lora_rank: expected a value >= 0");
   EXPECT_THROW_WITH(tiny().valid_fraction(1.5).validate(), "valid_fraction: expected a value in");
-  EXPECT_THROW_WITH(tiny().dropout(1).validate(), "dropout: expected a probability");
-  EXPECT_THROW_WITH(tiny().kv_heads(3).heads(4).hidden(16).validate(), "kv_heads: expected a divisor");
+  EXPECT_THROW_WITH(tiny([](auto& m) { m.dropout(1); }).validate(), "expected a probability in [0, 1)");
+  EXPECT_THROW_WITH(tiny([](auto& m) { m.kv_heads(3).heads(4).hidden(16); }).validate(),
+                    "expected kv_heads dividing heads (4; 0: as many), but got 3");
   EXPECT_THROW_WITH(tiny().train_path("").validate(), "train_path: expected a JSONL file");
   EXPECT_THROW_WITH(parse_task("regress"), "task: expected classify or lm");
 }
@@ -361,23 +370,23 @@ TEST(Trainer, StateDocumentsWithMistypedValuesAreRefusedNamingTheField) {
   options["lora_targets"] = {"query", 3};
   EXPECT_ERROR_CONTAINS(
       TrainOptions::from_json(options),
-      "training options: expected strings in \"lora_targets\", but got 3");
+      "training options field \"lora_targets\": expected strings, but got 3");
   options = tiny().to_json();
   options["compare_policy"] = 2;
   EXPECT_ERROR_CONTAINS(
       TrainOptions::from_json(options),
-      "training options: expected a string \"compare_policy\", but got 2");
+      "training options field \"compare_policy\": expected a string, but got 2");
 
   auto history = History().to_json();
   history["label_names"] = {"spam", nullptr};
   EXPECT_ERROR_CONTAINS(
       History::from_json(history),
-      "history: expected strings in \"label_names\", but got null");
+      "history field \"label_names\": expected strings, but got null");
   auto eval = EvalRecord().to_json();
   eval["per_label_f1"] = {0.5, "x"};
   EXPECT_ERROR_CONTAINS(
       EvalRecord::from_json(eval),
-      "eval record: expected numbers in \"per_label_f1\", but got \"x\"");
+      "eval record field \"per_label_f1\": expected numbers, but got \"x\"");
   MemoryTimeline timeline;
   timeline.points = {{"start", 10}};
   auto timeline_json = timeline.to_json();
@@ -411,7 +420,7 @@ TEST(Trainer, DeviceIsAnOptionThatRoundTripsAndDefaultsToCpu) {
 TEST(TrainerCuda, CheckpointingLeavesTheLossCurveOnCuda) {
   REMAT_REQUIRE_CUDA();
   auto curve = [](const CheckpointPolicy& p) {
-    Trainer t(tiny().device("cuda").dropout(0.1).policy(p));
+    Trainer t(tiny([](auto& m) { m.dropout(0.1); }).device("cuda").policy(p));
     std::vector<double> out;
     for (int i = 0; i < 3; ++i) {
       auto r = t.step();

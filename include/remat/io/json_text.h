@@ -1,16 +1,23 @@
-// Describing a JSON value from an untrusted file in an error message: the
-// readers of config.json, safetensors headers, JSONL data and training
-// states share it.
+// Reading JSON from an untrusted file: describing a value in an error
+// message, a parser error in one line, and typed reads of an object's fields
+// worded alike for every reader (config.json, training states, records).
 //
 // Example:
-//   // given: auto j = nlohmann::json::parse("[1, 2, 3]");  // from a file
-//   TORCH_CHECK(j.is_number_integer(), "expected an integer, but got ",
-//               remat::io::describe_json(j));   // "an array of 3 items"
+//   // given: auto j = nlohmann::json::parse(R"({"layers": "2"})");
+//   remat::io::JsonReader config(j, "config");
+//   int64_t heads = config.integer("heads", 12);  // absent: the fallback
+//   int64_t layers = config.integer("layers");
+//   // throws: config field "layers": expected an integer, but got "2"
 #pragma once
 
+#include <c10/util/Exception.h>
+#include <c10/util/Optional.h>
 #include <nlohmann/json.hpp>
 
+#include <cstdint>
+#include <limits>
 #include <string>
+#include <vector>
 
 namespace remat {
 namespace io {
@@ -71,6 +78,118 @@ inline std::string json_error_text(
   }
   return text.size() > max_chars ? out + "..." : out;
 }
+
+/// Typed reads of the fields of one JSON object from an untrusted file. Every
+/// refusal is a c10::Error worded alike, `what` naming the document: a
+/// missing field ("training options: expected a field \"seed\", but it is
+/// missing"), a mistyped one ("config field \"hidden_size\": expected an
+/// integer, but got \"64\""). The reads with a fallback give it when the
+/// field is absent or null; the others require the field. A required number
+/// reads null as NaN (nlohmann::json writes NaN and infinity as null).
+class JsonReader {
+  // Defined first: the reads below deduce their types from it.
+  template <typename Get>
+  auto typed(const nlohmann::json& v, const char* key, const char* expected, const Get& get) const {
+    auto got = get(v);
+    TORCH_CHECK(got.has_value(), what_, " field \"", key, "\": expected ", expected,
+                ", but got ", describe_json(v));
+    return *got;
+  }
+  double as_number(const nlohmann::json& v, const char* key, const char* expected = "a number")
+      const {
+    if (v.is_null()) {
+      return std::numeric_limits<double>::quiet_NaN();
+    }
+    return typed(v, key, expected, [](const nlohmann::json& x) {
+      return x.is_number() ? c10::optional<double>(x.get<double>()) : c10::nullopt;
+    });
+  }
+
+
+ public:
+  /// Throws unless `j` is an object. `j` must outlive the reader.
+  JsonReader(const nlohmann::json& j, std::string what) : j_(j), what_(std::move(what)) {
+    TORCH_CHECK(j.is_object(), what_, ": expected a JSON object, but got ", describe_json(j));
+  }
+
+  /// The field is there and not null.
+  bool has(const char* key) const {
+    auto it = j_.find(key);
+    return it != j_.end() && !it->is_null();
+  }
+  /// The field, whatever its type; throws when it is missing.
+  const nlohmann::json& at(const char* key) const {
+    auto it = j_.find(key);
+    TORCH_CHECK(it != j_.end(), what_, ": expected a field \"", key, "\", but it is missing");
+    return *it;
+  }
+
+  int64_t integer(const char* key) const {
+    return typed(at(key), key, "an integer", [](const nlohmann::json& v) {
+      return v.is_number_integer() ? c10::optional<int64_t>(v.get<int64_t>()) : c10::nullopt;
+    });
+  }
+  int64_t integer(const char* key, int64_t fallback) const {
+    return has(key) ? integer(key) : fallback;
+  }
+  /// An integer >= 0 that may need all 64 bits (a seed).
+  uint64_t unsigned_integer(const char* key) const {
+    return typed(at(key), key, "an integer >= 0", [](const nlohmann::json& v) {
+      return v.is_number_unsigned() ? c10::optional<uint64_t>(v.get<uint64_t>()) : c10::nullopt;
+    });
+  }
+  double number(const char* key) const {
+    return as_number(at(key), key);
+  }
+  double number(const char* key, double fallback) const {
+    return has(key) ? number(key) : fallback;
+  }
+  bool boolean(const char* key) const {
+    return typed(at(key), key, "true or false", [](const nlohmann::json& v) {
+      return v.is_boolean() ? c10::optional<bool>(v.get<bool>()) : c10::nullopt;
+    });
+  }
+  bool boolean(const char* key, bool fallback) const {
+    return has(key) ? boolean(key) : fallback;
+  }
+  std::string string(const char* key) const {
+    return typed(at(key), key, "a string", [](const nlohmann::json& v) {
+      return v.is_string() ? c10::optional<std::string>(v.get<std::string>()) : c10::nullopt;
+    });
+  }
+  std::string string(const char* key, const std::string& fallback) const {
+    return has(key) ? string(key) : fallback;
+  }
+  /// An array of numbers (null items read as NaN).
+  std::vector<double> numbers(const char* key) const {
+    std::vector<double> out;
+    for (const auto& x : array(key)) {
+      out.push_back(as_number(x, key, "numbers"));
+    }
+    return out;
+  }
+  std::vector<std::string> strings(const char* key) const {
+    std::vector<std::string> out;
+    for (const auto& x : array(key)) {
+      out.push_back(typed(x, key, "strings", [](const nlohmann::json& v) {
+        return v.is_string() ? c10::optional<std::string>(v.get<std::string>()) : c10::nullopt;
+      }));
+    }
+    return out;
+  }
+  /// The array field; throws for anything else.
+  const nlohmann::json& array(const char* key) const {
+    const auto& v = at(key);
+    TORCH_CHECK(v.is_array(), what_, " field \"", key, "\": expected an array, but got ",
+                describe_json(v));
+    return v;
+  }
+
+
+ private:
+  const nlohmann::json& j_;
+  std::string what_;
+};
 
 } // namespace io
 } // namespace remat

@@ -70,9 +70,5 @@ void save_safetensors(
     const std::map<std::string, torch::Tensor>& tensors,
     const std::map<std::string, std::string>& metadata = {});
 
-/// The safetensors name of a dtype ("F32", "BF16", ...); throws for dtypes
-/// the format (or LibTorch 1.13) lacks, such as complex.
-std::string safetensors_dtype_name(torch::Dtype dtype);
-
 } // namespace io
 } // namespace remat

@@ -21,6 +21,21 @@
 // checkpointing is there to avoid, and a recompute would append to the cache
 // a second time.
 //
+// Packed documents: an attention_mask [B, S] may number the documents that
+// share a row (0 padding, 1 the row's first document, 2 its second, ...;
+// numbers restart in each row, each document's tokens are contiguous; not
+// checked). A token then attends only to the earlier-or-equal tokens of its
+// own document, and its rotary position is its index minus that of its
+// document's first token, so each document is computed as if it were alone
+// in a row (up to rounding). Padding counts as one more document. Labels are
+// the caller's: -100 on each document's first token keeps the previous
+// document from predicting it. Every path takes it (forward, forward_loss,
+// the stages, any checkpoint policy, every attention kind); it costs an
+// additive [B, 1, S, S] mask shared by the layers, and is refused with a KV
+// cache. A mask of only 1 and 0 is today's padding mask, [B, 1, 1, S]. Which
+// of the two a mask is costs one max() and, on a GPU, a host sync per
+// forward (none for a bool mask).
+//
 // Example:
 //   // given: torch::Tensor input_ids = torch::randint(32000, {2, 256});
 //   // given: torch::Tensor prompt = torch::randint(32000, {1, 8});  // [B, S]
@@ -140,7 +155,8 @@ std::pair<torch::Tensor, torch::Tensor> rotary_tables(
     const torch::TensorOptions& options);
 
 /// x * cos + rotate_half(x) * sin for x [B, heads, S, head_dim], cos/sin
-/// [S, head_dim]; rotate_half(x) = cat(-x2, x1) of the two halves.
+/// [S, head_dim] (or [B, 1, S, head_dim]: a position per token, for packed
+/// documents); rotate_half(x) = cat(-x2, x1) of the two halves.
 torch::Tensor apply_rotary(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin);
 
 /// Causal self-attention with rotary embeddings and grouped-query heads.
@@ -148,8 +164,9 @@ class LlamaAttentionImpl : public torch::nn::Cloneable<LlamaAttentionImpl> {
  public:
   explicit LlamaAttentionImpl(LlamaOptions options);
   void reset() override;
-  /// hidden [B, S, H]; cos/sin [S, head_dim]; mask additive [B, 1, 1, T] or
-  /// undefined, T = cached + S. `cache_keys`/`cache_values` (both or none)
+  /// hidden [B, S, H]; cos/sin [S, head_dim] or, packed, [B, 1, S,
+  /// head_dim]; mask additive [B, 1, 1, T], [B, 1, S, S] (packed documents)
+  /// or undefined, T = cached + S. Causal masking is applied on top. `cache_keys`/`cache_values` (both or none)
   /// are this layer's cache entries: read, then replaced with the longer
   /// ones. With `recompute_core` the attention core is checkpointed.
   torch::Tensor forward(
@@ -222,6 +239,10 @@ class LlamaModelImpl : public torch::nn::Cloneable<LlamaModelImpl>, public Layer
   /// after `past` cached tokens: the rotary cos and sin [S, head_dim] in the
   /// dtype and device of `options`, then, when attention_mask ([B, past + S],
   /// 1 keep / 0 pad) is defined, the additive mask [B, 1, 1, past + S].
+  /// When attention_mask holds document numbers (a value > 1; see the top
+  /// of this file, needs past == 0): cos and sin [B, 1, S, head_dim] at each
+  /// token's position in its document, and the block-diagonal additive mask
+  /// [B, 1, S, S] (0 where query and key share a document number).
   std::vector<torch::Tensor> side_inputs(
       const torch::Tensor& input_ids,
       const torch::Tensor& attention_mask,
@@ -256,8 +277,10 @@ class LlamaImpl;
 struct LlamaStep {
   explicit LlamaStep(torch::Tensor input_ids) : input_ids_(std::move(input_ids)) {}
   TORCH_ARG(torch::Tensor, input_ids);            ///< [B, S] int64
-  TORCH_ARG(torch::Tensor, attention_mask) = {};  ///< [B, S], 1 keep / 0 pad;
-                                                  ///< undefined: keep all
+  TORCH_ARG(torch::Tensor, attention_mask) = {};  ///< [B, S], 1 keep / 0 pad,
+                                                  ///< or document numbers
+                                                  ///< (packed, see top of
+                                                  ///< file); undefined: keep all
   TORCH_ARG(torch::Tensor, labels) = {};          ///< [B, S]; undefined:
                                                   ///< input_ids (next token)
 
@@ -285,6 +308,9 @@ class LlamaImpl : public torch::nn::Cloneable<LlamaImpl>, public StagedModel {
   /// attention_mask: [B, T] of 1 (keep) / 0 (padding) over the cached and new
   /// tokens, T = cache length + S; undefined keeps all. Positions continue
   /// from the cache: token s of this call is at position cache length + s.
+  /// Without a cache it may instead number packed documents (0 padding,
+  /// 1, 2, ... per row; see the top of this file): attention stays within
+  /// a document and positions restart at each document's first token.
   /// cache: appends this call's keys and values; needs grad mode off
   /// (torch::NoGradGuard), otherwise the call is refused.
   torch::Tensor forward(

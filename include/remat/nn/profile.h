@@ -2,7 +2,7 @@
 // (remat/nn/stages.h; remat's Bert and Llama are ones): the model's stages
 // (embeddings, each layer, the head with the loss) as
 // remat::plan::StageRunners, their cost measured on a real batch
-// (remat::plan::profile), and the fastest schedule whose peak fits a budget
+// (remat::plan::profile_stages), and the fastest schedule whose peak fits a budget
 // (remat::plan::solve). This file names no model family; a family's step
 // (BertStep in bert.h, LlamaStep in llama.h) plugs into the overloads at
 // the end.
@@ -67,7 +67,7 @@ std::vector<plan::StageRunner> stage_runners(
     const StageHead& head);
 
 /// The model's measured cost Chain on this batch and head
-/// (remat::plan::profile over stage_runners). Runs each stage warmup +
+/// (remat::plan::profile_stages over stage_runners). Runs each stage warmup +
 /// repeats times in each mode; the model's gradients, policy and the CPU
 /// generator are left as they were.
 ///

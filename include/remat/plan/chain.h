@@ -289,9 +289,9 @@ struct ProfileOptions {
 /// Example:
 ///   // given: std::vector<remat::plan::StageRunner> runners;  // as above
 ///   // given: torch::Tensor input_ids = torch::randint(30522, {8, 128});
-///   auto chain = remat::plan::profile(runners, input_ids);
+///   auto chain = remat::plan::profile_stages(runners, input_ids);
 ///   auto plan = remat::plan::solve(chain, int64_t(2) << 30);
-Chain profile(
+Chain profile_stages(
     const std::vector<StageRunner>& stages,
     const at::Tensor& input,
     const ProfileOptions& options = {});

@@ -100,6 +100,25 @@ const char* to_string(Head h);
 /// "blockwise", "none" / "lm" / "classifier". Throw c10::Error naming the
 /// text and the accepted names.
 Family parse_family(const std::string& text);
+
+/// The one table of LoRA target names. The estimator's short names ("q",
+/// "k", "v", "o", "gate", "up", "down") and each family's module names
+/// (BERT: "query", "key", "value", "attention.output.dense",
+/// "intermediate.dense"; Llama: "q_proj", "k_proj", "v_proj", "o_proj",
+/// "gate_proj", "up_proj", "down_proj") are both accepted wherever a
+/// command takes --lora-targets. lora_target_short gives the short name of
+/// either; lora_target_module the module name nn::apply_lora matches. Each
+/// throws remat::FieldError("lora_targets") naming the accepted names for
+/// any other text, and for a short name the family lacks (BERT has no
+/// "gate"; its "down", the layer's output.dense, is the estimator's only:
+/// the attention's output.dense shares its name's end).
+///
+/// Example:
+///   using remat::plan::Family;
+///   remat::plan::lora_target_short(Family::kLlama, "q_proj");  // "q"
+///   remat::plan::lora_target_module(Family::kBert, "v");       // "value"
+std::string lora_target_short(Family family, const std::string& target);
+std::string lora_target_module(Family family, const std::string& target);
 Precision parse_precision(const std::string& text);
 AttentionImpl parse_attention_impl(const std::string& text);
 Head parse_head(const std::string& text);

@@ -72,8 +72,8 @@
 //   // Fixed policies side by side:
 //   auto every = remat::CheckpointPolicy::every_layer()
 //                    .schedule(chain.num_layers());
-//   std::cout << remat::plan::peak(chain, every) << " bytes, "
-//             << remat::plan::time(chain, every) << " s\n";
+//   std::cout << remat::plan::predicted_peak_bytes(chain, every) << " bytes, "
+//             << remat::plan::predicted_step_seconds(chain, every) << " s\n";
 #pragma once
 
 #include "remat/plan/chain.h"
@@ -104,9 +104,9 @@ struct Evaluation {
 /// on a layer that does not offer it.
 Evaluation evaluate(const Chain& chain, const Schedule& schedule);
 /// Predicted peak bytes of `schedule` (evaluate(...).peak_bytes).
-int64_t peak(const Chain& chain, const Schedule& schedule);
+int64_t predicted_peak_bytes(const Chain& chain, const Schedule& schedule);
 /// Predicted step seconds of `schedule` (evaluate(...).step_seconds).
-double time(const Chain& chain, const Schedule& schedule);
+double predicted_step_seconds(const Chain& chain, const Schedule& schedule);
 
 /// What the planner may choose.
 ///

@@ -2,8 +2,8 @@
 // data found, a resumed run's options read back and checked), the files it
 // writes checked before it starts, and the run itself with its progress,
 // JSONL metrics, HTML report and model export wired to it. `remat train` is
-// flags and printing over this; the loop alone is run_training
-// (remat/train/trainer.h).
+// flags and printing over this; the loop alone, with callbacks instead of
+// outputs, is run_training.
 //
 // Example (summary_text is in remat/train/summary.h):
 //   using namespace remat::train;
@@ -36,6 +36,31 @@ class ProcessGroup;
 } // namespace dist
 
 namespace train {
+
+/// The whole run: the comparison run when options.compare_policy() is set
+/// (not on resume), training with evaluation every eval_every steps or
+/// epoch, state saves every save_every steps and at the end, a final
+/// evaluation. With `resume`, continues from state_path(out_dir).
+///
+/// A bad step (TrainOptions::max_bad_steps) is said through on_message
+/// (describe_skipped_step) after on_step; a save that falls on a bad step
+/// waits for the next good one, so that the saved state is always that of a
+/// good step. After more than max_bad_steps bad steps in a row it throws a
+/// c10::Error ("max_bad_steps: expected at most 3 bad steps in a row, but
+/// got 4 (step 15: loss is nan); ...") naming the last state saved, which
+/// is left as it is.
+///
+/// With a `group` of more than one rank (see Trainer): every rank runs the
+/// same loop in lockstep, only rank 0 saves the state and hears the
+/// callbacks, and on resume every rank reads rank 0's state file (out_dir
+/// must be reachable from every rank). A rank that dies or hangs makes the
+/// others throw a c10::Error within the group's timeout.
+TrainResult run_training(
+    const TrainOptions& options,
+    const TrainCallbacks& callbacks = {},
+    bool resume = false,
+    std::shared_ptr<dist::ProcessGroup> group = nullptr);
+
 
 /// The folder of the bundled document-routing data set (train.jsonl,
 /// valid.jsonl, vocab.txt): data/routing in the current folder or one
@@ -103,7 +128,6 @@ TrainResult run_with_outputs(
     const TrainOptions& options,
     const RunOutputs& outputs,
     bool resume = false,
-    int64_t stop_after_step = 0,
     std::shared_ptr<dist::ProcessGroup> group = nullptr);
 
 /// "state: DIR/state.safetensors (step N)", "model: DIR/model.safetensors,

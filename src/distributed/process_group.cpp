@@ -12,7 +12,8 @@
 #define USE_C10D_NCCL
 #endif
 #endif
-#include "remat/dist/process_group.h"
+#include "remat/distributed/process_group.h"
+#include "remat/field_error.h"
 
 #include "compat/torch.h"
 
@@ -37,9 +38,6 @@ namespace dist {
 
 namespace {
 
-std::string first_line(const std::string& text) {
-  return text.substr(0, text.find('\n'));
-}
 
 std::string what_of(const std::exception& e) {
   if (auto* c = dynamic_cast<const c10::Error*>(&e)) {

@@ -4,7 +4,7 @@
 // builds with NCCL), ProcessGroupNCCL's on CUDA tensors: rank r then uses
 // cuda:(r % the GPUs visible). A collective goes to NCCL or Gloo by where its
 // tensors are. It is the transport of data-parallel training
-// (remat/dist/data_parallel.h); remat has no transport of its own.
+// (remat/distributed/data_parallel.h); remat has no transport of its own.
 //
 // Every collective is bounded by DistOptions::timeout_seconds: a rank that
 // died or hangs makes the others throw a c10::Error (naming, where the store

@@ -1,5 +1,5 @@
 // GradReducer: gradients packed into flat buckets, summed across the group.
-#include "remat/dist/data_parallel.h"
+#include "remat/distributed/data_parallel.h"
 
 #include "compat/torch.h"
 

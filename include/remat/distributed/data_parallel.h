@@ -45,7 +45,7 @@
 //   optimizer.step();
 #pragma once
 
-#include "remat/dist/process_group.h"
+#include "remat/distributed/process_group.h"
 
 #include <torch/arg.h>
 #include <torch/types.h>

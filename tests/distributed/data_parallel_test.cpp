@@ -2,8 +2,8 @@
 // of this process (a FileStore for the rendezvous, Gloo on 127.0.0.1), and
 // the hook count that makes remat's checkpoint safe for data parallelism.
 #include "remat/checkpoint.h"
-#include "remat/dist/data_parallel.h"
-#include "remat/dist/process_group.h"
+#include "remat/distributed/data_parallel.h"
+#include "remat/distributed/process_group.h"
 #include "remat/nn/bert.h"
 #include "testing.h"
 

@@ -1,0 +1,78 @@
+// Training states saved by an earlier remat (tests/train/saved_states/, see
+// its README) resume with this one and continue the uninterrupted run's loss
+// curve: a change to the options' JSON or to the state format never loses a
+// user's run.
+#include "cli/cli_runner.h"
+#include "temp_dir.h"
+
+#include <gtest/gtest.h>
+#include <nlohmann/json.hpp>
+#include <torch/version.h>
+
+#include <filesystem>
+#include <sstream>
+#include <string>
+#include <vector>
+
+namespace {
+
+namespace fs = std::filesystem;
+using remat::test::run_cli;
+using remat::test::slurp;
+
+// Runs the CLI with `dir` as the working folder: the saved options name
+// their data files relative to the folder the run was started in.
+remat::test::CliResult run_in(const fs::path& dir, const std::string& args) {
+  const fs::path before = fs::current_path();
+  fs::current_path(dir);
+  auto r = run_cli(args);
+  fs::current_path(before);
+  return r;
+}
+
+void expect_resumes_on_its_curve(const std::string& name) {
+  const fs::path source = fs::path(REMAT_SOURCE_DIR) / "tests/train/saved_states";
+  const fs::path dir = remat_test::fresh_temp_dir("saved_states_" + name, /*create=*/true);
+  fs::copy(source, dir, fs::copy_options::recursive | fs::copy_options::overwrite_existing);
+
+  auto r = run_in(dir, "train --resume --out " + name + "-run --metrics resumed.jsonl");
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_NE(r.err.find("at step 2"), std::string::npos) << r.err;
+
+  const auto curve = nlohmann::json::parse(slurp((dir / (name + "-curve.json")).string()));
+  std::vector<nlohmann::json> resumed;
+  std::istringstream in(slurp((dir / "resumed.jsonl").string()));
+  for (std::string line; std::getline(in, line);) {
+    auto j = nlohmann::json::parse(line);
+    if (j["type"] == "step") {
+      resumed.push_back(j);
+    }
+  }
+  // The metrics start with the state's history (steps 1 and 2), then the
+  // resumed steps 3 to 6.
+  ASSERT_EQ(resumed.size(), 6u);
+  for (const auto& step : resumed) {
+    const auto& want = curve.at(step["step"].get<int64_t>() - 1);
+    ASSERT_EQ(step["step"], want["step"]);
+    EXPECT_EQ(step["lr"], want["lr"]);
+#if TORCH_VERSION_MAJOR < 2
+    // The LibTorch that saved them: the same numbers, bit for bit.
+    EXPECT_EQ(step["loss"], want["loss"]) << "step " << step["step"];
+    EXPECT_EQ(step["grad_norm"], want["grad_norm"]) << "step " << step["step"];
+#else
+    // Another LibTorch's kernels round differently (bf16 autocast most).
+    const double loss = want["loss"].get<double>();
+    EXPECT_NEAR(step["loss"].get<double>(), loss, 1e-2 * loss) << "step " << step["step"];
+#endif
+  }
+}
+
+TEST(SavedStates, AClassifierSavedBeforeModelConfigResumesOnItsCurve) {
+  expect_resumes_on_its_curve("classify");
+}
+
+TEST(SavedStates, ABf16LlamaWithABudgetSavedBeforeModelConfigResumesOnItsCurve) {
+  expect_resumes_on_its_curve("lm");
+}
+
+} // namespace
