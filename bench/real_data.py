@@ -75,13 +75,13 @@ def main():
         print("corpus: %d documents, bytes (= tokens) min %d, median %d, max %d" % (
             len(lengths), min(lengths), statistics.median(lengths), max(lengths)))
         model = ["--train", data, "--valid-fraction", "0", "--layers", "2", "--hidden", "64",
-                 "--heads", "2", "--seq", str(args.seq), "--batch", str(args.batch),
+                 "--heads", "2", "--seq", str(args.seq),
                  "--max-steps", str(args.steps), "--threads", str(args.threads), "--seed", "1"]
         configs = [
-            ("per-batch padding", []),
+            ("per-batch padding", ["--batch", str(args.batch)]),
             ("token budget (--max-tokens %d)" % (args.seq * args.batch),
              ["--max-tokens", str(args.seq * args.batch), "--batch", str(4 * args.batch)]),
-            ("packing (--pack)", ["--pack"]),
+            ("packing (--pack)", ["--pack", "--batch", str(args.batch)]),
         ]
         budget_bytes = float(args.budget[:-3]) * (MIB if args.budget.endswith("MiB") else
                                                   1024 * MIB)

@@ -61,6 +61,12 @@ def command_line(args):
     return "`remat " + " ".join(args) + "`"
 
 
+def load_note():
+    """The machine's load when a timing was taken: timings on a shared
+    machine are only comparable side by side, and a reader should see it."""
+    return "load average %.1f on %d cores when measured" % (os.getloadavg()[0], os.cpu_count())
+
+
 # ---------------------------------------------------------------- figures
 
 WORKED = ["estimate", "--preset", "llama-13b-lora-8k"]
@@ -85,9 +91,9 @@ def headline_bench(remat):
     runs = {r["policy"]: r for r in j["runs"]}
     none = runs["none"]
     rows = [
-        "%s (BERT, dropout %g, weights %s, %d threads; step times are medians of %d):" % (
+        "%s (BERT, dropout %g, weights %s, %d threads; step times are medians of %d, %s):" % (
             command_line(HEADLINE), j["config"]["dropout"], mib(j["config"]["weight_bytes"]),
-            j["config"]["threads"] or os.cpu_count(), j["config"]["steps"]),
+            j["config"]["threads"] or os.cpu_count(), j["config"]["steps"], load_note()),
         "",
         "| policy | held before backward | peak | activations | step | vs none | max abs grad diff |",
         "|---|---:|---:|---:|---:|---:|---:|",
@@ -157,8 +163,8 @@ def train_default(remat):
     cmp_a = [s for s in ra["step"][: len(ra["compare_step"])]]
     diff = max(abs(s["loss"] - s["compare_loss"]) for s in cmp_a if "compare_loss" in s)
     rows = [
-        "The default model has %s parameters. %d steps of %d rows, `--threads 1`:" % (
-            "{:,}".format(int(params)), len(ra["step"]), 16),
+        "The default model has %s parameters. %d steps of %d rows, `--threads 1` (%s):" % (
+            "{:,}".format(int(params)), len(ra["step"]), 16, load_note()),
         "",
         "| | every-layer (default) | none |",
         "|---|---|---|",

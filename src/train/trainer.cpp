@@ -407,14 +407,22 @@ void Trainer::Impl::plan_budget() {
   // largest one) and every rank runs that plan. Plans made apart could
   // differ, since profiled times are noisy, and the ranks would no
   // longer recompute in step.
+  // With a token budget a micro-batch holds at most max_tokens tokens: r
+  // rows of L <= seq tokens with r x L <= max_tokens. Planned at
+  // ceil(max_tokens / seq) rows of seq tokens, every such shape holds no
+  // more (activations grow with r x L, attention scores with r x L x L).
   const int64_t world = group ? group->world_size() : 1;
-  const int64_t rows = (options.model().batch() + world - 1) / world;
+  const int64_t seq = options.model().seq();
+  const int64_t micro_rows = options.max_tokens() > 0
+      ? std::min(options.model().batch(), (options.max_tokens() + seq - 1) / seq)
+      : options.model().batch();
+  const int64_t rows = (micro_rows + world - 1) / world;
   std::string schedule;
   std::string error;
   if (!group || group->rank() == 0) {
     AutocastScope autocast(options.model().autocast(device));
     try {
-      schedule = task->plan_policy(options.policy(), rows, options.model().seq(), moments)
+      schedule = task->plan_policy(options.policy(), rows, seq, moments)
                      .custom_schedule()
                      .str();
     } catch (const c10::Error& e) {
