@@ -251,15 +251,17 @@ std::vector<std::vector<int64_t>> pack_rows(
   return rows;
 }
 
-// One batch of packed rows: document numbers in the mask, -100 in the labels
-// on padding and on each document's first token.
 // The id that fills padding (masked, and -100 in LM labels): the
 // tokenizer's, or 0 for pre-tokenized documents, whose ids need not be the
 // tokenizer's and whose model may have fewer rows than the tokenizer's pad.
-int64_t padding_id(const Dataset& data, const io::Tokenizer& tokenizer) {
-  return data.pretokenized() ? 0 : tokenizer.pad_id();
+// A set is all ids or all text (the readers refuse a mix), so a batch's
+// first document says which; asking the whole set would scan it per batch.
+int64_t padding_id(const Example& first, const io::Tokenizer& tokenizer) {
+  return first.ids.empty() ? tokenizer.pad_id() : 0;
 }
 
+// One batch of packed rows: document numbers in the mask, -100 in the labels
+// on padding and on each document's first token.
 Batch collate_packed(
     const Dataset& data,
     const std::vector<std::vector<int64_t>>& rows,
@@ -292,7 +294,8 @@ Batch collate_packed(
   }
   const auto b = static_cast<int64_t>(rows.size());
   const int64_t s = pad_to_max_len ? max_len : longest;
-  out.input_ids = torch::full({b, s}, padding_id(data, tokenizer), torch::kLong);
+  const auto& first = data.examples[static_cast<size_t>(rows.front().front())];
+  out.input_ids = torch::full({b, s}, padding_id(first, tokenizer), torch::kLong);
   out.attention_mask = torch::zeros({b, s}, torch::kLong);
   out.labels = torch::full({b, s}, -100, torch::kLong);
   auto ids_a = out.input_ids.accessor<int64_t, 2>();
@@ -553,7 +556,8 @@ Batch collate(
   }
   const int64_t b = static_cast<int64_t>(indices.size());
   const int64_t s = options.pad_to_max_len() ? options.max_len() : longest;
-  auto ids = torch::full({b, s}, padding_id(data, tokenizer), torch::kLong);
+  const auto& first = data.examples[static_cast<size_t>(indices.front())];
+  auto ids = torch::full({b, s}, padding_id(first, tokenizer), torch::kLong);
   auto mask = torch::zeros({b, s}, torch::kLong);
   auto ids_a = ids.accessor<int64_t, 2>();
   auto mask_a = mask.accessor<int64_t, 2>();
