@@ -1,16 +1,19 @@
 #!/usr/bin/env python3
-"""Training on length-skewed documents: per-batch padding, token-budget steps
-and packing, side by side in one run, each under a memory budget and without
-checkpointing.
+"""Training on length-skewed documents under a memory budget: (a) padding to
+--seq with one plan, (b) per-batch padding with one worst-case plan, per-batch
+padding with per-shape plans, (c) token-budget batches with per-shape plans,
+and (d) packing, side by side in one run, each also without checkpointing.
 
 Writes a corpus whose document lengths are drawn log-normally between 16 and
 2,048 bytes (the byte tokenizer: one token per byte), then runs `remat train
 --task lm` on it once per configuration, one after another, and prints real
 (unpadded) tokens per second, steps, and the largest step peak against the
-budget, from each run's --metrics.
+budget, the seconds spent planning and the plan shapes, from each run's
+--metrics. Tokens per second leave planning out (step_seconds does); the
+planning column says what it cost.
 
     bench/real_data.py --remat build/remat
-    bench/real_data.py --remat build/remat --steps 30 --budget 64MiB
+    bench/real_data.py --remat build/remat --steps 30 --budget 100MiB
 
 Timings need a quiet machine; the configurations run one after another, so
 compare them within one run of this script.
@@ -66,7 +69,9 @@ def main():
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--seq", type=int, default=1024)
     ap.add_argument("--batch", type=int, default=4)
-    ap.add_argument("--budget", default="150MiB")
+    ap.add_argument("--budget", default="64MiB")
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--hidden", type=int, default=64)
     ap.add_argument("--threads", type=int, default=0)
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as d:
@@ -74,32 +79,55 @@ def main():
         lengths = corpus(data, args.docs, 1)
         print("corpus: %d documents, bytes (= tokens) min %d, median %d, max %d" % (
             len(lengths), min(lengths), statistics.median(lengths), max(lengths)))
-        model = ["--train", data, "--valid-fraction", "0", "--layers", "2", "--hidden", "64",
-                 "--heads", "2", "--seq", str(args.seq),
+        model = ["--train", data, "--valid-fraction", "0", "--layers", str(args.layers),
+                 "--hidden", str(args.hidden), "--heads", "2", "--seq", str(args.seq),
                  "--max-steps", str(args.steps), "--threads", str(args.threads), "--seed", "1"]
+        tokens = args.seq * args.batch
         configs = [
-            ("per-batch padding", ["--batch", str(args.batch)]),
-            ("token budget (--max-tokens %d)" % (args.seq * args.batch),
-             ["--max-tokens", str(args.seq * args.batch), "--batch", str(4 * args.batch)]),
-            ("packing (--pack)", ["--pack", "--batch", str(args.batch)]),
+            ("(a) pad to --seq, one plan",
+             ["--pad-to-seq", "--batch", str(args.batch), "--budget-plans", "worst-case"]),
+            ("(b) per-batch padding, one worst-case plan",
+             ["--batch", str(args.batch), "--budget-plans", "worst-case"]),
+            ("per-batch padding, per-shape plans", ["--batch", str(args.batch)]),
+            ("(c) --max-tokens %d, per-shape plans" % tokens,
+             ["--max-tokens", str(tokens), "--batch", str(4 * args.batch)]),
+            ("(d) --pack, per-shape plans", ["--pack", "--batch", str(args.batch)]),
         ]
         budget_bytes = float(args.budget[:-3]) * (MIB if args.budget.endswith("MiB") else
                                                   1024 * MIB)
-        print("\nllama 2 x 64, seq %d, batch %d, %d steps each (largest peak / budget: "
-              "budget:%s)\n" % (args.seq, args.batch, args.steps, args.budget))
-        print("| batches | policy | real tokens/s | largest peak | peak / budget |")
-        print("|---|---|---:|---:|---:|")
+        print("\nllama %d x %d, seq %d, batch %d, %d steps each (largest peak / budget: "
+              "budget:%s; threads %d; load average %.1f)\n" % (
+                  args.layers, args.hidden, args.seq, args.batch, args.steps, args.budget,
+                  args.threads, os.getloadavg()[0]))
+        print("| batches | policy | real tokens/s | largest peak | peak / budget "
+              "| largest predicted | planning | plan shapes |")
+        print("|---|---|---:|---:|---:|---:|---:|---:|")
         for name, extra in configs:
             for policy in ["budget:" + args.budget, "none"]:
-                steps = run(args.remat, model + extra + ["--policy", policy],
-                            os.path.join(d, "m.jsonl"))
-                # The first step plans and warms up: left out of the rate.
+                if policy == "none" and "--budget-plans" in extra:
+                    continue  # the same batches as the per-shape row's none
+                try:
+                    steps = run(args.remat, model + extra + ["--policy", policy],
+                                os.path.join(d, "m.jsonl"))
+                except SystemExit as e:
+                    print("| %s | %s | %s |  |  |  |  |  |" % (name, policy, str(e)[-120:]))
+                    continue
+                # The first step warms up: left out of the rate.
                 timed = steps[1:] or steps
                 rate = sum(s["tokens"] for s in timed) / sum(s["step_seconds"] for s in timed)
                 peak = max(s["peak_bytes"] for s in steps)
-                ratio = ("%.2f" % (peak / budget_bytes)) if policy != "none" else "-"
-                print("| %s | %s | %.0f | %.1f MiB | %s |" % (
-                    name, policy, rate, peak / MIB, ratio))
+                planned = policy != "none"
+                ratio = ("%.2f" % (peak / budget_bytes)) if planned else "-"
+                predicted = max(s.get("predicted_peak_bytes", 0) for s in steps)
+                plan_s = sum(s.get("plan_seconds", 0) for s in steps)
+                step_s = sum(s["step_seconds"] for s in steps)
+                shapes = len({s.get("planned", "") for s in steps})
+                print("| %s | %s | %.0f | %.1f MiB | %s | %s | %s | %s |" % (
+                    name, policy, rate, peak / MIB, ratio,
+                    ("%.1f MiB" % (predicted / MIB)) if planned else "-",
+                    ("%.2f s (%.0f%% of steps)" % (plan_s, 100 * plan_s / step_s))
+                    if planned else "-",
+                    shapes if planned else "-"))
     return 0
 
 

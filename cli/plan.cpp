@@ -21,6 +21,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
+#include <cstdlib>
 #include <fstream>
 #include <iostream>
 
@@ -30,6 +31,8 @@ namespace {
 
 struct PlanConfig {
   ModelFlags model;
+  /// --seq: one length, or several ("128,512,2048"): a plan for each.
+  std::string seqs = std::to_string(ModelFlags().seq);
   RunFlags run = [] {
     RunFlags r;
     r.steps = 2;
@@ -61,6 +64,24 @@ std::vector<plan::Budget> parse_budgets(const std::string& list) {
     }
   }
   require(!out.empty(), "--budget", "expected at least one budget, but got '" + list + "'");
+  return out;
+}
+
+// The --seq values, each checked as the model's sequence length before
+// anything is profiled.
+std::vector<int64_t> parse_seqs(const PlanConfig& c) {
+  std::vector<int64_t> out;
+  for (const auto& item : split_list(c.seqs, "--seq")) {
+    char* end = nullptr;
+    const long long v = std::strtoll(item.c_str(), &end, 10);
+    require(end != item.c_str() && *end == '\0' && v > 0, "--seq",
+            "expected token counts (256, or 128,512,2048), but got '" + item + "'");
+    auto model = c.model;
+    model.seq = v;
+    validate(model);
+    out.push_back(v);
+  }
+  require(!out.empty(), "--seq", "expected at least one length, but got '" + c.seqs + "'");
   return out;
 }
 
@@ -159,13 +180,15 @@ int run_child(const PlanConfig& c) {
   return cand.ok ? 0 : 1;
 }
 
-int run_plan(const PlanConfig& c) {
-  validate(c);
-  set_threads(c.run.threads);
-  if (!c.child_schedule.empty()) {
-    return run_child(c);
-  }
-  auto budgets = parse_budgets(c.budgets);
+// What planning one sequence length gave: its JSON, the refused budgets,
+// and a line per budget for the table of several lengths.
+struct SeqOutcome {
+  nlohmann::json json;
+  std::vector<std::string> refused;
+  std::vector<std::string> rows;
+};
+
+SeqOutcome plan_one(const PlanConfig& c, const std::vector<plan::Budget>& budgets) {
   // Refused before anything is built when even the leanest schedule would
   // not fit this machine (the step runs no optimizer).
   require_fits(c.model.config().spec().optimizer(plan::Optimizer::kSgd), 0);
@@ -205,30 +228,89 @@ int run_plan(const PlanConfig& c) {
   }
   std::cout << cmp.budgets_text() << cmp.table();
 
+  SeqOutcome out;
+  nlohmann::json config = model_json(c.model);
+  config.update({{"parameters", w->parameter_count()},
+                 {"threads", torch::get_num_threads()},
+                 {"repeats", c.repeats},
+                 {"steps", c.run.steps},
+                 {"warmup", c.run.warmup},
+                 {"selective", !c.no_selective},
+                 {"compress", c.compress},
+                 {"seed", c.run.seed},
+                 {"isolation", c.run.isolation},
+                 {"rounds", c.run.rounds}});
+  out.json = {{"config", config},
+              {"profile_seconds", profile_seconds},
+              {"chain", plan::chain_json(chain)},
+              {"none_predicted_peak_bytes", cmp.none.peak_bytes},
+              {"min_feasible_budget_bytes", cmp.min_budget_bytes},
+              {"budgets", cmp.budgets_json()},
+              {"policies", cmp.policies_json()}};
+  out.refused = cmp.refused;
+  for (size_t i = 0; i < cmp.plans.size(); ++i) {
+    const auto& p = cmp.plans[i];
+    char row[512];
+    std::snprintf(row, sizeof(row), "| %lld | %s | %s | %s | %s | %.4f s |",
+                  static_cast<long long>(c.model.seq), cmp.budgets[i].text.c_str(),
+                  memory::format_size(cmp.min_budget_bytes).c_str(),
+                  p.ok ? p.schedule.str().c_str() : "(does not fit)",
+                  p.ok ? memory::format_size(p.predicted.peak_bytes).c_str() : "-",
+                  p.ok ? p.predicted.step_seconds : 0.0);
+    out.rows.push_back(row);
+  }
+  return out;
+}
+
+int run_plan(const PlanConfig& c) {
+  validate(c);
+  const auto seqs = parse_seqs(c);
+  set_threads(c.run.threads);
+  if (!c.child_schedule.empty()) {
+    auto child = c;
+    child.model.seq = seqs.front();
+    return run_child(child);
+  }
+  auto budgets = parse_budgets(c.budgets);
+  std::vector<SeqOutcome> outcomes;
+  for (size_t i = 0; i < seqs.size(); ++i) {
+    auto one = c;
+    one.model.seq = seqs[i];
+    if (i > 0) {
+      std::cout << "\n";
+    }
+    outcomes.push_back(plan_one(one, budgets));
+  }
+  if (seqs.size() > 1) {
+    // One table: how the plan for each budget changes with the length.
+    std::cout << "\nplans by sequence length (predicted):\n"
+              << "| seq | budget | smallest feasible | schedule | peak | step |\n"
+              << "|---:|---|---:|---|---:|---:|\n";
+    for (const auto& o : outcomes) {
+      for (const auto& row : o.rows) {
+        std::cout << row << "\n";
+      }
+    }
+  }
   if (!c.run.json_path.empty()) {
-    nlohmann::json config = model_json(c.model);
-    config.update({{"parameters", w->parameter_count()},
-                   {"threads", torch::get_num_threads()},
-                   {"repeats", c.repeats},
-                   {"steps", c.run.steps},
-                   {"warmup", c.run.warmup},
-                   {"selective", !c.no_selective},
-                   {"compress", c.compress},
-                   {"seed", c.run.seed},
-                   {"isolation", c.run.isolation},
-                   {"rounds", c.run.rounds}});
-    write_json_file(c.run.json_path, {{"config", config},
-                                      {"profile_seconds", profile_seconds},
-                                      {"chain", plan::chain_json(chain)},
-                                      {"none_predicted_peak_bytes", cmp.none.peak_bytes},
-                                      {"min_feasible_budget_bytes", cmp.min_budget_bytes},
-                                      {"budgets", cmp.budgets_json()},
-                                      {"policies", cmp.policies_json()}});
+    if (seqs.size() == 1) {
+      write_json_file(c.run.json_path, outcomes.front().json);
+    } else {
+      nlohmann::json all = nlohmann::json::array();
+      for (const auto& o : outcomes) {
+        all.push_back(o.json);
+      }
+      write_json_file(c.run.json_path, {{"seqs", all}});
+    }
   }
-  for (const auto& r : cmp.refused) {
-    std::cerr << "remat: error: " << r << "\n";
+  bool refused = false;
+  for (const auto& o : outcomes) {
+    for (const auto& r : o.refused) {
+      std::cerr << "remat: error: " << r << "\n";
+      refused = true;
+    }
   }
-  return cmp.refused.empty() ? 0 : 1;
+  return refused ? 1 : 0;
 }
 
 } // namespace
@@ -238,7 +320,10 @@ Run add_plan(CLI::App& root) {
   auto* app = root.add_subcommand(
       "plan",
       "Profile a model here and plan its checkpointing to a memory budget");
-  add_model_flags(app, c->model);
+  add_model_flags(app, c->model, kAllModelFlags & ~kModelSeq);
+  app->add_option("--seq", c->seqs,
+                  "sequence length (tokens); several, comma-separated (128,512,2048), plan each")
+      ->capture_default_str();
   add_run_flags(app, c->run, "schedule (with --measure)");
   app->add_option("--budget", c->budgets,
                   "comma-separated budgets: total bytes (2GiB, 512MiB) or a percentage of "

@@ -45,7 +45,9 @@ struct TrainFlags {
   int64_t epochs = defaults.epochs(), max_steps = defaults.max_steps();
   int64_t max_tokens = defaults.max_tokens();
   bool pack = defaults.pack();
+  bool pad_to_seq = defaults.pad_to_seq();
   std::string policy = defaults.policy().name();
+  std::string budget_plans = train::to_string(defaults.budget_plans());
   double lr = defaults.lr(), weight_decay = defaults.weight_decay(), clip = defaults.clip();
   int64_t warmup = defaults.warmup();
   std::string schedule = "linear";
@@ -153,11 +155,16 @@ TrainOptions apply_flags(const TrainFlags& f, TrainOptions o, const CLI::App& ap
   if (given("--max-steps")) o.max_steps(f.max_steps);
   if (given("--max-tokens")) o.max_tokens(f.max_tokens);
   if (given("--pack")) o.pack(f.pack);
+  if (given("--pad-to-seq")) o.pad_to_seq(f.pad_to_seq);
   // The model's flags, onto its one description (the family is the task's).
   with_flag_errors([&] { apply_model_flags(f.model, o.model(), given); });
   if (given("--init")) o.init_dir(f.init);
   if (given("--policy")) {
     o.policy(as_flag("--policy", [&] { return CheckpointPolicy::parse(f.policy); }));
+  }
+  if (given("--budget-plans")) {
+    o.budget_plans(
+        as_flag("--budget-plans", [&] { return train::parse_budget_plans(f.budget_plans); }));
   }
   if (given("--lr")) o.lr(f.lr);
   if (given("--weight-decay")) o.weight_decay(f.weight_decay);
@@ -366,10 +373,17 @@ Run add_train(CLI::App& root) {
   app->add_flag("--pack", f->pack,
                 "lm: several documents per row of --seq tokens, each attending only to itself "
                 "with its own positions");
+  app->add_flag("--pad-to-seq", f->pad_to_seq,
+                "pad every row to --seq tokens (one batch shape) instead of to its batch's "
+                "longest row");
   app->add_option("--init", f->init, "start from a Hugging Face folder (config.json, "
                                      "model.safetensors)");
   app->add_option("--save", f->save, "write model.safetensors + config.json here at the end");
   app->add_option("--policy", f->policy, "checkpoint policy: " + CheckpointPolicy::names())
+      ->capture_default_str();
+  app->add_option("--budget-plans", f->budget_plans,
+                  "with --policy budget:SIZE: per-shape (a plan per batch shape, made as it "
+                  "comes) or worst-case (one plan for --batch x --seq)")
       ->capture_default_str();
   app->add_option("--lr", f->lr, "peak learning rate")->capture_default_str();
   app->add_option("--weight-decay", f->weight_decay, "AdamW weight decay")

@@ -183,12 +183,27 @@ def train_default(remat):
     return "\n".join(rows)
 
 
+REAL_DATA = ["--docs", "300", "--steps", "20", "--layers", "2", "--hidden", "64", "--seq", "1024",
+             "--batch", "4", "--budget", "64MiB", "--threads", "2"]
+
+
+def real_data(remat):
+    """bench/real_data.py: length-skewed documents under a budget, batched four ways."""
+    cmd = [sys.executable, os.path.join(ROOT, "bench", "real_data.py"), "--remat", remat] + REAL_DATA
+    p = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    if p.returncode != 0:
+        raise RuntimeError("figures: bench/real_data.py exited %d: %s" % (
+            p.returncode, p.stderr.strip().splitlines()[-1:]))
+    return "`python3 bench/real_data.py %s`:\n\n%s" % (" ".join(REAL_DATA), p.stdout.strip())
+
+
 # name -> (function, cheap: deterministic and fast enough for a test)
 FIGURES = {
     "worked-example": (worked_example, True),
     "headline-bench": (headline_bench, False),
     "budget-peaks": (budget_peaks, False),
     "train-default": (train_default, False),
+    "real-data": (real_data, False),
 }
 
 BLOCK = re.compile(r"(<!-- figure: ([a-z0-9-]+) -->\n)(.*?)(<!-- /figure -->)", re.S)

@@ -226,9 +226,8 @@ bool is_partial(SegmentMode mode) {
   return std::find(all.begin(), all.end(), mode) != all.end();
 }
 
-} // namespace
-
-Chain profile_stages(
+// Every argument checked before anything runs.
+void check_profile_inputs(
     const std::vector<StageRunner>& stages,
     const at::Tensor& input,
     const ProfileOptions& options) {
@@ -264,6 +263,132 @@ Chain profile_stages(
           st.name, "' (", to_string(st.kind), ") offers ", to_string(mode));
     }
   }
+}
+
+// The modes a stage is profiled in: kStore, its own selective modes, and
+// for a layer the modes the options add.
+std::vector<SegmentMode> modes_of(const StageRunner& st, const ProfileOptions& options) {
+  std::vector<SegmentMode> modes{SegmentMode::kStore};
+  modes.insert(modes.end(), st.modes.begin(), st.modes.end());
+  if (st.kind == StageKind::kLayer) {
+    for (auto mode : options.layer_modes()) {
+      if (std::find(modes.begin(), modes.end(), mode) == modes.end()) {
+        modes.push_back(mode);
+      }
+    }
+  }
+  return modes;
+}
+
+int64_t largest(const std::vector<Sample>& v, int64_t Sample::*field) {
+  int64_t m = 0;
+  for (const auto& s : v) {
+    m = std::max(m, s.*field);
+  }
+  return m;
+}
+
+double median_total_seconds(const std::vector<Sample>& v) {
+  std::vector<double> t;
+  for (const auto& s : v) {
+    t.push_back(s.forward_seconds + s.backward_seconds);
+  }
+  return median(t);
+}
+
+// A stage's cost from its samples, samples[k] in modes[k] (modes[0] is
+// kStore); a layer is also run once as a checkpointed group's backward.
+StageCost cost_of(
+    const StageRunner& st,
+    const at::Tensor& x,
+    const std::vector<SegmentMode>& modes,
+    const std::vector<std::vector<Sample>>& samples,
+    const Meter& meter,
+    const ProfileOptions& options) {
+  const auto& base = samples[0];
+  std::vector<double> fwd, bwd;
+  for (const auto& s : base) {
+    fwd.push_back(s.forward_seconds);
+    bwd.push_back(s.backward_seconds);
+  }
+  StageCost cost(st.name, st.kind);
+  cost.forward_seconds(median(fwd))
+      .backward_seconds(median(bwd))
+      .output_bytes(largest(base, &Sample::output))
+      .stored_bytes(std::max(largest(base, &Sample::stored), largest(base, &Sample::output)))
+      .forward_transient_bytes(largest(base, &Sample::forward_transient))
+      .backward_transient_bytes(largest(base, &Sample::backward_transient));
+  int64_t param_grads = 0;
+  std::unordered_set<const c10::TensorImpl*> seen;
+  for (const auto& p : st.parameters) {
+    if (p.defined() && p.requires_grad() && seen.insert(p.unsafeGetTensorImpl()).second) {
+      param_grads += bytes_of(p);
+    }
+  }
+  cost.parameter_gradient_bytes(param_grads);
+  if (st.kind == StageKind::kLayer) {
+    cost.group_backward_transient_bytes(
+        run_once(st, x, SegmentMode::kStore, meter, options.gradients(), /*grouped=*/true)
+            .backward_transient);
+  }
+  const double store_seconds = median_total_seconds(base);
+  // A recompute runs ops a second time, so it is never free. Where it costs
+  // less than the noise (checkpointed_attention's lean recompute of a small
+  // layer), a difference <= 0 would make it tie with storing, and the
+  // solver breaks ties by memory: a budget that storing fits would get a
+  // recompute on some runs and not on others. A nanosecond keeps storing
+  // ahead on such ties and changes no step time anyone can see.
+  constexpr double kLeastRecomputeSeconds = 1e-9;
+  for (size_t k = 1; k < modes.size(); ++k) {
+    const auto& v = samples[k];
+    auto sel = SelectiveCost(
+                   std::max(largest(v, &Sample::stored), cost.output_bytes()),
+                   std::max(kLeastRecomputeSeconds, median_total_seconds(v) - store_seconds))
+                   .forward_transient_bytes(largest(v, &Sample::forward_transient))
+                   .backward_transient_bytes(largest(v, &Sample::backward_transient));
+    cost.selective(modes[k], sel);
+  }
+  return cost;
+}
+
+// The stage once more without grad, as a checkpointed group's first pass
+// runs it (a layer: inside a real checkpoint, which also tells what the
+// checkpoint itself keeps, into chain.checkpoint_bytes); sets the cost's
+// no-grad transient bytes. Returns its output, the next stage's input.
+at::Tensor run_without_grad(
+    const StageRunner& st,
+    const at::Tensor& x,
+    const Meter& meter,
+    StageCost& cost,
+    Chain& chain) {
+  if (st.reset) {
+    st.reset();
+  }
+  const bool grouped = st.kind == StageKind::kLayer;
+  c10::optional<at::NoGradGuard> no_grad;
+  if (!grouped) {
+    no_grad.emplace();
+  }
+  const int64_t before = meter.held();
+  meter.reset_peak();
+  at::Tensor out = grouped ? checkpointed(st, x, OpPolicy()) : st.forward(x, SegmentMode::kStore);
+  const int64_t after = meter.held();
+  const int64_t kept = std::max<int64_t>(0, after - before - bytes_of(out));
+  if (grouped) {
+    chain.checkpoint_bytes = std::max(chain.checkpoint_bytes, kept);
+  }
+  cost.nograd_transient_bytes(
+      std::max<int64_t>(0, meter.peak() - before - kept - cost.output_bytes()));
+  return out;
+}
+
+} // namespace
+
+Chain profile_stages(
+    const std::vector<StageRunner>& stages,
+    const at::Tensor& input,
+    const ProfileOptions& options) {
+  check_profile_inputs(stages, input, options);
   c10::AutoGradMode grad_on(true);
   const Meter meter(options.device());
   const int64_t held_at_start = meter.held();
@@ -280,15 +405,7 @@ Chain profile_stages(
   at::Tensor x = input;
   int64_t kept_by_last = 0;
   for (const auto& st : stages) {
-    std::vector<SegmentMode> modes{SegmentMode::kStore};
-    modes.insert(modes.end(), st.modes.begin(), st.modes.end());
-    if (st.kind == StageKind::kLayer) {
-      for (auto mode : options.layer_modes()) {
-        if (std::find(modes.begin(), modes.end(), mode) == modes.end()) {
-          modes.push_back(mode);
-        }
-      }
-    }
+    const auto modes = modes_of(st, options);
     std::vector<std::vector<Sample>> samples(modes.size());
     for (int64_t round = 0; round < options.warmup() + options.repeats(); ++round) {
       for (size_t k = 0; k < modes.size(); ++k) {
@@ -298,98 +415,12 @@ Chain profile_stages(
         }
       }
     }
-    auto largest = [](const std::vector<Sample>& v, int64_t Sample::*field) {
-      int64_t m = 0;
-      for (const auto& s : v) {
-        m = std::max(m, s.*field);
-      }
-      return m;
-    };
-    auto total_seconds = [](const std::vector<Sample>& v) {
-      std::vector<double> t;
-      for (const auto& s : v) {
-        t.push_back(s.forward_seconds + s.backward_seconds);
-      }
-      return median(t);
-    };
-    const auto& base = samples[0];
-    std::vector<double> fwd, bwd;
-    for (const auto& s : base) {
-      fwd.push_back(s.forward_seconds);
-      bwd.push_back(s.backward_seconds);
-    }
-    StageCost cost(st.name, st.kind);
-    cost.forward_seconds(median(fwd))
-        .backward_seconds(median(bwd))
-        .output_bytes(largest(base, &Sample::output))
-        .stored_bytes(std::max(largest(base, &Sample::stored), largest(base, &Sample::output)))
-        .forward_transient_bytes(largest(base, &Sample::forward_transient))
-        .backward_transient_bytes(largest(base, &Sample::backward_transient));
-    int64_t param_grads = 0;
-    {
-      std::unordered_set<const c10::TensorImpl*> seen;
-      for (const auto& p : st.parameters) {
-        if (p.defined() && p.requires_grad() && seen.insert(p.unsafeGetTensorImpl()).second) {
-          param_grads += bytes_of(p);
-        }
-      }
-    }
-    cost.parameter_gradient_bytes(param_grads);
-    if (st.kind == StageKind::kLayer) {
-      cost.group_backward_transient_bytes(
-          run_once(st, x, SegmentMode::kStore, meter, options.gradients(), /*grouped=*/true)
-              .backward_transient);
-    }
-    const double store_seconds = total_seconds(base);
-    // A recompute runs ops a second time, so it is never free. Where it costs
-    // less than the noise (checkpointed_attention's lean recompute of a small
-    // layer), a difference <= 0 would make it tie with storing, and the
-    // solver breaks ties by memory: a budget that storing fits would get a
-    // recompute on some runs and not on others. A nanosecond keeps storing
-    // ahead on such ties and changes no step time anyone can see.
-    constexpr double kLeastRecomputeSeconds = 1e-9;
-    for (size_t k = 1; k < modes.size(); ++k) {
-      const auto& v = samples[k];
-      auto sel = SelectiveCost(
-                     std::max(largest(v, &Sample::stored), cost.output_bytes()),
-                     std::max(kLeastRecomputeSeconds, total_seconds(v) - store_seconds))
-                     .forward_transient_bytes(largest(v, &Sample::forward_transient))
-                     .backward_transient_bytes(largest(v, &Sample::backward_transient));
-      cost.selective(modes[k], sel);
-    }
-
-    // Once more without grad, as a checkpointed group's first pass runs it
-    // (a layer: inside a real checkpoint, which also tells what the
-    // checkpoint itself keeps); its output is the next stage's input.
-    if (st.reset) {
-      st.reset();
-    }
-    at::Tensor out;
-    {
-      const bool grouped = st.kind == StageKind::kLayer;
-      c10::optional<at::NoGradGuard> no_grad;
-      if (!grouped) {
-        no_grad.emplace();
-      }
-      const int64_t before = meter.held();
-      meter.reset_peak();
-      if (grouped) {
-        out = checkpointed(st, x, OpPolicy());
-      } else {
-        out = st.forward(x, SegmentMode::kStore);
-      }
-      const int64_t after = meter.held();
-      const int64_t kept = std::max<int64_t>(0, after - before - bytes_of(out));
-      if (grouped) {
-        chain.checkpoint_bytes = std::max(chain.checkpoint_bytes, kept);
-      }
-      cost.nograd_transient_bytes(std::max<int64_t>(
-          0, meter.peak() - before - kept - cost.output_bytes()));
-    }
+    auto cost = cost_of(st, x, modes, samples, meter, options);
+    const auto out = run_without_grad(st, x, meter, cost, chain);
     chain.stages.push_back(cost);
-    kept_by_last = largest(base, &Sample::kept_after_backward);
+    kept_by_last = largest(samples[0], &Sample::kept_after_backward);
     x = out.detach();
-    if (base.front().output_requires_grad && x.is_floating_point()) {
+    if (samples[0].front().output_requires_grad && x.is_floating_point()) {
       x.requires_grad_(true);
     }
   }

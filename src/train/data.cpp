@@ -733,6 +733,36 @@ DataLoader::DataLoader(
   position_.seed = options_.seed();
 }
 
+int64_t DataLoader::longest_row() const {
+  if (longest_row_ > 0) {
+    return longest_row_;
+  }
+  const auto max_len = options_.max_len();
+  if (options_.pad_to_max_len()) {
+    longest_row_ = max_len;
+  } else if (options_.pack()) {
+    for (const auto& row : packed_) {
+      int64_t tokens = 0;
+      for (const auto doc : row) {
+        tokens += lengths_[static_cast<size_t>(doc)];
+      }
+      longest_row_ = std::max(longest_row_, tokens);
+    }
+  } else if (!lengths_.empty()) {
+    longest_row_ = *std::max_element(lengths_.begin(), lengths_.end());
+  } else {
+    for (const auto& e : data_->examples) {
+      longest_row_ = std::max(
+          longest_row_, static_cast<int64_t>(encode_example(e, *tokenizer_, max_len).size()));
+      if (longest_row_ == max_len) {
+        break; // none is longer
+      }
+    }
+  }
+  longest_row_ = std::min(std::max<int64_t>(longest_row_, 1), max_len);
+  return longest_row_;
+}
+
 void DataLoader::set_position(const LoaderPosition& position) {
   TORCH_CHECK(
       position.epoch >= 0 && position.index >= 0 &&

@@ -101,7 +101,11 @@ void Progress::step(const StepRecord& r, int64_t total, const std::string& phase
   const double eta = elapsed / static_cast<double>(phase_steps_) *
       static_cast<double>(std::max<int64_t>(total - r.step, 0));
   const std::string stats = "loss " + fmt("%.4f", r.loss) + " | " + rate(r.tokens_per_s) +
-      " tok/s | peak " + memory::format_size(r.peak_bytes) + " | ETA " + format_duration(eta);
+      " tok/s | peak " + memory::format_size(r.peak_bytes) +
+      (r.planned.empty() ? std::string()
+                         : " (plan " + memory::format_size(r.predicted_peak_bytes) + " for " +
+               r.planned + ")") +
+      " | ETA " + format_duration(eta);
   if (terminal_) {
     constexpr int kWidth = 20;
     const int filled = total > 0

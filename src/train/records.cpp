@@ -56,6 +56,17 @@ Task parse_task(const std::string& text) {
   return text == "classify" ? Task::kClassification : Task::kCausalLm;
 }
 
+const char* to_string(BudgetPlans plans) {
+  return plans == BudgetPlans::kPerShape ? "per-shape" : "worst-case";
+}
+
+BudgetPlans parse_budget_plans(const std::string& text) {
+  TORCH_CHECK(
+      text == "per-shape" || text == "worst-case",
+      "expected per-shape or worst-case, but got '", text, "'");
+  return text == "per-shape" ? BudgetPlans::kPerShape : BudgetPlans::kWorstCase;
+}
+
 // ---------------------------------------------------------------- options
 
 TrainOptions::TrainOptions()
@@ -174,6 +185,7 @@ nlohmann::json TrainOptions::to_json() const {
       {"max_steps", max_steps_},
       {"max_tokens", max_tokens_},
       {"pack", pack_},
+      {"pad_to_seq", pad_to_seq_},
       {"layers", m.layers()},
       {"hidden", m.hidden()},
       {"heads", m.heads()},
@@ -184,6 +196,7 @@ nlohmann::json TrainOptions::to_json() const {
       {"dropout", m.dropout()},
       {"init_dir", init_dir_},
       {"policy", policy_.name()},
+      {"budget_plans", to_string(budget_plans_)},
       {"dtype", nn::model_dtype_name(m.dtype())},
       {"lr", lr_},
       {"weight_decay", weight_decay_},
@@ -276,6 +289,20 @@ TrainOptions TrainOptions::from_json(const nlohmann::json& j) {
   if (j.contains("pack")) {
     o.pack(in.boolean("pack"));
   }
+  // And those saved before per-shape plans and --pad-to-seq: a budget was
+  // planned once, for the worst case, and rows padded to their batch's.
+  if (j.contains("pad_to_seq")) {
+    o.pad_to_seq(in.boolean("pad_to_seq"));
+  }
+  if (j.contains("budget_plans")) {
+    const auto text = in.string("budget_plans");
+    try {
+      o.budget_plans(parse_budget_plans(text));
+    } catch (const c10::Error&) {
+      TORCH_CHECK(false, what, " field \"budget_plans\": expected per-shape or worst-case, but got '",
+                  text, "'");
+    }
+  }
   // And those saved before --max-bad-steps, with its default.
   if (j.contains("max_bad_steps")) {
     o.max_bad_steps(in.integer("max_bad_steps"));
@@ -312,7 +339,16 @@ nlohmann::json StepRecord::to_json() const {
       {"peak_bytes", peak_bytes},
       {"step_seconds", step_seconds},
       {"policy", policy},
+      {"rows", rows},
+      {"row_tokens", row_tokens},
+      {"micro_batches", micro_batches},
   };
+  if (!planned.empty()) {
+    j["planned"] = planned;
+    j["schedule"] = schedule;
+    j["predicted_peak_bytes"] = predicted_peak_bytes;
+    j["plan_seconds"] = plan_seconds;
+  }
   if (reduced_in_backward_bytes > 0 || reduced_after_backward_bytes > 0) {
     j["reduced_in_backward_bytes"] = reduced_in_backward_bytes;
     j["reduced_after_backward_bytes"] = reduced_after_backward_bytes;
@@ -343,6 +379,18 @@ StepRecord StepRecord::from_json(const nlohmann::json& j) {
   r.peak_bytes = in.integer("peak_bytes");
   r.step_seconds = in.number("step_seconds");
   r.policy = in.string("policy");
+  // Records saved before shapes were recorded have none.
+  if (j.contains("rows")) {
+    r.rows = in.integer("rows");
+    r.row_tokens = in.integer("row_tokens");
+    r.micro_batches = in.integer("micro_batches");
+  }
+  if (j.contains("planned")) {
+    r.planned = in.string("planned");
+    r.schedule = in.string("schedule");
+    r.predicted_peak_bytes = in.integer("predicted_peak_bytes");
+    r.plan_seconds = in.number("plan_seconds");
+  }
   if (j.contains("reduced_in_backward_bytes")) {
     r.reduced_in_backward_bytes = in.integer("reduced_in_backward_bytes");
     r.reduced_after_backward_bytes = in.integer("reduced_after_backward_bytes");

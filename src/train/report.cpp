@@ -218,19 +218,20 @@ int64_t max_peak(const std::vector<StepRecord>& steps, size_t limit) {
   return peak;
 }
 
-} // namespace
+// What every section of the report reads.
+struct Report {
+  const History& h;
+  const TrainOptions& options;
+  std::string main_name; ///< the run's policy
+  std::string cmp_name;  ///< the comparison's, when there is one
+  bool compared = false;
+  bool classification = false;
+};
 
-std::string render_report(
-    const History& h,
-    const TrainOptions& options,
-    const std::string& summary) {
-  const bool compared = !h.compare_steps.empty();
-  const std::string main_name = options.policy().name();
-  const std::string cmp_name = h.compare_policy;
-  std::ostringstream out;
+void write_head(std::ostream& out, const Report& r, const std::string& summary) {
   out << "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">\n"
-      << "<title>remat train: " << escape(to_string(options.task())) << ", "
-      << escape(main_name) << "</title>\n<style>\n"
+      << "<title>remat train: " << escape(to_string(r.options.task())) << ", "
+      << escape(r.main_name) << "</title>\n<style>\n"
       << "body{font:14px/1.45 system-ui,sans-serif;margin:24px auto;max-width:820px;"
          "color:#1b1f24}\n"
       << "h1{font-size:22px}h2{font-size:17px;margin-top:28px}\n"
@@ -242,39 +243,42 @@ std::string render_report(
          "padding:2px 8px;text-align:right}th{background:#f1f3f5}\n"
       << "code{font-size:12px}.summary{font-family:monospace;font-size:12px;"
          "white-space:pre-wrap}\n</style></head><body>\n";
-  out << "<h1>remat train: " << escape(to_string(options.task())) << " under "
-      << escape(main_name) << "</h1>\n<p class=\"summary\">" << escape(summary) << "</p>\n";
+  out << "<h1>remat train: " << escape(to_string(r.options.task())) << " under "
+      << escape(r.main_name) << "</h1>\n<p class=\"summary\">" << escape(summary) << "</p>\n";
+}
 
-  // Figures first.
+// The headline figures of the run and its comparison, and the final scores.
+void write_figures(std::ostream& out, const Report& r) {
+  const auto& h = r.h;
   std::vector<std::vector<std::string>> figures;
   if (!h.steps.empty()) {
     auto med = median_seconds(h.steps, h.steps.size());
-    figures.push_back({main_name, std::to_string(h.steps.size()),
+    figures.push_back({r.main_name, std::to_string(h.steps.size()),
                        memory::format_size(max_peak(h.steps, h.steps.size())),
                        num(med, "%.4f"), num(h.steps.back().loss)});
   }
-  if (compared) {
+  if (r.compared) {
     const size_t n = h.compare_steps.size();
-    figures.push_back({cmp_name + " (comparison)", std::to_string(n),
+    figures.push_back({r.cmp_name + " (comparison)", std::to_string(n),
                        memory::format_size(max_peak(h.compare_steps, n)),
                        num(median_seconds(h.compare_steps, n), "%.4f"),
                        num(h.compare_steps.back().loss)});
-    figures.push_back({main_name + " (same steps)", std::to_string(std::min(n, h.steps.size())),
+    figures.push_back({r.main_name + " (same steps)", std::to_string(std::min(n, h.steps.size())),
                        memory::format_size(max_peak(h.steps, n)),
                        num(median_seconds(h.steps, n), "%.4f"),
                        h.steps.size() >= n ? num(h.steps[n - 1].loss) : "-"});
   }
   out << "<h2>Figures</h2>\n"
       << table({"policy", "steps", "peak memory", "median step (s)", "last loss"}, figures);
-  if (compared) {
-    out << "<p>Largest |loss difference| per step, " << escape(main_name) << " vs "
-        << escape(cmp_name) << ": <b id=\"max-loss-diff\">"
+  if (r.compared) {
+    out << "<p>Largest |loss difference| per step, " << escape(r.main_name) << " vs "
+        << escape(r.cmp_name) << ": <b id=\"max-loss-diff\">"
         << num(h.max_compare_diff(), "%.3g") << "</b></p>\n";
   }
   if (!h.evals.empty()) {
     const auto& e = h.evals.back();
     out << "<p>Final validation (step " << e.step << "): loss " << num(e.loss);
-    if (options.task() == Task::kClassification) {
+    if (r.classification) {
       out << ", macro-F1 <b>" << num(e.macro_f1, "%.4f") << "</b>, micro-F1 "
           << num(e.micro_f1, "%.4f");
     } else {
@@ -282,16 +286,18 @@ std::string render_report(
     }
     out << "</p>\n";
   }
+}
 
-  // Loss.
+void write_loss(std::ostream& out, const Report& r) {
+  const auto& h = r.h;
   std::vector<Series> loss;
-  Series train{main_name + " train loss", kMain};
+  Series train{r.main_name + " train loss", kMain};
   for (const auto& s : h.steps) {
     train.points.emplace_back(static_cast<double>(s.step), s.loss);
   }
   loss.push_back(train);
-  if (compared) {
-    Series c{cmp_name + " train loss", kCompare};
+  if (r.compared) {
+    Series c{r.cmp_name + " train loss", kCompare};
     c.dashed = true;
     for (const auto& s : h.compare_steps) {
       c.points.emplace_back(static_cast<double>(s.step), s.loss);
@@ -307,20 +313,33 @@ std::string render_report(
     loss.push_back(v);
   }
   out << "<h2>Loss</h2>\n" << line_chart("loss", "Loss per step", "step", "loss", loss);
+}
 
-  // Memory and time per step.
-  auto per_step = [&](const char* id, const char* title, const char* unit, auto value) {
+// Peak memory and step time per step, the comparison's beside; under a
+// budget, the plans' predicted peaks too.
+void write_memory_and_time(std::ostream& out, const Report& r) {
+  const auto& h = r.h;
+  auto per_step = [&](const char* id, const char* title, const char* unit, auto value,
+                      bool predicted) {
     std::vector<Series> s;
-    Series a{main_name, kMain};
-    for (const auto& r : h.steps) {
-      a.points.emplace_back(static_cast<double>(r.step), value(r));
+    Series a{r.main_name, kMain};
+    Series plan{"predicted by the plan", kEval};
+    plan.dashed = true;
+    for (const auto& step : h.steps) {
+      a.points.emplace_back(static_cast<double>(step.step), value(step));
+      if (predicted && step.predicted_peak_bytes > 0) {
+        plan.points.emplace_back(static_cast<double>(step.step), mib(step.predicted_peak_bytes));
+      }
     }
     s.push_back(a);
-    if (compared) {
-      Series b{cmp_name, kCompare};
+    if (!plan.points.empty()) {
+      s.push_back(plan);
+    }
+    if (r.compared) {
+      Series b{r.cmp_name, kCompare};
       b.dashed = true;
-      for (const auto& r : h.compare_steps) {
-        b.points.emplace_back(static_cast<double>(r.step), value(r));
+      for (const auto& step : h.compare_steps) {
+        b.points.emplace_back(static_cast<double>(step.step), value(step));
       }
       s.push_back(b);
     }
@@ -329,11 +348,15 @@ std::string render_report(
   out << "<h2>Memory and time</h2>\n"
       << per_step("memory", "Peak memory per step (weights, gradients, optimizer state "
                             "and activations)", "MiB",
-                  [](const StepRecord& r) { return mib(r.peak_bytes); })
+                  [](const StepRecord& step) { return mib(step.peak_bytes); }, true)
       << per_step("time", "Step time (forward, backward, optimizer)", "seconds",
-                  [](const StepRecord& r) { return r.step_seconds; });
+                  [](const StepRecord& step) { return step.step_seconds; }, false);
+}
 
-  // Per-layer timeline.
+// Bytes held through one instrumented step, event by event, per policy.
+void write_timeline(std::ostream& out, const Report& r) {
+  const auto& h = r.h;
+  const auto& main_name = r.main_name;
   out << "<h2>Memory through one step, layer by layer</h2>\n"
       << "<p>Bytes held after each layer's forward and backward and, for "
          "checkpointed layers, as each recompute starts (and as it ends, where it "
@@ -362,73 +385,80 @@ std::string render_report(
     out << "<p>" << escape(t.policy) << ": highest at <i>" << escape(peak_label) << "</i>, "
         << memory::format_size(peak) << ".</p>\n";
   }
+}
 
-  // Evaluations.
-  if (!h.evals.empty()) {
-    std::vector<std::string> header{"step", "epoch", "loss"};
-    if (options.task() == Task::kClassification) {
-      header.push_back("macro-F1");
-      for (const auto& name : h.label_names) {
-        header.push_back("F1 " + name);
+void write_evaluations(std::ostream& out, const Report& r) {
+  const auto& h = r.h;
+  if (h.evals.empty()) {
+    return;
+  }
+  std::vector<std::string> header{"step", "epoch", "loss"};
+  if (r.classification) {
+    header.push_back("macro-F1");
+    for (const auto& name : h.label_names) {
+      header.push_back("F1 " + name);
+    }
+  } else {
+    header.push_back("perplexity");
+  }
+  std::vector<std::vector<std::string>> rows;
+  for (const auto& e : h.evals) {
+    std::vector<std::string> row{std::to_string(e.step), std::to_string(e.epoch),
+                                 num(e.loss)};
+    if (r.classification) {
+      row.push_back(num(e.macro_f1, "%.4f"));
+      for (double f : e.per_label_f1) {
+        row.push_back(num(f, "%.4f"));
       }
     } else {
-      header.push_back("perplexity");
+      row.push_back(num(e.perplexity));
     }
-    std::vector<std::vector<std::string>> rows;
-    for (const auto& e : h.evals) {
-      std::vector<std::string> row{std::to_string(e.step), std::to_string(e.epoch),
-                                   num(e.loss)};
-      if (options.task() == Task::kClassification) {
-        row.push_back(num(e.macro_f1, "%.4f"));
-        for (double f : e.per_label_f1) {
-          row.push_back(num(f, "%.4f"));
-        }
-      } else {
-        row.push_back(num(e.perplexity));
-      }
-      rows.push_back(row);
-    }
-    out << "<h2>Evaluations</h2>\n" << table(header, rows);
+    rows.push_back(row);
   }
+  out << "<h2>Evaluations</h2>\n" << table(header, rows);
+}
 
-  // Comparison.
-  if (compared) {
-    const double n = static_cast<double>(h.compare_steps.size());
-    auto first_steps = [&](const char* id, const char* title, const char* unit, auto value) {
-      Series a{main_name, kMain};
-      Series b{cmp_name, kCompare};
-      b.dashed = true;
-      for (const auto& r : h.steps) {
-        if (static_cast<double>(r.step) <= n) {
-          a.points.emplace_back(static_cast<double>(r.step), value(r));
-        }
+// The run's first steps against the comparison's, step by step.
+void write_comparison(std::ostream& out, const Report& r) {
+  const auto& h = r.h;
+  const auto& main_name = r.main_name;
+  const auto& cmp_name = r.cmp_name;
+  const double n = static_cast<double>(h.compare_steps.size());
+  auto first_steps = [&](const char* id, const char* title, const char* unit, auto value) {
+    Series a{main_name, kMain};
+    Series b{cmp_name, kCompare};
+    b.dashed = true;
+    for (const auto& step : h.steps) {
+      if (static_cast<double>(step.step) <= n) {
+        a.points.emplace_back(static_cast<double>(step.step), value(step));
       }
-      for (const auto& r : h.compare_steps) {
-        b.points.emplace_back(static_cast<double>(r.step), value(r));
-      }
-      return line_chart(id, title, "step", unit, {a, b});
-    };
-    out << "<h2>Comparison, step by step</h2>\n"
-        << first_steps("compare-loss", "Loss over the compared steps (the curves coincide "
-                                       "when the losses are equal)", "loss",
-                       [](const StepRecord& r) { return r.loss; })
-        << first_steps("compare-memory", "Peak memory over the compared steps", "MiB",
-                       [](const StepRecord& r) { return mib(r.peak_bytes); });
-    std::vector<std::vector<std::string>> rows;
-    for (const auto& s : h.steps) {
-      if (!s.compare_loss) {
-        continue;
-      }
-      rows.push_back({std::to_string(s.step), num(s.loss, "%.9g"),
-                      num(*s.compare_loss, "%.9g"),
-                      num(std::abs(s.loss - *s.compare_loss), "%.3g")});
     }
-    out << table({"step", "loss " + main_name, "loss " + cmp_name, "|difference|"}, rows);
+    for (const auto& step : h.compare_steps) {
+      b.points.emplace_back(static_cast<double>(step.step), value(step));
+    }
+    return line_chart(id, title, "step", unit, {a, b});
+  };
+  out << "<h2>Comparison, step by step</h2>\n"
+      << first_steps("compare-loss", "Loss over the compared steps (the curves coincide "
+                                     "when the losses are equal)", "loss",
+                     [](const StepRecord& step) { return step.loss; })
+      << first_steps("compare-memory", "Peak memory over the compared steps", "MiB",
+                     [](const StepRecord& step) { return mib(step.peak_bytes); });
+  std::vector<std::vector<std::string>> rows;
+  for (const auto& s : h.steps) {
+    if (!s.compare_loss) {
+      continue;
+    }
+    rows.push_back({std::to_string(s.step), num(s.loss, "%.9g"),
+                    num(*s.compare_loss, "%.9g"),
+                    num(std::abs(s.loss - *s.compare_loss), "%.3g")});
   }
+  out << table({"step", "loss " + main_name, "loss " + cmp_name, "|difference|"}, rows);
+}
 
-  // Settings.
+void write_settings(std::ostream& out, const Report& r) {
   std::vector<std::vector<std::string>> settings;
-  auto j = options.to_json();
+  auto j = r.options.to_json();
   for (auto it = j.begin(); it != j.end(); ++it) {
     settings.push_back({it.key(), it.value().is_string() ? it.value().get<std::string>()
                                                          : it.value().dump()});
@@ -436,6 +466,27 @@ std::string render_report(
   out << "<h2>Settings</h2>\n" << table({"option", "value"}, settings);
   out << "<p><small>Written by remat train. Memory is counted to the byte by remat's "
          "allocator (remat::memory).</small></p>\n</body></html>\n";
+}
+
+} // namespace
+
+std::string render_report(
+    const History& h,
+    const TrainOptions& options,
+    const std::string& summary) {
+  Report r{h, options, options.policy().name(), h.compare_policy, !h.compare_steps.empty(),
+           options.task() == Task::kClassification};
+  std::ostringstream out;
+  write_head(out, r, summary);
+  write_figures(out, r); // figures first
+  write_loss(out, r);
+  write_memory_and_time(out, r);
+  write_timeline(out, r);
+  write_evaluations(out, r);
+  if (r.compared) {
+    write_comparison(out, r);
+  }
+  write_settings(out, r);
   return out.str();
 }
 

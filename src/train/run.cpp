@@ -66,6 +66,105 @@ void run_comparison(
   out.compare_steps = shadow.history().steps;
 }
 
+// A new run gets the comparison's records and its own memory timeline; a
+// resumed one its state, and a timeline when it asks for one it lacks.
+void start_run(
+    Trainer& t,
+    const TrainOptions& options,
+    bool resume,
+    const History& compared,
+    const TrainCallbacks& cb) {
+  if (resume) {
+    const auto path = state_path(options.out_dir());
+    t.load_state(path);
+    say(cb, "resumed from " + path + " at step " + std::to_string(t.step_count()) +
+            " of " + std::to_string(t.total_steps()));
+    auto& timelines = t.history().timelines;
+    const bool have = std::any_of(timelines.begin(), timelines.end(), [&](const auto& m) {
+      return m.policy == options.policy().name();
+    });
+    if (options.memory_timeline() && !have) {
+      timelines.push_back(t.memory_timeline()); // changes nothing of the run
+    }
+    return;
+  }
+  t.history().compare_policy = compared.compare_policy;
+  t.history().compare_steps = compared.compare_steps;
+  t.history().timelines = compared.timelines;
+  if (options.memory_timeline()) {
+    t.history().timelines.push_back(t.memory_timeline());
+  }
+}
+
+// A bad step is said; one past max_bad_steps in a row stops the run, saying
+// which state is left. Every rank has the same record (see Trainer::step),
+// so every rank stops at the same step, and none waits for another.
+void check_bad_step(
+    const StepRecord& r,
+    const TrainOptions& options,
+    int64_t saved_step,
+    const TrainCallbacks& cb) {
+  if (!r.skipped) {
+    return;
+  }
+  const int64_t allowed = options.max_bad_steps();
+  if (r.skipped_in_a_row > allowed) {
+    const std::string what = describe_skipped_step(r, allowed);
+    const std::string kept = options.out_dir().empty() ? "nothing saved (no out_dir)"
+        : saved_step < 0
+        ? "no state saved yet"
+        : "the last state saved, " + state_path(options.out_dir()) + " (step " +
+            std::to_string(saved_step) + "), is left as it is";
+    TORCH_CHECK(
+        false, "max_bad_steps: expected at most ", allowed, " bad steps in a row, but got ",
+        r.skipped_in_a_row, " (", what.substr(0, what.find(';')), "); training stopped, ",
+        kept);
+  }
+  say(cb, describe_skipped_step(r, allowed));
+}
+
+// The end of a run: the final evaluation (unless a finished run was
+// resumed), the last state, the callbacks' end, and the result.
+TrainResult finish_run(
+    Trainer& t,
+    const TrainOptions& options,
+    bool writer,
+    const TrainCallbacks& cb,
+    const std::shared_ptr<dist::ProcessGroup>& group) {
+  TrainResult result;
+  if (t.has_validation()) {
+    const auto& evals = t.history().evals;
+    if (!evals.empty() && evals.back().step == t.total_steps()) {
+      result.final_eval = evals.back(); // a finished run, resumed again
+    } else {
+      result.final_eval = t.evaluate();
+      if (cb.on_eval) {
+        cb.on_eval(result.final_eval);
+      }
+    }
+    result.has_eval = true;
+  }
+  if (writer && !options.out_dir().empty()) {
+    t.save_state(options.out_dir());
+    if (cb.on_save) {
+      cb.on_save(state_path(options.out_dir()), t.step_count());
+    }
+  }
+  if (cb.on_end) {
+    cb.on_end(t);
+  }
+  if (group) {
+    // No rank leaves (taking its end of the connections with it) while
+    // rank 0 still writes.
+    group->barrier();
+  }
+  result.history = t.history();
+  result.steps = t.step_count();
+  result.parameters = t.parameter_count();
+  result.trainable_parameters = t.trainable_parameter_count();
+  return result;
+}
+
 } // namespace
 
 TrainResult run_training(
@@ -102,26 +201,7 @@ TrainResult run_training(
   }
   Trainer t(options, group);
   say(cb, t.summary());
-  if (resume) {
-    const auto path = state_path(options.out_dir());
-    t.load_state(path);
-    say(cb, "resumed from " + path + " at step " + std::to_string(t.step_count()) +
-            " of " + std::to_string(t.total_steps()));
-    auto& timelines = t.history().timelines;
-    const bool have = std::any_of(timelines.begin(), timelines.end(), [&](const auto& m) {
-      return m.policy == options.policy().name();
-    });
-    if (options.memory_timeline() && !have) {
-      timelines.push_back(t.memory_timeline()); // changes nothing of the run
-    }
-  } else {
-    t.history().compare_policy = compared.compare_policy;
-    t.history().compare_steps = compared.compare_steps;
-    t.history().timelines = compared.timelines;
-    if (options.memory_timeline()) {
-      t.history().timelines.push_back(t.memory_timeline());
-    }
-  }
+  start_run(t, options, resume, compared, cb);
   if (cb.on_start) {
     cb.on_start(t);
   }
@@ -143,24 +223,7 @@ TrainResult run_training(
       std::fflush(nullptr);
       ::_exit(137);
     }
-    if (r.skipped) {
-      // Every rank has the same record (see Trainer::step), so every rank
-      // stops at the same step, and none waits for another.
-      const int64_t allowed = options.max_bad_steps();
-      if (r.skipped_in_a_row > allowed) {
-        const std::string what = describe_skipped_step(r, allowed);
-        const std::string kept = options.out_dir().empty() ? "nothing saved (no out_dir)"
-            : saved_step < 0
-            ? "no state saved yet"
-            : "the last state saved, " + state_path(options.out_dir()) + " (step " +
-                std::to_string(saved_step) + "), is left as it is";
-        TORCH_CHECK(
-            false, "max_bad_steps: expected at most ", allowed, " bad steps in a row, but got ",
-            r.skipped_in_a_row, " (", what.substr(0, what.find(';')), "); training stopped, ",
-            kept);
-      }
-      say(cb, describe_skipped_step(r, allowed));
-    }
+    check_bad_step(r, options, saved_step, cb);
     const bool last = r.step == total;
     const bool eval_now = options.eval_every() > 0 ? r.step % options.eval_every() == 0
                                                    : r.step % per_epoch == 0;
@@ -181,38 +244,7 @@ TrainResult run_training(
     }
   }
 
-  TrainResult result;
-  if (t.has_validation()) {
-    const auto& evals = t.history().evals;
-    if (!evals.empty() && evals.back().step == total) {
-      result.final_eval = evals.back(); // a finished run, resumed again
-    } else {
-      result.final_eval = t.evaluate();
-      if (cb.on_eval) {
-        cb.on_eval(result.final_eval);
-      }
-    }
-    result.has_eval = true;
-  }
-  if (writer && !options.out_dir().empty()) {
-    t.save_state(options.out_dir());
-    if (cb.on_save) {
-      cb.on_save(state_path(options.out_dir()), t.step_count());
-    }
-  }
-  if (cb.on_end) {
-    cb.on_end(t);
-  }
-  if (group) {
-    // No rank leaves (taking its end of the connections with it) while
-    // rank 0 still writes.
-    group->barrier();
-  }
-  result.history = t.history();
-  result.steps = t.step_count();
-  result.parameters = t.parameter_count();
-  result.trainable_parameters = t.trainable_parameter_count();
-  return result;
+  return finish_run(t, options, writer, cb, group);
 }
 
 TrainOptions saved_run_options(const std::string& out_dir) {

@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <set>
 #include <sstream>
 
 namespace remat {
@@ -39,6 +40,31 @@ int64_t max_peak_bytes(const std::vector<StepRecord>& steps, size_t n) {
   return peak;
 }
 
+// "budget:64MiB, per-shape: 9 plan shape(s), ...": what budget plans cost
+// and how close the steps came to the budget.
+static std::string budget_text(const std::vector<StepRecord>& steps, const TrainOptions& o) {
+  std::set<std::string> shapes;
+  double plan_seconds = 0, step_seconds = 0;
+  int64_t peak = 0, predicted = 0;
+  for (const auto& s : steps) {
+    shapes.insert(s.planned);
+    plan_seconds += s.plan_seconds;
+    step_seconds += s.step_seconds;
+    peak = std::max(peak, s.peak_bytes);
+    predicted = std::max(predicted, s.predicted_peak_bytes);
+  }
+  const double budget = static_cast<double>(o.policy().budget_bytes());
+  char line[512];
+  std::snprintf(line, sizeof(line),
+                "%s, %s: %zu plan shape(s), %.2f s of planning (%.1f%% of the steps' %.1f s); "
+                "largest step peak %s = %.3f of the budget (largest predicted %s)\n",
+                o.policy().name().c_str(), to_string(o.budget_plans()), shapes.size(),
+                plan_seconds, step_seconds > 0 ? 100.0 * plan_seconds / step_seconds : 0.0,
+                step_seconds, mib(peak).c_str(), budget > 0 ? peak / budget : 0.0,
+                mib(predicted).c_str());
+  return line;
+}
+
 std::string summary_text(const TrainResult& r, const TrainOptions& o) {
   std::ostringstream out;
   const auto& h = r.history;
@@ -58,6 +84,9 @@ std::string summary_text(const TrainResult& r, const TrainOptions& o) {
                 median_step_seconds(h.steps, n), seconds > 0 ? tokens / seconds : 0.0,
                 mib(max_peak_bytes(h.steps, n)).c_str());
   out << line;
+  if (o.policy().kind() == CheckpointPolicy::Kind::kBudget && n > 0) {
+    out << budget_text(h.steps, o);
+  }
   if (r.has_eval) {
     out << "validation: " << describe_eval(r.final_eval, h.label_names) << "\n";
   }

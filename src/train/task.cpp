@@ -287,16 +287,16 @@ class CausalLmTask : public TaskModel {
 
 } // namespace
 
-CheckpointPolicy TaskModel::plan_policy(
-    const CheckpointPolicy& policy,
+plan::Plan TaskModel::plan_budget(
+    int64_t budget_bytes,
     int64_t batch,
     int64_t seq,
-    int64_t reserve_bytes) {
+    int64_t reserve_bytes,
+    const plan::ProfileOptions& profile) {
   const auto b = planning_batch(batch, seq);
-  const auto p = nn::plan_checkpointing(
+  return nn::plan_checkpointing(
       staged(), nn::StageBatch(b.input_ids).attention_mask(b.attention_mask), stage_head(b),
-      policy.budget_bytes(), nn::PlanOptions().reserve_bytes(reserve_bytes));
-  return CheckpointPolicy::custom(p.schedule, policy.name());
+      budget_bytes, nn::PlanOptions().reserve_bytes(reserve_bytes).profile(profile));
 }
 
 torch::Tensor TaskModel::instrumented_loss(const Batch& batch, const Sample& sample) {

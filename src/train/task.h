@@ -4,6 +4,8 @@
 
 #include "remat/nn/model_config.h"
 #include "remat/nn/stages.h"
+#include "remat/plan/chain.h"
+#include "remat/plan/solver.h"
 #include "remat/policy.h"
 #include "remat/train/data.h"
 #include "remat/train/trainer.h"
@@ -39,17 +41,18 @@ class TaskModel {
   /// step costs), every token kept.
   virtual Batch planning_batch(int64_t batch, int64_t seq) const = 0;
 
-  /// A budget policy planned for this task's step on micro-batches of
-  /// `batch` rows of `seq` tokens (remat::nn::plan_checkpointing over
-  /// staged() with stage_head), `reserve_bytes` (bytes) added for what
-  /// training holds later: the fixed-schedule policy to set, named as
-  /// `policy`. Throws, giving the smallest feasible budget, when nothing
-  /// fits.
-  CheckpointPolicy plan_policy(
-      const CheckpointPolicy& policy,
+  /// This task's step on micro-batches of `batch` rows of `seq` tokens,
+  /// planned to `budget_bytes` (total bytes; remat::nn::plan_checkpointing
+  /// over staged() with stage_head), `reserve_bytes` (bytes) added for what
+  /// training holds later (AdamW's moments before the first update, the
+  /// gradients of earlier micro-batches), its stages profiled as `profile`
+  /// says. Throws, giving the smallest feasible budget, when nothing fits.
+  plan::Plan plan_budget(
+      int64_t budget_bytes,
       int64_t batch,
       int64_t seq,
-      int64_t reserve_bytes);
+      int64_t reserve_bytes,
+      const plan::ProfileOptions& profile = {});
   /// "remat::nn::Bert(layers=4, ...) + classifier(128 -> 4)"
   virtual std::string describe() const = 0;
 

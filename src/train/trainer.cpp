@@ -14,6 +14,7 @@
 #include "remat/nn/lora.h"
 #include "remat/rng_state.h"
 #include "remat/plan/estimate.h"
+#include "remat/plan/shape_plans.h"
 #include "remat/train/data.h"
 #include "remat/train/metrics.h"
 #include "remat/train/train_state.h"
@@ -24,11 +25,13 @@
 #include <c10/util/Exception.h>
 #include <nlohmann/json.hpp>
 #include <torch/torch.h>
+#include <torch/version.h>
 
 #include <algorithm>
 #include <chrono>
 #include <cstdlib>
 #include <cmath>
+#include <deque>
 #include <limits>
 #include <sstream>
 
@@ -55,15 +58,17 @@ Batch to_device(Batch batch, c10::Device device) {
   return batch;
 }
 
-// Rows [begin, end) of `batch`, cut to their longest row: micro-batches of
-// one padded batch need not carry its padding.
-Batch slice_rows(const Batch& batch, int64_t begin, int64_t end, bool lm) {
+// Rows [begin, end) of `batch`, cut to their longest row (unless
+// `keep_length`, --pad-to-seq): micro-batches of one padded batch need not
+// carry its padding.
+Batch slice_rows(const Batch& batch, int64_t begin, int64_t end, bool lm, bool keep_length) {
   Batch out;
   out.attention_mask = batch.attention_mask.slice(0, begin, end);
   // Tokens come first in a row, then padding (0); a packed row numbers its
   // documents 1, 2, ..., so count what is not padding.
-  const int64_t len = std::max<int64_t>(
-      out.attention_mask.ne(0).sum(1).max().item<int64_t>(), 2);
+  const int64_t len = keep_length
+      ? batch.attention_mask.size(1)
+      : std::max<int64_t>(out.attention_mask.ne(0).sum(1).max().item<int64_t>(), 2);
   out.attention_mask = out.attention_mask.narrow(1, 0, len);
   out.input_ids = batch.input_ids.slice(0, begin, end).narrow(1, 0, len);
   out.labels = batch.labels.slice(0, begin, end);
@@ -95,12 +100,45 @@ Batch shard_rows(const Batch& batch, int64_t rank, int64_t world) {
   return out;
 }
 
+// "1.13" of "1.13.1": the LibTorch release whose optimizer archive a state
+// holds (patch releases keep the format).
+std::string libtorch_release(const std::string& version) {
+  const auto first = version.find('.');
+  return version.substr(0, version.find('.', first == std::string::npos ? 0 : first + 1));
+}
+
+// torch::optim's archive changes across LibTorch releases, and its loader
+// does not say so: LibTorch 2.x reading 1.13's AdamW throws a shape mismatch
+// or crashes. A state says which LibTorch saved it, and another release is
+// refused. States saved before they said so: an archive without the
+// serialization id LibTorch 2.1 and later write is an older LibTorch's.
+void check_optimizer_libtorch(
+    const nlohmann::json& info,
+    const torch::Tensor& archive,
+    const std::string& path) {
+  std::string saved;
+  if (info.contains("libtorch") && info.at("libtorch").is_string()) {
+    saved = info.at("libtorch").get<std::string>();
+  } else if (TORCH_VERSION_MAJOR >= 2) {
+    const auto* bytes = static_cast<const char*>(archive.data_ptr());
+    const std::string text(bytes, static_cast<size_t>(archive.numel()));
+    if (text.find("serialization_id") == std::string::npos) {
+      saved = "1.x";
+    }
+  }
+  TORCH_CHECK(
+      saved.empty() || libtorch_release(saved) == libtorch_release(TORCH_VERSION), "'", path,
+      "' was saved with LibTorch ", saved, ", but this remat runs LibTorch ", TORCH_VERSION,
+      ", whose AdamW loader cannot read it: resume with the LibTorch that saved it");
+}
+
 // The option fields that a resumed run may change: where and how often it
 // saves and evaluates, what it records, threads. The rest shape the loss
 // curve and must match the saved run's.
 bool may_change_on_resume(const std::string& key) {
   for (const char* k : {"out_dir", "save_every", "eval_every", "compare_policy",
-                        "compare_steps", "memory_timeline", "threads", "max_bad_steps"}) {
+                        "compare_steps", "memory_timeline", "threads", "max_bad_steps",
+                        "budget_plans"}) {
     if (key == k) {
       return true;
     }
@@ -201,11 +239,47 @@ struct Trainer::Impl {
     return std::make_unique<torch::optim::AdamW>(std::move(groups), base);
   }
 
+  std::unique_ptr<torch::optim::AdamW> load_optimizer(
+      const TrainState& state,
+      const std::string& path) const;
+
   void read_data();
   int64_t data_vocab_size() const;
   void build_model();
   void add_lora();
+
+  // ---- budget:SIZE (see BudgetPlans)
+  /// Per-shape plans; null for other policies and worst-case planning.
+  std::unique_ptr<plan::ShapePlans> shape_plans;
+  /// Worst-case planning's one plan, and the shape it was made for.
+  plan::ShapePlan worst_plan;
+  std::string schedule_set; ///< the schedule the model runs now
+  double unreported_plan_seconds = 0; ///< planning not yet in a StepRecord
+
+  bool budget() const {
+    return options.policy().kind() == CheckpointPolicy::Kind::kBudget;
+  }
+  int64_t reserve_bytes(const plan::BatchShape& shape) const;
+  plan::Plan plan_shape(const plan::BatchShape& shape);
   void plan_budget();
+  void plan_worst_case();
+
+  /// A micro-batch with the plan it runs under (none without a budget).
+  struct PlannedBatch {
+    Batch batch;
+    c10::optional<plan::ShapePlan> plan;
+  };
+  std::vector<PlannedBatch> plan_micro_batches(std::vector<Batch> micros);
+  void set_schedule(const plan::ShapePlan& p);
+
+  // ---- a step (Trainer::step)
+  std::vector<Batch> step_micro_batches(const Batch& batch, int64_t& units);
+  double forward_backward(const std::vector<PlannedBatch>& planned, int64_t units);
+  double reduce(double loss);
+  double gradient_norm();
+  bool update(double loss, double grad_norm, double lr);
+  /// The step's shape and plans, into `r`.
+  static void describe_plans(const std::vector<PlannedBatch>& planned, StepRecord& r);
 
   std::optional<Batch> next_batch() {
     auto batch = loader->next();
@@ -223,7 +297,8 @@ struct Trainer::Impl {
     std::vector<Batch> out;
     const int64_t rows = batch.input_ids.size(0);
     for (int64_t begin = 0; begin < rows; begin += rows_per) {
-      out.push_back(slice_rows(batch, begin, std::min(rows, begin + rows_per), lm()));
+      out.push_back(
+          slice_rows(batch, begin, std::min(rows, begin + rows_per), lm(), options.pad_to_seq()));
     }
     return out;
   }
@@ -293,7 +368,8 @@ void Trainer::Impl::read_data() {
             .seed(options.seed())
             .max_len(options.model().seq())
             .max_tokens(options.max_tokens())
-            .pack(options.pack()));
+            .pack(options.pack())
+            .pad_to_max_len(options.pad_to_seq()));
   } catch (const c10::Error& e) {
     // The loader's refusals of a budget or of packing start with the option.
     const std::string what = first_line(e);
@@ -395,51 +471,171 @@ void Trainer::Impl::add_lora() {
   }
 }
 
-// A budget policy's schedule, planned before any optimizer step: AdamW's
-// two moments per trainable element do not exist yet, so they are reserved.
-// Profiling leaves the generator as it was.
-void Trainer::Impl::plan_budget() {
-  int64_t moments = 0;
+// What a plan made now must add to the bytes held now: AdamW's two moments
+// per trainable element before the first update creates them, and for a
+// micro-batch after the first of a step, the gradients the earlier ones
+// left (the step starts with none).
+int64_t Trainer::Impl::reserve_bytes(const plan::BatchShape& shape) const {
+  int64_t reserve = 0;
   for (const auto& p : trainable) {
-    moments += 2 * p.numel() * static_cast<int64_t>(p.element_size());
+    const int64_t bytes = p.numel() * static_cast<int64_t>(p.element_size());
+    reserve += (optimizer->state().empty() ? 2 * bytes : 0) + (shape.accumulating ? bytes : 0);
   }
-  // Data-parallel: rank 0 plans for its share of each micro-batch (the
-  // largest one) and every rank runs that plan. Plans made apart could
-  // differ, since profiled times are noisy, and the ranks would no
-  // longer recompute in step.
-  // With a token budget a micro-batch holds at most max_tokens tokens: r
-  // rows of L <= seq tokens with r x L <= max_tokens. Planned at
-  // ceil(max_tokens / seq) rows of seq tokens, every such shape holds no
-  // more (activations grow with r x L, attention scores with r x L x L).
+  return reserve;
+}
+
+// The task's step on `shape` planned to the budget, its bytes counted on
+// the run's device. Profiling leaves the generators, the gradients and the
+// policy as they were. Per-shape plans are made while the run goes on, so
+// each stage and mode runs once (no warm-up, one timed run; bytes are exact
+// from one run, times noisier): about a quarter of the default profile's
+// cost. The one worst-case plan takes the default's medians.
+plan::Plan Trainer::Impl::plan_shape(const plan::BatchShape& shape) {
+  const RngScope keep(RngState::capture(device));
+  AutocastScope autocast(options.model().autocast(device));
+  auto profile = plan::ProfileOptions().device(device);
+  if (shape_plans) {
+    profile.warmup(0).repeats(1);
+  }
+  return task->plan_budget(
+      options.policy().budget_bytes(), shape.rows, shape.tokens, reserve_bytes(shape), profile);
+}
+
+void Trainer::Impl::set_schedule(const plan::ShapePlan& p) {
+  const auto text = p.plan.schedule.str();
+  if (text != schedule_set) {
+    task->set_policy(CheckpointPolicy::custom(p.plan.schedule, options.policy().name()));
+    schedule_set = text;
+  }
+}
+
+// A budget policy, planned before any optimizer step. Per shape: the
+// largest shape this data makes is planned now, so that a budget not even
+// one row of the longest document fits is refused before the run starts;
+// other shapes are planned as they come (plan_micro_batches).
+void Trainer::Impl::plan_budget() {
+  if (group || options.budget_plans() == BudgetPlans::kWorstCase) {
+    plan_worst_case();
+    return;
+  }
+  const auto t0 = Clock::now();
+  const int64_t seq = options.model().seq();
+  shape_plans = std::make_unique<plan::ShapePlans>(
+      [this](const plan::BatchShape& shape) { return plan_shape(shape); },
+      plan::ShapePlansOptions(seq));
+  const int64_t longest = loader->longest_row();
+  const int64_t rows = options.max_tokens() > 0
+      ? std::max<int64_t>(1, std::min(options.model().batch(), options.max_tokens() / longest))
+      : options.model().batch();
+  try {
+    set_schedule(shape_plans->get({rows, longest, false}));
+  } catch (const c10::Error& e) {
+    TORCH_CHECK(
+        false, "policy '", options.policy().name(), "': one row of ", longest,
+        " tokens (the longest ", options.pack() ? "packed row" : "document",
+        " of the training set, planned as ", shape_plans->bucket(longest),
+        ") fits no schedule: ", first_line(e));
+  }
+  unreported_plan_seconds += std::chrono::duration<double>(Clock::now() - t0).count();
+}
+
+// One plan for the worst shape: micro-batches of --batch rows of seq tokens
+// (with a token budget, ceil(max_tokens / seq) rows: r rows of L <= seq
+// tokens with r x L <= max_tokens hold no more, as activations grow with
+// r x L and attention scores with r x L x L). Data-parallel: rank 0 plans
+// for its share of a micro-batch (the largest) and every rank runs that
+// plan; plans made apart could differ, since profiled times are noisy, and
+// the ranks would no longer recompute in step.
+void Trainer::Impl::plan_worst_case() {
+  const auto t0 = Clock::now();
   const int64_t world = group ? group->world_size() : 1;
   const int64_t seq = options.model().seq();
   const int64_t micro_rows = options.max_tokens() > 0
       ? std::min(options.model().batch(), (options.max_tokens() + seq - 1) / seq)
       : options.model().batch();
-  const int64_t rows = (micro_rows + world - 1) / world;
-  std::string schedule;
+  worst_plan.shape = {(micro_rows + world - 1) / world, seq, false};
+  std::string planned; // "PEAK SCHEDULE"
   std::string error;
   if (!group || group->rank() == 0) {
-    AutocastScope autocast(options.model().autocast(device));
     try {
-      schedule = task->plan_policy(options.policy(), rows, seq, moments)
-                     .custom_schedule()
-                     .str();
+      const auto p = plan_shape(worst_plan.shape);
+      planned = c10::str(p.peak_bytes, " ", p.schedule.str());
     } catch (const c10::Error& e) {
       error = e.what_without_backtrace();
     }
   }
   if (group) {
-    const auto shared =
-        group->broadcast_string(error.empty() ? "plan " + schedule : "error " + error);
+    const auto shared = group->broadcast_string(error.empty() ? "plan " + planned : "error " + error);
     const auto space = shared.find(' ');
-    (shared.compare(0, space, "plan") == 0 ? schedule : error) = shared.substr(space + 1);
+    (shared.compare(0, space, "plan") == 0 ? planned : error) = shared.substr(space + 1);
   }
   TORCH_CHECK(
       error.empty(), "policy '", options.policy().name(), "': ",
       group && group->rank() != 0 ? "rank 0 could not plan it: " : "", error);
-  task->set_policy(
-      CheckpointPolicy::custom(Schedule::parse(schedule), options.policy().name()));
+  const auto space = planned.find(' ');
+  worst_plan.plan.peak_bytes = std::stoll(planned.substr(0, space));
+  worst_plan.plan.schedule = Schedule::parse(planned.substr(space + 1));
+  set_schedule(worst_plan);
+  worst_plan.plan_seconds = std::chrono::duration<double>(Clock::now() - t0).count();
+  unreported_plan_seconds += worst_plan.plan_seconds;
+}
+
+void Trainer::Impl::describe_plans(const std::vector<PlannedBatch>& planned, StepRecord& r) {
+  auto join = [](std::string& list, const std::string& item) {
+    if (list.empty()) {
+      list = item;
+    } else if ((" | " + list + " | ").find(" | " + item + " | ") == std::string::npos) {
+      list += " | " + item;
+    }
+  };
+  r.micro_batches = static_cast<int64_t>(planned.size());
+  for (const auto& m : planned) {
+    r.rows += m.batch.input_ids.size(0);
+    r.row_tokens = std::max(r.row_tokens, m.batch.input_ids.size(1));
+    if (m.plan) {
+      join(r.planned, m.plan->shape.str());
+      join(r.schedule, m.plan->plan.schedule.str());
+      r.predicted_peak_bytes = std::max(r.predicted_peak_bytes, m.plan->plan.peak_bytes);
+    }
+  }
+}
+
+// The step's micro-batches, each with the plan it runs under. Per shape, a
+// shape no schedule fits comes back in fewer rows: the rest of its rows
+// follow as micro-batches of their own (they hold the first's gradients,
+// and are planned so). The losses are weighted by loss units, so the
+// gradient is the batch's.
+std::vector<Trainer::Impl::PlannedBatch> Trainer::Impl::plan_micro_batches(
+    std::vector<Batch> micros) {
+  std::vector<PlannedBatch> out;
+  if (!budget()) {
+    for (auto& m : micros) {
+      out.push_back({std::move(m), c10::nullopt});
+    }
+    return out;
+  }
+  if (!shape_plans) {
+    for (auto& m : micros) {
+      out.push_back({std::move(m), worst_plan});
+    }
+    return out;
+  }
+  std::deque<Batch> todo(
+      std::make_move_iterator(micros.begin()), std::make_move_iterator(micros.end()));
+  while (!todo.empty()) {
+    Batch m = std::move(todo.front());
+    todo.pop_front();
+    const int64_t rows = m.input_ids.size(0);
+    const double before = shape_plans->stats().seconds;
+    const auto& p = shape_plans->get({rows, m.input_ids.size(1), !out.empty()});
+    unreported_plan_seconds += shape_plans->stats().seconds - before;
+    if (p.shape.rows < rows) {
+      todo.push_front(slice_rows(m, p.shape.rows, rows, lm(), options.pad_to_seq()));
+      m = slice_rows(m, 0, p.shape.rows, lm(), options.pad_to_seq());
+    }
+    out.push_back({std::move(m), p});
+  }
+  return out;
 }
 
 Trainer::Trainer(TrainOptions options, std::shared_ptr<dist::ProcessGroup> group)
@@ -518,108 +714,140 @@ Trainer::Trainer(TrainOptions options, std::shared_ptr<dist::ProcessGroup> group
 
 Trainer::~Trainer() = default;
 
-StepRecord Trainer::step() {
-  auto& run = *impl_;
-  auto batch = run.next_batch();
-  TORCH_INTERNAL_ASSERT(batch, "the data loader returned no batch");
-  auto micros = run.micro_batches(*batch);
-  // The loss units (rows or predicted tokens) of the whole global batch:
-  // every rank has all of it, so no collective is needed to weigh its part.
-  int64_t units = 0;
+// This rank's micro-batches of `batch`, on the device, and the loss units
+// (rows or predicted tokens) of the whole global batch: every rank has all
+// of it, so no collective is needed to weigh its part.
+std::vector<Batch> Trainer::Impl::step_micro_batches(const Batch& batch, int64_t& units) {
+  auto micros = micro_batches(batch);
+  units = 0;
   for (const auto& m : micros) {
-    units += run.task->loss_units(m);
+    units += task->loss_units(m);
   }
-  if (run.reducer) {
-    run.group->mark_progress(run.step + 1);
+  if (reducer) {
+    group->mark_progress(step + 1);
     // This rank's rows, in micro-batches of 1/world of --batch rows.
-    const int64_t per = (run.options.model().batch() + run.world() - 1) / run.world();
-    auto shard = shard_rows(*batch, run.rank(), run.world());
+    const int64_t per = (options.model().batch() + world() - 1) / world();
+    auto shard = shard_rows(batch, rank(), world());
     micros.clear();
     if (shard.input_ids.size(0) > 0) {
-      micros = run.micro_batches(shard, per);
+      micros = micro_batches(shard, per);
     }
   }
-
   for (auto& m : micros) {
-    m = to_device(std::move(m), run.device);
+    m = to_device(std::move(m), device);
   }
+  return micros;
+}
 
-  for (auto& p : run.trainable) {
-    p.mutable_grad() = torch::Tensor();
-  }
-  RngScope rng(run.rng, /*advanced=*/&run.rng);
-  synchronize(run.device);
-  memory::reset_peak(run.device);
-  const auto t0 = Clock::now();
+// Forward and backward of each micro-batch under its plan, its mean loss
+// weighted by its share of the step's loss units (the sum is the mean over
+// the whole batch). Returns the step's loss.
+double Trainer::Impl::forward_backward(const std::vector<PlannedBatch>& planned, int64_t units) {
   double loss = 0;
-  for (size_t i = 0; i < micros.size(); ++i) {
-    const auto& m = micros[i];
-    if (run.reducer) {
+  for (size_t i = 0; i < planned.size(); ++i) {
+    const auto& m = planned[i].batch;
+    if (planned[i].plan) {
+      set_schedule(*planned[i].plan);
+    }
+    if (reducer) {
       // Only the last micro-batch's backward starts the all-reduces (the
       // others would reduce gradients that are still accumulating).
-      run.reducer->prepare_for_backward(/*sync=*/i + 1 == micros.size());
+      reducer->prepare_for_backward(/*sync=*/i + 1 == planned.size());
     }
     torch::Tensor scaled;
     {
-      AutocastScope autocast(run.options.model().autocast(run.device));
-      // Each micro-batch's mean, weighted by its share of the step's rows
-      // (or predicted tokens): the sum is the mean over the whole batch.
+      AutocastScope autocast(options.model().autocast(device));
       const double weight = units > 0
-          ? static_cast<double>(run.task->loss_units(m)) / static_cast<double>(units)
+          ? static_cast<double>(task->loss_units(m)) / static_cast<double>(units)
           : 0.0;
-      scaled = run.task->loss(m) * weight;
+      scaled = task->loss(m) * weight;
     }
     scaled.backward();
     loss += scaled.item<double>();
   }
+  return loss;
+}
+
+// Data parallel: the gradients summed over the ranks, and the loss (each
+// rank's is its share's); a rank's failure named.
+double Trainer::Impl::reduce(double loss) {
+  try {
+    reducer->reduce();
+    std::vector<torch::Tensor> sum{torch::full({1}, loss, torch::kDouble)};
+    group->all_reduce_sum(sum);
+    return sum[0].item<double>();
+  } catch (const c10::Error& e) {
+    std::string what = first_line(e);
+    const std::string who = group->describe_failure(step + 1);
+    TORCH_CHECK(false, what, who.empty() ? "" : "; " + who, " (at step ", step + 1, ")");
+  }
+}
+
+// The global L2 norm of the gradients before clipping (clipped when --clip).
+double Trainer::Impl::gradient_norm() {
+  if (options.clip() > 0) {
+    return torch::nn::utils::clip_grad_norm_(trainable, options.clip());
+  }
+  torch::NoGradGuard no_grad;
+  double sq = 0;
+  for (const auto& p : trainable) {
+    if (p.grad().defined()) {
+      sq += p.grad().pow(2).sum().item<double>();
+    }
+  }
+  return std::sqrt(sq);
+}
+
+// AdamW's update at `lr`, unless the loss or the gradient norm is NaN or
+// infinite: they would spoil the weights and AdamW's moments for good, so
+// the update is skipped instead, and the step still counts (batch, step
+// counter, schedule), so the run keeps its length and data order. Every
+// rank decides alike: `loss` is the sum over the ranks (non-finite on all
+// when it is on one), `grad_norm` that of the summed gradients. Returns
+// whether the step was bad.
+bool Trainer::Impl::update(double loss, double grad_norm, double lr) {
+  const bool bad = !std::isfinite(loss) || !std::isfinite(grad_norm);
+  if (bad) {
+    for (auto& p : trainable) {
+      p.mutable_grad() = torch::Tensor();
+    }
+    ++skipped_in_a_row;
+    return true;
+  }
+  for (auto& g : optimizer->param_groups()) {
+    static_cast<torch::optim::AdamWOptions&>(g.options()).lr(lr);
+  }
+  optimizer->step();
+  skipped_in_a_row = 0;
+  return false;
+}
+
+StepRecord Trainer::step() {
+  auto& run = *impl_;
+  auto batch = run.next_batch();
+  TORCH_INTERNAL_ASSERT(batch, "the data loader returned no batch");
+  int64_t units = 0;
+  auto micros = run.step_micro_batches(*batch, units);
+  for (auto& p : run.trainable) {
+    p.mutable_grad() = torch::Tensor();
+  }
+  // Planned before the clock starts and the peak is reset: a new shape's
+  // profile is planning, not the step.
+  const auto planned = run.plan_micro_batches(std::move(micros));
+  RngScope rng(run.rng, /*advanced=*/&run.rng);
+  synchronize(run.device);
+  memory::reset_peak(run.device);
+  const auto t0 = Clock::now();
+  double loss = run.forward_backward(planned, units);
   if (step_fault()) {
     step_fault()(run.step + 1, run.rank(), loss, run.trainable);
   }
   if (run.reducer) {
-    try {
-      run.reducer->reduce();
-      std::vector<torch::Tensor> sum{torch::full({1}, loss, torch::kDouble)};
-      run.group->all_reduce_sum(sum);
-      loss = sum[0].item<double>();
-    } catch (const c10::Error& e) {
-      std::string what = first_line(e);
-      const std::string who = run.group->describe_failure(run.step + 1);
-      TORCH_CHECK(false, what, who.empty() ? "" : "; " + who, " (at step ", run.step + 1, ")");
-    }
+    loss = run.reduce(loss);
   }
-  double grad_norm = 0;
-  if (run.options.clip() > 0) {
-    grad_norm = torch::nn::utils::clip_grad_norm_(run.trainable, run.options.clip());
-  } else {
-    torch::NoGradGuard no_grad;
-    double sq = 0;
-    for (const auto& p : run.trainable) {
-      if (p.grad().defined()) {
-        sq += p.grad().pow(2).sum().item<double>();
-      }
-    }
-    grad_norm = std::sqrt(sq);
-  }
+  const double grad_norm = run.gradient_norm();
   const double lr = run.schedule->lr(run.step);
-  // A NaN or infinite loss or gradient norm would spoil the weights and
-  // AdamW's moments for good: the update is skipped instead, and the step
-  // still counts (batch, step counter, schedule), so the run keeps its
-  // length and data order. Every rank decides alike: `loss` is the sum
-  // over the ranks (non-finite on all when it is on one), `grad_norm` that
-  // of the summed gradients.
-  const bool bad = !std::isfinite(loss) || !std::isfinite(grad_norm);
-  if (bad) {
-    for (auto& p : run.trainable) {
-      p.mutable_grad() = torch::Tensor();
-    }
-    ++run.skipped_in_a_row;
-  } else {
-    for (auto& group : run.optimizer->param_groups()) {
-      static_cast<torch::optim::AdamWOptions&>(group.options()).lr(lr);
-    }
-    run.optimizer->step();
-    run.skipped_in_a_row = 0;
-  }
+  const bool bad = run.update(loss, grad_norm, lr);
   synchronize(run.device); // the clock stops when the GPU is done
   const double seconds = std::chrono::duration<double>(Clock::now() - t0).count();
   ++run.step;
@@ -630,7 +858,8 @@ StepRecord Trainer::step() {
   r.loss = loss;
   r.lr = lr;
   r.grad_norm = grad_norm;
-  r.tokens = batch->attention_mask.sum().item<int64_t>();
+  // A packed row's mask numbers its documents: count what is not padding.
+  r.tokens = batch->attention_mask.ne(0).sum().item<int64_t>();
   r.step_seconds = seconds;
   if (run.reducer) {
     r.reduced_in_backward_bytes = run.reducer->stats().bytes_in_backward;
@@ -639,6 +868,9 @@ StepRecord Trainer::step() {
   r.tokens_per_s = seconds > 0 ? static_cast<double>(r.tokens) / seconds : 0;
   r.peak_bytes = memory::peak_bytes(run.device);
   r.policy = run.options.policy().name();
+  Impl::describe_plans(planned, r);
+  r.plan_seconds = run.unreported_plan_seconds;
+  run.unreported_plan_seconds = 0;
   const auto& compared = run.history.compare_steps;
   if (static_cast<size_t>(r.step) <= compared.size()) {
     r.compare_loss = compared[static_cast<size_t>(r.step - 1)].loss;
@@ -782,8 +1014,94 @@ void Trainer::save_state(const std::string& dir) {
         {"next_lr", run.schedule->lr(run.step)}}},
       {"options", run.options.to_json()},
       {"history", run.history.to_json()},
+      {"libtorch", TORCH_VERSION},
   };
   save_train_state(dir, state);
+}
+
+namespace {
+
+// The state's tensor for each of the module's parameters and buffers,
+// checked for shape and dtype: (the module's, the state's) pairs to copy.
+std::vector<std::pair<torch::Tensor, torch::Tensor>> state_weights(
+    const TrainState& state,
+    const torch::nn::Module& module,
+    const std::string& path) {
+  std::vector<std::pair<torch::Tensor, torch::Tensor>> copies;
+  auto take = [&](const std::string& name, const torch::Tensor& target) {
+    auto it = state.tensors.find("model." + name);
+    TORCH_CHECK(it != state.tensors.end(), "'", path, "' lacks the tensor ", name);
+    TORCH_CHECK(
+        it->second.sizes() == target.sizes() &&
+            it->second.scalar_type() == target.scalar_type(),
+        "'", path, "' holds ", name, " with shape ", it->second.sizes(), " and dtype ",
+        it->second.scalar_type(), ", but the model has ", target.sizes(), " and ",
+        target.scalar_type());
+    copies.emplace_back(target, it->second);
+  };
+  for (const auto& kv : module.named_parameters()) {
+    take(kv.key(), kv.value());
+  }
+  for (const auto& kv : module.named_buffers()) {
+    take(kv.key(), kv.value());
+  }
+  return copies;
+}
+
+// A record of bytes in the state: a 1-D uint8 tensor.
+const torch::Tensor& state_bytes(
+    const TrainState& state,
+    const char* key,
+    const char* name,
+    const std::string& path) {
+  auto it = state.tensors.find(key);
+  TORCH_CHECK(it != state.tensors.end(), "'", path, "' lacks the optimizer or RNG state");
+  const auto& t = it->second;
+  TORCH_CHECK(
+      t.scalar_type() == torch::kByte && t.dim() == 1, "'", path, "' is damaged: the ", name,
+      " record must be a 1-D U8 tensor, but it is ", t.scalar_type(), " with shape ", t.sizes());
+  return t;
+}
+
+// The state's CPU generator state, checked by putting it in place once.
+torch::Tensor state_rng(const TrainState& state, const std::string& path) {
+  const auto& bytes = state_bytes(state, "rng.cpu", "RNG", path);
+  const int64_t expected = RngState::capture(c10::Device(c10::kCPU)).cpu.numel();
+  TORCH_CHECK(
+      bytes.numel() == expected, "'", path, "' is damaged: its RNG record holds ",
+      bytes.numel(), " bytes, but a CPU generator state is ", expected);
+  RngState probe;
+  probe.cpu = bytes.clone();
+  try {
+    RngScope check(probe); // throws for a malformed state
+  } catch (const c10::Error& e) {
+    TORCH_CHECK(false, "'", path, "' is damaged: its RNG record is not a CPU generator state");
+  }
+  return probe.cpu;
+}
+
+} // namespace
+
+// A new AdamW holding the state's optimizer record.
+std::unique_ptr<torch::optim::AdamW> Trainer::Impl::load_optimizer(
+    const TrainState& state,
+    const std::string& path) const {
+  const auto& bytes = state_bytes(state, "optimizer", "optimizer", path);
+  state_bytes(state, "rng.cpu", "RNG", path); // both named before either is read
+  check_optimizer_libtorch(state.info, bytes, path);
+  auto optimizer = make_optimizer();
+  try {
+    torch::serialize::InputArchive archive;
+    archive.load_from(
+        static_cast<const char*>(bytes.data_ptr()), static_cast<size_t>(bytes.numel()));
+    optimizer->load(archive);
+  } catch (const std::exception& e) {
+    // LibTorch's reader says "PytorchStreamReader failed ..." and the like.
+    TORCH_CHECK(
+        false, "'", path, "' is damaged: its optimizer record (", bytes.numel(),
+        " bytes) is not an AdamW state this model can load");
+  }
+  return optimizer;
 }
 
 void Trainer::load_state(const std::string& path) {
@@ -830,65 +1148,9 @@ void Trainer::load_state(const std::string& path) {
   auto history =
       read_field("history", [](const nlohmann::json& j) { return History::from_json(j); });
 
-  std::vector<std::pair<torch::Tensor, torch::Tensor>> copies;
-  auto take = [&](const std::string& name, const torch::Tensor& target) {
-    auto it = state.tensors.find("model." + name);
-    TORCH_CHECK(it != state.tensors.end(), "'", path, "' lacks the tensor ", name);
-    TORCH_CHECK(
-        it->second.sizes() == target.sizes() &&
-            it->second.scalar_type() == target.scalar_type(),
-        "'", path, "' holds ", name, " with shape ", it->second.sizes(), " and dtype ",
-        it->second.scalar_type(), ", but the model has ", target.sizes(), " and ",
-        target.scalar_type());
-    copies.emplace_back(target, it->second);
-  };
-  for (const auto& kv : run.task->module().named_parameters()) {
-    take(kv.key(), kv.value());
-  }
-  for (const auto& kv : run.task->module().named_buffers()) {
-    take(kv.key(), kv.value());
-  }
-  auto opt_it = state.tensors.find("optimizer");
-  auto rng_it = state.tensors.find("rng.cpu");
-  TORCH_CHECK(
-      opt_it != state.tensors.end() && rng_it != state.tensors.end(), "'", path,
-      "' lacks the optimizer or RNG state");
-  // The records are bytes: a 1-D uint8 tensor each.
-  auto check_bytes = [&](const char* name, const torch::Tensor& t) {
-    TORCH_CHECK(
-        t.scalar_type() == torch::kByte && t.dim() == 1, "'", path,
-        "' is damaged: the ", name, " record must be a 1-D U8 tensor, but it is ",
-        t.scalar_type(), " with shape ", t.sizes());
-  };
-  check_bytes("optimizer", opt_it->second);
-  check_bytes("RNG", rng_it->second);
-  auto optimizer = run.make_optimizer();
-  try {
-    torch::serialize::InputArchive archive;
-    const auto& bytes = opt_it->second;
-    archive.load_from(
-        static_cast<const char*>(bytes.data_ptr()), static_cast<size_t>(bytes.numel()));
-    optimizer->load(archive);
-  } catch (const std::exception& e) {
-    // LibTorch's reader says "PytorchStreamReader failed ..." and the like.
-    TORCH_CHECK(
-        false, "'", path, "' is damaged: its optimizer record (", opt_it->second.numel(),
-        " bytes) is not an AdamW state this model can load");
-  }
-  {
-    const int64_t expected = RngState::capture(c10::Device(c10::kCPU)).cpu.numel();
-    TORCH_CHECK(
-        rng_it->second.numel() == expected, "'", path,
-        "' is damaged: its RNG record holds ", rng_it->second.numel(),
-        " bytes, but a CPU generator state is ", expected);
-    RngState probe;
-    probe.cpu = rng_it->second.clone();
-    try {
-      RngScope check(probe); // throws for a malformed state
-    } catch (const c10::Error& e) {
-      TORCH_CHECK(false, "'", path, "' is damaged: its RNG record is not a CPU generator state");
-    }
-  }
+  auto copies = state_weights(state, run.task->module(), path);
+  auto optimizer = run.load_optimizer(state, path);
+  const auto rng_cpu = state_rng(state, path);
   run.loader->set_position(position);
 
   // Commit.
@@ -899,7 +1161,7 @@ void Trainer::load_state(const std::string& path) {
     }
   }
   run.optimizer = std::move(optimizer);
-  run.rng.cpu = rng_it->second.clone();
+  run.rng.cpu = rng_cpu;
   auto cuda_it = state.tensors.find("rng.cuda");
   if (run.device.is_cuda() && cuda_it != state.tensors.end()) {
     run.rng.cuda_device = run.device.index();

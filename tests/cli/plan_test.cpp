@@ -77,6 +77,25 @@ TEST(PlanCli, PrintsThePlanAndWritesTheDocumentedJson) {
   EXPECT_TRUE(every_layer);
 }
 
+// Several --seq values: a plan for each length, and one table of them.
+TEST(PlanCli, SeveralLengthsArePlannedEach) {
+  const std::string path = ::testing::TempDir() + "/plan_seqs.json";
+  auto r = run_cli(
+      "plan --model llama --layers 4 --hidden 32 --heads 4 --batch 4 --vocab 50 --threads 1 "
+      "--seq 32,128 --repeats 1 --budget 60% --json " + path);
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_THAT(r.out, HasSubstr("plans by sequence length (predicted):"));
+  EXPECT_THAT(r.out, HasSubstr("| 32 | 60% | "));
+  EXPECT_THAT(r.out, HasSubstr("| 128 | 60% | "));
+  const auto j = read_json(path);
+  ASSERT_EQ(j.at("seqs").size(), 2u);
+  EXPECT_EQ(j["seqs"][0]["config"]["seq"], 32);
+  EXPECT_EQ(j["seqs"][1]["config"]["seq"], 128);
+  // A longer sequence holds more without checkpointing.
+  EXPECT_LT(j["seqs"][0]["none_predicted_peak_bytes"].get<int64_t>(),
+            j["seqs"][1]["none_predicted_peak_bytes"].get<int64_t>());
+}
+
 TEST(PlanCli, RefusesABudgetBelowTheSmallestFeasibleNamingIt) {
   const std::string path = ::testing::TempDir() + "/plan_refused.json";
   auto r = run_cli("plan " + kModel + " --repeats 1 --budget 1MiB --json " + path);
@@ -110,6 +129,9 @@ TEST(PlanCli, BadInputGetsOneLineNamingTheFlagAndExitCode2) {
            {"plan --rounds 0", "--rounds"},
            {"plan --rounds 3 --isolation in-process", "--rounds"},
            {"plan --no-such-flag", "--no-such-flag"},
+           {"plan --seq 0", "--seq"},
+           {"plan --seq 64,abc", "--seq"},
+           {"plan --seq 64,", "--seq"},
        }) {
     auto r = run_cli(c.args);
     EXPECT_EQ(r.exit_code, 2) << c.args << "\n" << r.err;

@@ -72,6 +72,8 @@ TEST(TrainCli, BadInputGetsOneLineNamingTheFlagOrFileAndExitCode2) {
            {"train --pack", "--pack: expected the lm task"},
            {"train --task lm --max-tokens 10", "--max-tokens: expected at least seq (64) tokens"},
            {"train --task lm --pack --max-tokens 128", "--pack: expected no max_tokens"},
+           {"train --budget-plans sometimes",
+            "--budget-plans: expected per-shape or worst-case, but got 'sometimes'"},
            {"train --vocab 10000000000", "--vocab: expected a vocabulary size in [0, 4194304]"},
        }) {
     auto r = run_cli(c.args);

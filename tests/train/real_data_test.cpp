@@ -1,7 +1,11 @@
 // Training on real data through the Trainer: pre-tokenized documents checked
 // against the model's vocabulary, token-budget steps over length-bucketed
-// documents, packed rows; each resumes on exactly the same curve.
+// documents, packed rows (each resumes on exactly the same curve), and a
+// memory budget planned per batch shape that holds for every step.
 #include "remat/train/trainer.h"
+
+#include "remat/policy.h"
+#include "remat/train/summary.h"
 
 #include "remat/train/train_state.h"
 #include "temp_dir.h"
@@ -14,6 +18,7 @@
 #include <cmath>
 #include <fstream>
 #include <random>
+#include <regex>
 #include <string>
 #include <vector>
 
@@ -148,6 +153,107 @@ TEST(TrainRealData, PackedRowsTrainAndResume) {
   EXPECT_THROW_WITH(classify.validate(), "pack: expected the lm task");
   EXPECT_THROW_WITH(lm(path).pack(true).max_tokens(128).validate(),
                     "pack: expected no max_tokens");
+}
+
+// Layers a step's schedule recomputes: in a checkpointed group, or partly
+// (a selective mode).
+int64_t recomputed_layers(const std::string& schedule) {
+  int64_t n = 0;
+  for (const auto& s : remat::Schedule::parse(schedule).segments) {
+    n += s.mode != remat::SegmentMode::kStore ? s.end - s.begin : 0;
+  }
+  return n;
+}
+
+// The smallest budget of one plan for the worst shape (batch x seq), as the
+// planner's refusal of a 1 KiB budget names it.
+int64_t worst_case_minimum(TrainOptions o) {
+  o.policy(remat::CheckpointPolicy::parse("budget:1KiB")).budget_plans(BudgetPlans::kWorstCase);
+  const auto message = remat_test::thrown_message([&] { Trainer t(o); });
+  std::smatch m;
+  EXPECT_TRUE(std::regex_search(message, m, std::regex("at least ([0-9]+) bytes"))) << message;
+  return m.empty() ? 0 : std::stoll(m[1]);
+}
+
+// Length-skewed documents under a budget just below what one plan for the
+// worst shape needs: worst-case planning refuses it; per-shape planning
+// trains, every step at or under it, short batches recomputing less than
+// long ones, and the longest batches split into micro-batches that fit,
+// with the same losses as a run without checkpointing.
+TEST(TrainRealData, BudgetPlannedPerShapeHoldsForEveryStep) {
+  const auto path = write_skewed_corpus("shape_budget", /*ids=*/false);
+  auto base = lm(path).valid_fraction(0);
+  base.model().layers(4).hidden(32).heads(2).seq(256).batch(4).dropout(0);
+  const int64_t minimum = worst_case_minimum(base);
+  ASSERT_GT(minimum, 0);
+  const int64_t budget = minimum - 1;
+  auto o = base;
+  o.policy(remat::CheckpointPolicy::parse("budget:" + std::to_string(budget) + "B"));
+  EXPECT_THROW_WITH(
+      (Trainer{TrainOptions(o).budget_plans(BudgetPlans::kWorstCase)}),
+      "expected a memory budget of at least");
+
+  // One trainer at a time: memory is counted per process, and a second
+  // trainer's weights and moments would be bytes the first never planned.
+  std::vector<StepRecord> records;
+  History history;
+  {
+    Trainer t(o);
+    for (int64_t i = 0; i < t.steps_per_epoch(); ++i) {
+      records.push_back(t.step());
+    }
+    history = t.history();
+  }
+  Trainer plain(TrainOptions(base).policy(remat::CheckpointPolicy::none()));
+  int64_t split = 0, shortest = 0, longest = 0;
+  int64_t short_recomputed = 0, long_recomputed = 0;
+  for (const auto& r : records) {
+    const auto p = plain.step();
+    EXPECT_LE(r.peak_bytes, budget) << "step " << r.step << " " << r.to_json().dump();
+    EXPECT_LE(r.predicted_peak_bytes, budget) << "step " << r.step;
+    EXPECT_FALSE(r.planned.empty());
+    EXPECT_EQ(r.rows, p.rows);
+    EXPECT_NEAR(r.loss, p.loss, 1e-5 * std::abs(p.loss)) << "step " << r.step;
+    split += r.micro_batches > 1 ? 1 : 0;
+    const auto recomputed = recomputed_layers(r.schedule.substr(0, r.schedule.find(" | ")));
+    if (shortest == 0 || r.row_tokens < shortest) {
+      shortest = r.row_tokens;
+      short_recomputed = recomputed;
+    }
+    if (r.row_tokens > longest && r.micro_batches == 1) {
+      longest = r.row_tokens;
+      long_recomputed = recomputed;
+    }
+  }
+  EXPECT_GT(split, 0) << "no batch needed fewer rows";
+  EXPECT_LT(shortest, longest);
+  EXPECT_LT(short_recomputed, long_recomputed)
+      << shortest << " tokens recompute " << short_recomputed << " layers, " << longest
+      << " tokens " << long_recomputed;
+  TrainResult result;
+  result.history = history;
+  result.steps = static_cast<int64_t>(records.size());
+  EXPECT_NE(summary_text(result, o).find("per-shape"), std::string::npos);
+  // The record a --metrics line carries.
+  const auto j = records.back().to_json();
+  for (const char* key : {"rows", "row_tokens", "planned", "schedule", "predicted_peak_bytes",
+                          "plan_seconds"}) {
+    EXPECT_TRUE(j.contains(key)) << key;
+  }
+  EXPECT_EQ(StepRecord::from_json(j).planned, records.back().planned);
+}
+
+// --pad-to-seq: every batch one shape, so one plan.
+TEST(TrainRealData, PaddedToSeqEveryBatchHasOneShape) {
+  const auto path = write_skewed_corpus("pad_to_seq", /*ids=*/false);
+  auto o = lm(path).pad_to_seq(true).max_steps(3);
+  o.policy(remat::CheckpointPolicy::parse("budget:64MiB"));
+  Trainer t(o);
+  for (int i = 0; i < 3; ++i) {
+    const auto r = t.step();
+    EXPECT_EQ(r.row_tokens, 64);
+    EXPECT_EQ(r.planned, "8x64");
+  }
 }
 
 } // namespace

@@ -223,6 +223,8 @@ TEST(TrainResume, CraftedStateNamesTheFileAndField) {
       {"optimizer record of floats",
        [](auto& s) { s.tensors["optimizer"] = s.tensors["optimizer"].to(torch::kFloat); },
        "is damaged: the optimizer record must be a 1-D U8 tensor, but it is Float"},
+      {"another LibTorch", [](auto& s) { s.info["libtorch"] = "0.9.1"; },
+       "was saved with LibTorch 0.9.1, but this remat runs LibTorch"},
       {"RNG record short",
        [](auto& s) { s.tensors["rng.cpu"] = s.tensors["rng.cpu"].slice(0, 0, 100).clone(); },
        "is damaged: its RNG record holds 100 bytes, but a CPU generator state is"},

@@ -247,6 +247,12 @@ class DataLoader {
   /// Resumes at `position` (its seed replaces the options' seed).
   void set_position(const LoaderPosition& position);
 
+  /// Tokens in the longest row any batch can have (at most max_len):
+  /// max_len with pad_to_max_len, the longest packed row with pack, else
+  /// the longest document after the cut. The first call tokenizes every
+  /// document when construction did not (neither max_tokens nor pack).
+  int64_t longest_row() const;
+
   /// Data-set indices of global batch `index` of `epoch`, over all ranks,
   /// row by row.
   std::vector<int64_t> global_batch(int64_t epoch, int64_t index) const;
@@ -271,6 +277,8 @@ class DataLoader {
   std::vector<int64_t> budget_rows_;
   // pack: the documents of each row.
   std::vector<std::vector<int64_t>> packed_;
+  // longest_row(), once known (0: not yet).
+  mutable int64_t longest_row_ = 0;
   // The global batches of one epoch, computed once per epoch.
   mutable int64_t cached_epoch_ = -1;
   mutable std::vector<std::vector<int64_t>> batches_;

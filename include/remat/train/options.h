@@ -40,6 +40,25 @@ const char* to_string(Task task);
 /// "classify" or "lm"; throws c10::Error naming the text.
 Task parse_task(const std::string& text);
 
+/// How a budget policy (budget:SIZE) is planned for batches of many shapes.
+enum class BudgetPlans {
+  /// A plan per batch shape (rows x a length bucket), made when the shape
+  /// first comes and kept in a bounded cache (remat/plan/shape_plans.h): a
+  /// short batch recomputes less than a long one, and a shape no schedule
+  /// fits runs as smaller micro-batches. The run is refused at the start
+  /// only when one row of its longest document fits no schedule.
+  kPerShape,
+  /// One plan, made at the start for the worst shape (the micro-batch rows
+  /// x seq, or the longest rows a token budget allows): every batch runs
+  /// it. Data-parallel runs always plan this way (their ranks must
+  /// recompute in step).
+  kWorstCase,
+};
+/// "per-shape" or "worst-case".
+const char* to_string(BudgetPlans plans);
+/// Throws c10::Error naming the text.
+BudgetPlans parse_budget_plans(const std::string& text);
+
 /// Everything that defines a run. Field names are those of the `remat train`
 /// flags with '_' for '-' (batch -> --batch, valid_fraction ->
 /// --valid-fraction), and validate()'s messages start with them.
@@ -103,6 +122,10 @@ struct TrainOptions {
   /// (train::DataLoaderOptions::pack, nn::Llama's packed documents). Not
   /// with max_tokens.
   TORCH_ARG(bool, pack) = false;
+  /// Pads every row to seq tokens (train::DataLoaderOptions::pad_to_max_len)
+  /// instead of to its batch's longest row: one batch shape, so one budget
+  /// plan, at the cost of computing on padding.
+  TORCH_ARG(bool, pad_to_seq) = false;
 
   // ---- model (the sizes are model()'s)
   /// A Hugging Face folder (config.json + model.safetensors) to start from;
@@ -110,6 +133,8 @@ struct TrainOptions {
   /// and dropout stay).
   TORCH_ARG(std::string, init_dir);
   TORCH_ARG(CheckpointPolicy, policy) = CheckpointPolicy::every_layer();
+  /// How a budget policy is planned (see BudgetPlans). May change on resume.
+  TORCH_ARG(BudgetPlans, budget_plans) = BudgetPlans::kPerShape;
 
   // ---- optimizer
   TORCH_ARG(double, lr) = 1e-3;
@@ -182,7 +207,7 @@ struct TrainOptions {
 /// run with `saved` ones: every field that shapes the loss curve (data,
 /// model, optimizer, schedule, seed, policy, ...) is equal; out_dir,
 /// save_every, eval_every, compare_policy, compare_steps, memory_timeline,
-/// threads and max_bad_steps may differ. Throws c10::Error starting with the first field
+/// threads, budget_plans and max_bad_steps may differ. Throws c10::Error starting with the first field
 /// that differs ("batch: the state in 'PATH' was saved by a run with 8, but
 /// this run has 4; ..."); `path` names the state in the message.
 void check_resume_options(

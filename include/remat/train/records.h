@@ -34,6 +34,25 @@ struct StepRecord {
   int64_t peak_bytes = 0;    ///< remat::memory::peak_bytes() during the step
   double step_seconds = 0;   ///< forward, backward and optimizer, in seconds
   std::string policy;
+  /// This rank's batch as it ran: rows of row_tokens tokens each (padded),
+  /// in micro_batches micro-batches.
+  int64_t rows = 0;
+  int64_t row_tokens = 0;
+  int64_t micro_batches = 0;
+  /// Budget policies (budget:SIZE) only, else empty and 0: the shape its
+  /// plan was made for ("4x520": micro-batches of 4 rows, planned at 520
+  /// tokens a row; "2x520+grads" for the micro-batches after the first,
+  /// which hold the first's gradients), its schedule
+  /// ("recompute[0,2) store[2,4)"), its predicted peak (bytes; the largest
+  /// over the step's micro-batches, comparable with peak_bytes) and the
+  /// seconds spent planning since the step before (shapes this step met
+  /// first; the first step's include the plan made at the start), which
+  /// step_seconds leaves out. Several plans in one step are joined with
+  /// " | ".
+  std::string planned;
+  std::string schedule;
+  int64_t predicted_peak_bytes = 0;
+  double plan_seconds = 0;
   /// Data parallel: bytes of gradient whose all-reduce started during the
   /// last backward (overlapped), and after it, in GradReducer::reduce().
   int64_t reduced_in_backward_bytes = 0;

@@ -26,7 +26,9 @@ double median_step_seconds(const std::vector<StepRecord>& steps, size_t n);
 int64_t max_peak_bytes(const std::vector<StepRecord>& steps, size_t n);
 
 /// "remat train: 20 steps under every-layer on cpu, 3.1 s of steps (median
-/// 0.1500 s/step, 2100 tokens/s), peak 41.3 MiB", then the validation and,
+/// 0.1500 s/step, 2100 tokens/s), peak 41.3 MiB"; under budget:SIZE a line
+/// with the plan shapes, the planning time and the largest peak over the
+/// budget; then the validation and,
 /// when the run compared policies, the per-step loss table and both
 /// policies' peaks and median steps. Lines end in "\n".
 std::string summary_text(const TrainResult& result, const TrainOptions& options);
