@@ -82,11 +82,11 @@ TEST(PlanCli, SeveralLengthsArePlannedEach) {
   const std::string path = ::testing::TempDir() + "/plan_seqs.json";
   auto r = run_cli(
       "plan --model llama --layers 4 --hidden 32 --heads 4 --batch 4 --vocab 50 --threads 1 "
-      "--seq 32,128 --repeats 1 --budget 60% --json " + path);
+      "--seq 32,128 --repeats 1 --budget 90% --json " + path);
   ASSERT_EQ(r.exit_code, 0) << r.err;
   EXPECT_THAT(r.out, HasSubstr("plans by sequence length (predicted):"));
-  EXPECT_THAT(r.out, HasSubstr("| 32 | 60% | "));
-  EXPECT_THAT(r.out, HasSubstr("| 128 | 60% | "));
+  EXPECT_THAT(r.out, HasSubstr("| 32 | 90% | "));
+  EXPECT_THAT(r.out, HasSubstr("| 128 | 90% | "));
   const auto j = read_json(path);
   ASSERT_EQ(j.at("seqs").size(), 2u);
   EXPECT_EQ(j["seqs"][0]["config"]["seq"], 32);
