@@ -24,6 +24,7 @@ import json
 import math
 import os
 import random
+import re
 import statistics
 import subprocess
 import sys
@@ -110,7 +111,9 @@ def main():
                     steps = run(args.remat, model + extra + ["--policy", policy],
                                 os.path.join(d, "m.jsonl"))
                 except SystemExit as e:
-                    print("| %s | %s | %s |  |  |  |  |  |" % (name, policy, str(e)[-120:]))
+                    need = re.search(r"at least [0-9]+ bytes \(([^)]*)\)", str(e))
+                    why = "refused: needs %s" % need.group(1) if need else str(e)[-120:]
+                    print("| %s | %s | %s |  |  |  |  |  |" % (name, policy, why))
                     continue
                 # The first step warms up: left out of the rate.
                 timed = steps[1:] or steps

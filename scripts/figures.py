@@ -184,7 +184,7 @@ def train_default(remat):
 
 
 REAL_DATA = ["--docs", "300", "--steps", "20", "--layers", "2", "--hidden", "64", "--seq", "1024",
-             "--batch", "4", "--budget", "64MiB", "--threads", "2"]
+             "--batch", "4", "--budget", "64MiB", "--threads", "1"]
 
 
 def real_data(remat):

@@ -487,15 +487,17 @@ int64_t Trainer::Impl::reserve_bytes(const plan::BatchShape& shape) const {
 // The task's step on `shape` planned to the budget, its bytes counted on
 // the run's device. Profiling leaves the generators, the gradients and the
 // policy as they were. Per-shape plans are made while the run goes on, so
-// each stage and mode runs once (no warm-up, one timed run; bytes are exact
-// from one run, times noisier): about a quarter of the default profile's
-// cost. The one worst-case plan takes the default's medians.
+// they profile less: each stage once (no warm-up, one timed run; bytes are
+// exact from one run, times noisier), in kStore and the stack's selective
+// modes only (not the per-op modes, save-matmuls and save-projections):
+// about a seventh of the default profile. The one worst-case plan takes
+// the default's medians over every mode.
 plan::Plan Trainer::Impl::plan_shape(const plan::BatchShape& shape) {
   const RngScope keep(RngState::capture(device));
   AutocastScope autocast(options.model().autocast(device));
   auto profile = plan::ProfileOptions().device(device);
   if (shape_plans) {
-    profile.warmup(0).repeats(1);
+    profile.warmup(0).repeats(1).layer_modes({});
   }
   return task->plan_budget(
       options.policy().budget_bytes(), shape.rows, shape.tokens, reserve_bytes(shape), profile);
