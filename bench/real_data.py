@@ -124,7 +124,8 @@ def main():
                 predicted = max(s.get("predicted_peak_bytes", 0) for s in steps)
                 plan_s = sum(s.get("plan_seconds", 0) for s in steps)
                 step_s = sum(s["step_seconds"] for s in steps)
-                shapes = len({s.get("planned", "") for s in steps})
+                # A step's micro-batches may run under several plans, joined by " | ".
+                shapes = len({p for s in steps for p in s.get("planned", "").split(" | ")})
                 print("| %s | %s | %.0f | %.1f MiB | %s | %s | %s | %s |" % (
                     name, policy, rate, peak / MIB, ratio,
                     ("%.1f MiB" % (predicted / MIB)) if planned else "-",

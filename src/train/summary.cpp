@@ -47,7 +47,12 @@ static std::string budget_text(const std::vector<StepRecord>& steps, const Train
   double plan_seconds = 0, step_seconds = 0;
   int64_t peak = 0, predicted = 0;
   for (const auto& s : steps) {
-    shapes.insert(s.planned);
+    // A step's micro-batches may run under several plans, joined by " | ".
+    for (size_t at = 0; at <= s.planned.size();) {
+      const size_t bar = std::min(s.planned.find(" | ", at), s.planned.size());
+      shapes.insert(s.planned.substr(at, bar - at));
+      at = bar + 3;
+    }
     plan_seconds += s.plan_seconds;
     step_seconds += s.step_seconds;
     peak = std::max(peak, s.peak_bytes);
