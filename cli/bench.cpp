@@ -202,7 +202,9 @@ std::vector<nn::PolicyRun> run_isolated(const BenchConfig& c, const std::vector<
   return runs;
 }
 
-int run_bench(BenchConfig c, const CLI::App& app) {
+// Applies --preset: the sizes it names, except those given on the command
+// line.
+void apply_preset(BenchConfig& c, const CLI::App& app) {
   if (c.preset == "bert-large-b64" || c.preset == "seed-bert") { // the old name
     // BERT-large sized at sequence 512, batch 64 (the experiment of the
     // document remat grew from). Sizes
@@ -220,6 +222,45 @@ int run_bench(BenchConfig c, const CLI::App& app) {
   } else {
     require(c.preset.empty(), "--preset", "expected bert-large-b64, but got '" + c.preset + "'");
   }
+}
+
+// Prints what is about to run: the model, the device, the sizes and the limit.
+void print_header(
+    const BenchConfig& c, const nn::BenchWorkload& w, const nlohmann::json& config,
+    int64_t limit, bool default_limit) {
+  std::cout << "remat bench: " << model_line(c.model)
+            << (c.lora_rank ? ", LoRA rank " + std::to_string(c.lora_rank) : "") << "\n"
+            << "device " << describe_device(c.dev) << ", trainable parameters "
+            << w.trainable_parameter_count() << ", weights "
+            << memory::format_size(config.at("weight_bytes").get<int64_t>()) << ", threads "
+            << torch::get_num_threads() << ", limit "
+            << (limit > 0 ? memory::format_size(limit) : std::string("the device's size"))
+            << (default_limit ? " (90% of RAM)" : "") << ", steps " << c.run.steps
+            << " after " << c.run.warmup << " warm-up\n\n";
+}
+
+// Every policy on workload `w` in this process, reading and writing the
+// reference gradients that --grads-ref and --grads-out name.
+std::vector<nn::PolicyRun> run_in_process(
+    const BenchConfig& c, nn::BenchWorkload& w, const std::vector<PolicyItem>& policies) {
+  nn::ReferenceGradients reference, none_grads;
+  if (!c.grads_ref.empty()) {
+    reference = nn::read_gradients(c.grads_ref);
+  }
+  std::vector<CheckpointPolicy> list;
+  for (const auto& item : policies) {
+    list.push_back(item.policy);
+  }
+  auto runs = nn::run_policies(w, list, c.grads_ref.empty() ? nullptr : &reference,
+                               c.grads_out.empty() ? nullptr : &none_grads);
+  if (!c.grads_out.empty() && !none_grads.empty()) {
+    nn::write_gradients(c.grads_out, none_grads);
+  }
+  return runs;
+}
+
+int run_bench(BenchConfig c, const CLI::App& app) {
+  apply_preset(c, app);
   apply_family_defaults(c);
   validate(c);
   c.dev = parse_device_flag(c.device);
@@ -246,15 +287,7 @@ int run_bench(BenchConfig c, const CLI::App& app) {
   nlohmann::json config = model_json(c.model);
   config.update(nn::workload_json(*w));
   config.update({{"preset", c.preset}, {"isolation", c.run.isolation}, {"rounds", c.run.rounds}});
-  std::cout << "remat bench: " << model_line(c.model)
-            << (c.lora_rank ? ", LoRA rank " + std::to_string(c.lora_rank) : "") << "\n"
-            << "device " << describe_device(c.dev) << ", trainable parameters "
-            << w->trainable_parameter_count() << ", weights "
-            << memory::format_size(config.at("weight_bytes").get<int64_t>()) << ", threads "
-            << torch::get_num_threads() << ", limit "
-            << (limit > 0 ? memory::format_size(limit) : std::string("the device's size"))
-            << (default_limit ? " (90% of RAM)" : "") << ", steps " << c.run.steps
-            << " after " << c.run.warmup << " warm-up\n\n";
+  print_header(c, *w, config, limit, default_limit);
 
   // Run `none` first when present: it is the reference for gradients.
   std::stable_partition(policies.begin(), policies.end(),
@@ -265,19 +298,7 @@ int run_bench(BenchConfig c, const CLI::App& app) {
     memory::empty_cache();
     runs = run_isolated(c, policies);
   } else {
-    nn::ReferenceGradients reference, none_grads;
-    if (!c.grads_ref.empty()) {
-      reference = nn::read_gradients(c.grads_ref);
-    }
-    std::vector<CheckpointPolicy> list;
-    for (const auto& item : policies) {
-      list.push_back(item.policy);
-    }
-    runs = nn::run_policies(*w, list, c.grads_ref.empty() ? nullptr : &reference,
-                            c.grads_out.empty() ? nullptr : &none_grads);
-    if (!c.grads_out.empty() && !none_grads.empty()) {
-      nn::write_gradients(c.grads_out, none_grads);
-    }
+    runs = run_in_process(c, *w, policies);
   }
   std::cout << nn::policy_table(runs);
 

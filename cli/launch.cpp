@@ -83,9 +83,8 @@ int exit_code_of(int status) {
   return WIFSIGNALED(status) ? 128 + WTERMSIG(status) : WEXITSTATUS(status);
 }
 
-} // namespace
-
-int launch_workers(int64_t nproc, const std::string& flag) {
+// This process's arguments without `flag` and its value, for the workers.
+std::vector<std::string> worker_arguments(const std::string& flag) {
   auto args = own_arguments();
   std::vector<std::string> kept;
   for (size_t i = 0; i < args.size(); ++i) {
@@ -95,6 +94,39 @@ int launch_workers(int64_t nproc, const std::string& flag) {
       kept.push_back(args[i]);
     }
   }
+  return kept;
+}
+
+// In a forked child: becomes worker `rank` of `nproc`, or exits with 127.
+[[noreturn]] void exec_worker(
+    int64_t rank,
+    int64_t nproc,
+    int port,
+    const std::vector<std::string>& args,
+    const std::string& flag) {
+  ::setenv("RANK", std::to_string(rank).c_str(), 1);
+  ::setenv("LOCAL_RANK", std::to_string(rank).c_str(), 1);
+  ::setenv("WORLD_SIZE", std::to_string(nproc).c_str(), 1);
+  ::setenv("LOCAL_WORLD_SIZE", std::to_string(nproc).c_str(), 1);
+  ::setenv("MASTER_ADDR", "127.0.0.1", 1);
+  ::setenv("MASTER_PORT", std::to_string(port).c_str(), 1);
+  std::vector<char*> argv;
+  for (auto& a : args) {
+    argv.push_back(const_cast<char*>(a.c_str()));
+  }
+  argv.push_back(nullptr);
+  ::execv("/proc/self/exe", argv.data());
+  std::fprintf(stderr, "remat: error: %s: cannot start worker %lld: %s\n", flag.c_str(),
+               static_cast<long long>(rank), std::strerror(errno));
+  ::_exit(127);
+}
+
+// Forks `nproc` workers running `args`, recording them in g_children, and
+// passes SIGINT and SIGTERM on to them from then on.
+void start_workers(
+    int64_t nproc,
+    const std::vector<std::string>& args,
+    const std::string& flag) {
   const int port = free_port();
   std::fflush(nullptr);
   g_children.assign(static_cast<size_t>(nproc), -1);
@@ -102,21 +134,7 @@ int launch_workers(int64_t nproc, const std::string& flag) {
     const pid_t pid = ::fork();
     require(pid >= 0, flag, std::string("cannot start a worker: ") + std::strerror(errno));
     if (pid == 0) {
-      ::setenv("RANK", std::to_string(r).c_str(), 1);
-      ::setenv("LOCAL_RANK", std::to_string(r).c_str(), 1);
-      ::setenv("WORLD_SIZE", std::to_string(nproc).c_str(), 1);
-      ::setenv("LOCAL_WORLD_SIZE", std::to_string(nproc).c_str(), 1);
-      ::setenv("MASTER_ADDR", "127.0.0.1", 1);
-      ::setenv("MASTER_PORT", std::to_string(port).c_str(), 1);
-      std::vector<char*> argv;
-      for (auto& a : kept) {
-        argv.push_back(const_cast<char*>(a.c_str()));
-      }
-      argv.push_back(nullptr);
-      ::execv("/proc/self/exe", argv.data());
-      std::fprintf(stderr, "remat: error: %s: cannot start worker %lld: %s\n", flag.c_str(),
-                   static_cast<long long>(r), std::strerror(errno));
-      ::_exit(127);
+      exec_worker(r, nproc, port, args, flag);
     }
     g_children[static_cast<size_t>(r)] = pid;
   }
@@ -124,7 +142,45 @@ int launch_workers(int64_t nproc, const std::string& flag) {
   sa.sa_handler = forward_signal;
   ::sigaction(SIGINT, &sa, nullptr);
   ::sigaction(SIGTERM, &sa, nullptr);
+}
 
+// The rank of worker `pid`, now struck from g_children; -1 if not a worker.
+int64_t reap(pid_t pid) {
+  int64_t rank = -1;
+  for (size_t r = 0; r < g_children.size(); ++r) {
+    if (g_children[r] == pid) {
+      rank = static_cast<int64_t>(r);
+      g_children[r] = -1;
+    }
+  }
+  return rank;
+}
+
+// Asks the `running` workers to stop, gives them 5 seconds, then kills the
+// rest; `running` counts down as they exit.
+void stop_workers(int64_t& running) {
+  forward_signal(SIGTERM);
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(5);
+  while (running > 0 && std::chrono::steady_clock::now() < deadline) {
+    int status = 0;
+    const pid_t done = ::waitpid(-1, &status, WNOHANG);
+    if (done > 0) {
+      for (auto& c : g_children) {
+        if (c == done) {
+          c = -1;
+          --running;
+        }
+      }
+    } else {
+      std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    }
+  }
+  forward_signal(SIGKILL);
+}
+
+// Waits for all `nproc` workers; at the first failure, names the rank and
+// stops the others. Returns 0, or the exit code of the first failure.
+int wait_for_workers(int64_t nproc, const std::string& flag) {
   int64_t running = nproc;
   int failed_code = 0;
   while (running > 0) {
@@ -136,13 +192,7 @@ int launch_workers(int64_t nproc, const std::string& flag) {
       }
       break;
     }
-    int64_t rank = -1;
-    for (size_t r = 0; r < g_children.size(); ++r) {
-      if (g_children[r] == pid) {
-        rank = static_cast<int64_t>(r);
-        g_children[r] = -1;
-      }
-    }
+    const int64_t rank = reap(pid);
     if (rank < 0) {
       continue;
     }
@@ -158,24 +208,16 @@ int launch_workers(int64_t nproc, const std::string& flag) {
     std::fprintf(stderr, "remat: error: %s: rank %lld of %lld %s; stopping the other ranks\n",
                  flag.c_str(), static_cast<long long>(rank), static_cast<long long>(nproc),
                  describe(status).c_str());
-    forward_signal(SIGTERM);
-    const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(5);
-    while (running > 0 && std::chrono::steady_clock::now() < deadline) {
-      const pid_t done = ::waitpid(-1, &status, WNOHANG);
-      if (done > 0) {
-        for (auto& c : g_children) {
-          if (c == done) {
-            c = -1;
-            --running;
-          }
-        }
-      } else {
-        std::this_thread::sleep_for(std::chrono::milliseconds(20));
-      }
-    }
-    forward_signal(SIGKILL);
+    stop_workers(running);
   }
   return failed_code;
+}
+
+} // namespace
+
+int launch_workers(int64_t nproc, const std::string& flag) {
+  start_workers(nproc, worker_arguments(flag), flag);
+  return wait_for_workers(nproc, flag);
 }
 
 } // namespace cli

@@ -130,35 +130,48 @@ auto with_file(const std::string& path, F&& parse) -> decltype(parse()) {
   }
 }
 
-} // namespace
-
-LoadStateReport load_state(
-    torch::nn::Module& module,
-    const std::map<std::string, torch::Tensor>& tensors,
-    const LoadStateOptions& options) {
+// The tensors a module can take from a file, by module name.
+struct ModuleTensors {
   std::map<std::string, torch::Tensor> targets;
-  std::vector<std::string> order;
-  std::set<std::string> buffers;
+  std::vector<std::string> order; // registration order, parameters first
+  std::set<std::string> buffers; // optional: a file may leave them out
+};
+
+// Lists `module`'s parameters and then its buffers; a buffer under a
+// parameter's name is that parameter.
+ModuleTensors module_tensors(torch::nn::Module& module) {
+  ModuleTensors out;
   for (const auto& kv : module.named_parameters(/*recurse=*/true)) {
-    targets.emplace(kv.key(), kv.value());
-    order.push_back(kv.key());
+    out.targets.emplace(kv.key(), kv.value());
+    out.order.push_back(kv.key());
   }
   for (const auto& kv : module.named_buffers(/*recurse=*/true)) {
-    if (targets.emplace(kv.key(), kv.value()).second) {
-      order.push_back(kv.key());
-      buffers.insert(kv.key());
+    if (out.targets.emplace(kv.key(), kv.value()).second) {
+      out.order.push_back(kv.key());
+      out.buffers.insert(kv.key());
     }
   }
+  return out;
+}
 
-  LoadStateReport report;
-  std::vector<std::string> problems;
-  std::map<std::string, std::pair<std::string, torch::Tensor>>
-      sources; // module name -> (file name, tensor)
+// module name -> (file name, tensor)
+using Sources = std::map<std::string, std::pair<std::string, torch::Tensor>>;
+
+// Maps each file tensor to the module tensor it loads. Names the module lacks
+// go to `unexpected`; two file tensors for one module tensor are a problem,
+// and so are unexpected ones unless ignore_unexpected(true).
+Sources map_sources(
+    const std::map<std::string, torch::Tensor>& tensors,
+    const std::map<std::string, torch::Tensor>& targets,
+    const LoadStateOptions& options,
+    std::vector<std::string>& unexpected,
+    std::vector<std::string>& problems) {
+  Sources sources;
   for (const auto& kv : tensors) {
     auto mapped = map_name(kv.first, targets, options);
     const auto& name = mapped.name;
     if (!mapped.found) {
-      report.unexpected.push_back(name);
+      unexpected.push_back(name);
       continue;
     }
     auto inserted = sources.emplace(name, std::make_pair(kv.first, kv.second));
@@ -169,64 +182,116 @@ LoadStateReport load_state(
     }
   }
   if (!options.ignore_unexpected()) {
-    for (const auto& name : report.unexpected) {
+    for (const auto& name : unexpected) {
       problems.push_back("'" + name + "' is in the file but not in the module");
     }
   }
+  return sources;
+}
 
+// Why file tensor `src` cannot load module tensor `target`, or "" when it can.
+std::string mismatch(
+    const std::string& name,
+    const torch::Tensor& src,
+    const torch::Tensor& target,
+    const LoadStateOptions& options) {
+  if (!src.defined()) {
+    return "'" + name + "' is undefined in the file";
+  }
+  if (src.sizes() != target.sizes()) {
+    return "'" + name + "' has shape " + shape_text(src) + " in the file but " +
+        shape_text(target) + " in the module";
+  }
+  if (src.scalar_type() != target.scalar_type() &&
+      !(options.cast_dtype() && is_floating(src.scalar_type()) &&
+        is_floating(target.scalar_type()))) {
+    std::ostringstream msg;
+    msg << "'" << name << "' has dtype " << src.scalar_type()
+        << " in the file but " << target.scalar_type() << " in the module";
+    if (is_floating(src.scalar_type()) && is_floating(target.scalar_type())) {
+      msg << " (cast_dtype(true) converts it)";
+    }
+    return msg.str();
+  }
+  return "";
+}
+
+// Checks every module tensor the file has against it, adding to `problems`;
+// returns the module tensors the file lacks, in registration order.
+std::vector<std::string> check_sources(
+    const ModuleTensors& module,
+    const Sources& sources,
+    const LoadStateOptions& options,
+    std::vector<std::string>& problems) {
   std::vector<std::string> missing;
-  for (const auto& name : order) {
-    const auto& target = targets.at(name);
+  for (const auto& name : module.order) {
+    const auto& target = module.targets.at(name);
     auto it = sources.find(name);
     if (it == sources.end()) {
       missing.push_back(name);
       continue;
     }
-    const auto& src = it->second.second;
-    if (!src.defined()) {
-      problems.push_back("'" + name + "' is undefined in the file");
-    } else if (src.sizes() != target.sizes()) {
-      problems.push_back(
-          "'" + name + "' has shape " + shape_text(src) + " in the file but " +
-          shape_text(target) + " in the module");
-    } else if (
-        src.scalar_type() != target.scalar_type() &&
-        !(options.cast_dtype() && is_floating(src.scalar_type()) &&
-          is_floating(target.scalar_type()))) {
-      std::ostringstream msg;
-      msg << "'" << name << "' has dtype " << src.scalar_type()
-          << " in the file but " << target.scalar_type() << " in the module";
-      if (is_floating(src.scalar_type()) && is_floating(target.scalar_type())) {
-        msg << " (cast_dtype(true) converts it)";
-      }
-      problems.push_back(msg.str());
+    auto problem = mismatch(name, it->second.second, target, options);
+    if (!problem.empty()) {
+      problems.push_back(problem);
     }
   }
+  return missing;
+}
 
-  // A tensor registered twice (tied embeddings) is loaded through the other
-  // name.
-  auto loaded_impl = [&](const torch::Tensor& t) {
-    for (const auto& kv : sources) {
-      auto target = targets.find(kv.first);
-      if (target != targets.end() && target->second.is_same(t)) {
-        return true;
-      }
+// Whether `t` is loaded through some other name: a tensor registered twice
+// (tied embeddings) needs only one of its names in the file.
+bool loaded_elsewhere(
+    const torch::Tensor& t,
+    const std::map<std::string, torch::Tensor>& targets,
+    const Sources& sources) {
+  for (const auto& kv : sources) {
+    auto target = targets.find(kv.first);
+    if (target != targets.end() && target->second.is_same(t)) {
+      return true;
     }
-    return false;
-  };
+  }
+  return false;
+}
+
+// Sorts the tensors the file lacks into tied and missing ones; a missing
+// parameter is a problem unless ignore_missing(true), a missing buffer never.
+void sort_missing(
+    const std::vector<std::string>& missing,
+    const ModuleTensors& module,
+    const Sources& sources,
+    const LoadStateOptions& options,
+    LoadStateReport& report,
+    std::vector<std::string>& problems) {
   for (const auto& name : missing) {
-    if (loaded_impl(targets.at(name))) {
+    if (loaded_elsewhere(module.targets.at(name), module.targets, sources)) {
       report.tied.push_back(name);
       continue;
     }
     report.missing.push_back(name);
-    const bool optional = options.ignore_missing() || buffers.count(name);
+    const bool optional =
+        options.ignore_missing() || module.buffers.count(name);
     if (!optional) {
       problems.push_back(
-          "'" + name + "' with shape " + shape_text(targets.at(name)) +
+          "'" + name + "' with shape " + shape_text(module.targets.at(name)) +
           " is missing from the file");
     }
   }
+}
+
+} // namespace
+
+LoadStateReport load_state(
+    torch::nn::Module& module,
+    const std::map<std::string, torch::Tensor>& tensors,
+    const LoadStateOptions& options) {
+  auto own = module_tensors(module);
+  LoadStateReport report;
+  std::vector<std::string> problems;
+  const auto sources = map_sources(
+      tensors, own.targets, options, report.unexpected, problems);
+  const auto missing = check_sources(own, sources, options, problems);
+  sort_missing(missing, own, sources, options, report, problems);
 
   TORCH_CHECK(
       problems.empty(),
@@ -237,10 +302,10 @@ LoadStateReport load_state(
           : " (ignore_unexpected(true) skips extra tensors; strip_prefixes removes a prefix)");
 
   torch::NoGradGuard no_grad;
-  for (const auto& name : order) {
+  for (const auto& name : own.order) {
     auto it = sources.find(name);
     if (it != sources.end()) {
-      targets.at(name).copy_(it->second.second);
+      own.targets.at(name).copy_(it->second.second);
       report.loaded.push_back(name);
     }
   }

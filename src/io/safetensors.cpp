@@ -258,7 +258,9 @@ std::map<std::string, std::string> parse_metadata(
   return out;
 }
 
-Header read_header(Source& src, const std::string& file) {
+// Reads the header's JSON text, checking the length field against the file
+// size; the data starts 8 + text.size() bytes in.
+std::string read_header_text(Source& src, const std::string& file) {
   const uint64_t size = src.size();
   TORCH_CHECK(
       size >= 8, "safetensors file '", file,
@@ -282,7 +284,14 @@ Header read_header(Source& src, const std::string& file) {
       !text.empty() && text[0] == '{', "safetensors file '", file,
       "': expected the header to start with '{', but got '",
       printable(text.substr(0, 1)), "'");
+  return text;
+}
 
+// Parses the header's JSON text into an object, refusing a tensor name that
+// appears twice.
+nlohmann::json parse_header_json(
+    const std::string& text,
+    const std::string& file) {
   // Duplicate names would silently shadow each other in a JSON object.
   std::set<std::string> seen;
   std::string duplicate;
@@ -310,28 +319,20 @@ Header read_header(Source& src, const std::string& file) {
   TORCH_CHECK(
       root.is_object(), "safetensors file '", file,
       "': expected the header to be a JSON object");
+  return root;
+}
 
-  Header h;
-  h.data_start = 8 + n;
-  for (auto it = root.begin(); it != root.end(); ++it) {
-    if (it.key() == kMetadataKey) {
-      h.metadata = parse_metadata(it.value(), file);
-    } else {
-      h.entries.push_back(parse_entry(it.key(), it.value(), file));
-    }
-  }
-  std::sort(
-      h.entries.begin(), h.entries.end(), [](const Entry& a, const Entry& b) {
-        return std::tie(a.begin, a.end, a.name) <
-            std::tie(b.begin, b.end, b.name);
-      });
-
+// Checks that `entries`, sorted by offsets, tile the `data_bytes` bytes of
+// data.
+void check_tiling(
+    const std::vector<Entry>& entries,
+    uint64_t data_bytes,
+    const std::string& file) {
   // The format requires the tensors to tile the data exactly: no overlap, no
   // hole.
-  const uint64_t data_bytes = size - h.data_start;
   uint64_t expected = 0;
   const Entry* previous = nullptr;
-  for (const auto& e : h.entries) {
+  for (const auto& e : entries) {
     const std::string where =
         "safetensors file '" + file + "': tensor '" + printable(e.name) + "'";
     TORCH_CHECK(
@@ -355,6 +356,27 @@ Header read_header(Source& src, const std::string& file) {
       "': expected the tensors to cover all ", data_bytes,
       " bytes of data, but they end at byte ", expected,
       " (trailing bytes, or data without a header entry)");
+}
+
+Header read_header(Source& src, const std::string& file) {
+  const std::string text = read_header_text(src, file);
+  const nlohmann::json root = parse_header_json(text, file);
+
+  Header h;
+  h.data_start = 8 + static_cast<uint64_t>(text.size());
+  for (auto it = root.begin(); it != root.end(); ++it) {
+    if (it.key() == kMetadataKey) {
+      h.metadata = parse_metadata(it.value(), file);
+    } else {
+      h.entries.push_back(parse_entry(it.key(), it.value(), file));
+    }
+  }
+  std::sort(
+      h.entries.begin(), h.entries.end(), [](const Entry& a, const Entry& b) {
+        return std::tie(a.begin, a.end, a.name) <
+            std::tie(b.begin, b.end, b.name);
+      });
+  check_tiling(h.entries, src.size() - h.data_start, file);
   return h;
 }
 

@@ -15,7 +15,6 @@
 #include <array>
 #include <cfloat>
 #include <cstring>
-#include <functional>
 #include <queue>
 #include <string_view>
 #include <unordered_map>
@@ -691,6 +690,43 @@ class Normalizer {
 
 using EncodeResult = std::vector<std::pair<std::string_view, int>>;
 
+// ----------------------------------------------------------- BPE encoding
+
+// A symbol of bpe_model.cc's merge loop, linked to its neighbours; a symbol
+// merged into its left neighbour has an empty piece.
+struct BpeSymbol {
+  int prev;
+  int next;
+  bool frozen;
+  std::string_view piece;
+};
+
+// Two adjacent symbols whose concatenation is a piece, and its score.
+struct BpePair {
+  int left;
+  int right;
+  float score;
+  size_t size;
+};
+
+// The order of the agenda: the highest score first, the leftmost on ties.
+struct BpeLower {
+  bool operator()(const BpePair& a, const BpePair& b) const {
+    return a.score < b.score || (a.score == b.score && a.left > b.left);
+  }
+};
+
+// What encode_bpe works on: the symbols and the pairs that may merge.
+struct BpeState {
+  std::priority_queue<BpePair, std::vector<BpePair>, BpeLower> agenda;
+  std::vector<BpeSymbol> symbols;
+  // Merged UNUSED pieces, to be split back into what made them.
+  std::unordered_map<
+      std::string_view,
+      std::pair<std::string_view, std::string_view>>
+      rev_merge;
+};
+
 } // namespace
 
 struct SentencePieceTokenizer::Impl {
@@ -745,79 +781,54 @@ struct SentencePieceTokenizer::Impl {
     return std::min<size_t>(one_char_len(s.data()), s.size());
   }
 
+  void add_bpe_pair(BpeState& state, int left, int right) const;
+  void merge_bpe_pairs(BpeState& state) const;
+  void resegment(
+      const BpeState& state,
+      std::string_view w,
+      EncodeResult& out) const;
   EncodeResult encode_bpe(std::string_view normalized) const;
   EncodeResult encode_unigram(std::string_view normalized) const;
   std::vector<int64_t> encode(const std::string& text) const;
   std::string decode_run(const std::vector<int64_t>& ids) const;
+
+  // Reading, in from_file's order.
+  void read_model_proto(WireReader& r);
+  void check_model(const WireReader& r) const;
+  void index_piece(const WireReader& r, int id);
+  void check_special_pieces(const WireReader& r) const;
+  void make_normalizers();
 };
 
-// bpe_model.cc: start from symbols (characters, user-defined pieces), and
-// merge the adjacent pair whose concatenation is the piece of highest score,
-// the leftmost on ties, until no pair is a piece.
-EncodeResult SentencePieceTokenizer::Impl::encode_bpe(
-    std::string_view normalized) const {
-  struct Symbol {
-    int prev;
-    int next;
-    bool frozen;
-    std::string_view piece;
-  };
-  struct Pair {
-    int left;
-    int right;
-    float score;
-    size_t size;
-  };
-  struct Lower {
-    bool operator()(const Pair& a, const Pair& b) const {
-      return a.score < b.score || (a.score == b.score && a.left > b.left);
-    }
-  };
-  std::priority_queue<Pair, std::vector<Pair>, Lower> agenda;
-  std::vector<Symbol> symbols;
-  // Merged UNUSED pieces, to be split back into what made them.
-  std::unordered_map<
-      std::string_view,
-      std::pair<std::string_view, std::string_view>>
-      rev_merge;
+// Queues the pair (left, right) when its concatenation is a piece.
+void SentencePieceTokenizer::Impl::add_bpe_pair(
+    BpeState& state,
+    int left,
+    int right) const {
+  auto& symbols = state.symbols;
+  if (left == -1 || right == -1 || symbols[left].frozen ||
+      symbols[right].frozen) {
+    return;
+  }
+  const std::string_view piece(
+      symbols[left].piece.data(),
+      symbols[left].piece.size() + symbols[right].piece.size());
+  const auto it = piece_ids.find(piece);
+  if (it == piece_ids.end()) {
+    return;
+  }
+  state.agenda.push({left, right, pieces[it->second].score, piece.size()});
+  if (type(it->second) == kUnused) {
+    state.rev_merge[piece] = {symbols[left].piece, symbols[right].piece};
+  }
+}
 
-  auto add_pair = [&](int left, int right) {
-    if (left == -1 || right == -1 || symbols[left].frozen ||
-        symbols[right].frozen) {
-      return;
-    }
-    const std::string_view piece(
-        symbols[left].piece.data(),
-        symbols[left].piece.size() + symbols[right].piece.size());
-    const auto it = piece_ids.find(piece);
-    if (it == piece_ids.end()) {
-      return;
-    }
-    agenda.push({left, right, pieces[it->second].score, piece.size()});
-    if (type(it->second) == kUnused) {
-      rev_merge[piece] = {symbols[left].piece, symbols[right].piece};
-    }
-  };
-
-  std::string_view rest = normalized;
-  while (!rest.empty()) {
-    Symbol s;
-    const size_t n = symbol_length(rest, &s.frozen);
-    s.piece = rest.substr(0, n);
-    s.prev = static_cast<int>(symbols.size()) - 1;
-    rest.remove_prefix(n);
-    s.next = rest.empty() ? -1 : static_cast<int>(symbols.size()) + 1;
-    symbols.push_back(s);
-  }
-  if (symbols.empty()) {
-    return {};
-  }
-  for (size_t i = 1; i < symbols.size(); ++i) {
-    add_pair(static_cast<int>(i) - 1, static_cast<int>(i));
-  }
-  while (!agenda.empty()) {
-    const Pair top = agenda.top();
-    agenda.pop();
+// Merges the best pair on the agenda, again and again, until none is left.
+void SentencePieceTokenizer::Impl::merge_bpe_pairs(BpeState& state) const {
+  auto& symbols = state.symbols;
+  while (!state.agenda.empty()) {
+    const BpePair top = state.agenda.top();
+    state.agenda.pop();
     auto& left = symbols[top.left];
     auto& right = symbols[top.right];
     // Stale: one side was merged away since the pair was seen.
@@ -831,23 +842,55 @@ EncodeResult SentencePieceTokenizer::Impl::encode_bpe(
       symbols[right.next].prev = top.left;
     }
     right.piece = std::string_view();
-    add_pair(left.prev, top.left);
-    add_pair(top.left, left.next);
+    add_bpe_pair(state, left.prev, top.left);
+    add_bpe_pair(state, top.left, left.next);
   }
+}
+
+// Appends `w` to `out`, split back into the pieces that made it when it is
+// a merged UNUSED piece.
+void SentencePieceTokenizer::Impl::resegment(
+    const BpeState& state,
+    std::string_view w,
+    EncodeResult& out) const {
+  const int id = piece_to_id(w);
+  const auto it = state.rev_merge.find(w);
+  if (id < 0 || type(id) != kUnused || it == state.rev_merge.end()) {
+    out.emplace_back(w, id);
+    return;
+  }
+  resegment(state, it->second.first, out);
+  resegment(state, it->second.second, out);
+}
+
+// bpe_model.cc: start from symbols (characters, user-defined pieces), and
+// merge the adjacent pair whose concatenation is the piece of highest score,
+// the leftmost on ties, until no pair is a piece.
+EncodeResult SentencePieceTokenizer::Impl::encode_bpe(
+    std::string_view normalized) const {
+  BpeState state;
+  auto& symbols = state.symbols;
+  std::string_view rest = normalized;
+  while (!rest.empty()) {
+    BpeSymbol s;
+    const size_t n = symbol_length(rest, &s.frozen);
+    s.piece = rest.substr(0, n);
+    s.prev = static_cast<int>(symbols.size()) - 1;
+    rest.remove_prefix(n);
+    s.next = rest.empty() ? -1 : static_cast<int>(symbols.size()) + 1;
+    symbols.push_back(s);
+  }
+  if (symbols.empty()) {
+    return {};
+  }
+  for (size_t i = 1; i < symbols.size(); ++i) {
+    add_bpe_pair(state, static_cast<int>(i) - 1, static_cast<int>(i));
+  }
+  merge_bpe_pairs(state);
 
   EncodeResult out;
-  std::function<void(std::string_view)> resegment = [&](std::string_view w) {
-    const int id = piece_to_id(w);
-    const auto it = rev_merge.find(w);
-    if (id < 0 || type(id) != kUnused || it == rev_merge.end()) {
-      out.emplace_back(w, id);
-      return;
-    }
-    resegment(it->second.first);
-    resegment(it->second.second);
-  };
   for (int i = 0; i != -1; i = symbols[i].next) {
-    resegment(symbols[i].piece);
+    resegment(state, symbols[i].piece, out);
   }
   return out;
 }
@@ -996,16 +1039,9 @@ std::string SentencePieceTokenizer::Impl::decode_run(
   return has_denormalizer ? denormalizer.normalize(text) : text;
 }
 
-SentencePieceTokenizer SentencePieceTokenizer::from_file(
-    const std::string& path) {
-  // Llama's model is 500 kB; the largest vocabularies take a few MB.
-  constexpr int64_t kMaxBytes = 256 << 20;
-  const auto bytes = read_file(path, kMaxBytes);
-  auto impl = std::make_shared<Impl>();
-  impl->source = path;
-  auto& m = *impl;
-
-  WireReader r(bytes, 0, path);
+// Reads the fields of ModelProto that remat uses: the pieces, the trainer's
+// spec, and the normalizer's and denormalizer's.
+void SentencePieceTokenizer::Impl::read_model_proto(WireReader& r) {
   uint32_t field;
   int type;
   while (r.next(&field, &type)) {
@@ -1014,15 +1050,15 @@ SentencePieceTokenizer SentencePieceTokenizer::from_file(
       case 1: {
         r.expect(type, 2, "ModelProto.pieces");
         const auto sub = r.bytes(&at);
-        WireReader pr(sub, at, path);
-        m.pieces.push_back(read_piece(pr));
+        WireReader pr(sub, at, source);
+        pieces.push_back(read_piece(pr));
         break;
       }
       case 2: {
         r.expect(type, 2, "ModelProto.trainer_spec");
         const auto sub = r.bytes(&at);
-        WireReader tr(sub, at, path);
-        read_trainer_spec(tr, &m.trainer);
+        WireReader tr(sub, at, source);
+        read_trainer_spec(tr, &trainer);
         break;
       }
       case 3:
@@ -1033,25 +1069,29 @@ SentencePieceTokenizer SentencePieceTokenizer::from_file(
             field == 3 ? "ModelProto.normalizer_spec"
                        : "ModelProto.denormalizer_spec");
         const auto sub = r.bytes(&at);
-        WireReader nr(sub, at, path);
+        WireReader nr(sub, at, source);
         read_normalizer_spec(
-            nr, field == 3 ? &m.normalizer_spec : &m.denormalizer_spec);
-        m.has_denormalizer = m.has_denormalizer || field == 5;
+            nr, field == 3 ? &normalizer_spec : &denormalizer_spec);
+        has_denormalizer = has_denormalizer || field == 5;
         break;
       }
       default:
         r.skip(type);
     }
   }
+}
 
-  if (m.pieces.empty()) {
+// Refuses a model with no pieces, one of a type remat does not encode, and
+// one with more pieces than an int id holds.
+void SentencePieceTokenizer::Impl::check_model(const WireReader& r) const {
+  if (pieces.empty()) {
     r.fail("it has no pieces (ModelProto field 1)");
   }
-  const int model_type = m.trainer.model_type;
+  const int model_type = trainer.model_type;
   TORCH_CHECK(
       model_type == kUnigram || model_type == kBpe,
       "tokenizer '",
-      path,
+      source,
       "': expected a unigram or BPE SentencePiece model (the ones remat reads), "
       "but got model type ",
       model_type == kWord       ? "WORD"
@@ -1060,83 +1100,113 @@ SentencePieceTokenizer SentencePieceTokenizer::from_file(
       model_type == kWord || model_type == kChar ? ""
                                                  : std::to_string(model_type));
   TORCH_CHECK(
-      m.pieces.size() < (1u << 30),
+      pieces.size() < (1u << 30),
       "tokenizer '",
-      path,
+      source,
       "': expected fewer than 2^30 pieces, but got ",
-      m.pieces.size());
-  m.byte_ids.fill(-1);
-  for (size_t i = 0; i < m.pieces.size(); ++i) {
-    const int id = static_cast<int>(i);
-    const auto& p = m.pieces[i];
-    auto refuse = [&](const char* why) {
-      r.fail("piece ", id, " (", shown_piece(p.text), ") ", why);
-    };
-    if (p.text.empty()) {
-      refuse("is empty");
-    }
-    if (p.text.size() >= 8000) {
-      refuse("is 8000 bytes or longer");
-    }
-    if (p.text.find('\0') != std::string::npos) {
-      refuse("holds a 0 byte");
-    }
-    const bool normal =
-        p.type == kNormal || p.type == kUserDefined || p.type == kUnused;
-    auto& ids = normal ? m.piece_ids : m.reserved_ids;
-    if (!ids.emplace(p.text, id).second) {
-      refuse("is defined twice");
-    }
-    if (normal && p.type != kUnused) {
-      m.trie.insert(p.text, id);
-    }
-    if (p.type == kUserDefined) {
-      m.user_defined.insert(p.text, id);
-    }
-    if (p.type == kNormal) {
-      m.min_score = std::min(m.min_score, p.score);
-      m.max_score = std::max(m.max_score, p.score);
-    }
-    if (p.type == kUnknown) {
-      if (m.unk >= 0) {
-        refuse("is a second unknown piece");
-      }
-      m.unk = id;
-    }
-    if (p.type == kByte) {
-      if (!m.trainer.byte_fallback) {
-        refuse("is a byte piece, but byte_fallback is off");
-      }
-      const int b = piece_byte(p.text);
-      if (b < 0) {
-        refuse("is a byte piece that is not <0x00> to <0xFF>");
-      }
-      m.byte_ids[b] = id;
-    }
+      pieces.size());
+}
+
+// Checks piece `id` and enters it where its type says: the id maps, the
+// tries, the score range, the unknown piece, the byte ids.
+void SentencePieceTokenizer::Impl::index_piece(const WireReader& r, int id) {
+  const auto& p = pieces[id];
+  auto refuse = [&](const char* why) {
+    r.fail("piece ", id, " (", shown_piece(p.text), ") ", why);
+  };
+  if (p.text.empty()) {
+    refuse("is empty");
   }
-  if (m.unk < 0) {
+  if (p.text.size() >= 8000) {
+    refuse("is 8000 bytes or longer");
+  }
+  if (p.text.find('\0') != std::string::npos) {
+    refuse("holds a 0 byte");
+  }
+  const bool normal =
+      p.type == kNormal || p.type == kUserDefined || p.type == kUnused;
+  auto& ids = normal ? piece_ids : reserved_ids;
+  if (!ids.emplace(p.text, id).second) {
+    refuse("is defined twice");
+  }
+  if (normal && p.type != kUnused) {
+    trie.insert(p.text, id);
+  }
+  if (p.type == kUserDefined) {
+    user_defined.insert(p.text, id);
+  }
+  if (p.type == kNormal) {
+    min_score = std::min(min_score, p.score);
+    max_score = std::max(max_score, p.score);
+  }
+  if (p.type == kUnknown) {
+    if (unk >= 0) {
+      refuse("is a second unknown piece");
+    }
+    unk = id;
+  }
+  if (p.type == kByte) {
+    if (!trainer.byte_fallback) {
+      refuse("is a byte piece, but byte_fallback is off");
+    }
+    const int b = piece_byte(p.text);
+    if (b < 0) {
+      refuse("is a byte piece that is not <0x00> to <0xFF>");
+    }
+    byte_ids[b] = id;
+  }
+}
+
+// Refuses a model with no unknown piece, and one with byte_fallback on that
+// lacks some of the 256 byte pieces.
+void SentencePieceTokenizer::Impl::check_special_pieces(
+    const WireReader& r) const {
+  if (unk < 0) {
     r.fail("it has no unknown piece (type UNKNOWN)");
   }
-  if (m.trainer.byte_fallback &&
-      std::count(m.byte_ids.begin(), m.byte_ids.end(), -1) > 0) {
+  if (trainer.byte_fallback &&
+      std::count(byte_ids.begin(), byte_ids.end(), -1) > 0) {
     r.fail(
         "byte_fallback is on and it has ",
-        256 - std::count(m.byte_ids.begin(), m.byte_ids.end(), -1),
+        256 - std::count(byte_ids.begin(), byte_ids.end(), -1),
         " byte pieces, not 256");
   }
-  m.normalizer = Normalizer(
-      m.normalizer_spec,
-      m.trainer.treat_whitespace_as_suffix,
-      &m.user_defined,
-      path,
+}
+
+// Builds the normalizer, and the denormalizer where the model has one.
+void SentencePieceTokenizer::Impl::make_normalizers() {
+  normalizer = Normalizer(
+      normalizer_spec,
+      trainer.treat_whitespace_as_suffix,
+      &user_defined,
+      source,
       "normalizer_spec");
   // As SentencePiece: a denormalizer only where it has rules.
-  m.has_denormalizer =
-      m.has_denormalizer && !m.denormalizer_spec.charsmap.empty();
-  if (m.has_denormalizer) {
-    m.denormalizer = Normalizer(
-        m.denormalizer_spec, false, nullptr, path, "denormalizer_spec");
+  has_denormalizer = has_denormalizer && !denormalizer_spec.charsmap.empty();
+  if (has_denormalizer) {
+    denormalizer = Normalizer(
+        denormalizer_spec, false, nullptr, source, "denormalizer_spec");
   }
+}
+
+SentencePieceTokenizer SentencePieceTokenizer::from_file(
+    const std::string& path) {
+  // Llama's model is 500 kB; the largest vocabularies take a few MB.
+  constexpr int64_t kMaxBytes = 256 << 20;
+  const auto bytes = read_file(path, kMaxBytes);
+  auto impl = std::make_shared<Impl>();
+  impl->source = path;
+  auto& m = *impl;
+
+  WireReader r(bytes, 0, path);
+  m.read_model_proto(r);
+  m.check_model(r);
+  m.byte_ids.fill(-1);
+  for (size_t i = 0; i < m.pieces.size(); ++i) {
+    m.index_piece(r, static_cast<int>(i));
+  }
+  m.check_special_pieces(r);
+  m.make_normalizers();
   return SentencePieceTokenizer(std::move(impl));
 }
 

@@ -124,14 +124,23 @@ Schedule schedule_of(const Chain& chain, const std::vector<Unit>& units) {
 // code with the planner's per-unit costs below, so tests comparing the two
 // check the planner's decomposition.
 
-Evaluation simulate(const Chain& chain, const std::vector<Unit>& units) {
-  const auto& st = chain.stages;
-  // kNone: gradients stay held from their stage's backward on.
-  const bool keep_grads = chain.gradients == GradientReset::kNone;
-  int64_t held = chain.base_bytes;
-  int64_t peak = held;
-  std::string where = "start";
-  auto bump = [&](int64_t bytes, const char* what, int64_t stage, const Unit* group) {
+// The evaluator's state as it walks a step: bytes held now, the peak so far
+// and where it came, and the seconds spent.
+struct Walk {
+  explicit Walk(const Chain& c)
+      : chain(c),
+        keep_grads(c.gradients == GradientReset::kNone),
+        held(c.base_bytes),
+        peak(held) {}
+
+  // Records `bytes` as the peak if it is one, naming the event: `what` of
+  // stage `stage`, inside checkpointed `group` when not null.
+  void bump(
+      int64_t bytes,
+      const char* what,
+      int64_t stage,
+      const Unit* group) {
+    const auto& st = chain.stages;
     if (bytes > peak) {
       peak = bytes;
       std::ostringstream s;
@@ -145,74 +154,118 @@ Evaluation simulate(const Chain& chain, const std::vector<Unit>& units) {
       }
       where = s.str();
     }
-  };
-  double seconds = 0;
-
-  for (const auto& u : units) {
-    if (!is_group(u)) {
-      const int64_t i = u.begin;
-      const auto m = mode_cost(chain, i, u.mode);
-      bump(held + m.stored + m.forward_transient, "forward of", i, nullptr);
-      held += m.stored;
-      seconds += m.seconds;
-      continue;
-    }
-    const int64_t kept = chain.checkpoint_bytes; // from here to its backward
-    for (int64_t i = u.begin; i < u.end; ++i) {
-      const int64_t in = i > u.begin ? st[i - 1].output_bytes() : 0;
-      bump(held + kept + in + st[i].output_bytes() + st[i].nograd_transient_bytes(),
-           "forward of", i, &u);
-      seconds += 2 * st[i].forward_seconds() + st[i].backward_seconds();
-    }
-    held += st[u.end - 1].output_bytes() + kept;
   }
-  const int64_t activations = held - chain.base_bytes;
 
-  held += st.back().output_bytes(); // the loss gradient
-  for (auto it = units.rbegin(); it != units.rend(); ++it) {
-    const auto& u = *it;
-    if (!is_group(u)) {
-      const int64_t i = u.begin;
-      const auto m = mode_cost(chain, i, u.mode);
-      bump(held + input_grad(chain, i) + m.backward_transient, "backward of", i, nullptr);
-      held += input_grad(chain, i) - m.stored - st[i].output_bytes();
-      if (keep_grads) {
-        held += st[i].parameter_gradient_bytes();
-        bump(held, "end of backward of", i, nullptr);
-      }
-      continue;
-    }
-    const int64_t last_out = st[u.end - 1].output_bytes();
-    held -= last_out; // the output from forward; its gradient stays held
-    int64_t acc = 0;
-    for (int64_t i = u.begin; i < u.end; ++i) {
-      bump(held + acc + st[i].stored_bytes() + st[i].forward_transient_bytes(),
-           "recompute of", i, &u);
-      acc += st[i].stored_bytes();
-    }
-    held += acc;
-    int64_t param_grads = 0; // of the layers after i, done already
-    for (int64_t i = u.end - 1; i >= u.begin; --i) {
-      // Below the last layer: that layer's gradient, and the recomputed output
-      // that remat's checkpoint holds until it returns; and the parameter
-      // gradients of the layers done so far, returned all at once.
-      const int64_t inner = i < u.end - 1 ? st[i].output_bytes() + last_out : 0;
-      bump(held + inner + param_grads + input_grad(chain, i) + group_backward(chain, i),
-           "backward of", i, &u);
-      param_grads += st[i].parameter_gradient_bytes();
-      held -= st[i].stored_bytes();
-    }
-    bump(held + last_out + param_grads + input_grad(chain, u.begin),
+  const Chain& chain;
+  // kNone: gradients stay held from their stage's backward on.
+  const bool keep_grads;
+  int64_t held;
+  int64_t peak;
+  std::string where = "start";
+  double seconds = 0;
+};
+
+// Forward of a stage run normally: it keeps what its mode stores.
+void forward_stage(Walk& w, const Unit& u) {
+  const int64_t i = u.begin;
+  const auto m = mode_cost(w.chain, i, u.mode);
+  w.bump(w.held + m.stored + m.forward_transient, "forward of", i, nullptr);
+  w.held += m.stored;
+  w.seconds += m.seconds;
+}
+
+// Forward of a checkpointed group: its layers run without saving anything,
+// and only its output and checkpoint_bytes stay held.
+void forward_group(Walk& w, const Unit& u) {
+  const auto& st = w.chain.stages;
+  const int64_t kept = w.chain.checkpoint_bytes; // from here to its backward
+  for (int64_t i = u.begin; i < u.end; ++i) {
+    const int64_t in = i > u.begin ? st[i - 1].output_bytes() : 0;
+    w.bump(
+        w.held + kept + in + st[i].output_bytes() +
+            st[i].nograd_transient_bytes(),
+        "forward of", i, &u);
+    w.seconds += 2 * st[i].forward_seconds() + st[i].backward_seconds();
+  }
+  w.held += st[u.end - 1].output_bytes() + kept;
+}
+
+// Backward of a stage run normally: frees what it stored and its output's
+// gradient, and leaves its input's gradient.
+void backward_stage(Walk& w, const Unit& u) {
+  const auto& st = w.chain.stages;
+  const int64_t i = u.begin;
+  const auto m = mode_cost(w.chain, i, u.mode);
+  w.bump(
+      w.held + input_grad(w.chain, i) + m.backward_transient, "backward of", i,
+      nullptr);
+  w.held += input_grad(w.chain, i) - m.stored - st[i].output_bytes();
+  if (w.keep_grads) {
+    w.held += st[i].parameter_gradient_bytes();
+    w.bump(w.held, "end of backward of", i, nullptr);
+  }
+}
+
+// Backward of a checkpointed group: recomputes its layers' forward, then runs
+// their backward last to first.
+void backward_group(Walk& w, const Unit& u) {
+  const auto& st = w.chain.stages;
+  const int64_t last_out = st[u.end - 1].output_bytes();
+  w.held -= last_out; // the output from forward; its gradient stays held
+  int64_t acc = 0;
+  for (int64_t i = u.begin; i < u.end; ++i) {
+    w.bump(
+        w.held + acc + st[i].stored_bytes() + st[i].forward_transient_bytes(),
+        "recompute of", i, &u);
+    acc += st[i].stored_bytes();
+  }
+  w.held += acc;
+  int64_t param_grads = 0; // of the layers after i, done already
+  for (int64_t i = u.end - 1; i >= u.begin; --i) {
+    // Below the last layer: that layer's gradient, and the recomputed output
+    // that remat's checkpoint holds until it returns; and the parameter
+    // gradients of the layers done so far, returned all at once.
+    const int64_t inner = i < u.end - 1 ? st[i].output_bytes() + last_out : 0;
+    w.bump(
+        w.held + inner + param_grads + input_grad(w.chain, i) +
+            group_backward(w.chain, i),
+        "backward of", i, &u);
+    param_grads += st[i].parameter_gradient_bytes();
+    w.held -= st[i].stored_bytes();
+  }
+  w.bump(w.held + last_out + param_grads + input_grad(w.chain, u.begin),
          "end of backward of", u.begin, &u);
-    held += input_grad(chain, u.begin) - last_out - chain.checkpoint_bytes;
-    if (keep_grads) {
-      held += param_grads; // taken into `.grad`, not added and freed
+  w.held +=
+      input_grad(w.chain, u.begin) - last_out - w.chain.checkpoint_bytes;
+  if (w.keep_grads) {
+    w.held += param_grads; // taken into `.grad`, not added and freed
+  }
+}
+
+Evaluation simulate(const Chain& chain, const std::vector<Unit>& units) {
+  Walk w(chain);
+  for (const auto& u : units) {
+    if (is_group(u)) {
+      forward_group(w, u);
+    } else {
+      forward_stage(w, u);
+    }
+  }
+  const int64_t activations = w.held - chain.base_bytes;
+
+  w.held += chain.stages.back().output_bytes(); // the loss gradient
+  for (auto it = units.rbegin(); it != units.rend(); ++it) {
+    if (is_group(*it)) {
+      backward_group(w, *it);
+    } else {
+      backward_stage(w, *it);
     }
   }
   const int64_t end = chain.base_bytes + later_gradients(chain)[0];
   TORCH_INTERNAL_ASSERT(
-      held == end, "remat::plan: memory walk ended at ", held, " bytes, expected ", end);
-  return {peak, seconds, activations, where};
+      w.held == end, "remat::plan: memory walk ended at ", w.held,
+      " bytes, expected ", end);
+  return {w.peak, w.seconds, activations, w.where};
 }
 
 // ---------------------------------------------------------------------------

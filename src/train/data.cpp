@@ -346,92 +346,158 @@ std::vector<int64_t> epoch_permutation(
   return shuffled(n, epoch_generator(seed, epoch).next());
 }
 
+namespace {
+
+// One line of a classification file as read, before the label set is known.
+struct RawExample {
+  Document doc;
+  std::vector<std::string> names;
+  std::vector<float> hot;
+  int64_t line;
+};
+
+// Reads line `raw.line`'s labels, label names or multi-hot values, into raw.
+void read_raw_labels(
+    const nlohmann::json& j,
+    const JsonlOptions& options,
+    const std::string& path,
+    RawExample& raw) {
+  const int64_t line = raw.line;
+  auto it = j.find(options.labels_key());
+  TORCH_CHECK(
+      it != j.end(), where(path, line), ": expected a field \"",
+      options.labels_key(),
+      "\" (a list of label names or a multi-hot list), but the line has none");
+  const auto& labels = *it;
+  if (labels.is_string()) {
+    raw.names.push_back(labels.get<std::string>());
+    return;
+  }
+  TORCH_CHECK(
+      labels.is_array(), where(path, line), ": expected \"",
+      options.labels_key(),
+      "\" to be a list of label names or of 0/1, but got ",
+      io::describe_json(labels));
+  for (const auto& l : labels) {
+    if (l.is_string()) {
+      raw.names.push_back(l.get<std::string>());
+    } else {
+      TORCH_CHECK(
+          l.is_number() && l.get<double>() >= 0 && l.get<double>() <= 1,
+          where(path, line),
+          ": expected label names or multi-hot values in [0, 1], but got ",
+          io::describe_json(l));
+      raw.hot.push_back(l.get<float>());
+    }
+  }
+  TORCH_CHECK(
+      raw.names.empty() || raw.hot.empty(), where(path, line),
+      ": expected \"", options.labels_key(),
+      "\" to hold label names or numbers, not both");
+}
+
+// The label set when the options give none: the names the lines use, sorted,
+// or "0", "1", ... for multi-hot lines.
+std::vector<std::string> labels_from_file(
+    const std::vector<RawExample>& raws,
+    const std::string& path) {
+  bool any_names = false, any_hot = false;
+  for (const auto& r : raws) {
+    any_names = any_names || !r.names.empty();
+    any_hot = any_hot || !r.hot.empty();
+  }
+  TORCH_CHECK(
+      !(any_names && any_hot), path,
+      ": expected every line's labels to be names or every "
+      "line's to be multi-hot, but the file mixes them");
+  std::vector<std::string> out;
+  if (any_hot) {
+    for (const auto& r : raws) {
+      if (!r.hot.empty()) {
+        for (size_t i = 0; i < r.hot.size(); ++i) {
+          out.push_back(std::to_string(i));
+        }
+        break;
+      }
+    }
+  } else {
+    std::set<std::string> seen;
+    for (const auto& r : raws) {
+      seen.insert(r.names.begin(), r.names.end());
+    }
+    out.assign(seen.begin(), seen.end());
+  }
+  TORCH_CHECK(
+      !out.empty(), path,
+      ": expected labels, but no line has any "
+      "(pass JsonlOptions().label_names for a set without positives)");
+  return out;
+}
+
+// Each label name's position in `label_names`, which must not repeat one.
+std::map<std::string, size_t> index_labels(
+    const std::vector<std::string>& label_names) {
+  std::map<std::string, size_t> index;
+  for (size_t i = 0; i < label_names.size(); ++i) {
+    TORCH_CHECK(
+        index.emplace(label_names[i], i).second,
+        "read_classification_jsonl: label '", label_names[i],
+        "' is listed twice in label_names");
+  }
+  return index;
+}
+
+// Turns a line's labels into a label vector over `label_names` (`index`
+// maps each to its position; `all_names` lists them for errors). Moves from
+// `r`.
+Example make_example(
+    RawExample& r,
+    const std::vector<std::string>& label_names,
+    const std::map<std::string, size_t>& index,
+    const std::string& all_names,
+    const std::string& path) {
+  Example e{
+      std::move(r.doc.text),
+      std::vector<float>(label_names.size(), 0.0f),
+      std::move(r.doc.ids)};
+  for (const auto& name : r.names) {
+    auto it = index.find(name);
+    TORCH_CHECK(
+        it != index.end(), where(path, r.line), ": expected a label among ",
+        all_names, ", but got '", shorten(name), "'");
+    e.labels[it->second] = 1.0f;
+  }
+  if (!r.hot.empty()) {
+    TORCH_CHECK(
+        r.hot.size() == label_names.size(), where(path, r.line),
+        ": expected a multi-hot "
+        "list of ",
+        label_names.size(), " values, but got ", r.hot.size());
+    e.labels = std::move(r.hot);
+  }
+  return e;
+}
+
+} // namespace
+
 Dataset read_classification_jsonl(
     const std::string& path,
     const JsonlOptions& options) {
   // Pass 1 reads text and raw labels; the label set may come from the file.
-  struct Raw {
-    Document doc;
-    std::vector<std::string> names;
-    std::vector<float> hot;
-    int64_t line;
-  };
-  std::vector<Raw> raws;
-  bool any_names = false, any_hot = false;
+  std::vector<RawExample> raws;
   DocumentReader reader(options, path);
   for_each_json_line(path, [&](int64_t line, const nlohmann::json& j) {
-    Raw raw{reader.read(j, line), {}, {}, line};
-    auto it = j.find(options.labels_key());
-    TORCH_CHECK(
-        it != j.end(), where(path, line), ": expected a field \"",
-        options.labels_key(),
-        "\" (a list of label names or a multi-hot list), but the line has none");
-    const auto& labels = *it;
-    if (labels.is_string()) {
-      raw.names.push_back(labels.get<std::string>());
-    } else {
-      TORCH_CHECK(
-          labels.is_array(), where(path, line), ": expected \"",
-          options.labels_key(),
-          "\" to be a list of label names or of 0/1, but got ",
-          io::describe_json(labels));
-      for (const auto& l : labels) {
-        if (l.is_string()) {
-          raw.names.push_back(l.get<std::string>());
-        } else {
-          TORCH_CHECK(
-              l.is_number() && l.get<double>() >= 0 && l.get<double>() <= 1,
-              where(path, line),
-              ": expected label names or multi-hot values in [0, 1], but got ",
-              io::describe_json(l));
-          raw.hot.push_back(l.get<float>());
-        }
-      }
-      TORCH_CHECK(
-          raw.names.empty() || raw.hot.empty(), where(path, line),
-          ": expected \"", options.labels_key(),
-          "\" to hold label names or numbers, not both");
-    }
-    any_names = any_names || !raw.names.empty();
-    any_hot = any_hot || !raw.hot.empty();
+    RawExample raw{reader.read(j, line), {}, {}, line};
+    read_raw_labels(j, options, path, raw);
     raws.push_back(std::move(raw));
   });
 
   Dataset out;
   out.label_names = options.label_names();
   if (out.label_names.empty()) {
-    TORCH_CHECK(
-        !(any_names && any_hot), path,
-        ": expected every line's labels to be names or every "
-        "line's to be multi-hot, but the file mixes them");
-    if (any_hot) {
-      for (const auto& r : raws) {
-        if (!r.hot.empty()) {
-          for (size_t i = 0; i < r.hot.size(); ++i) {
-            out.label_names.push_back(std::to_string(i));
-          }
-          break;
-        }
-      }
-    } else {
-      std::set<std::string> seen;
-      for (const auto& r : raws) {
-        seen.insert(r.names.begin(), r.names.end());
-      }
-      out.label_names.assign(seen.begin(), seen.end());
-    }
-    TORCH_CHECK(
-        !out.label_names.empty(), path,
-        ": expected labels, but no line has any "
-        "(pass JsonlOptions().label_names for a set without positives)");
+    out.label_names = labels_from_file(raws, path);
   }
-  std::map<std::string, size_t> index;
-  for (size_t i = 0; i < out.label_names.size(); ++i) {
-    TORCH_CHECK(
-        index.emplace(out.label_names[i], i).second,
-        "read_classification_jsonl: label '", out.label_names[i],
-        "' is listed twice in label_names");
-  }
+  const auto index = index_labels(out.label_names);
   std::string all_names;
   for (const auto& n : out.label_names) {
     all_names += (all_names.empty() ? "" : ", ") + n;
@@ -439,26 +505,8 @@ Dataset read_classification_jsonl(
 
   out.examples.reserve(raws.size());
   for (auto& r : raws) {
-    Example e{
-        std::move(r.doc.text),
-        std::vector<float>(out.label_names.size(), 0.0f),
-        std::move(r.doc.ids)};
-    for (const auto& name : r.names) {
-      auto it = index.find(name);
-      TORCH_CHECK(
-          it != index.end(), where(path, r.line), ": expected a label among ",
-          all_names, ", but got '", shorten(name), "'");
-      e.labels[it->second] = 1.0f;
-    }
-    if (!r.hot.empty()) {
-      TORCH_CHECK(
-          r.hot.size() == out.label_names.size(), where(path, r.line),
-          ": expected a multi-hot "
-          "list of ",
-          out.label_names.size(), " values, but got ", r.hot.size());
-      e.labels = std::move(r.hot);
-    }
-    out.examples.push_back(std::move(e));
+    out.examples.push_back(
+        make_example(r, out.label_names, index, all_names, path));
   }
   return out;
 }
@@ -626,29 +674,50 @@ LoaderPosition LoaderPosition::from_json(const nlohmann::json& j) {
   return p;
 }
 
-DataLoader::DataLoader(
-    std::shared_ptr<const Dataset> data,
-    std::shared_ptr<const io::Tokenizer> tokenizer,
-    DataLoaderOptions options)
-    : data_(std::move(data)),
-      tokenizer_(std::move(tokenizer)),
-      options_(std::move(options)) {
+namespace {
+
+// Checks max_tokens against max_len, world_size and drop_last, when a token
+// budget is on.
+void check_token_budget(const DataLoaderOptions& options) {
+  const auto w = options.world_size();
+  const auto max_len = options.max_len();
+  const auto max_tokens = options.max_tokens();
+  if (w == 1) {
+    TORCH_CHECK(
+        max_tokens >= max_len,
+        "DataLoader: max_tokens: expected at least max_len (", max_len,
+        ") tokens, so that a row of any length fits, but got ", max_tokens);
+  } else {
+    TORCH_CHECK(
+        max_tokens / w >= max_len,
+        "DataLoader: max_tokens: expected at least world_size * max_len (",
+        w, " * ", max_len,
+        ") tokens, so that every rank gets a row of any length, but got ",
+        max_tokens);
+  }
   TORCH_CHECK(
-      data_ && tokenizer_,
-      "DataLoader: expected a data set and a tokenizer, but got null");
-  const auto n = data_->size();
-  const auto b = options_.batch_size();
-  const auto w = options_.world_size();
-  const auto max_len = options_.max_len();
-  const auto max_tokens = options_.max_tokens();
+      !options.drop_last(),
+      "DataLoader: drop_last: expected false with max_tokens (a token "
+      "budget's batches have no fixed size), but got true");
+}
+
+// Checks a DataLoader's options against each other and against `data`.
+void check_loader_options(
+    const Dataset& data,
+    const DataLoaderOptions& options) {
+  const auto n = data.size();
+  const auto b = options.batch_size();
+  const auto w = options.world_size();
+  const auto max_len = options.max_len();
+  const auto max_tokens = options.max_tokens();
   TORCH_CHECK(
       n > 0, "DataLoader: expected a non-empty data set, but got 0 documents");
   TORCH_CHECK(b > 0, "DataLoader: expected batch_size > 0, but got ", b);
   TORCH_CHECK(
-      w > 0 && options_.rank() >= 0 && options_.rank() < w,
+      w > 0 && options.rank() >= 0 && options.rank() < w,
       "DataLoader: expected 0 <= rank < "
       "world_size, but got rank ",
-      options_.rank(), " and world_size ", w);
+      options.rank(), " and world_size ", w);
   TORCH_CHECK(
       b >= w,
       "DataLoader: expected batch_size (the global batch) >= world_size, so that every "
@@ -661,74 +730,110 @@ DataLoader::DataLoader(
       "DataLoader: max_tokens: expected 0 (off) or a token count, but got ",
       max_tokens);
   TORCH_CHECK(
-      !options_.pack() || max_tokens == 0,
+      !options.pack() || max_tokens == 0,
       "DataLoader: pack: expected max_tokens 0 (a packed batch is batch_size "
       "rows of max_len tokens), but got max_tokens ",
       max_tokens);
   TORCH_CHECK(
-      !options_.pack() || !data_->is_classification(),
+      !options.pack() || !data.is_classification(),
       "DataLoader: pack: expected a language-modelling set (a packed row has "
       "no single label vector), but got a classification set with ",
-      data_->num_labels(), " labels");
+      data.num_labels(), " labels");
   if (max_tokens > 0) {
-    if (w == 1) {
-      TORCH_CHECK(
-          max_tokens >= max_len,
-          "DataLoader: max_tokens: expected at least max_len (", max_len,
-          ") tokens, so that a row of any length fits, but got ", max_tokens);
-    } else {
-      TORCH_CHECK(
-          max_tokens / w >= max_len,
-          "DataLoader: max_tokens: expected at least world_size * max_len (",
-          w, " * ", max_len,
-          ") tokens, so that every rank gets a row of any length, but got ",
-          max_tokens);
-    }
-    TORCH_CHECK(
-        !options_.drop_last(),
-        "DataLoader: drop_last: expected false with max_tokens (a token "
-        "budget's batches have no fixed size), but got true");
+    check_token_budget(options);
   }
+}
 
-  const bool budget = max_tokens > 0;
-  if (options_.pack() || (budget && !options_.pad_to_max_len())) {
-    lengths_.reserve(static_cast<size_t>(n));
-    for (const auto& e : data_->examples) {
-      lengths_.push_back(static_cast<int64_t>(
-          encode_example(e, *tokenizer_, max_len).size()));
+// Each document's token count after the cut to max_len, where pack or a
+// token budget needs it (max_len for all when a budget pads every row);
+// empty otherwise.
+std::vector<int64_t> document_lengths(
+    const Dataset& data,
+    const io::Tokenizer& tokenizer,
+    const DataLoaderOptions& options) {
+  std::vector<int64_t> lengths;
+  const bool budget = options.max_tokens() > 0;
+  if (options.pack() || (budget && !options.pad_to_max_len())) {
+    lengths.reserve(static_cast<size_t>(data.size()));
+    for (const auto& e : data.examples) {
+      lengths.push_back(static_cast<int64_t>(
+          encode_example(e, tokenizer, options.max_len()).size()));
     }
   } else if (budget) {
-    lengths_.assign(static_cast<size_t>(n), max_len); // every row is padded
+    // every row is padded
+    lengths.assign(static_cast<size_t>(data.size()), options.max_len());
   }
+  return lengths;
+}
 
-  if (budget) {
-    auto sorted = lengths_;
-    std::sort(sorted.begin(), sorted.end(), std::greater<int64_t>());
-    budget_rows_ = cut_by_budget(sorted, b, max_tokens, w);
+// The rows of each batch under a token budget, cut from the documents
+// sorted longest first; `n` documents must make at least one batch.
+std::vector<int64_t> budget_batches(
+    const std::vector<int64_t>& lengths,
+    const DataLoaderOptions& options,
+    int64_t n) {
+  auto sorted = lengths;
+  std::sort(sorted.begin(), sorted.end(), std::greater<int64_t>());
+  auto rows = cut_by_budget(
+      sorted, options.batch_size(), options.max_tokens(),
+      options.world_size());
+  TORCH_CHECK(
+      !rows.empty(),
+      "DataLoader: expected at least one batch per epoch, but ", n,
+      " documents make none for world_size ", options.world_size(),
+      " with max_tokens ", options.max_tokens());
+  return rows;
+}
+
+// Batches per epoch of batch_size rows out of `rows` rows (documents, or
+// packed rows of `n` documents): a short last batch counts unless drop_last,
+// as long as every rank gets a row.
+int64_t fixed_batches(
+    int64_t rows,
+    int64_t n,
+    const DataLoaderOptions& options) {
+  const auto b = options.batch_size();
+  int64_t batches = rows / b;
+  const auto rest = rows % b;
+  if (rest > 0 && !options.drop_last() && rest >= options.world_size()) {
+    ++batches;
+  }
+  TORCH_CHECK(
+      batches > 0,
+      "DataLoader: expected at least one batch per epoch, but ", n,
+      " documents",
+      options.pack() ? c10::str(" (", rows, " packed rows)") : "",
+      " make none with batch_size ", b, " (drop_last ", options.drop_last(),
+      ")");
+  return batches;
+}
+
+} // namespace
+
+DataLoader::DataLoader(
+    std::shared_ptr<const Dataset> data,
+    std::shared_ptr<const io::Tokenizer> tokenizer,
+    DataLoaderOptions options)
+    : data_(std::move(data)),
+      tokenizer_(std::move(tokenizer)),
+      options_(std::move(options)) {
+  TORCH_CHECK(
+      data_ && tokenizer_,
+      "DataLoader: expected a data set and a tokenizer, but got null");
+  check_loader_options(*data_, options_);
+  const auto n = data_->size();
+
+  lengths_ = document_lengths(*data_, *tokenizer_, options_);
+  if (options_.max_tokens() > 0) {
+    budget_rows_ = budget_batches(lengths_, options_, n);
     batches_per_epoch_ = static_cast<int64_t>(budget_rows_.size());
-    TORCH_CHECK(
-        batches_per_epoch_ > 0,
-        "DataLoader: expected at least one batch per epoch, but ", n,
-        " documents make none for world_size ", w, " with max_tokens ",
-        max_tokens);
   } else {
     if (options_.pack()) {
-      packed_ = pack_rows(lengths_, max_len);
+      packed_ = pack_rows(lengths_, options_.max_len());
     }
     const auto rows =
         options_.pack() ? static_cast<int64_t>(packed_.size()) : n;
-    batches_per_epoch_ = rows / b;
-    const auto rest = rows % b;
-    if (rest > 0 && !options_.drop_last() && rest >= w) {
-      ++batches_per_epoch_;
-    }
-    TORCH_CHECK(
-        batches_per_epoch_ > 0,
-        "DataLoader: expected at least one batch per epoch, but ", n,
-        " documents",
-        options_.pack() ? c10::str(" (", rows, " packed rows)") : "",
-        " make none with batch_size ", b, " (drop_last ", options_.drop_last(),
-        ")");
+    batches_per_epoch_ = fixed_batches(rows, n, options_);
   }
   position_.seed = options_.seed();
 }

@@ -68,15 +68,27 @@ double nice_step(double span, int count) {
   return 10 * p;
 }
 
-std::string line_chart(
-    const std::string& id,
-    const std::string& title,
-    const std::string& x_label,
-    const std::string& y_label,
-    const std::vector<Series>& all_series) {
-  constexpr double W = 760, H = 300, L = 72, R = 16, T = 34, B = 46;
-  std::vector<const Series*> series;
+// A line chart's SVG box, the data ranges it shows and the map between them.
+struct Frame {
+  // Width and height; the margins left, right, top and bottom of the plot.
+  static constexpr double W = 760, H = 300, L = 72, R = 16, T = 34, B = 46;
   double x0 = INFINITY, x1 = -INFINITY, y0 = INFINITY, y1 = -INFINITY;
+  double xstep = 0, ystep = 0; ///< between ticks, in data units
+
+  double px(double x) const {
+    return L + (x - x0) / (x1 - x0) * (W - L - R);
+  }
+  double py(double y) const {
+    return H - B - (y - y0) / (y1 - y0) * (H - T - B);
+  }
+};
+
+// The series with at least one finite point, widening `f`'s ranges to hold
+// every finite point.
+std::vector<const Series*> plotted_series(
+    const std::vector<Series>& all_series,
+    Frame& f) {
+  std::vector<const Series*> series;
   for (const auto& s : all_series) {
     bool any = false;
     for (const auto& p : s.points) {
@@ -84,92 +96,133 @@ std::string line_chart(
         continue;
       }
       any = true;
-      x0 = std::min(x0, p.first);
-      x1 = std::max(x1, p.first);
-      y0 = std::min(y0, p.second);
-      y1 = std::max(y1, p.second);
+      f.x0 = std::min(f.x0, p.first);
+      f.x1 = std::max(f.x1, p.first);
+      f.y0 = std::min(f.y0, p.second);
+      f.y1 = std::max(f.y1, p.second);
     }
     if (any) {
       series.push_back(&s);
     }
   }
-  std::ostringstream out;
-  out << "<figure><figcaption>" << escape(title) << "</figcaption>\n";
-  if (series.empty()) {
-    out << "<p class=\"empty\">no data</p></figure>\n";
-    return out.str();
-  }
-  if (x1 <= x0) {
-    x1 = x0 + 1;
-  }
-  if (y1 <= y0) {
-    const double pad = std::max(std::abs(y0) * 0.05, 1e-9);
-    y0 -= pad;
-    y1 += pad;
-  }
-  const double ystep = nice_step(y1 - y0, 5);
-  y0 = std::floor(y0 / ystep) * ystep;
-  y1 = std::ceil(y1 / ystep) * ystep;
-  const double xstep = nice_step(x1 - x0, 8);
-  auto px = [&](double x) { return L + (x - x0) / (x1 - x0) * (W - L - R); };
-  auto py = [&](double y) { return H - B - (y - y0) / (y1 - y0) * (H - T - B); };
+  return series;
+}
 
-  out << "<svg class=\"chart\" id=\"" << id << "\" viewBox=\"0 0 " << W << " " << H
-      << "\" role=\"img\" aria-label=\"" << escape(title) << "\">\n";
-  // Grid and axes.
-  for (double y = y0; y <= y1 + ystep * 0.5; y += ystep) {
-    out << "<line class=\"grid\" x1=\"" << L << "\" x2=\"" << W - R << "\" y1=\""
-        << num(py(y), "%.1f") << "\" y2=\"" << num(py(y), "%.1f") << "\"/>"
-        << "<text class=\"tick\" x=\"" << L - 6 << "\" y=\"" << num(py(y) + 4, "%.1f")
-        << "\" text-anchor=\"end\">" << num(y, "%.4g") << "</text>\n";
+// Gives `f`'s data ranges a nonzero span, rounds the y range out to whole
+// ticks, and picks the tick steps.
+void fit_frame(Frame& f) {
+  if (f.x1 <= f.x0) {
+    f.x1 = f.x0 + 1;
   }
-  for (double x = std::ceil(x0 / xstep) * xstep; x <= x1 + xstep * 0.01; x += xstep) {
-    out << "<text class=\"tick\" x=\"" << num(px(x), "%.1f") << "\" y=\"" << H - B + 16
-        << "\" text-anchor=\"middle\">" << num(x, "%.6g") << "</text>\n";
+  if (f.y1 <= f.y0) {
+    const double pad = std::max(std::abs(f.y0) * 0.05, 1e-9);
+    f.y0 -= pad;
+    f.y1 += pad;
   }
-  out << "<line class=\"axis\" x1=\"" << L << "\" y1=\"" << H - B << "\" x2=\"" << W - R
-      << "\" y2=\"" << H - B << "\"/><line class=\"axis\" x1=\"" << L << "\" y1=\"" << T
-      << "\" x2=\"" << L << "\" y2=\"" << H - B << "\"/>\n";
-  out << "<text class=\"label\" x=\"" << (L + W - R) / 2 << "\" y=\"" << H - 8
-      << "\" text-anchor=\"middle\">" << escape(x_label) << "</text>\n";
-  out << "<text class=\"label\" transform=\"translate(16," << (T + H - B) / 2
-      << ") rotate(-90)\" text-anchor=\"middle\">" << escape(y_label) << "</text>\n";
-  // Series, then the legend.
-  for (const auto* s : series) {
-    out << "<polyline class=\"series\" data-series=\"" << escape(s->name)
-        << "\" fill=\"none\" stroke=\"" << s->color << "\" stroke-width=\"1.8\""
-        << (s->dashed ? " stroke-dasharray=\"6 4\"" : "") << " points=\"";
-    bool first = true;
-    for (const auto& p : s->points) {
-      if (std::isfinite(p.first) && std::isfinite(p.second)) {
-        out << (first ? "" : " ") << num(px(p.first), "%.1f") << ","
-            << num(py(p.second), "%.1f");
-        first = false;
-      }
+  f.ystep = nice_step(f.y1 - f.y0, 5);
+  f.y0 = std::floor(f.y0 / f.ystep) * f.ystep;
+  f.y1 = std::ceil(f.y1 / f.ystep) * f.ystep;
+  f.xstep = nice_step(f.x1 - f.x0, 8);
+}
+
+// Writes the grid, the ticks, the axes and their labels.
+void draw_axes(
+    std::ostream& out,
+    const Frame& f,
+    const std::string& x_label,
+    const std::string& y_label) {
+  for (double y = f.y0; y <= f.y1 + f.ystep * 0.5; y += f.ystep) {
+    out << "<line class=\"grid\" x1=\"" << f.L << "\" x2=\"" << f.W - f.R
+        << "\" y1=\"" << num(f.py(y), "%.1f") << "\" y2=\"" << num(f.py(y), "%.1f")
+        << "\"/>" << "<text class=\"tick\" x=\"" << f.L - 6 << "\" y=\""
+        << num(f.py(y) + 4, "%.1f") << "\" text-anchor=\"end\">" << num(y, "%.4g")
+        << "</text>\n";
+  }
+  for (double x = std::ceil(f.x0 / f.xstep) * f.xstep;
+       x <= f.x1 + f.xstep * 0.01; x += f.xstep) {
+    out << "<text class=\"tick\" x=\"" << num(f.px(x), "%.1f") << "\" y=\""
+        << f.H - f.B + 16 << "\" text-anchor=\"middle\">" << num(x, "%.6g")
+        << "</text>\n";
+  }
+  out << "<line class=\"axis\" x1=\"" << f.L << "\" y1=\"" << f.H - f.B
+      << "\" x2=\"" << f.W - f.R << "\" y2=\"" << f.H - f.B
+      << "\"/><line class=\"axis\" x1=\"" << f.L << "\" y1=\"" << f.T
+      << "\" x2=\"" << f.L << "\" y2=\"" << f.H - f.B << "\"/>\n";
+  out << "<text class=\"label\" x=\"" << (f.L + f.W - f.R) / 2 << "\" y=\""
+      << f.H - 8 << "\" text-anchor=\"middle\">" << escape(x_label)
+      << "</text>\n";
+  out << "<text class=\"label\" transform=\"translate(16,"
+      << (f.T + f.H - f.B) / 2 << ") rotate(-90)\" text-anchor=\"middle\">"
+      << escape(y_label) << "</text>\n";
+}
+
+// Writes one series' line through its finite points, and a circle with a
+// tooltip on each when it has markers or tips.
+void draw_series(std::ostream& out, const Frame& f, const Series& s) {
+  out << "<polyline class=\"series\" data-series=\"" << escape(s.name)
+      << "\" fill=\"none\" stroke=\"" << s.color << "\" stroke-width=\"1.8\""
+      << (s.dashed ? " stroke-dasharray=\"6 4\"" : "") << " points=\"";
+  bool first = true;
+  for (const auto& p : s.points) {
+    if (std::isfinite(p.first) && std::isfinite(p.second)) {
+      out << (first ? "" : " ") << num(f.px(p.first), "%.1f") << ","
+          << num(f.py(p.second), "%.1f");
+      first = false;
     }
-    out << "\"/>\n";
-    if (s->markers || !s->tips.empty()) {
-      for (size_t i = 0; i < s->points.size(); ++i) {
-        const auto& p = s->points[i];
-        if (!std::isfinite(p.first) || !std::isfinite(p.second)) {
-          continue;
-        }
-        out << "<circle cx=\"" << num(px(p.first), "%.1f") << "\" cy=\""
-            << num(py(p.second), "%.1f") << "\" r=\"" << (s->markers ? 3.5 : 2.2)
-            << "\" fill=\"" << s->color << "\"><title>"
-            << escape(i < s->tips.size() ? s->tips[i]
-                                         : s->name + ": " + num(p.second))
-            << "</title></circle>\n";
-      }
-    }
   }
-  double lx = L + 10;
+  out << "\"/>\n";
+  if (!s.markers && s.tips.empty()) {
+    return;
+  }
+  for (size_t i = 0; i < s.points.size(); ++i) {
+    const auto& p = s.points[i];
+    if (!std::isfinite(p.first) || !std::isfinite(p.second)) {
+      continue;
+    }
+    out << "<circle cx=\"" << num(f.px(p.first), "%.1f") << "\" cy=\""
+        << num(f.py(p.second), "%.1f") << "\" r=\"" << (s.markers ? 3.5 : 2.2)
+        << "\" fill=\"" << s.color << "\"><title>"
+        << escape(i < s.tips.size() ? s.tips[i]
+                                    : s.name + ": " + num(p.second))
+        << "</title></circle>\n";
+  }
+}
+
+// Writes the legend, one swatch and name per series, left to right.
+void draw_legend(std::ostream& out, const std::vector<const Series*>& series) {
+  double lx = Frame::L + 10;
   for (const auto* s : series) {
     out << "<rect x=\"" << lx << "\" y=\"" << 10 << "\" width=\"14\" height=\"4\" fill=\""
         << s->color << "\"/><text class=\"legend\" x=\"" << lx + 18 << "\" y=\"" << 16
         << "\">" << escape(s->name) << "</text>\n";
     lx += 30 + 7.0 * static_cast<double>(s->name.size());
   }
+}
+
+std::string line_chart(
+    const std::string& id,
+    const std::string& title,
+    const std::string& x_label,
+    const std::string& y_label,
+    const std::vector<Series>& all_series) {
+  Frame f;
+  const auto series = plotted_series(all_series, f);
+  std::ostringstream out;
+  out << "<figure><figcaption>" << escape(title) << "</figcaption>\n";
+  if (series.empty()) {
+    out << "<p class=\"empty\">no data</p></figure>\n";
+    return out.str();
+  }
+  fit_frame(f);
+
+  out << "<svg class=\"chart\" id=\"" << id << "\" viewBox=\"0 0 " << f.W << " "
+      << f.H << "\" role=\"img\" aria-label=\"" << escape(title) << "\">\n";
+  draw_axes(out, f, x_label, y_label);
+  // Series, then the legend.
+  for (const auto* s : series) {
+    draw_series(out, f, *s);
+  }
+  draw_legend(out, series);
   out << "</svg></figure>\n";
   return out.str();
 }
