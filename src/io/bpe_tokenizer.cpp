@@ -36,14 +36,15 @@ constexpr const char* kByteLevelPattern =
 constexpr const char* kWordChar =
     R"([\p{L}\p{Nl}\p{M}\p{Nd}\p{Pc}\x{200C}\x{200D}])";
 
-// A compiled PCRE2 pattern (UTF + UCP, JIT where available).
+// A compiled PCRE2 pattern (UTF + UCP, JIT where available), or a literal
+// string (UTF; PCRE2 refuses UCP beside LITERAL, and a literal has no
+// classes for it to change).
 class Regex {
  public:
   Regex(const std::string& pattern, bool literal, const std::string& where) {
     int error = 0;
     PCRE2_SIZE offset = 0;
-    const uint32_t options =
-        PCRE2_UTF | PCRE2_UCP | (literal ? PCRE2_LITERAL : 0u);
+    const uint32_t options = PCRE2_UTF | (literal ? PCRE2_LITERAL : PCRE2_UCP);
     code_ = pcre2_compile(
         reinterpret_cast<PCRE2_SPTR>(pattern.data()), pattern.size(), options,
         &error, &offset, nullptr);
@@ -151,6 +152,89 @@ struct PreTokenizer {
   bool add_prefix_space = false; // ByteLevel
 };
 
+// A stretch [first, second) of a piece, in bytes.
+using Range = std::pair<size_t, size_t>;
+
+// Cuts `piece` into the matches of the step's pattern and the text between
+// them, over the whole piece, as the library's Pattern does; is_match says
+// which range is which (flipped when the step inverts).
+void match_ranges(
+    const PreTokenizer& step,
+    const std::string& piece,
+    std::vector<Range>& ranges,
+    std::vector<bool>& is_match) {
+  ranges.clear();
+  is_match.clear();
+  size_t prev = 0;
+  step.regex->for_each_match(piece, [&](size_t a, size_t b) {
+    if (a > prev) {
+      ranges.emplace_back(prev, a);
+      is_match.push_back(false);
+    }
+    ranges.emplace_back(a, b);
+    is_match.push_back(true);
+    prev = b;
+  });
+  if (prev < piece.size()) {
+    ranges.emplace_back(prev, piece.size());
+    is_match.push_back(false);
+  }
+  if (step.invert) {
+    is_match.flip();
+  }
+}
+
+// The ranges a Split's behavior keeps: matches dropped, kept alone, or
+// joined to the text before or after them.
+std::vector<Range> apply_behavior(
+    Behavior behavior,
+    const std::vector<Range>& ranges,
+    const std::vector<bool>& is_match) {
+  std::vector<Range> out;
+  switch (behavior) {
+    case Behavior::kIsolated:
+      out = ranges;
+      break;
+    case Behavior::kRemoved:
+      for (size_t i = 0; i < ranges.size(); ++i) {
+        if (!is_match[i]) {
+          out.push_back(ranges[i]);
+        }
+      }
+      break;
+    case Behavior::kContiguous:
+    case Behavior::kMergedWithPrevious: {
+      bool previous = false;
+      for (size_t i = 0; i < ranges.size(); ++i) {
+        const bool join = behavior == Behavior::kContiguous
+            ? is_match[i] == previous
+            : is_match[i] && !previous;
+        if (join && !out.empty()) {
+          out.back().second = ranges[i].second;
+        } else {
+          out.push_back(ranges[i]);
+        }
+        previous = is_match[i];
+      }
+      break;
+    }
+    case Behavior::kMergedWithNext: {
+      bool previous = false;
+      for (size_t i = ranges.size(); i-- > 0;) {
+        if (is_match[i] && !previous && !out.empty()) {
+          out.back().first = ranges[i].first;
+        } else {
+          out.push_back(ranges[i]);
+        }
+        previous = is_match[i];
+      }
+      std::reverse(out.begin(), out.end());
+      break;
+    }
+  }
+  return out;
+}
+
 struct AddedToken {
   std::string content;
   int64_t id = 0;
@@ -161,6 +245,33 @@ struct AddedToken {
 struct Merge {
   int32_t rank;
   int32_t new_id;
+};
+
+// A symbol of merge_word: a token id, linked to its neighbours; a symbol
+// merged into its left neighbour is no longer live.
+struct WordSymbol {
+  int64_t id;
+  int prev, next;
+  bool live;
+};
+
+// Appends a symbol for `id` to the end of the list.
+void push_symbol(std::vector<WordSymbol>& sym, int64_t id) {
+  const int n = static_cast<int>(sym.size());
+  sym.push_back({id, n - 1, -1, true});
+  if (n > 0) {
+    sym[static_cast<size_t>(n - 1)].next = n;
+  }
+}
+
+// A pair that may merge: the lowest rank first, the leftmost on ties.
+struct Candidate {
+  int32_t rank;
+  int pos;
+  int64_t new_id;
+  bool operator>(const Candidate& o) const {
+    return rank != o.rank ? rank > o.rank : pos > o.pos;
+  }
 };
 
 uint64_t pair_key(int64_t a, int64_t b) {
@@ -221,6 +332,59 @@ struct Reader {
   }
 };
 
+// Refuses a model other than BPE, one with dropout, and one with subword
+// markers.
+void check_plain_bpe(const json& m, const Reader& r) {
+  const std::string type =
+      m.is_object() && !m.contains("type") && m.contains("merges")
+      ? "BPE" // files from tokenizers < 0.10 carry no model type
+      : r.type_of(m, "model");
+  if (type != "BPE") {
+    r.refuse("model.type", "expected \"BPE\" (remat reads BPE tokenizer.json), "
+             "but got \"" + type + "\"");
+  }
+  auto dropout = m.find("dropout");
+  if (dropout != m.end() && !dropout->is_null() &&
+      !(dropout->is_number() && dropout->get<double>() == 0)) {
+    r.refuse("model.dropout", "expected null (deterministic BPE), but got " +
+             dropout->dump());
+  }
+  for (const char* key : {"continuing_subword_prefix", "end_of_word_suffix"}) {
+    auto it = m.find(key);
+    if (it != m.end() && !it->is_null() && *it != "") {
+      r.refuse(std::string("model.") + key,
+               "expected null (remat reads BPE without subword markers), "
+               "but got " + it->dump());
+    }
+  }
+}
+
+// The two tokens of model.merges[i], written "a b" or ["a", "b"].
+std::pair<std::string, std::string> merge_tokens(
+    const json& merge,
+    const std::string& field,
+    const Reader& r) {
+  std::string a, b;
+  if (merge.is_string()) { // the legacy "a b" form
+    const auto s = merge.get<std::string>();
+    const auto space = s.find(' ');
+    if (space == std::string::npos ||
+        s.find(' ', space + 1) != std::string::npos) {
+      r.refuse(field, "expected two tokens separated by one space, but got \"" +
+               s + "\"");
+    }
+    a = s.substr(0, space);
+    b = s.substr(space + 1);
+  } else if (merge.is_array() && merge.size() == 2) {
+    a = r.text(merge[0], field);
+    b = r.text(merge[1], field);
+  } else {
+    r.refuse(field, "expected \"a b\" or [\"a\", \"b\"], but got " +
+             merge.dump().substr(0, 80));
+  }
+  return {a, b};
+}
+
 } // namespace
 
 struct BpeTokenizer::Impl {
@@ -254,8 +418,14 @@ struct BpeTokenizer::Impl {
   mutable std::unordered_map<std::string, std::vector<int64_t>> cache;
 
   void read_model(const json& m, const Reader& r);
+  void read_vocab(const json& m, const Reader& r);
+  void read_merges(const json& m, const Reader& r);
+  void index_bytes();
   void read_added(const json& a, const Reader& r);
   void read_pre(const json& p, const std::string& field, const Reader& r);
+  void read_split(const json& p, const std::string& field, const Reader& r);
+  void add_split(const std::string& pattern, bool literal, Behavior b,
+                 bool invert, const std::string& field);
   void read_post(const json& p, const std::string& field, const Reader& r);
   void read_decoder(const json& d, const Reader& r);
 
@@ -268,84 +438,17 @@ struct BpeTokenizer::Impl {
   std::vector<std::string> pre_tokenize(std::string s) const;
   void word(const std::string& w, std::vector<int64_t>& ids) const;
   void merge_word(const std::string& w, std::vector<int64_t>& ids) const;
+  void push_unk(std::vector<WordSymbol>& sym) const;
+  std::vector<WordSymbol> word_symbols(const std::string& w) const;
+  void apply_merges(std::vector<WordSymbol>& sym) const;
 };
 
 // ---------------------------------------------------------------- reading
 
 void BpeTokenizer::Impl::read_model(const json& m, const Reader& r) {
-  const std::string type =
-      m.is_object() && !m.contains("type") && m.contains("merges")
-      ? "BPE" // files from tokenizers < 0.10 carry no model type
-      : r.type_of(m, "model");
-  if (type != "BPE") {
-    r.refuse("model.type", "expected \"BPE\" (remat reads BPE tokenizer.json), "
-             "but got \"" + type + "\"");
-  }
-  auto dropout = m.find("dropout");
-  if (dropout != m.end() && !dropout->is_null() &&
-      !(dropout->is_number() && dropout->get<double>() == 0)) {
-    r.refuse("model.dropout", "expected null (deterministic BPE), but got " +
-             dropout->dump());
-  }
-  for (const char* key : {"continuing_subword_prefix", "end_of_word_suffix"}) {
-    auto it = m.find(key);
-    if (it != m.end() && !it->is_null() && *it != "") {
-      r.refuse(std::string("model.") + key,
-               "expected null (remat reads BPE without subword markers), "
-               "but got " + it->dump());
-    }
-  }
-  const auto& v = r.at(m, "vocab", "model");
-  if (!v.is_object()) {
-    r.refuse("model.vocab", "expected an object {token: id}, but got " +
-             std::string(v.type_name()));
-  }
-  for (auto it = v.begin(); it != v.end(); ++it) {
-    const auto id = r.id(it.value(), "model.vocab[\"" + it.key() + "\"]");
-    vocab[it.key()] = id;
-    if (static_cast<size_t>(id) >= tokens.size()) {
-      tokens.resize(static_cast<size_t>(id) + 1);
-    }
-    tokens[static_cast<size_t>(id)] = it.key();
-  }
-  const auto& ms = r.at(m, "merges", "model");
-  if (!ms.is_array()) {
-    r.refuse("model.merges", "expected an array, but got " +
-             std::string(ms.type_name()));
-  }
-  merges.reserve(ms.size());
-  for (size_t i = 0; i < ms.size(); ++i) {
-    const std::string field = "model.merges[" + std::to_string(i) + "]";
-    std::string a, b;
-    if (ms[i].is_string()) { // the legacy "a b" form
-      const auto s = ms[i].get<std::string>();
-      const auto space = s.find(' ');
-      if (space == std::string::npos || s.find(' ', space + 1) != std::string::npos) {
-        r.refuse(field, "expected two tokens separated by one space, but got \"" +
-                 s + "\"");
-      }
-      a = s.substr(0, space);
-      b = s.substr(space + 1);
-    } else if (ms[i].is_array() && ms[i].size() == 2) {
-      a = r.text(ms[i][0], field);
-      b = r.text(ms[i][1], field);
-    } else {
-      r.refuse(field, "expected \"a b\" or [\"a\", \"b\"], but got " +
-               ms[i].dump().substr(0, 80));
-    }
-    auto id_of = [&](const std::string& t) {
-      auto it = vocab.find(t);
-      if (it == vocab.end()) {
-        r.refuse(field, "expected tokens of model.vocab, but \"" + t +
-                 "\" is not one");
-      }
-      return it->second;
-    };
-    // A repeated pair keeps its last rank, as the library's map does.
-    const auto left = id_of(a), right = id_of(b), merged = id_of(a + b);
-    merges[pair_key(left, right)] = {
-        static_cast<int32_t>(i), static_cast<int32_t>(merged)};
-  }
+  check_plain_bpe(m, r);
+  read_vocab(m, r);
+  read_merges(m, r);
   ignore_merges = r.flag(m, "ignore_merges", false, "model");
   byte_fallback = r.flag(m, "byte_fallback", false, "model");
   fuse_unk = r.flag(m, "fuse_unk", false, "model");
@@ -359,6 +462,55 @@ void BpeTokenizer::Impl::read_model(const json& m, const Reader& r) {
     }
     unk_id = it->second;
   }
+  index_bytes();
+}
+
+// Reads model.vocab into vocab and its inverse, tokens.
+void BpeTokenizer::Impl::read_vocab(const json& m, const Reader& r) {
+  const auto& v = r.at(m, "vocab", "model");
+  if (!v.is_object()) {
+    r.refuse("model.vocab", "expected an object {token: id}, but got " +
+             std::string(v.type_name()));
+  }
+  for (auto it = v.begin(); it != v.end(); ++it) {
+    const auto id = r.id(it.value(), "model.vocab[\"" + it.key() + "\"]");
+    vocab[it.key()] = id;
+    if (static_cast<size_t>(id) >= tokens.size()) {
+      tokens.resize(static_cast<size_t>(id) + 1);
+    }
+    tokens[static_cast<size_t>(id)] = it.key();
+  }
+}
+
+// Reads model.merges into merges, each ranked by its place in the list.
+void BpeTokenizer::Impl::read_merges(const json& m, const Reader& r) {
+  const auto& ms = r.at(m, "merges", "model");
+  if (!ms.is_array()) {
+    r.refuse("model.merges", "expected an array, but got " +
+             std::string(ms.type_name()));
+  }
+  merges.reserve(ms.size());
+  for (size_t i = 0; i < ms.size(); ++i) {
+    const std::string field = "model.merges[" + std::to_string(i) + "]";
+    const auto [a, b] = merge_tokens(ms[i], field, r);
+    auto id_of = [&](const std::string& t) {
+      auto it = vocab.find(t);
+      if (it == vocab.end()) {
+        r.refuse(field, "expected tokens of model.vocab, but \"" + t +
+                 "\" is not one");
+      }
+      return it->second;
+    };
+    // A repeated pair keeps its last rank, as the library's map does.
+    const auto left = id_of(a), right = id_of(b), merged = id_of(a + b);
+    merges[pair_key(left, right)] = {
+        static_cast<int32_t>(i), static_cast<int32_t>(merged)};
+  }
+}
+
+// Finds each byte's byte-level character, and its <0xXX> token, in the
+// vocabulary.
+void BpeTokenizer::Impl::index_bytes() {
   const auto chars = byte_chars();
   for (int b = 0; b < 256; ++b) {
     std::string& c = byte_strings[static_cast<size_t>(b)];
@@ -420,15 +572,6 @@ void BpeTokenizer::Impl::read_pre(
     r.refuse(field, "expected ByteLevel to be the last pre-tokenizer, but "
              "\"" + type + "\" follows it");
   }
-  auto split = [&](const std::string& pattern, bool literal, Behavior b,
-                   bool invert) {
-    PreTokenizer s;
-    s.regex = std::make_shared<Regex>(
-        pattern, literal, "tokenizer '" + source + "': " + field);
-    s.behavior = b;
-    s.invert = invert;
-    pre.push_back(std::move(s));
-  };
   if (type == "Sequence") {
     const auto& list = r.at(p, "pretokenizers", field);
     if (!list.is_array()) {
@@ -448,44 +591,19 @@ void BpeTokenizer::Impl::read_pre(
     pre.push_back(std::move(s));
     byte_level = true;
   } else if (type == "Split") {
-    const auto& pattern = r.at(p, "pattern", field);
-    bool literal = false;
-    std::string text;
-    if (pattern.is_object() && pattern.contains("Regex")) {
-      text = r.text(pattern["Regex"], field + ".pattern.Regex");
-    } else if (pattern.is_object() && pattern.contains("String")) {
-      text = r.text(pattern["String"], field + ".pattern.String");
-      literal = true;
-    } else {
-      r.refuse(field + ".pattern", "expected {\"Regex\": ...} or {\"String\": "
-               "...}, but got " + pattern.dump().substr(0, 80));
-    }
-    const auto behavior = r.text(r.at(p, "behavior", field), field + ".behavior");
-    const std::vector<std::pair<std::string, Behavior>> names{
-        {"Removed", Behavior::kRemoved},
-        {"Isolated", Behavior::kIsolated},
-        {"MergedWithPrevious", Behavior::kMergedWithPrevious},
-        {"MergedWithNext", Behavior::kMergedWithNext},
-        {"Contiguous", Behavior::kContiguous}};
-    auto it = std::find_if(names.begin(), names.end(),
-                           [&](const auto& n) { return n.first == behavior; });
-    if (it == names.end()) {
-      r.refuse(field + ".behavior", "expected Removed, Isolated, "
-               "MergedWithPrevious, MergedWithNext or Contiguous, but got \"" +
-               behavior + "\"");
-    }
-    split(text, literal, it->second, r.flag(p, "invert", false, field));
+    read_split(p, field, r);
   } else if (type == "Digits") {
-    split(R"(\p{N})", false,
-          r.flag(p, "individual_digits", false, field) ? Behavior::kIsolated
-                                                       : Behavior::kContiguous,
-          false);
+    add_split(R"(\p{N})", false,
+              r.flag(p, "individual_digits", false, field)
+                  ? Behavior::kIsolated
+                  : Behavior::kContiguous,
+              false, field);
   } else if (type == "Whitespace") {
     const std::string w = R"([\p{L}\p{Nl}\p{M}\p{Nd}\p{Pc}\x{200C}\x{200D}])";
-    split(w + "+|[^" + w.substr(1, w.size() - 2) + R"(\s]+)", false,
-          Behavior::kRemoved, true);
+    add_split(w + "+|[^" + w.substr(1, w.size() - 2) + R"(\s]+)", false,
+              Behavior::kRemoved, true, field);
   } else if (type == "WhitespaceSplit") {
-    split(R"(\s+)", false, Behavior::kRemoved, false);
+    add_split(R"(\s+)", false, Behavior::kRemoved, false, field);
   } else {
     r.refuse(field + ".type",
              "expected ByteLevel, Split, Digits, Whitespace, WhitespaceSplit "
@@ -493,6 +611,57 @@ void BpeTokenizer::Impl::read_pre(
              "of Llama 1/2 or Mistral is read from its tokenizer.model), but "
              "got \"" + type + "\"");
   }
+}
+
+// Reads a Split pre-tokenizer: its pattern (a regex or a literal string),
+// its behavior, and whether it inverts.
+void BpeTokenizer::Impl::read_split(
+    const json& p,
+    const std::string& field,
+    const Reader& r) {
+  const auto& pattern = r.at(p, "pattern", field);
+  bool literal = false;
+  std::string text;
+  if (pattern.is_object() && pattern.contains("Regex")) {
+    text = r.text(pattern["Regex"], field + ".pattern.Regex");
+  } else if (pattern.is_object() && pattern.contains("String")) {
+    text = r.text(pattern["String"], field + ".pattern.String");
+    literal = true;
+  } else {
+    r.refuse(field + ".pattern", "expected {\"Regex\": ...} or {\"String\": "
+             "...}, but got " + pattern.dump().substr(0, 80));
+  }
+  const auto behavior = r.text(r.at(p, "behavior", field), field + ".behavior");
+  const std::vector<std::pair<std::string, Behavior>> names{
+      {"Removed", Behavior::kRemoved},
+      {"Isolated", Behavior::kIsolated},
+      {"MergedWithPrevious", Behavior::kMergedWithPrevious},
+      {"MergedWithNext", Behavior::kMergedWithNext},
+      {"Contiguous", Behavior::kContiguous}};
+  auto it = std::find_if(names.begin(), names.end(),
+                         [&](const auto& n) { return n.first == behavior; });
+  if (it == names.end()) {
+    r.refuse(field + ".behavior", "expected Removed, Isolated, "
+             "MergedWithPrevious, MergedWithNext or Contiguous, but got \"" +
+             behavior + "\"");
+  }
+  add_split(text, literal, it->second, r.flag(p, "invert", false, field),
+            field);
+}
+
+// Appends a Split step, its pattern compiled now (an error names `field`).
+void BpeTokenizer::Impl::add_split(
+    const std::string& pattern,
+    bool literal,
+    Behavior b,
+    bool invert,
+    const std::string& field) {
+  PreTokenizer s;
+  s.regex = std::make_shared<Regex>(
+      pattern, literal, "tokenizer '" + source + "': " + field);
+  s.behavior = b;
+  s.invert = invert;
+  pre.push_back(std::move(s));
 }
 
 void BpeTokenizer::Impl::read_post(
@@ -723,7 +892,7 @@ std::vector<std::string> BpeTokenizer::Impl::pre_tokenize(std::string s) const {
   std::vector<std::string> pieces;
   pieces.push_back(std::move(s));
   std::vector<std::string> next;
-  std::vector<std::pair<size_t, size_t>> ranges;
+  std::vector<Range> ranges;
   std::vector<bool> is_match;
   for (const auto& step : pre) {
     next.clear();
@@ -736,69 +905,9 @@ std::vector<std::string> BpeTokenizer::Impl::pre_tokenize(std::string s) const {
         next.push_back(std::move(piece));
         continue;
       }
-      // (range, is_match) over the whole piece, as the library's Pattern.
-      ranges.clear();
-      is_match.clear();
-      size_t prev = 0;
-      step.regex->for_each_match(piece, [&](size_t a, size_t b) {
-        if (a > prev) {
-          ranges.emplace_back(prev, a);
-          is_match.push_back(false);
-        }
-        ranges.emplace_back(a, b);
-        is_match.push_back(true);
-        prev = b;
-      });
-      if (prev < piece.size()) {
-        ranges.emplace_back(prev, piece.size());
-        is_match.push_back(false);
-      }
-      if (step.invert) {
-        is_match.flip();
-      }
-      std::vector<std::pair<size_t, size_t>> out;
-      switch (step.behavior) {
-        case Behavior::kIsolated:
-          out = ranges;
-          break;
-        case Behavior::kRemoved:
-          for (size_t i = 0; i < ranges.size(); ++i) {
-            if (!is_match[i]) {
-              out.push_back(ranges[i]);
-            }
-          }
-          break;
-        case Behavior::kContiguous:
-        case Behavior::kMergedWithPrevious: {
-          bool previous = false;
-          for (size_t i = 0; i < ranges.size(); ++i) {
-            const bool join = step.behavior == Behavior::kContiguous
-                ? is_match[i] == previous
-                : is_match[i] && !previous;
-            if (join && !out.empty()) {
-              out.back().second = ranges[i].second;
-            } else {
-              out.push_back(ranges[i]);
-            }
-            previous = is_match[i];
-          }
-          break;
-        }
-        case Behavior::kMergedWithNext: {
-          bool previous = false;
-          for (size_t i = ranges.size(); i-- > 0;) {
-            if (is_match[i] && !previous && !out.empty()) {
-              out.back().first = ranges[i].first;
-            } else {
-              out.push_back(ranges[i]);
-            }
-            previous = is_match[i];
-          }
-          std::reverse(out.begin(), out.end());
-          break;
-        }
-      }
-      for (const auto& range : out) {
+      match_ranges(step, piece, ranges, is_match);
+      const auto kept = apply_behavior(step.behavior, ranges, is_match);
+      for (const auto& range : kept) {
         if (range.second > range.first) {
           next.push_back(piece.substr(range.first, range.second - range.first));
         }
@@ -809,31 +918,29 @@ std::vector<std::string> BpeTokenizer::Impl::pre_tokenize(std::string s) const {
   return pieces;
 }
 
-void BpeTokenizer::Impl::merge_word(
-    const std::string& w,
-    std::vector<int64_t>& ids) const {
-  struct Symbol {
-    int64_t id;
-    int prev, next;
-    bool live;
-  };
-  std::vector<Symbol> sym;
+// Appends the unknown token, unless fuse_unk joins it to the one before; with
+// no unknown token the character is dropped, as the library drops a
+// character it cannot name.
+void BpeTokenizer::Impl::push_unk(std::vector<WordSymbol>& sym) const {
+  if (unk_id >= 0 && !(fuse_unk && !sym.empty() && sym.back().id == unk_id)) {
+    push_symbol(sym, unk_id);
+  }
+}
+
+// The symbols of `w` before any merge: the ids of its bytes' characters
+// (byte-level), else of its characters, or of their <0xXX> bytes.
+std::vector<WordSymbol> BpeTokenizer::Impl::word_symbols(
+    const std::string& w) const {
+  std::vector<WordSymbol> sym;
   sym.reserve(w.size());
-  auto push = [&](int64_t id) {
-    const int n = static_cast<int>(sym.size());
-    sym.push_back({id, n - 1, -1, true});
-    if (n > 0) {
-      sym[static_cast<size_t>(n - 1)].next = n;
-    }
-  };
   if (byte_level) {
     for (unsigned char b : w) {
       const auto id = byte_ids[b];
       if (id >= 0) {
-        push(id);
-      } else if (unk_id >= 0 && !(fuse_unk && !sym.empty() && sym.back().id == unk_id)) {
-        push(unk_id);
-      } // else dropped, as the library drops a character it cannot name
+        push_symbol(sym, id);
+      } else {
+        push_unk(sym);
+      }
     }
   } else {
     for (size_t i = 0; i < w.size();) {
@@ -845,27 +952,23 @@ void BpeTokenizer::Impl::merge_word(
         all_bytes = fallback_ids[static_cast<unsigned char>(w[i + k])] >= 0;
       }
       if (it != vocab.end()) {
-        push(it->second);
+        push_symbol(sym, it->second);
       } else if (all_bytes) {
         for (size_t k = 0; k < len; ++k) {
-          push(fallback_ids[static_cast<unsigned char>(w[i + k])]);
+          push_symbol(sym, fallback_ids[static_cast<unsigned char>(w[i + k])]);
         }
-      } else if (unk_id >= 0 && !(fuse_unk && !sym.empty() && sym.back().id == unk_id)) {
-        push(unk_id);
+      } else {
+        push_unk(sym);
       }
       i += len;
     }
   }
-  // The library's merge loop: the lowest rank first, the leftmost on ties,
-  // one pair at a time, skipping queue entries that a merge made stale.
-  struct Candidate {
-    int32_t rank;
-    int pos;
-    int64_t new_id;
-    bool operator>(const Candidate& o) const {
-      return rank != o.rank ? rank > o.rank : pos > o.pos;
-    }
-  };
+  return sym;
+}
+
+// The library's merge loop: the lowest rank first, the leftmost on ties,
+// one pair at a time, skipping queue entries that a merge made stale.
+void BpeTokenizer::Impl::apply_merges(std::vector<WordSymbol>& sym) const {
   std::priority_queue<Candidate, std::vector<Candidate>, std::greater<Candidate>>
       queue;
   auto consider = [&](int pos) {
@@ -902,6 +1005,14 @@ void BpeTokenizer::Impl::merge_word(
     consider(a.prev);
     consider(top.pos);
   }
+}
+
+// Appends the ids BPE makes of one word: its symbols, merged by rank.
+void BpeTokenizer::Impl::merge_word(
+    const std::string& w,
+    std::vector<int64_t>& ids) const {
+  auto sym = word_symbols(w);
+  apply_merges(sym);
   for (const auto& s : sym) {
     if (s.live) {
       ids.push_back(s.id);

@@ -139,6 +139,21 @@ TEST(BpeTokenizerTest, AppliesMergeRanksAndAddedTokenOptions) {
   EXPECT_EQ(tok.encode("ab").input_ids, Ids{3});
 }
 
+// A Split with a String pattern matches the string as it is: "." is a dot,
+// not any character. (PCRE2 refuses UCP beside LITERAL: such a file once
+// failed to load.)
+TEST(BpeTokenizerTest, SplitsOnALiteralStringPattern) {
+  json j;
+  j["model"] = {{"type", "BPE"},
+                {"vocab", {{"a", 0}, {"b", 1}, {".", 2}, {"ab", 3}}},
+                {"merges", {"a b"}}};
+  j["pre_tokenizer"] = {
+      {"type", "Split"}, {"pattern", {{"String", "."}}}, {"behavior", "Isolated"}};
+  auto tok = BpeTokenizer::from_json(j, "fixture");
+  EXPECT_EQ(tok.tokenize("ab.ab"), (Ids{3, 2, 3}));
+  EXPECT_EQ(tok.tokenize("abab"), (Ids{3, 3})) << "one piece: '.' matched no letter";
+}
+
 TEST(BpeTokenizerTest, RefusesWhatItDoesNotReadNamingTheField) {
   TempDir dir;
   auto refusal = [&](const std::function<void(json&)>& edit) {
