@@ -48,6 +48,7 @@ struct TrainFlags {
   bool pad_to_seq = defaults.pad_to_seq();
   std::string policy = defaults.policy().name();
   std::string budget_plans = train::to_string(defaults.budget_plans());
+  double plan_share = defaults.plan_share();
   double lr = defaults.lr(), weight_decay = defaults.weight_decay(), clip = defaults.clip();
   int64_t warmup = defaults.warmup();
   std::string schedule = "linear";
@@ -166,6 +167,7 @@ TrainOptions apply_flags(const TrainFlags& f, TrainOptions o, const CLI::App& ap
     o.budget_plans(
         as_flag("--budget-plans", [&] { return train::parse_budget_plans(f.budget_plans); }));
   }
+  if (given("--plan-share")) o.plan_share(f.plan_share);
   if (given("--lr")) o.lr(f.lr);
   if (given("--weight-decay")) o.weight_decay(f.weight_decay);
   if (given("--warmup")) o.warmup(f.warmup);
@@ -384,6 +386,10 @@ Run add_train(CLI::App& root) {
   app->add_option("--budget-plans", f->budget_plans,
                   "with --policy budget:SIZE: per-shape (a plan per batch shape, made as it "
                   "comes) or worst-case (one plan for --batch x --seq)")
+      ->capture_default_str();
+  app->add_option("--plan-share", f->plan_share,
+                  "per-shape plans: the share of the run's time planning may take, in [0, 1]; "
+                  "past it a new shape runs under a larger shape's plan (1: plan every shape)")
       ->capture_default_str();
   app->add_option("--lr", f->lr, "peak learning rate")->capture_default_str();
   app->add_option("--weight-decay", f->weight_decay, "AdamW weight decay")

@@ -34,6 +34,32 @@ ShapePlans::ShapePlans(Planner planner, ShapePlansOptions options)
   TORCH_CHECK(
       options_.capacity() >= 1, "ShapePlans: expected capacity >= 1 plan, but got ",
       options_.capacity());
+  TORCH_CHECK(
+      options_.plan_share() >= 0 && options_.plan_share() <= 1,
+      "ShapePlans: expected a plan_share in [0, 1], but got ", options_.plan_share());
+}
+
+void ShapePlans::ran(double seconds) {
+  TORCH_CHECK(std::isfinite(seconds) && seconds >= 0,
+              "ShapePlans::ran: expected seconds >= 0, but got ", seconds);
+  stats_.run_seconds += seconds;
+}
+
+// A plan for R rows of L tokens (accumulating or not) bounds the peak of r
+// <= R rows of l <= L tokens (accumulating only if it was): the smallest
+// such by R x L, the most recent of equals.
+std::list<std::pair<BatchShape, ShapePlan>>::iterator ShapePlans::cover(const BatchShape& shape) {
+  auto best = entries_.end();
+  for (auto it = entries_.begin(); it != entries_.end(); ++it) {
+    const BatchShape& k = it->first;
+    if (k.rows >= shape.rows && k.tokens >= shape.tokens &&
+        (k.accumulating || !shape.accumulating) &&
+        (best == entries_.end() ||
+         k.rows * k.tokens < best->first.rows * best->first.tokens)) {
+      best = it;
+    }
+  }
+  return best;
 }
 
 int64_t ShapePlans::bucket(int64_t tokens) const {
@@ -68,6 +94,14 @@ const ShapePlan& ShapePlans::get(const BatchShape& shape) {
     ++stats_.hits;
     entries_.splice(entries_.begin(), entries_, found->second); // most recent
     return entries_.front().second;
+  }
+  if (stats_.seconds > options_.plan_share() * (stats_.seconds + stats_.run_seconds)) {
+    const auto covering = cover(key);
+    if (covering != entries_.end()) {
+      ++stats_.covered;
+      entries_.splice(entries_.begin(), entries_, covering);
+      return entries_.front().second;
+    }
   }
 
   // Plan it, halving the rows until a schedule fits; one row that does not

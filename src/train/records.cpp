@@ -128,6 +128,9 @@ void TrainOptions::validate() const {
   in_range(compare_steps_, 1, limits::kMaxCount, "compare_steps");
   in_range(threads_, 0, 4096, "threads");
   in_range(max_bad_steps_, 0, limits::kMaxCount, "max_bad_steps");
+  check_field(plan_share_ >= 0 && plan_share_ <= 1, "plan_share",
+              c10::str("plan_share: expected a share in [0, 1] of the run's time, but got ",
+                       plan_share_));
   // The position table follows seq and the --init folder; the embedding is
   // untied unless the folder's config ties it.
   check_field(model_.max_positions() == 0, "max_positions",
@@ -197,6 +200,7 @@ nlohmann::json TrainOptions::to_json() const {
       {"init_dir", init_dir_},
       {"policy", policy_.name()},
       {"budget_plans", to_string(budget_plans_)},
+      {"plan_share", plan_share_},
       {"dtype", nn::model_dtype_name(m.dtype())},
       {"lr", lr_},
       {"weight_decay", weight_decay_},
@@ -303,6 +307,10 @@ TrainOptions TrainOptions::from_json(const nlohmann::json& j) {
                   text, "'");
     }
   }
+  // And those saved before --plan-share, with its default.
+  if (j.contains("plan_share")) {
+    o.plan_share(in.number("plan_share"));
+  }
   // And those saved before --max-bad-steps, with its default.
   if (j.contains("max_bad_steps")) {
     o.max_bad_steps(in.integer("max_bad_steps"));
@@ -348,6 +356,7 @@ nlohmann::json StepRecord::to_json() const {
     j["schedule"] = schedule;
     j["predicted_peak_bytes"] = predicted_peak_bytes;
     j["plan_seconds"] = plan_seconds;
+    j["covered"] = covered;
   }
   if (reduced_in_backward_bytes > 0 || reduced_after_backward_bytes > 0) {
     j["reduced_in_backward_bytes"] = reduced_in_backward_bytes;
@@ -390,6 +399,10 @@ StepRecord StepRecord::from_json(const nlohmann::json& j) {
     r.schedule = in.string("schedule");
     r.predicted_peak_bytes = in.integer("predicted_peak_bytes");
     r.plan_seconds = in.number("plan_seconds");
+    // Records saved before plan_share ran every batch under its own plan.
+    if (j.contains("covered")) {
+      r.covered = in.integer("covered");
+    }
   }
   if (j.contains("reduced_in_backward_bytes")) {
     r.reduced_in_backward_bytes = in.integer("reduced_in_backward_bytes");

@@ -45,7 +45,7 @@ int64_t max_peak_bytes(const std::vector<StepRecord>& steps, size_t n) {
 static std::string budget_text(const std::vector<StepRecord>& steps, const TrainOptions& o) {
   std::set<std::string> shapes;
   double plan_seconds = 0, step_seconds = 0;
-  int64_t peak = 0, predicted = 0;
+  int64_t peak = 0, predicted = 0, covered = 0;
   for (const auto& s : steps) {
     // A step's micro-batches may run under several plans, joined by " | ".
     for (size_t at = 0; at <= s.planned.size();) {
@@ -55,18 +55,20 @@ static std::string budget_text(const std::vector<StepRecord>& steps, const Train
     }
     plan_seconds += s.plan_seconds;
     step_seconds += s.step_seconds;
+    covered += s.covered > 0 ? 1 : 0;
     peak = std::max(peak, s.peak_bytes);
     predicted = std::max(predicted, s.predicted_peak_bytes);
   }
   const double budget = static_cast<double>(o.policy().budget_bytes());
   char line[512];
   std::snprintf(line, sizeof(line),
-                "%s, %s: %zu plan shape(s), %.2f s of planning (%.1f%% of the steps' %.1f s); "
-                "largest step peak %s = %.3f of the budget (largest predicted %s)\n",
+                "%s, %s: %zu plan shape(s), %.2f s of planning (%.1f%% of the steps' %.1f s; "
+                "%lld step(s) under a larger shape's plan); largest step peak %s = %.3f of "
+                "the budget (largest predicted %s)\n",
                 o.policy().name().c_str(), to_string(o.budget_plans()), shapes.size(),
                 plan_seconds, step_seconds > 0 ? 100.0 * plan_seconds / step_seconds : 0.0,
-                step_seconds, mib(peak).c_str(), budget > 0 ? peak / budget : 0.0,
-                mib(predicted).c_str());
+                step_seconds, static_cast<long long>(covered), mib(peak).c_str(),
+                budget > 0 ? peak / budget : 0.0, mib(predicted).c_str());
   return line;
 }
 

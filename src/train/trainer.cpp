@@ -138,7 +138,7 @@ void check_optimizer_libtorch(
 bool may_change_on_resume(const std::string& key) {
   for (const char* k : {"out_dir", "save_every", "eval_every", "compare_policy",
                         "compare_steps", "memory_timeline", "threads", "max_bad_steps",
-                        "budget_plans"}) {
+                        "budget_plans", "plan_share"}) {
     if (key == k) {
       return true;
     }
@@ -268,6 +268,7 @@ struct Trainer::Impl {
   struct PlannedBatch {
     Batch batch;
     c10::optional<plan::ShapePlan> plan;
+    bool covered = false; ///< under a larger shape's plan (plan_share)
   };
   std::vector<PlannedBatch> plan_micro_batches(std::vector<Batch> micros);
   void set_schedule(const plan::ShapePlan& p);
@@ -524,7 +525,7 @@ void Trainer::Impl::plan_budget() {
   const int64_t seq = options.model().seq();
   shape_plans = std::make_unique<plan::ShapePlans>(
       [this](const plan::BatchShape& shape) { return plan_shape(shape); },
-      plan::ShapePlansOptions(seq));
+      plan::ShapePlansOptions(seq).plan_share(options.plan_share()));
   const int64_t longest = loader->longest_row();
   const int64_t rows = options.max_tokens() > 0
       ? std::max<int64_t>(1, std::min(options.model().batch(), options.max_tokens() / longest))
@@ -598,6 +599,7 @@ void Trainer::Impl::describe_plans(const std::vector<PlannedBatch>& planned, Ste
       join(r.planned, m.plan->shape.str());
       join(r.schedule, m.plan->plan.schedule.str());
       r.predicted_peak_bytes = std::max(r.predicted_peak_bytes, m.plan->plan.peak_bytes);
+      r.covered += m.covered ? 1 : 0;
     }
   }
 }
@@ -628,14 +630,15 @@ std::vector<Trainer::Impl::PlannedBatch> Trainer::Impl::plan_micro_batches(
     Batch m = std::move(todo.front());
     todo.pop_front();
     const int64_t rows = m.input_ids.size(0);
-    const double before = shape_plans->stats().seconds;
+    const auto before = shape_plans->stats();
     const auto& p = shape_plans->get({rows, m.input_ids.size(1), !out.empty()});
-    unreported_plan_seconds += shape_plans->stats().seconds - before;
+    unreported_plan_seconds += shape_plans->stats().seconds - before.seconds;
+    const bool covered = shape_plans->stats().covered > before.covered;
     if (p.shape.rows < rows) {
       todo.push_front(slice_rows(m, p.shape.rows, rows, lm(), options.pad_to_seq()));
       m = slice_rows(m, 0, p.shape.rows, lm(), options.pad_to_seq());
     }
-    out.push_back({std::move(m), p});
+    out.push_back({std::move(m), p, covered});
   }
   return out;
 }
@@ -873,6 +876,9 @@ StepRecord Trainer::step() {
   Impl::describe_plans(planned, r);
   r.plan_seconds = run.unreported_plan_seconds;
   run.unreported_plan_seconds = 0;
+  if (run.shape_plans) {
+    run.shape_plans->ran(seconds);
+  }
   const auto& compared = run.history.compare_steps;
   if (static_cast<size_t>(r.step) <= compared.size()) {
     r.compare_loss = compared[static_cast<size_t>(r.step - 1)].loss;

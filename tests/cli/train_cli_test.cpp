@@ -74,6 +74,8 @@ TEST(TrainCli, BadInputGetsOneLineNamingTheFlagOrFileAndExitCode2) {
            {"train --task lm --pack --max-tokens 128", "--pack: expected no max_tokens"},
            {"train --budget-plans sometimes",
             "--budget-plans: expected per-shape or worst-case, but got 'sometimes'"},
+           {"train --plan-share 2",
+            "--plan-share: expected a share in [0, 1] of the run's time, but got 2"},
            {"train --vocab 10000000000", "--vocab: expected a vocabulary size in [0, 4194304]"},
        }) {
     auto r = run_cli(c.args);

@@ -1,12 +1,15 @@
 // remat::plan::ShapePlans with a planner of our own: the length buckets, the
-// cache and its bound, and the split of a shape no schedule fits.
+// cache and its bound, the split of a shape no schedule fits, and the
+// larger plans a new shape runs under while planning is over its share.
 #include "remat/plan/shape_plans.h"
 
 #include "testing.h"
 
 #include <gtest/gtest.h>
 
+#include <chrono>
 #include <set>
+#include <thread>
 #include <vector>
 
 namespace {
@@ -20,11 +23,13 @@ using remat::plan::ShapePlansOptions;
 // above `limit`; it counts its calls.
 struct FakePlanner {
   int64_t limit = 1 << 30;
+  std::chrono::milliseconds cost{0}; ///< each call sleeps this long
   std::vector<BatchShape> calls;
 
   ShapePlans::Planner fn() {
     return [this](const BatchShape& s) {
       calls.push_back(s);
+      std::this_thread::sleep_for(cost);
       TORCH_CHECK(s.rows * s.tokens <= limit, "expected a memory budget of at least ",
                   s.rows * s.tokens, " bytes");
       Plan p;
@@ -62,7 +67,7 @@ TEST(ShapePlans, BucketsCoverEveryLengthWithinAFifthAndEightTokens) {
 
 TEST(ShapePlans, PlansEachBucketOnceAndKeepsTheMostRecent) {
   FakePlanner f;
-  ShapePlans plans(f.fn(), ShapePlansOptions(512).capacity(2));
+  ShapePlans plans(f.fn(), ShapePlansOptions(512).capacity(2).plan_share(1));
   const auto& a = plans.get({4, 100});
   EXPECT_EQ(a.shape.rows, 4);
   EXPECT_EQ(a.shape.tokens, plans.bucket(100));
@@ -84,7 +89,7 @@ TEST(ShapePlans, PlansEachBucketOnceAndKeepsTheMostRecent) {
 TEST(ShapePlans, SplitsAShapeNoScheduleFitsDownToOneRow) {
   FakePlanner f;
   f.limit = 3 * 512;
-  ShapePlans plans(f.fn(), ShapePlansOptions(512));
+  ShapePlans plans(f.fn(), ShapePlansOptions(512).plan_share(1));
   const auto& p = plans.get({7, 512});
   // 7 rows refused, then 4, then 2 fits.
   EXPECT_EQ(p.shape.rows, 2);
@@ -101,6 +106,42 @@ TEST(ShapePlans, SplitsAShapeNoScheduleFitsDownToOneRow) {
   EXPECT_EQ(none_fit.size(), 0);
 }
 
+// Past its share of the time, a new shape runs under the smallest kept plan
+// made for at least its rows and length (and for held gradients if it holds
+// them); a shape nothing covers is planned whatever the share.
+TEST(ShapePlans, PastItsShareANewShapeRunsUnderTheSmallestCoveringPlan) {
+  FakePlanner f;
+  ShapePlans plans(f.fn(), ShapePlansOptions(512).plan_share(0));
+  EXPECT_EQ(plans.get({4, 512}).shape.str(), "4x512"); // nothing covers it
+  EXPECT_EQ(plans.get({2, 100}).shape.str(), "4x512");
+  EXPECT_EQ(f.calls.size(), 1u);
+  EXPECT_EQ(plans.stats().covered, 1);
+  // Held gradients: only a plan that reserved them covers it.
+  EXPECT_EQ(plans.get({2, 100, true}).shape.str(), "2x104+grads");
+  EXPECT_EQ(f.calls.size(), 2u);
+  // The smaller of the two that cover it, though it reserved gradients.
+  EXPECT_EQ(plans.get({1, 50}).shape.str(), "2x104+grads");
+  // More rows than any plan: planned.
+  EXPECT_EQ(plans.get({8, 64}).shape.str(), "8x64");
+  EXPECT_EQ(f.calls.size(), 3u);
+  EXPECT_EQ(plans.stats().covered, 2);
+  EXPECT_EQ(plans.stats().plans, 3);
+
+  // A share of 0.1 with 20 ms a plan: before any run time a covered shape
+  // waits; after 10 s of batches it is planned when it comes again.
+  FakePlanner slow;
+  slow.cost = std::chrono::milliseconds(20);
+  ShapePlans shared(slow.fn(), ShapePlansOptions(512).plan_share(0.1));
+  shared.get({4, 512});
+  EXPECT_EQ(shared.get({2, 100}).shape.str(), "4x512");
+  shared.ran(10.0);
+  EXPECT_EQ(shared.get({2, 100}).shape.str(), "2x104");
+  EXPECT_EQ(slow.calls.size(), 2u);
+  EXPECT_EQ(shared.stats().covered, 1);
+  EXPECT_DOUBLE_EQ(shared.stats().run_seconds, 10.0);
+  EXPECT_GE(shared.stats().seconds, 0.04);
+}
+
 TEST(ShapePlans, RefusesBadOptions) {
   FakePlanner f;
   EXPECT_THROW_WITH(ShapePlans(nullptr, ShapePlansOptions(8)), "expected a planner");
@@ -110,7 +151,10 @@ TEST(ShapePlans, RefusesBadOptions) {
                     "expected capacity >= 1 plan, but got 0");
   EXPECT_THROW_WITH(ShapePlans(f.fn(), ShapePlansOptions(8).lengths_per_octave(0)),
                     "expected lengths_per_octave in [1, 64], but got 0");
+  EXPECT_THROW_WITH(ShapePlans(f.fn(), ShapePlansOptions(8).plan_share(1.5)),
+                    "expected a plan_share in [0, 1], but got 1.5");
   ShapePlans plans(f.fn(), ShapePlansOptions(8));
+  EXPECT_THROW_WITH(plans.ran(-1), "expected seconds >= 0, but got -1");
   EXPECT_THROW_WITH(plans.get({0, 8}), "expected a batch of at least one row, but got 0");
   EXPECT_EQ(BatchShape({2, 64, true}).str(), "2x64+grads");
 }

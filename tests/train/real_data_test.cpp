@@ -19,6 +19,7 @@
 #include <fstream>
 #include <random>
 #include <regex>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -179,7 +180,10 @@ int64_t worst_case_minimum(TrainOptions o) {
 // worst shape needs: worst-case planning refuses it; per-shape planning
 // trains, every step at or under it, short batches recomputing less than
 // long ones, and the longest batches split into micro-batches that fit,
-// with the same losses as a run without checkpointing.
+// with the same losses as a run without checkpointing. Every shape is
+// planned (plan_share 1); with plan_share 0 the run makes fewer plans and
+// runs most batches under a plan for a larger shape, still within the
+// budget.
 TEST(TrainRealData, BudgetPlannedPerShapeHoldsForEveryStep) {
   const auto path = write_skewed_corpus("shape_budget", /*ids=*/false);
   auto base = lm(path).valid_fraction(0);
@@ -188,7 +192,8 @@ TEST(TrainRealData, BudgetPlannedPerShapeHoldsForEveryStep) {
   ASSERT_GT(minimum, 0);
   const int64_t budget = minimum - 1;
   auto o = base;
-  o.policy(remat::CheckpointPolicy::parse("budget:" + std::to_string(budget) + "B"));
+  o.policy(remat::CheckpointPolicy::parse("budget:" + std::to_string(budget) + "B"))
+      .plan_share(1);
   EXPECT_THROW_WITH(
       (Trainer{TrainOptions(o).budget_plans(BudgetPlans::kWorstCase)}),
       "expected a memory budget of at least");
@@ -203,6 +208,18 @@ TEST(TrainRealData, BudgetPlannedPerShapeHoldsForEveryStep) {
       records.push_back(t.step());
     }
     history = t.history();
+  }
+  std::vector<StepRecord> shared;
+  {
+    Trainer t(TrainOptions(o).plan_share(0));
+    for (int64_t i = 0; i < t.steps_per_epoch(); ++i) {
+      shared.push_back(t.step());
+    }
+    TrainResult result;
+    result.history = t.history();
+    result.steps = t.steps_per_epoch();
+    EXPECT_NE(summary_text(result, o).find("step(s) under a larger shape's plan"),
+              std::string::npos);
   }
   Trainer plain(TrainOptions(base).policy(remat::CheckpointPolicy::none()));
   int64_t split = 0, shortest = 0, longest = 0;
@@ -226,6 +243,26 @@ TEST(TrainRealData, BudgetPlannedPerShapeHoldsForEveryStep) {
     }
   }
   EXPECT_GT(split, 0) << "no batch needed fewer rows";
+  // plan_share 0: a plan only for shapes no kept plan covers.
+  auto plan_shapes = [](const std::vector<StepRecord>& steps) {
+    std::set<std::string> shapes;
+    for (const auto& r : steps) {
+      shapes.insert(r.planned);
+    }
+    return shapes.size();
+  };
+  int64_t covered = 0;
+  for (size_t i = 0; i < shared.size(); ++i) {
+    EXPECT_LE(shared[i].peak_bytes, budget) << "step " << shared[i].step;
+    EXPECT_LE(shared[i].predicted_peak_bytes, budget) << "step " << shared[i].step;
+    EXPECT_NEAR(shared[i].loss, records[i].loss, 1e-5 * std::abs(records[i].loss));
+    covered += shared[i].covered;
+    const auto planned = shared[i].planned.substr(0, shared[i].planned.find(" | "));
+    const auto x = planned.find('x');
+    EXPECT_GE(std::stoll(planned.substr(x + 1)), shared[i].row_tokens) << planned;
+  }
+  EXPECT_GT(covered, 0);
+  EXPECT_LT(plan_shapes(shared), plan_shapes(records));
   EXPECT_LT(shortest, longest);
   EXPECT_LT(short_recomputed, long_recomputed)
       << shortest << " tokens recompute " << short_recomputed << " layers, " << longest

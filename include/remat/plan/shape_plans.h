@@ -26,6 +26,19 @@
 // make 27 buckets. The cache keeps the `capacity` plans used most recently;
 // the least recently used is dropped, and made again if its shape returns.
 //
+// Planning costs a profile of the shape (a trainer's: about a forward and
+// backward per stage and mode), often more than a step. So a new shape is
+// planned at once only while planning has taken at most `plan_share` of the
+// time so far: planning's seconds plus the seconds the batches ran (told
+// by ran()). Past that share it runs under the
+// smallest kept plan that covers it: planned for at least its rows and its
+// length, and for accumulated gradients if it holds them. That plan's peak
+// bounds the batch's as above, so the budget still holds; the batch only
+// recomputes more than its own plan would, and its shape is planned when
+// it comes again within the share. A shape no kept plan covers is planned
+// whatever the share: planning then costs at most `plan_share` of the run,
+// plus the shapes nothing covered.
+//
 // Example:
 //   // given: remat::nn::Llama model(remat::nn::LlamaOptions().num_layers(8));
 //   remat::plan::ShapePlans plans(
@@ -36,6 +49,7 @@
 //       },
 //       remat::plan::ShapePlansOptions(2048));
 //   const auto& p = plans.get({4, 700});  // planned for 4 x 720 tokens
+//   // ... run the batch, then:  plans.ran(step_seconds);
 //   model->gradient_checkpointing_enable(
 //       remat::CheckpointPolicy::custom(p.plan.schedule, "budget:3GiB"));
 //   // run micro-batches of p.shape.rows rows
@@ -80,6 +94,10 @@ struct ShapePlansOptions {
   TORCH_ARG(int64_t, lengths_per_octave) = 4;
   /// Plans kept (at least 1).
   TORCH_ARG(int64_t, capacity) = 32;
+  /// The share of the time so far (planning + ran()'s seconds), in [0, 1],
+  /// past which a new shape that a kept plan covers runs under that plan,
+  /// unplanned. 0: only shapes nothing covers are planned; 1: every shape.
+  TORCH_ARG(double, plan_share) = 0.1;
 };
 
 /// The plan a shape runs under.
@@ -97,7 +115,9 @@ struct ShapePlansStats {
   int64_t hits = 0;      ///< get() answered from the cache
   int64_t evicted = 0;   ///< plans dropped for capacity
   int64_t splits = 0;    ///< shapes planned as smaller micro-batches
+  int64_t covered = 0;   ///< get() answered by a larger shape's plan
   double seconds = 0;    ///< seconds spent planning, in all
+  double run_seconds = 0; ///< seconds batches ran, as ran() was told
 };
 
 class ShapePlans {
@@ -113,10 +133,16 @@ class ShapePlans {
   /// tokens (tokens in [1, max_length]; throws c10::Error outside).
   int64_t bucket(int64_t tokens) const;
 
-  /// The plan for a micro-batch of `shape`: from the cache, or planned for
-  /// {rows, bucket(tokens)} and kept. Throws c10::Error, as the planner's
-  /// refusal of one row, when not even a single row fits.
+  /// The plan for a micro-batch of `shape`: from the cache; else, when
+  /// planning is over its share, the smallest kept plan that covers it
+  /// (see above; its `shape` is the one it was planned for); else planned
+  /// for {rows, bucket(tokens)} and kept. Throws c10::Error, as the
+  /// planner's refusal of one row, when not even a single row fits.
   const ShapePlan& get(const BatchShape& shape);
+
+  /// Counts `seconds` (>= 0) that batches ran under these plans: planning
+  /// may take plan_share of them and itself.
+  void ran(double seconds);
 
   const ShapePlansStats& stats() const {
     return stats_;
@@ -135,6 +161,9 @@ class ShapePlans {
   /// Most recently used first; the map points into it by bucketed shape.
   std::list<std::pair<BatchShape, ShapePlan>> entries_;
   std::map<BatchShape, std::list<std::pair<BatchShape, ShapePlan>>::iterator> index_;
+
+  /// The smallest kept plan that covers `shape`; entries_.end() if none.
+  std::list<std::pair<BatchShape, ShapePlan>>::iterator cover(const BatchShape& shape);
 };
 
 } // namespace plan

@@ -15,6 +15,7 @@
 
 #include "remat/field_error.h"
 #include "remat/nn/model_config.h"
+#include "remat/plan/shape_plans.h"
 #include "remat/policy.h"
 #include "remat/train/lr_schedule.h"
 
@@ -135,6 +136,13 @@ struct TrainOptions {
   TORCH_ARG(CheckpointPolicy, policy) = CheckpointPolicy::every_layer();
   /// How a budget policy is planned (see BudgetPlans). May change on resume.
   TORCH_ARG(BudgetPlans, budget_plans) = BudgetPlans::kPerShape;
+  /// Per-shape plans: the share of the run's time (planning + steps), in
+  /// [0, 1], that planning may take; past it a new shape runs under a kept
+  /// plan for a larger shape, which bounds its peak too, and is planned
+  /// when it comes again within the share (0: only shapes no plan covers
+  /// are planned; 1: every shape; plan::ShapePlansOptions::plan_share).
+  /// May change on resume.
+  TORCH_ARG(double, plan_share) = plan::ShapePlansOptions(1).plan_share();
 
   // ---- optimizer
   TORCH_ARG(double, lr) = 1e-3;
@@ -207,7 +215,7 @@ struct TrainOptions {
 /// run with `saved` ones: every field that shapes the loss curve (data,
 /// model, optimizer, schedule, seed, policy, ...) is equal; out_dir,
 /// save_every, eval_every, compare_policy, compare_steps, memory_timeline,
-/// threads, budget_plans and max_bad_steps may differ. Throws c10::Error starting with the first field
+/// threads, budget_plans, plan_share and max_bad_steps may differ. Throws c10::Error starting with the first field
 /// that differs ("batch: the state in 'PATH' was saved by a run with 8, but
 /// this run has 4; ..."); `path` names the state in the message.
 void check_resume_options(

@@ -48,11 +48,14 @@ struct StepRecord {
   /// seconds spent planning since the step before (shapes this step met
   /// first; the first step's include the plan made at the start), which
   /// step_seconds leaves out. Several plans in one step are joined with
-  /// " | ".
+  /// " | ". `covered`: the micro-batches that ran under a plan made for a
+  /// larger shape than their own bucket, as planning was over its share
+  /// (TrainOptions::plan_share).
   std::string planned;
   std::string schedule;
   int64_t predicted_peak_bytes = 0;
   double plan_seconds = 0;
+  int64_t covered = 0;
   /// Data parallel: bytes of gradient whose all-reduce started during the
   /// last backward (overlapped), and after it, in GradReducer::reduce().
   int64_t reduced_in_backward_bytes = 0;
