@@ -301,9 +301,9 @@ Run add_estimate(CLI::App& root) {
   app->add_flag("--lora-dropout", c->lora_dropout, "dropout on the adapters' input");
   app->add_option("--policy", c->policies,
                   "comma-separated policies the estimator models: none, every-layer, "
-                  "every-K, sqrt, full, selective-attention, selective-mlp, budget:SIZE, "
-                  "each optionally with +reentrant (remat bench measures the per-op, "
-                  "compress and offload policies)")
+                  "every-K, sqrt, full, selective-attention, selective-mlp, save-matmuls, "
+                  "save-projections, compress, compress-fp8, budget:SIZE, each optionally "
+                  "with +reentrant (remat bench measures offload and +save=OPS)")
       ->capture_default_str();
   app->add_option("--fit", c->fit, "device size, e.g. 80GiB: print the largest batch that fits");
   app->add_flag("--fit-seq", c->fit_seq, "with --fit: the largest sequence instead of batch");

@@ -5,6 +5,7 @@
 #include "remat/model_sizes.h"
 #include "remat/plan/solver.h"
 
+#include <c10/core/ScalarType.h>
 #include <c10/util/Exception.h>
 
 #include <algorithm>
@@ -407,7 +408,12 @@ std::vector<SavedTensor> layer_activations(const ModelSpec& spec, SegmentMode mo
   return out;
 }
 
-Chain estimate_chain(const ModelSpec& spec, double flops_per_second) {
+namespace {
+
+// The chain with each layer's partial modes: the selective ones, the per-op
+// ones, and kCompress (to `compress_bytes` per element) only when given:
+// it is lossy, so a budget is never planned with it unasked.
+Chain chain_of(const ModelSpec& spec, double flops_per_second, int64_t compress_bytes) {
   spec.validate();
   TORCH_CHECK(
       flops_per_second > 0, "remat::plan: expected flops_per_second > 0, but got ",
@@ -432,14 +438,23 @@ Chain estimate_chain(const ModelSpec& spec, double flops_per_second) {
       };
       s.recompute_attention(selective(SegmentMode::kRecomputeAttention));
       s.recompute_mlp(selective(SegmentMode::kRecomputeMlp));
+      s.save_matmuls(selective(SegmentMode::kSaveMatmuls));
+      s.save_projections(selective(SegmentMode::kSaveProjections));
+      if (compress_bytes > 0) {
+        s.compress(selective(SegmentMode::kCompress));
+      }
     }
     return s;
   };
   Chain chain;
   chain.base_bytes = fixed_bytes(spec).total();
   chain.stages.push_back(stage(detail::trace_embedding(spec), "embeddings", StageKind::kEmbedding));
-  const auto first = detail::trace_layer(spec, detail::layer_input_requires_grad(spec, 0));
-  const auto rest = detail::trace_layer(spec, true);
+  auto first = detail::trace_layer(spec, detail::layer_input_requires_grad(spec, 0));
+  auto rest = detail::trace_layer(spec, true);
+  if (compress_bytes > 0) {
+    first.compress_to(compress_bytes);
+    rest.compress_to(compress_bytes);
+  }
   for (int64_t i = 0; i < spec.layers(); ++i) {
     chain.stages.push_back(
         stage(i == 0 ? first : rest, "layer." + std::to_string(i), StageKind::kLayer));
@@ -450,25 +465,32 @@ Chain estimate_chain(const ModelSpec& spec, double flops_per_second) {
   return chain;
 }
 
-namespace {
-// Per-op policies and compression change what a layer keeps in ways the
-// chain does not describe yet: refused rather than estimated as something
-// else.
+// An op policy of the user's (+save=OPS) keeps ops the traces do not name
+// one by one, and offload's device bytes follow its copies' timing on the
+// GPU: refused rather than estimated as something else.
 void require_modelled(const CheckpointPolicy& policy) {
-  const bool per_op = policy.checkpoint() && !policy.checkpoint()->op_policy.empty();
+  const bool own_ops = policy.checkpoint() && !policy.checkpoint()->op_policy.empty();
   TORCH_CHECK(
-      !per_op && policy.kind() != CheckpointPolicy::Kind::kSaveOps &&
-          policy.kind() != CheckpointPolicy::Kind::kCompress &&
-          policy.kind() != CheckpointPolicy::Kind::kOffload,
-      "expected a policy the estimator models (none, every-K, sqrt, full, "
-      "selective-*, budget:SIZE), but got '", policy.name(), "': per-op "
-      "policies, compression and offload are measured by remat bench, not estimated");
+      !own_ops && policy.kind() != CheckpointPolicy::Kind::kOffload,
+      "expected a policy the estimator models (none, every-K, sqrt, full, selective-*, "
+      "save-matmuls, save-projections, compress, compress-fp8, budget:SIZE), but got '",
+      policy.name(), "': ",
+      own_ops ? "an op policy of your own (+save=) is measured by remat bench, not estimated"
+              : "offload is measured on the GPU by remat bench, not estimated");
 }
+
 } // namespace
+
+Chain estimate_chain(const ModelSpec& spec, double flops_per_second) {
+  return chain_of(spec, flops_per_second, /*compress_bytes=*/0);
+}
 
 Estimate estimate(const ModelSpec& spec, const CheckpointPolicy& policy) {
   require_modelled(policy);
-  const auto chain = estimate_chain(spec);
+  const auto chain = policy.kind() == CheckpointPolicy::Kind::kCompress
+      ? chain_of(spec, kEstimateFlopsPerSecond,
+                 static_cast<int64_t>(c10::elementSize(policy.compress_dtype())))
+      : estimate_chain(spec);
   const auto fixed = fixed_bytes(spec);
   Estimate e;
   e.parameters = fixed.params;

@@ -149,6 +149,7 @@ class Builder {
          trainable ? std::vector<int>{x} : std::vector<int>{}, f,
          (xr ? f : 0) + (trainable ? f : 0),
          trainable ? (in_features + (bias ? 1 : 0)) * out_features * pe : 0);
+    t.product(Product::kProjection);
     if (!lora) {
       return y;
     }
@@ -158,8 +159,10 @@ class Builder {
     const double fb = 2 * numel(lead(x)) * r * out_features;
     int a = act(name + ".lora_A", with_last(lead(x), r), true);
     t.op(name + ".lora_A (linear)", {xa}, {xa}, fa, fa + (xr ? fa : 0), in_features * r * pe);
+    t.product(Product::kProjection);
     int b = act(name + ".lora_B", out_shape, true);
     t.op(name + ".lora_B (linear)", {a}, {a}, fb, 2 * fb, r * out_features * pe);
+    t.product(Product::kProjection);
     int scaled = act(name + ".lora_scaled", out_shape, true);
     t.op(name + ".lora_scale (mul)", {b}, {});
     int sum = act(name + "+lora", out_shape, true);
@@ -249,6 +252,7 @@ class Builder {
     int y = act(name, with_last(lead(gate), out_features), r || trainable);
     t.op(name + " (swiglu_linear: linear)", {a}, {}, f, (r ? f : 0) + (trainable ? f : 0),
          trainable ? sh.back() * out_features * pe : 0);
+    t.product(Product::kProjection);
     return y;
   }
 
@@ -302,6 +306,7 @@ class Builder {
     }
     t.op(name + " (matmul)", {a, b}, saved, flops,
          (rg(a) ? flops : 0) + (rg(b) ? flops : 0));
+    t.product(Product::kMatmul);
     return y;
   }
 

@@ -83,6 +83,16 @@ bool Trace::kept(int v, SegmentMode mode) const {
   if (v == output_) {
     return true;
   }
+  if (mode == SegmentMode::kSaveMatmuls || mode == SegmentMode::kSaveProjections) {
+    // The layer's checkpoint keeps its input; the op policy the products'
+    // outputs, whatever autograd saves. The rest is made again in backward.
+    const Product p = ops_[val.producer].product;
+    return p == Product::kProjection ||
+        (p == Product::kMatmul && mode == SegmentMode::kSaveMatmuls);
+  }
+  if (mode == SegmentMode::kCompress) {
+    mode = SegmentMode::kStore; // what it keeps; held_bytes says how
+  }
   const bool selective = mode == SegmentMode::kRecomputeAttention ||
       mode == SegmentMode::kRecomputeMlp;
   const Block recomputed = mode == SegmentMode::kRecomputeAttention
@@ -107,6 +117,19 @@ bool Trace::kept(int v, SegmentMode mode) const {
   return false;
 }
 
+int64_t Trace::held_bytes(int v, SegmentMode mode) const {
+  const auto& val = values_[v];
+  const int64_t bytes = val.bytes();
+  // remat::CompressedSavesGuard: floating tensors (fp32 or bf16 here; masks
+  // are 1 byte, ids 8) of at least its 4 KiB; the output stays as it is
+  // for the next stage.
+  if (mode != SegmentMode::kCompress || v == output_ || bytes < 4096 ||
+      (val.elem_bytes != 4 && val.elem_bytes != 2) || val.elem_bytes <= compress_bytes_) {
+    return bytes;
+  }
+  return bytes / val.elem_bytes * compress_bytes_;
+}
+
 namespace {
 
 bool selective(SegmentMode mode) {
@@ -123,15 +146,21 @@ int64_t Trace::forward_peak(bool grad, SegmentMode mode) const {
   std::vector<bool> alive(values_.size(), false);
   int64_t live = 0;
   int64_t peak = 0;
+  // kCompress: a kept value's compressed copy is made when it is saved
+  // (taken as when it is made); the value itself goes after its last use.
+  auto compressed = [&](int v) {
+    return grad && mode == SegmentMode::kCompress && kept(v, mode) &&
+        held_bytes(v, mode) < values_[v].bytes();
+  };
   for (int k = 0; k < static_cast<int>(ops_.size()); ++k) {
     for (int v : ops_[k].outputs) {
       alive[v] = true;
-      live += values_[v].bytes();
+      live += values_[v].bytes() + (compressed(v) ? held_bytes(v, mode) : 0);
     }
     peak = std::max(peak, live);
     for (size_t v = 0; v < values_.size(); ++v) {
       const bool keep = static_cast<int>(v) == output_ ||
-          (grad && kept(static_cast<int>(v), mode));
+          (grad && kept(static_cast<int>(v), mode) && !compressed(static_cast<int>(v)));
       if (alive[v] && !keep && values_[v].last_use <= k) {
         alive[v] = false;
         live -= values_[v].bytes();
@@ -308,13 +337,48 @@ int64_t Trace::backward_peak(SegmentMode mode) const {
   return peak;
 }
 
+// A per-op mode's backward: the layer runs again, its kept products given
+// back instead of computed, so at its start every value kStore keeps is
+// made again (with the output's gradient held), and then the backward is
+// kStore's.
+int64_t Trace::per_op_backward_peak() const {
+  const int64_t output_grad =
+      values_[output_].requires_grad ? values_[output_].bytes() : 0;
+  return std::max(forward_peak(true, SegmentMode::kStore) + output_grad,
+                  backward_peak(SegmentMode::kStore));
+}
+
+// kCompress's backward: kStore's with every kept value smaller, plus the
+// values one op's backward widens back at once (those it saved).
+int64_t Trace::compress_backward_peak() const {
+  int64_t saved = 0;
+  std::vector<int64_t> widened(ops_.size(), 0);
+  for (int v = 0; v < static_cast<int>(values_.size()); ++v) {
+    if (!kept(v, SegmentMode::kCompress)) {
+      continue;
+    }
+    const int64_t held = held_bytes(v, SegmentMode::kCompress);
+    saved += values_[v].bytes() - held;
+    if (held < values_[v].bytes()) {
+      for (int k : values_[v].saved_by) {
+        widened[k] += values_[v].bytes();
+      }
+    }
+  }
+  const int64_t widest = widened.empty() ? 0 : *std::max_element(widened.begin(), widened.end());
+  return backward_peak(SegmentMode::kStore) - saved + widest;
+}
+
 TraceCost Trace::cost(SegmentMode mode) const {
   TORCH_INTERNAL_ASSERT(output_ >= 0, "trace without an output");
+  TORCH_INTERNAL_ASSERT(mode != SegmentMode::kRecompute, "kRecompute is the chain's");
+  const bool per_op =
+      mode == SegmentMode::kSaveMatmuls || mode == SegmentMode::kSaveProjections;
   TraceCost c;
   c.output_bytes = values_[output_].bytes();
   for (size_t v = 0; v < values_.size(); ++v) {
     if (kept(static_cast<int>(v), mode)) {
-      c.stored_bytes += values_[v].bytes();
+      c.stored_bytes += held_bytes(static_cast<int>(v), mode);
     }
   }
   c.forward_transient_bytes =
@@ -327,13 +391,22 @@ TraceCost Trace::cost(SegmentMode mode) const {
       input_grad += v.bytes();
     }
   }
-  c.backward_transient_bytes = std::max<int64_t>(
-      0, backward_peak(mode) - c.stored_bytes - c.output_bytes - input_grad);
+  const int64_t backward = per_op ? per_op_backward_peak()
+      : mode == SegmentMode::kCompress ? compress_backward_peak()
+                                      : backward_peak(mode);
+  c.backward_transient_bytes =
+      std::max<int64_t>(0, backward - c.stored_bytes - c.output_bytes - input_grad);
   for (const auto& o : ops_) {
     c.forward_flops += o.flops;
     c.backward_flops += o.backward_flops;
     c.parameter_gradient_bytes += o.weight_grad_bytes;
     if (selective(mode) && o.block == recomputed_block(mode) && o.replayed) {
+      c.recompute_flops += o.flops;
+    }
+    // A per-op mode runs every op again but the products it keeps.
+    const bool kept_product = o.product == Product::kProjection ||
+        (o.product == Product::kMatmul && mode == SegmentMode::kSaveMatmuls);
+    if (per_op && !kept_product) {
       c.recompute_flops += o.flops;
     }
   }

@@ -17,6 +17,12 @@ namespace detail {
 /// Which sub-block of a layer an op belongs to, for the selective modes.
 enum class Block { kOther, kAttentionCore, kMlp };
 
+/// What kind of matrix product an op is, for the per-op modes: kSaveMatmuls
+/// keeps the outputs of both kinds (OpPolicy::matmuls: mm, addmm, bmm, the
+/// fused attention kernels), kSaveProjections those with a weight
+/// (OpPolicy::projections: mm, addmm).
+enum class Product { kNone, kMatmul, kProjection };
+
 struct TraceValue {
   std::string name;
   std::vector<int64_t> shape;
@@ -42,6 +48,7 @@ struct TraceOp {
   // eager core's product with v: nn::checkpointed_attention recomputes the
   // probabilities only).
   bool replayed = true;
+  Product product = Product::kNone;
 };
 
 /// What a trace says about its stage in one mode (bytes, FLOPs).
@@ -74,6 +81,11 @@ class Trace {
           int64_t weight_grad_bytes = 0);
   /// Marks the last op as one a selective recompute of its block skips.
   void skip_in_recompute() { ops_.back().replayed = false; }
+  /// Marks the last op as a matrix product of kind `p`.
+  void product(Product p) { ops_.back().product = p; }
+  /// The element size (bytes) kCompress keeps saved floating values in: 2
+  /// (bf16, the default) or 1 (fp8).
+  void compress_to(int64_t elem_bytes) { compress_bytes_ = elem_bytes; }
   /// Marks the stage output.
   void output(int v) { output_ = v; }
   int output() const { return output_; }
@@ -83,9 +95,12 @@ class Trace {
   const std::vector<TraceValue>& values() const { return values_; }
   const std::vector<TraceOp>& ops() const { return ops_; }
 
-  /// True when `v` is kept for backward with the stage in `mode`
-  /// (kStore, kRecomputeAttention, kRecomputeMlp); the input never is.
+  /// True when `v` is kept for backward with the stage in `mode` (any but
+  /// kRecompute, which the chain models); the input never is.
   bool kept(int v, SegmentMode mode) const;
+  /// The bytes a kept `v` holds in `mode`: its own, or, in kCompress, its
+  /// compressed copy's (a floating value of at least 4 KiB, not the output).
+  int64_t held_bytes(int v, SegmentMode mode) const;
   /// Memory and FLOPs of the stage in `mode`, with the meanings of
   /// remat::plan::StageCost / SelectiveCost.
   TraceCost cost(SegmentMode mode) const;
@@ -94,12 +109,16 @@ class Trace {
   // Peaks above the stage input, with the stage in `mode`.
   int64_t forward_peak(bool grad, SegmentMode mode) const;
   int64_t backward_peak(SegmentMode mode) const;
+  // The per-op modes and kCompress, from kStore's walks.
+  int64_t per_op_backward_peak() const;
+  int64_t compress_backward_peak() const;
 
   std::vector<TraceValue> values_;
   std::vector<TraceOp> ops_;
   std::vector<int> pending_;
   Block block_ = Block::kOther;
   int output_ = -1;
+  int64_t compress_bytes_ = 2;
 };
 
 } // namespace detail

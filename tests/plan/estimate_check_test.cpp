@@ -20,7 +20,7 @@ using remat::plan::ModelSpec;
 std::vector<CheckpointPolicy> policies() {
   std::vector<CheckpointPolicy> out;
   for (const char* n : {"none", "every-layer", "every-2", "sqrt", "full", "selective-attention",
-                        "selective-mlp"}) {
+                        "selective-mlp", "save-matmuls", "save-projections", "compress"}) {
     out.push_back(CheckpointPolicy::parse(n));
   }
   return out;

@@ -1,6 +1,7 @@
 #include "remat/plan/estimate.h"
 #include "remat/plan/estimate_table.h"
 #include "remat/plan/solver.h"
+#include "testing.h"
 
 #include <gtest/gtest.h>
 
@@ -151,6 +152,51 @@ TEST(PlanEstimate, CheckpointingEveryLayerKeepsFarLess) {
   EXPECT_EQ(every.weight_bytes + every.gradient_bytes + every.optimizer_bytes,
             none.weight_bytes + none.gradient_bytes + none.optimizer_bytes);
   EXPECT_EQ(none.optimizer_bytes, 2 * none.weight_bytes); // fp32 AdamW
+}
+
+// Per-op policies keep each layer's product outputs (save-projections only
+// those with a weight) and recompute the rest; compress keeps the saved fp32
+// activations in bf16; the user's own op lists and offload are refused.
+TEST(PlanEstimate, PerOpAndCompressedPoliciesAreModelled) {
+  auto spec = ModelSpec::bert_base().batch(8).seq(512);
+  auto none = estimate(spec, CheckpointPolicy::none());
+  auto every = estimate(spec, CheckpointPolicy::every_layer());
+  auto matmuls = estimate(spec, CheckpointPolicy::parse("save-matmuls"));
+  auto projections = estimate(spec, CheckpointPolicy::parse("save-projections"));
+  auto compress = estimate(spec, CheckpointPolicy::parse("compress"));
+  EXPECT_EQ(matmuls.schedule.str(), CheckpointPolicy::parse("save-matmuls").schedule(12).str());
+  EXPECT_LT(every.activation_bytes, projections.activation_bytes);
+  EXPECT_LT(projections.activation_bytes, matmuls.activation_bytes);
+  EXPECT_LT(matmuls.activation_bytes, none.activation_bytes);
+  // A layer keeps its outputs of q, k, v, the attention output, the two MLP
+  // products (hidden, hidden, hidden, hidden, 4 hidden, hidden) and its
+  // output; save-matmuls adds the scores and the weighted sum (12 heads x
+  // 512 x 512, and hidden).
+  const int64_t x = 8 * 512 * 768 * 4;
+  const int64_t scores = int64_t(8) * 12 * 512 * 512 * 4;
+  const auto per_layer = [&](const Estimate& e) {
+    return (e.activation_bytes - every.activation_bytes) / 12;
+  };
+  EXPECT_NEAR(per_layer(projections), 9 * x, x);
+  EXPECT_NEAR(per_layer(matmuls) - per_layer(projections), scores + x, x);
+  // The products are kept, so only pointwise work runs again: no more
+  // matrix FLOPs than none.
+  EXPECT_NEAR(matmuls.step_seconds, none.step_seconds, 0.01 * none.step_seconds);
+  EXPECT_GT(projections.step_seconds, matmuls.step_seconds);
+  // bf16 halves the saved fp32 tensors; masks, ids and each layer's output
+  // stay as they are.
+  EXPECT_LT(compress.activation_bytes, none.activation_bytes * 6 / 10);
+  EXPECT_GT(compress.activation_bytes, none.activation_bytes * 4 / 10);
+  EXPECT_EQ(compress.step_seconds, none.step_seconds);
+  EXPECT_LT(compress.peak_bytes, none.peak_bytes);
+  // A budget may choose the per-op modes, never compression (lossy).
+  for (const auto& seg : estimate(spec, CheckpointPolicy::budget(matmuls.peak_bytes)).schedule.segments) {
+    EXPECT_NE(seg.mode, remat::SegmentMode::kCompress);
+  }
+  EXPECT_THROW_WITH(estimate(spec, CheckpointPolicy::parse("every-layer+save=aten::mm")),
+                    "an op policy of your own (+save=) is measured by remat bench");
+  EXPECT_THROW_WITH(estimate(spec, CheckpointPolicy::offload()),
+                    "offload is measured on the GPU by remat bench");
 }
 
 TEST(PlanEstimate, BlockwiseAttentionRemovesTheQuadraticTerm) {

@@ -224,11 +224,16 @@ std::vector<SavedTensor> layer_activations(
     const ModelSpec& spec,
     SegmentMode mode = SegmentMode::kStore);
 
+/// The FLOP rate estimates are timed at (FLOP/s): times are for comparing.
+constexpr double kEstimateFlopsPerSecond = 1e12;
+
 /// The spec as a planner Chain: an embedding stage, one stage per layer and
 /// a head stage (final norm, head, loss); base_bytes = weights + gradients +
 /// optimizer state + input batch. Times are FLOPs / `flops_per_second`
-/// (matrix products only), good for relative comparisons.
-Chain estimate_chain(const ModelSpec& spec, double flops_per_second = 1e12);
+/// (matrix products only), good for relative comparisons. Its layers carry
+/// the selective and per-op modes' costs (not kCompress's: lossy, so never
+/// planned unasked).
+Chain estimate_chain(const ModelSpec& spec, double flops_per_second = kEstimateFlopsPerSecond);
 
 /// Predicted memory of a training step. All sizes in bytes.
 struct Estimate {
@@ -248,7 +253,16 @@ struct Estimate {
 };
 
 /// The estimate under `policy`. A kBudget policy is planned with
-/// remat::plan::solve on estimate_chain(spec); it throws if nothing fits.
+/// remat::plan::solve on estimate_chain(spec), over every mode it models;
+/// it throws if nothing fits. Per-op policies (save-matmuls,
+/// save-projections, +save=OPS) keep each layer's outputs of the named
+/// products and recompute the rest in its backward; compress and
+/// compress-fp8 keep saved floating activations of at least 4 KiB in bf16
+/// or fp8 (1 byte, with a per-tensor scale). Times count matrix-product
+/// FLOPs only: a per-op policy's recompute of pointwise ops and
+/// compression's casts are not in step_seconds. Offload (CUDA's copies to
+/// host memory, overlapped with compute) is refused: remat bench measures
+/// it on the GPU.
 Estimate estimate(const ModelSpec& spec, const CheckpointPolicy& policy);
 
 /// The largest batch whose estimated peak under `policy` is at most
