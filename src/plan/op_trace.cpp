@@ -340,12 +340,23 @@ int64_t Trace::backward_peak(SegmentMode mode) const {
 // A per-op mode's backward: the layer runs again, its kept products given
 // back instead of computed, so at its start every value kStore keeps is
 // made again (with the output's gradient held), and then the backward is
-// kStore's.
-int64_t Trace::per_op_backward_peak() const {
+// kStore's. The kept products are counted beside all of that, as if none
+// were one of the values made again: measured per-op layers peak above
+// kStore's walk by most of their kept bytes (a skipped op's output that was
+// written in place is handed out as a copy, and the tape holds its own
+// until the segment's backward ends), and an estimate should err high.
+int64_t Trace::per_op_backward_peak(SegmentMode mode) const {
   const int64_t output_grad =
       values_[output_].requires_grad ? values_[output_].bytes() : 0;
+  int64_t products = 0;
+  for (int v = 0; v < static_cast<int>(values_.size()); ++v) {
+    products += v != output_ && kept(v, mode) && !kept(v, SegmentMode::kStore)
+        ? values_[v].bytes()
+        : 0;
+  }
   return std::max(forward_peak(true, SegmentMode::kStore) + output_grad,
-                  backward_peak(SegmentMode::kStore));
+                  backward_peak(SegmentMode::kStore)) +
+      products;
 }
 
 // kCompress's backward: kStore's with every kept value smaller, plus the
@@ -391,7 +402,7 @@ TraceCost Trace::cost(SegmentMode mode) const {
       input_grad += v.bytes();
     }
   }
-  const int64_t backward = per_op ? per_op_backward_peak()
+  const int64_t backward = per_op ? per_op_backward_peak(mode)
       : mode == SegmentMode::kCompress ? compress_backward_peak()
                                       : backward_peak(mode);
   c.backward_transient_bytes =

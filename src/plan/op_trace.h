@@ -110,7 +110,7 @@ class Trace {
   int64_t forward_peak(bool grad, SegmentMode mode) const;
   int64_t backward_peak(SegmentMode mode) const;
   // The per-op modes and kCompress, from kStore's walks.
-  int64_t per_op_backward_peak() const;
+  int64_t per_op_backward_peak(SegmentMode mode) const;
   int64_t compress_backward_peak() const;
 
   std::vector<TraceValue> values_;

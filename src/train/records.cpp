@@ -90,78 +90,95 @@ TrainOptions& TrainOptions::task(Task task) {
   return *this;
 }
 
-void TrainOptions::validate() const {
-  // The model's sizes, their rules and bounds: nn::ModelConfig's, the ones
-  // every command checks (FieldError names the field, which is the flag's).
-  model_.validate();
-  // Below the least: the message callers know; above the bound: past what
-  // remat accepts (remat/model_sizes.h), so no count or size overflows.
-  auto in_range = [](int64_t v, int64_t min, int64_t max, const char* name) {
-    check_field(
-        v >= min, name,
-        std::string(name) + ": expected a value >= " + std::to_string(min) + ", but got " +
-            std::to_string(v));
-    check_field(
-        v <= max, name,
-        std::string(name) + ": expected a value <= " + std::to_string(max) + ", but got " +
-            std::to_string(v));
-  };
+namespace {
+
+// Below the least: the message callers know; above the bound: past what
+// remat accepts (remat/model_sizes.h), so no count or size overflows.
+void check_range(int64_t v, int64_t min, int64_t max, const char* name) {
+  check_field(
+      v >= min, name,
+      std::string(name) + ": expected a value >= " + std::to_string(min) + ", but got " +
+          std::to_string(v));
+  check_field(
+      v <= max, name,
+      std::string(name) + ": expected a value <= " + std::to_string(max) + ", but got " +
+          std::to_string(v));
+}
+
+// The rows' length and how batches are made of them.
+void check_batching(const TrainOptions& o) {
+  const auto& m = o.model();
   // A row needs a token and the one after it (the LM's shift).
-  in_range(model_.seq(), 2, limits::kMaxSeq, "seq");
-  in_range(accumulate_, 1, limits::kMaxCount, "accumulate");
-  in_range(epochs_, 1, limits::kMaxCount, "epochs");
-  in_range(max_steps_, 0, limits::kMaxCount, "max_steps");
-  in_range(max_tokens_, 0, limits::kMaxCount, "max_tokens");
-  check_field(max_tokens_ == 0 || max_tokens_ >= model_.seq(), "max_tokens",
-              c10::str("max_tokens: expected at least seq (", model_.seq(),
-                       ") tokens, the longest row, but got ", max_tokens_));
-  check_field(!pack_ || model_.llama(), "pack",
+  check_range(m.seq(), 2, limits::kMaxSeq, "seq");
+  check_range(o.accumulate(), 1, limits::kMaxCount, "accumulate");
+  check_range(o.epochs(), 1, limits::kMaxCount, "epochs");
+  check_range(o.max_steps(), 0, limits::kMaxCount, "max_steps");
+  check_range(o.max_tokens(), 0, limits::kMaxCount, "max_tokens");
+  check_field(o.max_tokens() == 0 || o.max_tokens() >= m.seq(), "max_tokens",
+              c10::str("max_tokens: expected at least seq (", m.seq(),
+                       ") tokens, the longest row, but got ", o.max_tokens()));
+  check_field(!o.pack() || m.llama(), "pack",
               "pack: expected the lm task (a classifier has one label vector per row), but got "
               "classify");
-  check_field(!pack_ || max_tokens_ == 0, "pack",
+  check_field(!o.pack() || o.max_tokens() == 0, "pack",
               c10::str("pack: expected no max_tokens (packed rows are all seq tokens long), but "
-                       "got ", max_tokens_));
-  in_range(warmup_, -1, limits::kMaxCount, "warmup");
-  in_range(lora_rank_, 0, limits::kMaxLoraRank, "lora_rank");
-  in_range(eval_every_, 0, limits::kMaxCount, "eval_every");
-  in_range(save_every_, 0, limits::kMaxCount, "save_every");
-  in_range(compare_steps_, 1, limits::kMaxCount, "compare_steps");
-  in_range(threads_, 0, 4096, "threads");
-  in_range(max_bad_steps_, 0, limits::kMaxCount, "max_bad_steps");
-  check_field(plan_share_ >= 0 && plan_share_ <= 1, "plan_share",
+                       "got ", o.max_tokens()));
+}
+
+// The counts of the run, and the model's tables that follow seq and --init.
+void check_counts(const TrainOptions& o) {
+  check_range(o.warmup(), -1, limits::kMaxCount, "warmup");
+  check_range(o.lora_rank(), 0, limits::kMaxLoraRank, "lora_rank");
+  check_range(o.eval_every(), 0, limits::kMaxCount, "eval_every");
+  check_range(o.save_every(), 0, limits::kMaxCount, "save_every");
+  check_range(o.compare_steps(), 1, limits::kMaxCount, "compare_steps");
+  check_range(o.threads(), 0, 4096, "threads");
+  check_range(o.max_bad_steps(), 0, limits::kMaxCount, "max_bad_steps");
+  check_field(o.plan_share() >= 0 && o.plan_share() <= 1, "plan_share",
               c10::str("plan_share: expected a share in [0, 1] of the run's time, but got ",
-                       plan_share_));
+                       o.plan_share()));
   // The position table follows seq and the --init folder; the embedding is
   // untied unless the folder's config ties it.
-  check_field(model_.max_positions() == 0, "max_positions",
+  check_field(o.model().max_positions() == 0, "max_positions",
               c10::str("max_positions: expected 0 (seq or the init folder's), but got ",
-                       model_.max_positions()));
-  check_field(!model_.tie_embeddings(), "tie_embeddings",
+                       o.model().max_positions()));
+  check_field(!o.model().tie_embeddings(), "tie_embeddings",
               "tie_embeddings: expected false (an init folder's config.json may tie them)");
+}
+
+// Where it runs, its data, and the optimizer's numbers.
+void check_run(const TrainOptions& o) {
   try {
-    parse_device(device_);
+    parse_device(o.device());
   } catch (const c10::Error& e) {
     throw FieldError("device", c10::str("device: ", e.what_without_backtrace()));
   }
-  check_field(!train_path_.empty(), "train_path",
+  check_field(!o.train_path().empty(), "train_path",
               c10::str("train_path: expected a JSONL file, but got none"));
-  check_field(valid_fraction_ >= 0 && valid_fraction_ < 1, "valid_fraction",
-              c10::str("valid_fraction: expected a value in [0, 1), but got ", valid_fraction_));
-  check_field(std::isfinite(lr_) && lr_ > 0, "lr",
-              c10::str("lr: expected a learning rate above 0, but got ", lr_));
-  check_field(std::isfinite(weight_decay_) && weight_decay_ >= 0, "weight_decay",
-              c10::str("weight_decay: expected a value >= 0, but got ", weight_decay_));
-  check_field(std::isfinite(clip_) && clip_ >= 0, "clip",
-              c10::str("clip: expected a gradient norm >= 0 (0: no clipping), but got ", clip_));
-  check_field(std::isfinite(lora_alpha_) && lora_alpha_ > 0, "lora_alpha",
-              c10::str("lora_alpha: expected a value above 0, but got ", lora_alpha_));
-  check_field(save_every_ == 0 || !out_dir_.empty(), "save_every",
+  check_field(o.valid_fraction() >= 0 && o.valid_fraction() < 1, "valid_fraction",
+              c10::str("valid_fraction: expected a value in [0, 1), but got ",
+                       o.valid_fraction()));
+  check_field(std::isfinite(o.lr()) && o.lr() > 0, "lr",
+              c10::str("lr: expected a learning rate above 0, but got ", o.lr()));
+  check_field(std::isfinite(o.weight_decay()) && o.weight_decay() >= 0, "weight_decay",
+              c10::str("weight_decay: expected a value >= 0, but got ", o.weight_decay()));
+  check_field(std::isfinite(o.clip()) && o.clip() >= 0, "clip",
+              c10::str("clip: expected a gradient norm >= 0 (0: no clipping), but got ",
+                       o.clip()));
+  check_field(std::isfinite(o.lora_alpha()) && o.lora_alpha() > 0, "lora_alpha",
+              c10::str("lora_alpha: expected a value above 0, but got ", o.lora_alpha()));
+  check_field(o.save_every() == 0 || !o.out_dir().empty(), "save_every",
               c10::str("save_every: expected an out_dir to save into, but got none"));
-  for (const auto* p : {&policy_, compare_policy_ ? &*compare_policy_ : nullptr}) {
+}
+
+// The policy and the comparison's: named ones only.
+void check_policies(const TrainOptions& o) {
+  const auto& compare = o.compare_policy();
+  for (const auto* p : {&o.policy(), compare ? &*compare : nullptr}) {
     if (p == nullptr) {
       continue;
     }
-    const char* name = p == &policy_ ? "policy" : "compare_policy";
+    const char* name = p == &o.policy() ? "policy" : "compare_policy";
     // A budget is planned by the Trainer on its model; a custom schedule has
     // no name that a resumed run could parse back.
     check_field(
@@ -171,6 +188,18 @@ void TrainOptions::validate() const {
                  "selective-attention, selective-mlp, budget:SIZE), but got the custom schedule '",
                  p->name(), "'"));
   }
+}
+
+} // namespace
+
+void TrainOptions::validate() const {
+  // The model's sizes, their rules and bounds: nn::ModelConfig's, the ones
+  // every command checks (FieldError names the field, which is the flag's).
+  model_.validate();
+  check_batching(*this);
+  check_counts(*this);
+  check_run(*this);
+  check_policies(*this);
 }
 
 nlohmann::json TrainOptions::to_json() const {
@@ -223,12 +252,14 @@ nlohmann::json TrainOptions::to_json() const {
   };
 }
 
-TrainOptions TrainOptions::from_json(const nlohmann::json& j) {
-  const char* what = "training options";
-  const io::JsonReader in(j, what);
-  TrainOptions o;
-  o.task(parse_task(in.string("task")));
-  auto& m = o.model();
+namespace {
+
+// What a saved state's option fields are called in refusals.
+constexpr const char* kSavedOptions = "training options";
+
+// The model's fields of a saved state into `m`.
+void read_model_fields(const io::JsonReader& in, const nlohmann::json& j, nn::ModelConfig& m) {
+  const char* what = kSavedOptions;
   m.layers(in.integer("layers"))
       .hidden(in.integer("hidden"))
       .heads(in.integer("heads"))
@@ -258,30 +289,12 @@ TrainOptions TrainOptions::from_json(const nlohmann::json& j) {
                   text, "'");
     }
   }
-  o.train_path(in.string("train_path"))
-      .valid_path(in.string("valid_path"))
-      .valid_fraction(in.number("valid_fraction"))
-      .vocab_path(in.string("vocab_path"))
-      .accumulate(in.integer("accumulate"))
-      .epochs(in.integer("epochs"))
-      .max_steps(in.integer("max_steps"))
-      .init_dir(in.string("init_dir"))
-      .policy(CheckpointPolicy::parse(in.string("policy")))
-      .lr(in.number("lr"))
-      .weight_decay(in.number("weight_decay"))
-      .warmup(in.integer("warmup"))
-      .schedule(parse_lr_schedule_kind(in.string("schedule")))
-      .clip(in.number("clip"))
-      .lora_rank(in.integer("lora_rank"))
-      .lora_alpha(in.number("lora_alpha"))
-      .seed(in.unsigned_integer("seed"))
-      .eval_every(in.integer("eval_every"))
-      .out_dir(in.string("out_dir"))
-      .save_every(in.integer("save_every"))
-      .compare_steps(in.integer("compare_steps"))
-      .memory_timeline(in.boolean("memory_timeline"))
-      .threads(in.integer("threads"));
-  o.lora_targets(in.strings("lora_targets"));
+}
+
+// The fields added after the first saved states, each read with its
+// default when a state has none.
+void read_later_fields(const io::JsonReader& in, const nlohmann::json& j, TrainOptions& o) {
+  const char* what = kSavedOptions;
   // States saved before --device existed trained on the CPU.
   if (j.contains("device")) {
     o.device(in.string("device"));
@@ -315,6 +328,40 @@ TrainOptions TrainOptions::from_json(const nlohmann::json& j) {
   if (j.contains("max_bad_steps")) {
     o.max_bad_steps(in.integer("max_bad_steps"));
   }
+}
+
+} // namespace
+
+TrainOptions TrainOptions::from_json(const nlohmann::json& j) {
+  const io::JsonReader in(j, kSavedOptions);
+  TrainOptions o;
+  o.task(parse_task(in.string("task")));
+  read_model_fields(in, j, o.model());
+  o.train_path(in.string("train_path"))
+      .valid_path(in.string("valid_path"))
+      .valid_fraction(in.number("valid_fraction"))
+      .vocab_path(in.string("vocab_path"))
+      .accumulate(in.integer("accumulate"))
+      .epochs(in.integer("epochs"))
+      .max_steps(in.integer("max_steps"))
+      .init_dir(in.string("init_dir"))
+      .policy(CheckpointPolicy::parse(in.string("policy")))
+      .lr(in.number("lr"))
+      .weight_decay(in.number("weight_decay"))
+      .warmup(in.integer("warmup"))
+      .schedule(parse_lr_schedule_kind(in.string("schedule")))
+      .clip(in.number("clip"))
+      .lora_rank(in.integer("lora_rank"))
+      .lora_alpha(in.number("lora_alpha"))
+      .seed(in.unsigned_integer("seed"))
+      .eval_every(in.integer("eval_every"))
+      .out_dir(in.string("out_dir"))
+      .save_every(in.integer("save_every"))
+      .compare_steps(in.integer("compare_steps"))
+      .memory_timeline(in.boolean("memory_timeline"))
+      .threads(in.integer("threads"));
+  o.lora_targets(in.strings("lora_targets"));
+  read_later_fields(in, j, o);
   const auto& compare = in.at("compare_policy");
   if (!compare.is_null()) {
     o.compare_policy(CheckpointPolicy::parse(in.string("compare_policy")));

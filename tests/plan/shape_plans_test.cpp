@@ -117,10 +117,10 @@ TEST(ShapePlans, PastItsShareANewShapeRunsUnderTheSmallestCoveringPlan) {
   EXPECT_EQ(f.calls.size(), 1u);
   EXPECT_EQ(plans.stats().covered, 1);
   // Held gradients: only a plan that reserved them covers it.
-  EXPECT_EQ(plans.get({2, 100, true}).shape.str(), "2x104+grads");
+  EXPECT_EQ(plans.get({2, 100, true}).shape.str(), "2x112+grads");
   EXPECT_EQ(f.calls.size(), 2u);
   // The smaller of the two that cover it, though it reserved gradients.
-  EXPECT_EQ(plans.get({1, 50}).shape.str(), "2x104+grads");
+  EXPECT_EQ(plans.get({1, 50}).shape.str(), "2x112+grads");
   // More rows than any plan: planned.
   EXPECT_EQ(plans.get({8, 64}).shape.str(), "8x64");
   EXPECT_EQ(f.calls.size(), 3u);
@@ -135,7 +135,7 @@ TEST(ShapePlans, PastItsShareANewShapeRunsUnderTheSmallestCoveringPlan) {
   shared.get({4, 512});
   EXPECT_EQ(shared.get({2, 100}).shape.str(), "4x512");
   shared.ran(10.0);
-  EXPECT_EQ(shared.get({2, 100}).shape.str(), "2x104");
+  EXPECT_EQ(shared.get({2, 100}).shape.str(), "2x112");
   EXPECT_EQ(slow.calls.size(), 2u);
   EXPECT_EQ(shared.stats().covered, 1);
   EXPECT_DOUBLE_EQ(shared.stats().run_seconds, 10.0);
