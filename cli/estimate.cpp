@@ -17,6 +17,7 @@
 #include <torch/torch.h>
 
 #include <algorithm>
+#include <functional>
 #include <iostream>
 
 namespace remat {
@@ -77,9 +78,10 @@ auto parse_flag(const std::string& flag, const std::string& text, const Parse& p
   }
 }
 
-// The spec: a preset or a family's well-known model, then every flag given.
-plan::ModelSpec make_spec(const EstimateConfig& c, const CLI::App& app) {
-  auto given = [&](const char* flag) { return app.count(flag) > 0; };
+using Given = std::function<bool(const char*)>;
+
+// The spec the flags start from: the preset, or the family's well-known model.
+plan::ModelSpec base_spec(const EstimateConfig& c, const Given& given) {
   plan::ModelSpec s = plan::ModelSpec::bert_base();
   if (!c.preset.empty()) {
     s = parse_flag("--preset", c.preset, [](const std::string& t) {
@@ -96,6 +98,11 @@ plan::ModelSpec make_spec(const EstimateConfig& c, const CLI::App& app) {
     s = family == plan::Family::kBert ? plan::ModelSpec::bert_base()
                                       : plan::ModelSpec::llama2_7b();
   }
+  return s;
+}
+
+// The model's sizes and its batch, as given.
+void apply_size_flags(const EstimateConfig& c, const Given& given, plan::ModelSpec& s) {
   const bool bert = s.family() == plan::Family::kBert;
   auto positive = [&](const char* flag, int64_t v) {
     require(v > 0, flag, "expected a value above 0, but got " + std::to_string(v));
@@ -124,7 +131,10 @@ plan::ModelSpec make_spec(const EstimateConfig& c, const CLI::App& app) {
                 std::to_string(c.model.intermediate));
     s.intermediate(c.model.intermediate);
   }
-  // The head rules (remat/model_sizes.h) are the spec's: s.validate() below.
+}
+
+// How it trains: precision, attention, optimizer, head, device, dropout, LoRA.
+void apply_training_flags(const EstimateConfig& c, const Given& given, plan::ModelSpec& s) {
   if (given("--dtype")) {
     s.precision(parse_precision_flag(c.dtype));
   }
@@ -165,7 +175,16 @@ plan::ModelSpec make_spec(const EstimateConfig& c, const CLI::App& app) {
   if (given("--lora-dropout")) {
     s.lora_dropout(c.lora_dropout);
   }
-  // The spec names the field it refuses; the flag is its spelling.
+}
+
+// The spec: a preset or a family's well-known model, then every flag given.
+plan::ModelSpec make_spec(const EstimateConfig& c, const CLI::App& app) {
+  const Given given = [&](const char* flag) { return app.count(flag) > 0; };
+  auto s = base_spec(c, given);
+  apply_size_flags(c, given, s);
+  apply_training_flags(c, given, s);
+  // The head rules (remat/model_sizes.h) and the rest are the spec's; it
+  // names the field it refuses, and the flag is its spelling.
   try {
     s.validate();
   } catch (const FieldError& e) {
@@ -176,6 +195,49 @@ plan::ModelSpec make_spec(const EstimateConfig& c, const CLI::App& app) {
     throw UsageError(flag + ": " + what);
   }
   return s;
+}
+
+// The worked 13B fine-tune's figures beside the estimate's, printed, for the
+// preset that is that example; null for any other.
+nlohmann::json print_worked_example(const EstimateConfig& c) {
+  if (plan::ModelSpec::preset_name(c.preset) != "llama-13b-lora-8k") {
+    return nlohmann::json();
+  }
+  std::cout << "\nThe worked 13B fine-tune's own figures against this estimate "
+               "(docs/estimate.md):\n\n"
+            << worked_example_table();
+  auto worked = nlohmann::json::array();
+  for (const auto& r : worked_example_comparison()) {
+    worked.push_back({{"quantity", r.quantity},
+                      {"unit", r.unit},
+                      {"seed", r.seed < 0 ? nlohmann::json() : nlohmann::json(r.seed)},
+                      {"remat", r.remat}});
+  }
+  return worked;
+}
+
+// --check: the model built and run here, one step per policy; prints the
+// table, puts the rows in `checks`, and returns the exit status (1 when a
+// peak is off by more than the tolerance).
+int run_check(const EstimateConfig& c, const plan::ModelSpec& spec,
+              const std::vector<CheckpointPolicy>& policies, nlohmann::json& checks) {
+  set_threads(c.threads);
+  std::cout << "\nCheck: the same model built with remat::nn, one training step per policy "
+               "here, bytes counted by remat's allocator (no optimizer runs: estimates "
+               "with SGD):\n\n";
+  std::vector<nn::EstimateCheck> results;
+  try {
+    results = nn::check_estimate(spec, policies);
+  } catch (const c10::Error& e) {
+    std::string what = first_line(e);
+    throw UsageError("--check: " + what);
+  }
+  std::cout << nn::check_table(results);
+  checks = nlohmann::json::array();
+  for (const auto& r : results) {
+    checks.push_back(r.to_json());
+  }
+  return nn::checks_within(results) ? 0 : 1;
 }
 
 int run_estimate(const EstimateConfig& c, const CLI::App& app) {
@@ -202,42 +264,9 @@ int run_estimate(const EstimateConfig& c, const CLI::App& app) {
   std::cout << "remat estimate: " << plan::describe(spec) << "\n"
             << table.summary_text() << table.str();
 
-  nlohmann::json worked;
-  if (plan::ModelSpec::preset_name(c.preset) == "llama-13b-lora-8k") {
-    std::cout << "\nThe worked 13B fine-tune's own figures against this estimate "
-                 "(docs/estimate.md):\n\n"
-              << worked_example_table();
-    worked = nlohmann::json::array();
-    for (const auto& r : worked_example_comparison()) {
-      worked.push_back({{"quantity", r.quantity},
-                        {"unit", r.unit},
-                        {"seed", r.seed < 0 ? nlohmann::json() : nlohmann::json(r.seed)},
-                        {"remat", r.remat}});
-    }
-  }
-
+  const nlohmann::json worked = print_worked_example(c);
   nlohmann::json checks;
-  int status = 0;
-  if (c.check) {
-    set_threads(c.threads);
-    std::cout << "\nCheck: the same model built with remat::nn, one training step per policy "
-                 "here, bytes counted by remat's allocator (no optimizer runs: estimates "
-                 "with SGD):\n\n";
-    std::vector<nn::EstimateCheck> results;
-    try {
-      results = nn::check_estimate(spec, policies);
-    } catch (const c10::Error& e) {
-      std::string what = first_line(e);
-      throw UsageError("--check: " + what);
-    }
-    std::cout << nn::check_table(results);
-    status = nn::checks_within(results) ? 0 : 1;
-    checks = nlohmann::json::array();
-    for (const auto& r : results) {
-      checks.push_back(r.to_json());
-    }
-  }
-
+  const int status = c.check ? run_check(c, spec, policies, checks) : 0;
   if (!c.json_path.empty()) {
     nlohmann::json config = plan::spec_json(spec);
     config["preset"] = c.preset;

@@ -338,14 +338,8 @@ int run_train(const TrainFlags& f, const CLI::App& app) {
   return 0;
 }
 
-} // namespace
-
-Run add_train(CLI::App& root) {
-  auto f = std::make_shared<TrainFlags>();
-  auto* app = root.add_subcommand(
-      "train",
-      "Fine-tune a BERT classifier or a Llama LM with activation checkpointing; "
-      "with no data flags, the bundled document-routing set");
+// train's flags of its data and how batches are made of it.
+void add_data_flags(CLI::App* app, TrainFlags* f) {
   app->add_option("--task", f->task, "classify (BERT, multi-label) or lm (Llama, causal)")
       ->capture_default_str();
   app->add_option("--train", f->train, "training JSONL (default: data/routing)");
@@ -378,6 +372,10 @@ Run add_train(CLI::App& root) {
   app->add_flag("--pad-to-seq", f->pad_to_seq,
                 "pad every row to --seq tokens (one batch shape) instead of to its batch's "
                 "longest row");
+}
+
+// Where the model starts and ends, and how it is checkpointed.
+void add_policy_flags(CLI::App* app, TrainFlags* f) {
   app->add_option("--init", f->init, "start from a Hugging Face folder (config.json, "
                                      "model.safetensors)");
   app->add_option("--save", f->save, "write model.safetensors + config.json here at the end");
@@ -391,6 +389,10 @@ Run add_train(CLI::App& root) {
                   "per-shape plans: the share of the run's time planning may take, in [0, 1]; "
                   "past it a new shape runs under a larger shape's plan (1: plan every shape)")
       ->capture_default_str();
+}
+
+// The optimizer, its schedule and LoRA.
+void add_optimizer_flags(CLI::App* app, TrainFlags* f) {
   app->add_option("--lr", f->lr, "peak learning rate")->capture_default_str();
   app->add_option("--weight-decay", f->weight_decay, "AdamW weight decay")
       ->capture_default_str();
@@ -406,6 +408,10 @@ Run add_train(CLI::App& root) {
   app->add_option("--lora-targets", f->lora_targets,
                   "comma-separated projections: q, k, v, o, gate, up, down (as estimate "
                   "takes them) or the model's names (default: query,value or q_proj,v_proj)");
+}
+
+// The run: seeds, saving, comparison, records, device, data parallelism.
+void add_run_flags(CLI::App* app, TrainFlags* f) {
   app->add_option("--seed", f->seed, "seed for weights, data order and dropout")
       ->capture_default_str();
   app->add_option("--eval-every", f->eval_every, "evaluate every N steps (0: every epoch)")
@@ -442,6 +448,20 @@ Run add_train(CLI::App& root) {
   // --stop-rank: only that rank).
   app->add_option("--stop-after-step", f->stop_after_step)->group("");
   app->add_option("--stop-rank", f->stop_rank)->group("");
+}
+
+} // namespace
+
+Run add_train(CLI::App& root) {
+  auto f = std::make_shared<TrainFlags>();
+  auto* app = root.add_subcommand(
+      "train",
+      "Fine-tune a BERT classifier or a Llama LM with activation checkpointing; "
+      "with no data flags, the bundled document-routing set");
+  add_data_flags(app, f.get());
+  add_policy_flags(app, f.get());
+  add_optimizer_flags(app, f.get());
+  add_run_flags(app, f.get());
   return [f, app] { return run_train(*f, *app); };
 }
 

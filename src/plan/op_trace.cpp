@@ -170,6 +170,244 @@ int64_t Trace::forward_peak(bool grad, SegmentMode mode) const {
   return peak;
 }
 
+namespace {
+
+// The state of Trace::backward_peak's walk: what is held and until when,
+// which gradients live, and the running and highest byte totals.
+struct BackwardWalk {
+  BackwardWalk(const Trace& trace, SegmentMode mode);
+  int64_t run();
+
+  bool in_block(int k) const { return sel && ops[k].block == blk; }
+  bool reads(int k, int v) const;
+  bool read_inside(int v) const;
+  bool read_outside(int v) const;
+  int last_inside(int v) const;
+  bool stays(int v) const;
+  void hold(int v, int until);
+  void hold_kept();
+  std::vector<bool> recompute_block();
+  void hold_recomputed(const std::vector<bool>& alive);
+  void step(int k);
+
+  const Trace& trace;
+  const std::vector<TraceValue>& values;
+  const std::vector<TraceOp>& ops;
+  const SegmentMode mode;
+  const int n_ops;
+  const int n;
+  const bool sel;
+  const Block blk;
+  int first_block = -1;
+  int last_block = -1;
+  // release[v]: the op after whose backward v is freed; n_ops: never (the
+  // stage output, freed with the stage); -1: not held.
+  std::vector<int> release;
+  std::vector<bool> grad;
+  int64_t live = 0;
+  int64_t peak = 0;
+  int64_t block_weight_grads = 0;
+};
+
+// Sets up an empty walk and finds the recomputed block's first and last op.
+BackwardWalk::BackwardWalk(const Trace& trace, SegmentMode mode)
+    : trace(trace),
+      values(trace.values()),
+      ops(trace.ops()),
+      mode(mode),
+      n_ops(static_cast<int>(ops.size())),
+      n(static_cast<int>(values.size())),
+      sel(selective(mode)),
+      blk(recomputed_block(mode)),
+      release(n, -1),
+      grad(n, false) {
+  for (int k = 0; k < n_ops; ++k) {
+    if (in_block(k)) {
+      first_block = first_block < 0 ? k : first_block;
+      last_block = k;
+    }
+  }
+}
+
+// True when op k reads v.
+bool BackwardWalk::reads(int k, int v) const {
+  const auto& in = ops[k].inputs;
+  return std::find(in.begin(), in.end(), v) != in.end();
+}
+
+// True when an op of the recomputed block reads v.
+bool BackwardWalk::read_inside(int v) const {
+  for (int k = first_block; k >= 0 && k <= last_block; ++k) {
+    if (in_block(k) && reads(k, v)) {
+      return true;
+    }
+  }
+  return false;
+}
+
+// True when an op outside the recomputed block reads v.
+bool BackwardWalk::read_outside(int v) const {
+  for (int k = 0; k < n_ops; ++k) {
+    if (!in_block(k) && reads(k, v)) {
+      return true;
+    }
+  }
+  return false;
+}
+
+// The last op of the recomputed block that reads v; -1 if none.
+int BackwardWalk::last_inside(int v) const {
+  int last = -1;
+  for (int q = first_block; q <= last_block; ++q) {
+    if (in_block(q) && reads(q, v)) {
+      last = q;
+    }
+  }
+  return last;
+}
+
+// True when a recomputed v outlives the re-run: the checkpoint holds it as
+// an output, or an op of the block saves it.
+bool BackwardWalk::stays(int v) const {
+  const auto& by = values[v].saved_by;
+  return read_outside(v) ||
+      std::any_of(by.begin(), by.end(), [&](int q) { return in_block(q); });
+}
+
+// Holds v until op `until`'s backward, counting its bytes if not yet held.
+void BackwardWalk::hold(int v, int until) {
+  if (release[v] < 0) {
+    live += values[v].bytes();
+  }
+  release[v] = std::max(release[v], until);
+}
+
+// Holds what the forward kept, each until its last holder's backward.
+void BackwardWalk::hold_kept() {
+  for (int v = 0; v < n; ++v) {
+    if (!trace.kept(v, mode)) {
+      continue;
+    }
+    int until = -1;
+    if (v == trace.output()) {
+      until = n_ops;
+    }
+    for (int k : values[v].saved_by) {
+      // Held until the earliest (in forward order) op saving it has run;
+      // in backward order that is the last: the smallest index.
+      if (!in_block(k)) {
+        until = until < 0 ? k : std::min(until, k);
+      }
+    }
+    if (sel && values[v].producer >= 0 && !in_block(values[v].producer) && read_inside(v)) {
+      until = until < 0 ? first_block : std::min(until, first_block);
+    }
+    hold(v, until < 0 ? 0 : until);
+  }
+}
+
+// Re-runs the block, grad on, raising the peak; returns what is left alive.
+std::vector<bool> BackwardWalk::recompute_block() {
+  // What it saves, and its outputs (held by the checkpoint) stay; its
+  // temporaries die after their last use.
+  std::vector<bool> alive(n, false);
+  int64_t extra = 0;
+  for (int j = first_block; j <= last_block; ++j) {
+    if (!in_block(j)) {
+      continue;
+    }
+    for (int v : ops[j].outputs) {
+      if (release[v] < 0) {
+        alive[v] = true;
+        extra += values[v].bytes();
+      }
+    }
+    peak = std::max(peak, live + extra);
+    for (int v = 0; v < n; ++v) {
+      if (alive[v] && !stays(v) && last_inside(v) <= j) {
+        alive[v] = false;
+        extra -= values[v].bytes();
+      }
+    }
+  }
+  return alive;
+}
+
+// Holds what the re-run left alive until the block's backward frees it.
+void BackwardWalk::hold_recomputed(const std::vector<bool>& alive) {
+  for (int v = 0; v < n; ++v) {
+    if (!alive[v]) {
+      continue;
+    }
+    int until = read_outside(v) ? first_block : -1;
+    for (int q : values[v].saved_by) {
+      if (in_block(q)) {
+        until = until < 0 ? q : std::min(until, q);
+      }
+    }
+    hold(v, until);
+  }
+}
+
+// Runs op k's backward: its inputs' gradients appear, its outputs' and
+// what it was the last to hold go.
+void BackwardWalk::step(int k) {
+  const auto& o = ops[k];
+  int64_t fresh = 0;
+  for (int v : o.inputs) {
+    if (values[v].requires_grad) {
+      fresh += values[v].bytes();
+    }
+  }
+  if (in_block(k)) {
+    block_weight_grads += o.weight_grad_bytes;
+    peak = std::max(peak, live + fresh + block_weight_grads);
+  } else {
+    peak = std::max(peak, live + fresh + o.weight_grad_bytes + block_weight_grads);
+  }
+  for (int v : o.inputs) {
+    if (values[v].requires_grad && !grad[v]) {
+      grad[v] = true;
+      live += values[v].bytes();
+    }
+  }
+  for (int v : o.outputs) {
+    if (grad[v]) {
+      grad[v] = false;
+      live -= values[v].bytes();
+    }
+  }
+  for (int v = 0; v < n; ++v) {
+    if (release[v] == k) {
+      release[v] = -2;
+      live -= values[v].bytes();
+    }
+  }
+  if (k == first_block) {
+    block_weight_grads = 0;
+  }
+}
+
+// Walks the ops last to first and returns the highest total.
+int64_t BackwardWalk::run() {
+  hold_kept();
+  const int output = trace.output();
+  if (output >= 0 && values[output].requires_grad) {
+    grad[output] = true;
+    live += values[output].bytes();
+  }
+  peak = live;
+  for (int k = n_ops - 1; k >= 0; --k) {
+    if (k == last_block) {
+      hold_recomputed(recompute_block());
+    }
+    step(k);
+  }
+  return peak;
+}
+
+} // namespace
+
 // Walks the backward op by op, last to first. Held: what the forward kept,
 // released after the last op (in backward order) that holds it; gradients:
 // that of the output, then each value's once an op reading it has run,
@@ -178,163 +416,7 @@ int64_t Trace::forward_peak(bool grad, SegmentMode mode) const {
 // its outputs and its weights' gradients then live until the block's first
 // op is done (remat's nested checkpoint returns them all at once).
 int64_t Trace::backward_peak(SegmentMode mode) const {
-  const int n_ops = static_cast<int>(ops_.size());
-  const int n = static_cast<int>(values_.size());
-  const bool sel = selective(mode);
-  const Block blk = recomputed_block(mode);
-  auto in_block = [&](int k) { return sel && ops_[k].block == blk; };
-  int first_block = -1;
-  int last_block = -1;
-  for (int k = 0; k < n_ops; ++k) {
-    if (in_block(k)) {
-      first_block = first_block < 0 ? k : first_block;
-      last_block = k;
-    }
-  }
-  auto read_inside = [&](int v) {
-    for (int k = first_block; k >= 0 && k <= last_block; ++k) {
-      const auto& in = ops_[k].inputs;
-      if (in_block(k) && std::find(in.begin(), in.end(), v) != in.end()) {
-        return true;
-      }
-    }
-    return false;
-  };
-  auto read_outside = [&](int v) {
-    for (int k = 0; k < n_ops; ++k) {
-      const auto& in = ops_[k].inputs;
-      if (!in_block(k) && std::find(in.begin(), in.end(), v) != in.end()) {
-        return true;
-      }
-    }
-    return false;
-  };
-
-  // release[v]: the op after whose backward v is freed; n_ops: never (the
-  // stage output, freed with the stage); -1: not held.
-  std::vector<int> release(n, -1);
-  int64_t live = 0;
-  auto hold = [&](int v, int until) {
-    if (release[v] < 0) {
-      live += values_[v].bytes();
-    }
-    release[v] = std::max(release[v], until);
-  };
-  for (int v = 0; v < n; ++v) {
-    if (!kept(v, mode)) {
-      continue;
-    }
-    int until = -1;
-    if (v == output_) {
-      until = n_ops;
-    }
-    for (int k : values_[v].saved_by) {
-      // Held until the earliest (in forward order) op saving it has run;
-      // in backward order that is the last: the smallest index.
-      if (!in_block(k)) {
-        until = until < 0 ? k : std::min(until, k);
-      }
-    }
-    if (sel && values_[v].producer >= 0 && !in_block(values_[v].producer) && read_inside(v)) {
-      until = until < 0 ? first_block : std::min(until, first_block);
-    }
-    hold(v, until < 0 ? 0 : until);
-  }
-  std::vector<bool> grad(n, false);
-  if (output_ >= 0 && values_[output_].requires_grad) {
-    grad[output_] = true;
-    live += values_[output_].bytes();
-  }
-  int64_t peak = live;
-  int64_t block_weight_grads = 0;
-  for (int k = n_ops - 1; k >= 0; --k) {
-    const auto& o = ops_[k];
-    if (k == last_block) {
-      // Recompute the block, grad on: what it saves, and its outputs (held
-      // by the checkpoint) stay; its temporaries die after their last use.
-      auto stays = [&](int v) {
-        const auto& by = values_[v].saved_by;
-        return read_outside(v) ||
-            std::any_of(by.begin(), by.end(), [&](int q) { return in_block(q); });
-      };
-      auto last_inside = [&](int v) {
-        int last = -1;
-        for (int q = first_block; q <= last_block; ++q) {
-          const auto& in = ops_[q].inputs;
-          if (in_block(q) && std::find(in.begin(), in.end(), v) != in.end()) {
-            last = q;
-          }
-        }
-        return last;
-      };
-      std::vector<bool> alive(n, false);
-      int64_t extra = 0;
-      for (int j = first_block; j <= last_block; ++j) {
-        if (!in_block(j)) {
-          continue;
-        }
-        for (int v : ops_[j].outputs) {
-          if (release[v] < 0) {
-            alive[v] = true;
-            extra += values_[v].bytes();
-          }
-        }
-        peak = std::max(peak, live + extra);
-        for (int v = 0; v < n; ++v) {
-          if (alive[v] && !stays(v) && last_inside(v) <= j) {
-            alive[v] = false;
-            extra -= values_[v].bytes();
-          }
-        }
-      }
-      for (int v = 0; v < n; ++v) {
-        if (!alive[v]) {
-          continue;
-        }
-        int until = read_outside(v) ? first_block : -1;
-        for (int q : values_[v].saved_by) {
-          if (in_block(q)) {
-            until = until < 0 ? q : std::min(until, q);
-          }
-        }
-        hold(v, until);
-      }
-    }
-    int64_t fresh = 0;
-    for (int v : o.inputs) {
-      if (values_[v].requires_grad) {
-        fresh += values_[v].bytes();
-      }
-    }
-    if (in_block(k)) {
-      block_weight_grads += o.weight_grad_bytes;
-      peak = std::max(peak, live + fresh + block_weight_grads);
-    } else {
-      peak = std::max(peak, live + fresh + o.weight_grad_bytes + block_weight_grads);
-    }
-    for (int v : o.inputs) {
-      if (values_[v].requires_grad && !grad[v]) {
-        grad[v] = true;
-        live += values_[v].bytes();
-      }
-    }
-    for (int v : o.outputs) {
-      if (grad[v]) {
-        grad[v] = false;
-        live -= values_[v].bytes();
-      }
-    }
-    for (int v = 0; v < n; ++v) {
-      if (release[v] == k) {
-        release[v] = -2;
-        live -= values_[v].bytes();
-      }
-    }
-    if (k == first_block) {
-      block_weight_grads = 0;
-    }
-  }
-  return peak;
+  return BackwardWalk(*this, mode).run();
 }
 
 // A per-op mode's backward: the layer runs again, its kept products given
@@ -414,11 +496,17 @@ TraceCost Trace::cost(SegmentMode mode) const {
     if (selective(mode) && o.block == recomputed_block(mode) && o.replayed) {
       c.recompute_flops += o.flops;
     }
-    // A per-op mode runs every op again but the products it keeps.
+    // A per-op mode runs every op again but the products it keeps. The
+    // others' FLOPs are mostly not counted (pointwise ops carry none), so
+    // each is charged one per element it makes: a recompute is never free,
+    // and a plan that has the memory stores.
     const bool kept_product = o.product == Product::kProjection ||
         (o.product == Product::kMatmul && mode == SegmentMode::kSaveMatmuls);
     if (per_op && !kept_product) {
       c.recompute_flops += o.flops;
+      for (int v : o.outputs) {
+        c.recompute_flops += static_cast<double>(values_[v].bytes() / values_[v].elem_bytes);
+      }
     }
   }
   return c;

@@ -45,17 +45,20 @@ void ShapePlans::ran(double seconds) {
   stats_.run_seconds += seconds;
 }
 
-// A plan for R rows of L tokens (accumulating or not) bounds the peak of r
-// <= R rows of l <= L tokens (accumulating only if it was): the smallest
-// such by R x L, the most recent of equals.
+// A plan for micro-batches of R rows of L tokens (accumulating or not)
+// bounds the peak of r <= R rows of l <= L tokens (accumulating only if it
+// was): the smallest such by R x L, the most recent of equals. Only a plan
+// that runs all r rows in one micro-batch: the shape's own plan would not
+// split them either (they fit), so the batch's micro-batches, and its
+// gradients bit for bit, are what its own plan would give.
 std::list<std::pair<BatchShape, ShapePlan>>::iterator ShapePlans::cover(const BatchShape& shape) {
   auto best = entries_.end();
   for (auto it = entries_.begin(); it != entries_.end(); ++it) {
-    const BatchShape& k = it->first;
+    const BatchShape& k = it->second.shape; // as planned: split rows
     if (k.rows >= shape.rows && k.tokens >= shape.tokens &&
         (k.accumulating || !shape.accumulating) &&
         (best == entries_.end() ||
-         k.rows * k.tokens < best->first.rows * best->first.tokens)) {
+         k.rows * k.tokens < best->second.shape.rows * best->second.shape.tokens)) {
       best = it;
     }
   }

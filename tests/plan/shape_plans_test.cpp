@@ -126,6 +126,15 @@ TEST(ShapePlans, PastItsShareANewShapeRunsUnderTheSmallestCoveringPlan) {
   EXPECT_EQ(f.calls.size(), 3u);
   EXPECT_EQ(plans.stats().covered, 2);
   EXPECT_EQ(plans.stats().plans, 3);
+  // A plan split to fewer rows covers no more rows than it runs at once:
+  // 8 x 512 runs as micro-batches of 2, so 5 x 500 is planned itself.
+  f.limit = 2 * 512;
+  EXPECT_EQ(plans.get({8, 512}).shape.str(), "2x512");
+  EXPECT_EQ(plans.get({5, 500}).shape.str(), "2x512");
+  EXPECT_EQ(plans.stats().plans, 5);
+  EXPECT_EQ(plans.stats().covered, 2);
+  EXPECT_EQ(plans.get({2, 500}).shape.str(), "2x512"); // covered by either
+  EXPECT_EQ(plans.stats().covered, 3);
 
   // A share of 0.1 with 20 ms a plan: before any run time a covered shape
   // waits; after 10 s of batches it is planned when it comes again.

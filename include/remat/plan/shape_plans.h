@@ -30,10 +30,12 @@
 // backward per stage and mode), often more than a step. So a new shape is
 // planned at once only while planning has taken at most `plan_share` of the
 // time so far: planning's seconds plus the seconds the batches ran (told
-// by ran()). Past that share it runs under the
-// smallest kept plan that covers it: planned for at least its rows and its
-// length, and for accumulated gradients if it holds them. That plan's peak
-// bounds the batch's as above, so the budget still holds; the batch only
+// by ran()). Past that share it runs under the smallest kept plan that
+// covers it: made for micro-batches of at least its rows (so it is split
+// no more than its own plan would split it, and its gradients are the same
+// bit for bit), for at least its length, and for accumulated gradients if
+// it holds them. That plan's peak bounds the batch's as above, so the
+// budget still holds; the batch only
 // recomputes more than its own plan would, and its shape is planned when
 // it comes again within the share. A shape no kept plan covers is planned
 // whatever the share: planning then costs at most `plan_share` of the run,
