@@ -79,8 +79,9 @@ class LayerStack {
 struct StageBatch {
   explicit StageBatch(torch::Tensor input_ids) : input_ids_(std::move(input_ids)) {}
   TORCH_ARG(torch::Tensor, input_ids);            ///< [B, S] int64
-  TORCH_ARG(torch::Tensor, attention_mask) = {};  ///< [B, S], 1 keep / 0 pad;
-                                                  ///< undefined: keep all
+  /// [B, S]: 0 pad, 1 keep; undefined: keep all. A Llama also takes packed
+  /// rows, numbered 1, 2, ... per document (remat/nn/llama.h).
+  TORCH_ARG(torch::Tensor, attention_mask) = {};
   TORCH_ARG(torch::Tensor, token_type_ids) = {};  ///< [B, S] (Bert); undefined: 0
 };
 
