@@ -9,6 +9,7 @@
 #include <nlohmann/json.hpp>
 #include <torch/version.h>
 
+#include <cmath>
 #include <filesystem>
 #include <sstream>
 #include <string>
@@ -30,7 +31,7 @@ remat::test::CliResult run_in(const fs::path& dir, const std::string& args) {
   return r;
 }
 
-void expect_resumes_on_its_curve(const std::string& name) {
+void expect_resumes_on_its_curve(const std::string& name, bool bf16) {
   const fs::path source = fs::path(REMAT_SOURCE_DIR) / "tests/train/saved_states";
   const fs::path dir = remat_test::fresh_temp_dir("saved_states_" + name, /*create=*/true);
   fs::copy(source, dir, fs::copy_options::recursive | fs::copy_options::overwrite_existing);
@@ -67,18 +68,29 @@ void expect_resumes_on_its_curve(const std::string& name) {
     const auto& want = curve.at(step["step"].get<int64_t>() - 1);
     ASSERT_EQ(step["step"], want["step"]);
     EXPECT_EQ(step["lr"], want["lr"]);
-    // The LibTorch that saved them: the same numbers, bit for bit.
-    EXPECT_EQ(step["loss"], want["loss"]) << "step " << step["step"];
-    EXPECT_EQ(step["grad_norm"], want["grad_norm"]) << "step " << step["step"];
+    if (!bf16) {
+      // The LibTorch that saved them: the same numbers, bit for bit.
+      EXPECT_EQ(step["loss"], want["loss"]) << "step " << step["step"];
+      EXPECT_EQ(step["grad_norm"], want["grad_norm"]) << "step " << step["step"];
+      continue;
+    }
+    // bf16 products round as the CPU's kernels do: oneDNN picks them by
+    // instruction set (an AMD EPYC with avx512_bf16 gives losses 4e-6 and
+    // gradient norms 0.6% away from the machine that saved the curve, with
+    // the binary of that commit too). Steps 1 and 2 are the state's own.
+    const double loss = step["loss"], want_loss = want["loss"];
+    const double norm = step["grad_norm"], want_norm = want["grad_norm"];
+    EXPECT_NEAR(loss, want_loss, 1e-4 * std::abs(want_loss)) << "step " << step["step"];
+    EXPECT_NEAR(norm, want_norm, 0.02 * std::abs(want_norm)) << "step " << step["step"];
   }
 }
 
 TEST(SavedStates, AClassifierSavedBeforeModelConfigResumesOnItsCurve) {
-  expect_resumes_on_its_curve("classify");
+  expect_resumes_on_its_curve("classify", /*bf16=*/false);
 }
 
 TEST(SavedStates, ABf16LlamaWithABudgetSavedBeforeModelConfigResumesOnItsCurve) {
-  expect_resumes_on_its_curve("lm");
+  expect_resumes_on_its_curve("lm", /*bf16=*/true);
 }
 
 } // namespace
