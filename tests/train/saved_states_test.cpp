@@ -77,7 +77,7 @@ void expect_resumes_on_its_curve(const std::string& name, bool bf16) {
     // bf16 products round as the CPU's kernels do: oneDNN picks them by
     // instruction set (an AMD EPYC with avx512_bf16 gives losses 4e-6 and
     // gradient norms 0.6% away from the machine that saved the curve, with
-    // the binary of that commit too). Steps 1 and 2 are the state's own.
+    // 83c4b29's binary as well). Steps 1 and 2 are the state's own.
     const double loss = step["loss"], want_loss = want["loss"];
     const double norm = step["grad_norm"], want_norm = want["grad_norm"];
     EXPECT_NEAR(loss, want_loss, 1e-4 * std::abs(want_loss)) << "step " << step["step"];
