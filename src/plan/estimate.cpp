@@ -485,12 +485,22 @@ Chain estimate_chain(const ModelSpec& spec, double flops_per_second) {
   return chain_of(spec, flops_per_second, /*compress_bytes=*/0);
 }
 
-Estimate estimate(const ModelSpec& spec, const CheckpointPolicy& policy) {
-  require_modelled(policy);
-  const auto chain = policy.kind() == CheckpointPolicy::Kind::kCompress
+namespace {
+
+// The chain `policy` runs on: estimate_chain's, with kCompress's costs for a
+// compress policy (to its dtype).
+Chain chain_for(const ModelSpec& spec, const CheckpointPolicy& policy) {
+  return policy.kind() == CheckpointPolicy::Kind::kCompress
       ? chain_of(spec, kEstimateFlopsPerSecond,
                  static_cast<int64_t>(c10::elementSize(policy.compress_dtype())))
       : estimate_chain(spec);
+}
+
+} // namespace
+
+Estimate estimate(const ModelSpec& spec, const CheckpointPolicy& policy) {
+  require_modelled(policy);
+  const auto chain = chain_for(spec, policy);
   const auto fixed = fixed_bytes(spec);
   Estimate e;
   e.parameters = fixed.params;
@@ -531,7 +541,7 @@ bool fits(const ModelSpec& spec, const CheckpointPolicy& policy, int64_t device_
   require_modelled(policy);
   Chain chain;
   try {
-    chain = estimate_chain(spec);
+    chain = chain_for(spec, policy);
   } catch (const FieldError&) {
     return false; // past the product bound: far more than any device
   }

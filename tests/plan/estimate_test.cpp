@@ -189,6 +189,12 @@ TEST(PlanEstimate, PerOpAndCompressedPoliciesAreModelled) {
   EXPECT_GT(compress.activation_bytes, none.activation_bytes * 4 / 10);
   EXPECT_EQ(compress.step_seconds, none.step_seconds);
   EXPECT_LT(compress.peak_bytes, none.peak_bytes);
+  // They fit more than none on the same device (the --fit path builds the
+  // chain each policy runs on).
+  const int64_t device = int64_t(16) << 30;
+  const int64_t none_fit = fit_batch(spec, CheckpointPolicy::none(), device);
+  EXPECT_GT(fit_batch(spec, CheckpointPolicy::parse("compress"), device), none_fit);
+  EXPECT_GT(fit_batch(spec, CheckpointPolicy::parse("save-projections"), device), none_fit);
   // A budget may choose the per-op modes, never compression (lossy).
   for (const auto& seg : estimate(spec, CheckpointPolicy::budget(matmuls.peak_bytes)).schedule.segments) {
     EXPECT_NE(seg.mode, remat::SegmentMode::kCompress);
