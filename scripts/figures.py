@@ -39,11 +39,12 @@ def mib(n):
     return "%.1f MiB" % (n / MIB)
 
 
-def run(remat, args, cwd=None):
-    """Runs remat with `args`, returns stdout; raises naming the command."""
+def run(remat, args, cwd=None, exit_codes=(0,)):
+    """Runs remat with `args`, returns stdout; raises naming the command when
+    it exits with a code not in `exit_codes`."""
     cmd = [remat] + args
     p = subprocess.run(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    if p.returncode != 0:
+    if p.returncode not in exit_codes:
         raise RuntimeError("figures: '%s' exited %d: %s" % (" ".join(args), p.returncode,
                                                            p.stderr.strip().splitlines()[-1:]))
     return p.stdout
@@ -218,13 +219,8 @@ def estimate_check(remat):
     out = []
     for args in CHECKS:
         # Exit 1 means a peak is off by more than 10%: the table says which.
-        p = subprocess.run([remat] + args + CHECK_POLICIES, stdout=subprocess.PIPE,
-                           stderr=subprocess.PIPE, text=True)
-        if p.returncode not in (0, 1):
-            raise RuntimeError("figures: %s exited %d: %s" % (
-                command_line(args + CHECK_POLICIES), p.returncode,
-                p.stderr.strip().splitlines()[-1:]))
-        check = p.stdout[p.stdout.index("\nCheck:"):].strip().splitlines()[1:]
+        out_text = run(remat, args + CHECK_POLICIES, exit_codes=(0, 1))
+        check = out_text[out_text.index("\nCheck:"):].strip().splitlines()[1:]
         table = "\n".join(l for l in check if l.strip())
         out.append("%s:\n\n```\n%s\n```" % (command_line(args + CHECK_POLICIES), table))
     return "\n\n".join(out)
